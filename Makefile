@@ -1,0 +1,46 @@
+# Frontdoor. `make help` lists the targets.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PORT   ?= 8000
+# One web process on the embedded default: without Redis each process keeps its own breaker
+# state, and the demo in the README is easier to follow with one. Set REDIS_URL to share it.
+WEB_CONCURRENCY ?= 1
+
+export FLASK_APP := app
+
+.DEFAULT_GOAL := help
+.PHONY: help install run migrate test test-fast lint bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create the virtualenv and install the gateway with its dev tools
+
+migrate: $(STAMP) ## apply database migrations (SQLite under instance/ unless DATABASE_URL is set)
+	$(BIN)/flask db upgrade
+
+run: migrate ## start web, worker, beat and an httpbin demo upstream on the embedded default (port $(PORT))
+	HOST=127.0.0.1 WEB_CONCURRENCY=$(WEB_CONCURRENCY) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile.dev -p $(PORT)
+
+test: $(STAMP) ## run the whole suite (integration tests included; they need Redis/Postgres or local binaries)
+	$(BIN)/pytest
+
+test-fast: $(STAMP) ## run the suite without the slow end-to-end tests
+	$(BIN)/pytest -m 'not slow'
+
+lint: $(STAMP) ## ruff over the code and tests
+	$(BIN)/ruff check app tasks tests bench
+
+bench: $(STAMP) ## pass-through benchmark: the gateway against a naive Flask proxy (needs wrk)
+	$(BIN)/python bench/proxy.py
+
+clean: ## remove the virtualenv and local state
+	rm -rf $(VENV) instance .pytest_cache .coverage

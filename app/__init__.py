@@ -1,0 +1,40 @@
+"""Frontdoor: an API gateway. ``create_app()`` wires it, one ``init_app`` per module."""
+from __future__ import annotations
+
+from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from app import config, errors, extensions, health
+from app.gateway import request_id
+from app.observability import logging as logs
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    """Build the gateway app: defaults, then the environment (or ``test_config`` instead).
+
+    Raises RouteFileError when the route file is invalid.
+    """
+    app = Flask(__name__, instance_relative_config=True)
+    app.config.from_mapping(config.defaults(app))
+    if test_config is None:
+        config.from_environment(app)
+    else:
+        app.config.from_mapping(test_config)
+    config.finalise(app)
+    hops = int(app.config["TRUSTED_PROXY_HOPS"])
+    if hops:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)
+
+    logs.init_app(app)
+    request_id.init_app(app)
+    errors.init_app(app)
+    extensions.init_app(app)
+    health.init_app(app)
+    from app import gateway  # last: its catch-all route must not shadow the gateway's own paths
+
+    gateway.init_app(app)
+
+    from tasks import celery_init_app
+
+    celery_init_app(app)
+    return app

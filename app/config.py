@@ -1,0 +1,79 @@
+"""Configuration: defaults, then the environment, with Heroku's URLs normalised."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from flask import Flask
+
+MiB = 1024 * 1024
+
+
+def defaults(app: Flask) -> dict:
+    """Return the default configuration for ``app``; every key can be overridden.
+
+    Sizes are bytes, times are seconds. ``SQLALCHEMY_DATABASE_URI`` defaults to SQLite
+    under the instance folder (the embedded default).
+    """
+    instance = Path(app.instance_path)
+    return {
+        "API_PREFIX": "/_gateway",
+        "CONFIG": "gateway.yaml",  # the route file; env GATEWAY_CONFIG
+        "MAX_BODY_SIZE": 10 * MiB,  # request bodies above this answer 413
+        # Request bodies up to this size are read into memory so that a retry can resend them;
+        # larger ones stream to the upstream and are never retried once sending has started.
+        "BUFFER_BODY_SIZE": 64 * 1024,
+        "WEB_THREADS": 8,  # gunicorn gthread threads per worker; sizes each upstream's pool
+        "TRUSTED_PROXY_HOPS": 0,  # proxies in front of the gateway whose X-Forwarded-* are believed
+        "KEY_PREFIX": "frontdoor",  # namespace of every Redis key the gateway writes
+        "VIA_NAME": "frontdoor",  # the pseudonym in the Via header (RFC 9110 section 7.6.3)
+        "REDIS_URL": None,
+        "SQLALCHEMY_DATABASE_URI": f"sqlite:///{instance / 'frontdoor.sqlite'}",
+        "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
+        "CELERY_BROKER_URL": None,  # derived from REDIS_URL, else SQLite under instance/
+    }
+
+
+def from_environment(app: Flask) -> None:
+    """Read ``GATEWAY_*`` variables and the platform's own (Heroku-style) into ``app.config``.
+
+    ``GATEWAY_X`` sets ``X`` (values parsed as JSON where they parse, as Flask's
+    ``from_prefixed_env`` does). ``DATABASE_URL``, ``REDIS_URL``, ``PORT`` and
+    ``WEB_THREADS`` are read by their platform names.
+    """
+    app.config.from_prefixed_env("GATEWAY")
+    env = os.environ
+    if env.get("DATABASE_URL"):
+        app.config["SQLALCHEMY_DATABASE_URI"] = env["DATABASE_URL"]
+    if env.get("REDIS_URL"):
+        app.config["REDIS_URL"] = env["REDIS_URL"]
+    if env.get("PORT"):
+        app.config["PORT"] = int(env["PORT"])
+    if env.get("WEB_THREADS"):
+        app.config["WEB_THREADS"] = int(env["WEB_THREADS"])
+
+
+def finalise(app: Flask) -> None:
+    """Derive the settings that follow from others; run after every source is applied."""
+    uri = normalise_database_url(app.config["SQLALCHEMY_DATABASE_URI"])
+    app.config["SQLALCHEMY_DATABASE_URI"] = uri
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if not app.config["CELERY_BROKER_URL"]:
+        redis_url = app.config["REDIS_URL"]
+        broker = Path(app.instance_path) / "celery-broker.sqlite"
+        app.config["CELERY_BROKER_URL"] = redis_url or f"sqla+sqlite:///{broker}"
+
+
+def normalise_database_url(url: str) -> str:
+    """Return ``url`` in a form SQLAlchemy 2 accepts, using psycopg 3 for PostgreSQL.
+
+    Heroku hands out ``postgres://`` URLs, a scheme SQLAlchemy 1.4+ refuses.
+
+    >>> normalise_database_url("postgres://u:p@h:5432/d")
+    'postgresql+psycopg://u:p@h:5432/d'
+    """
+    for scheme in ("postgres://", "postgresql://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme):]
+    return url

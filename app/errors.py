@@ -1,0 +1,92 @@
+"""Problem details (RFC 9457) for every error the gateway answers, its own or an upstream's."""
+from __future__ import annotations
+
+import json
+import logging
+
+from flask import Flask, current_app, g, request
+from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response
+
+log = logging.getLogger("frontdoor.errors")
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class ProblemError(Exception):
+    """An error the gateway answers as ``application/problem+json``.
+
+    Subclasses set ``status``, ``title`` and ``slug`` (the last part of the ``type`` URI);
+    ``headers`` are added to the response (``Retry-After``, ``Allow``).
+    """
+
+    status = 500
+    title = "Internal Server Error"
+    slug = "internal-error"
+
+    def __init__(self, detail: str, headers: dict[str, str] | None = None, **extra: object):
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers or {}
+        self.extra = extra
+
+
+class BadGatewayConfig(ProblemError):
+    status, title, slug = 500, "Gateway misconfigured", "gateway-misconfigured"
+
+
+def problem_response(
+    status: int,
+    title: str,
+    detail: str,
+    type_: str = "about:blank",
+    headers: dict[str, str] | None = None,
+    **extra: object,
+) -> Response:
+    """Build a problem+json response (RFC 9457 section 3) carrying the request id.
+
+    ``status`` is the HTTP status; ``type_`` a URI reference naming the problem type
+    (``about:blank`` when the status says it all); ``extra`` become extension members.
+    """
+    body = {"type": type_, "title": title, "status": status, "detail": detail}
+    request_id = g.get("request_id")
+    if request_id:
+        body["request_id"] = request_id
+    body.update(extra)
+    response = Response(json.dumps(body), status=status, content_type=PROBLEM_JSON)
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def problem_type(slug: str) -> str:
+    """Return the ``type`` URI reference for a gateway problem, under the reserved prefix."""
+    return f"{current_app.config['API_PREFIX']}/problems/{slug}"
+
+
+def handle_problem(error: ProblemError) -> Response:
+    return problem_response(
+        error.status, error.title, error.detail, problem_type(error.slug), error.headers, **error.extra
+    )
+
+
+def handle_http_exception(error: HTTPException) -> Response:
+    headers = {}
+    if error.code == 405 and error.valid_methods:
+        headers["Allow"] = ", ".join(sorted(error.valid_methods))
+    detail = error.description or error.name
+    if error.code == 404:
+        detail = f"No route matches {request.path}"
+    return problem_response(error.code or 500, error.name, detail, headers=headers)
+
+
+def handle_unexpected(error: Exception) -> Response:
+    log.exception("unhandled error", extra={"request_id": g.get("request_id")})
+    return problem_response(500, "Internal Server Error", "The gateway failed to handle the request")
+
+
+def init_app(app: Flask) -> None:
+    """Answer every error as problem+json: gateway problems, HTTP errors and crashes."""
+    app.register_error_handler(ProblemError, handle_problem)
+    app.register_error_handler(HTTPException, handle_http_exception)
+    app.register_error_handler(Exception, handle_unexpected)

@@ -1,0 +1,95 @@
+"""The proxy: loads the route file, builds every route's pipeline, and serves non-reserved paths."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from flask import Flask, current_app, g, request
+from werkzeug.wrappers import Response
+
+from app.extensions import redis_client
+from app.gateway import pipeline, routefile
+from app.gateway.body import ClientBody
+from app.gateway.router import Router
+from app.gateway.types import GatewayRequest, GatewayResponse
+
+# Every method a client may proxy; TRACE and CONNECT are not forwarded.
+PROXIED_METHODS = list(routefile.METHODS)
+
+
+@dataclass
+class Gateway:
+    """The loaded route file and what was built from it, kept in ``app.extensions["gateway"]``."""
+
+    route_file: routefile.RouteFile
+    upstreams: dict[str, pipeline.UpstreamRuntime]
+    router: Router
+
+
+def settings_from(app: Flask) -> pipeline.Settings:
+    config = app.config
+    return pipeline.Settings(
+        max_body_size=int(config["MAX_BODY_SIZE"]),
+        buffer_body_size=int(config["BUFFER_BODY_SIZE"]),
+        pool_size=int(config["WEB_THREADS"]),
+        via_name=config["VIA_NAME"],
+        key_prefix=config["KEY_PREFIX"],
+    )
+
+
+def load_gateway(app: Flask) -> Gateway:
+    """Load and validate ``GATEWAY_CONFIG`` and build the pipelines; raises RouteFileError."""
+    route_file = routefile.load(app.config["CONFIG"], api_prefix=app.config["API_PREFIX"])
+    settings = settings_from(app)
+    upstreams = pipeline.build_upstreams(route_file, settings, redis_client(app))
+    return Gateway(route_file, upstreams, pipeline.build_router(route_file, upstreams, settings))
+
+
+def proxy(path: str = "") -> Response:
+    """Serve any path outside the reserved ones through its route's pipeline."""
+    gateway: Gateway = current_app.extensions["gateway"]
+    environ = request.environ
+    raw_path = environ.get("RAW_URI", "").split("?", 1)[0] or quote(request.path)
+    match = gateway.router.match(request.method, request.path, raw_path)
+    g.route = match.route.label
+    length = request.content_length
+    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    greq = GatewayRequest(
+        method=request.method,
+        path=request.path,
+        query=environ.get("QUERY_STRING", ""),
+        headers=request.headers,
+        body=ClientBody(request.stream, length) if (length or chunked) else None,
+        client_addr=environ.get("werkzeug.proxy_fix.orig", environ).get("REMOTE_ADDR") or "",
+        scheme=request.scheme,
+        host=request.host,
+        route=match.route,
+        params=match.params,
+        upstream_path=match.upstream_path,
+        request_id=g.request_id,
+    )
+    try:
+        upstream_response = match.handler(greq)
+    finally:
+        g.target = greq.target
+        g.upstream_seconds = greq.upstream_seconds
+    return to_flask(upstream_response)
+
+
+def to_flask(upstream: GatewayResponse) -> Response:
+    """Wrap a GatewayResponse for WSGI without reading its body; closing it closes the upstream's."""
+    response = Response(upstream.body, status=upstream.status, headers=upstream.headers, direct_passthrough=True)
+    if "Content-Type" not in upstream.headers:
+        del response.headers["Content-Type"]  # werkzeug adds text/html; the upstream sent none
+    response.call_on_close(upstream.close)
+    return response
+
+
+def init_app(app: Flask) -> None:
+    """Build the gateway from the route file and route every other path to it.
+
+    Raises RouteFileError when the file is invalid: a gateway never serves half a config.
+    """
+    app.extensions["gateway"] = load_gateway(app)
+    app.add_url_rule("/", "proxy", proxy, methods=PROXIED_METHODS, provide_automatic_options=False)
+    app.add_url_rule("/<path:path>", "proxy", proxy, methods=PROXIED_METHODS, provide_automatic_options=False)

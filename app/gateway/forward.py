@@ -1,0 +1,100 @@
+"""Forward stage: the HTTP call to the chosen target over a pooled connection."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import NewConnectionError, NameResolutionError
+from werkzeug.datastructures import Headers
+
+from app.gateway.routefile import Timeout
+from app.gateway.types import (
+    GatewayRequest,
+    GatewayResponse,
+    Handler,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+
+log = logging.getLogger("frontdoor.forward")
+
+CHUNK = 64 * 1024  # bytes per read of the upstream's body
+
+
+def new_adapter(targets: int, pool_size: int) -> HTTPAdapter:
+    """Return a pooled adapter for one upstream: a pool per target host, each holding up to
+    ``pool_size`` keep-alive connections (the worker's thread count, so no thread waits and
+    none is opened only to be thrown away). urllib3's own retries are off; the retry stage decides.
+    """
+    return HTTPAdapter(pool_connections=max(targets, 1), pool_maxsize=pool_size, max_retries=0)
+
+
+def forward(adapter: HTTPAdapter, timeout: Timeout) -> Handler:
+    """Build the forward handler: send ``req`` to ``req.target`` and stream the answer back.
+
+    The response body is not read here: it is an iterator of ``CHUNK``-byte pieces, passed
+    on as it arrives, still encoded (Content-Encoding is the client's to undo).
+    Raises UpstreamUnreachable (502; ``sent=False`` when the connection was never made) and
+    UpstreamTimeout (504) for connect and read timeouts (``timeout``, seconds).
+    """
+    timeouts = (timeout.connect, timeout.read)
+
+    def handle(req: GatewayRequest) -> GatewayResponse:
+        url = req.target + req.upstream_path + ("?" + req.query if req.query else "")
+        prepared = requests.PreparedRequest()
+        prepared.prepare(method=req.method, url=url, headers=_single_valued(req.headers), data=req.body)
+        started = time.perf_counter()
+        try:
+            response = adapter.send(prepared, stream=True, timeout=timeouts)
+        except requests.exceptions.ConnectTimeout as exc:
+            raise UpstreamTimeout(f"Connecting to the upstream timed out after {timeout.connect} s", sent=False) from exc
+        except requests.exceptions.ReadTimeout as exc:
+            raise UpstreamTimeout(f"The upstream did not answer within {timeout.read} s") from exc
+        except requests.exceptions.ConnectionError as exc:
+            never_sent = _connect_failed(exc)
+            what = "Could not connect to the upstream" if never_sent else "The upstream closed the connection"
+            raise UpstreamUnreachable(what, sent=not never_sent) from exc
+        except requests.exceptions.RequestException as exc:
+            raise UpstreamUnreachable(f"The upstream request failed: {type(exc).__name__}") from exc
+        finally:
+            req.upstream_seconds += time.perf_counter() - started
+        raw = response.raw
+        return GatewayResponse(
+            status=response.status_code,
+            headers=Headers(list(raw.headers.items())),
+            body=_stream(raw, req),
+            on_close=[response.close],
+        )
+
+    return handle
+
+
+def _single_valued(headers: Headers) -> dict[str, str]:
+    # requests takes one value per name; repeated fields are combined as RFC 9110 section 5.3 allows
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    return out
+
+
+def _connect_failed(exc: requests.exceptions.ConnectionError) -> bool:
+    """True when the failure came before the request was sent: refused, unresolvable, unreachable."""
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(reason, NewConnectionError | NameResolutionError)
+
+
+def _stream(raw, req: GatewayRequest) -> Iterator[bytes]:
+    try:
+        yield from raw.stream(CHUNK, decode_content=False)
+    except Exception:
+        # Too late for an error status: re-raise so the server aborts the connection and
+        # the client sees a truncated response instead of a complete-looking one.
+        log.warning(
+            "upstream body failed",
+            extra={"request_id": req.request_id, "target": req.target},
+            exc_info=True,
+        )
+        raise

@@ -1,0 +1,71 @@
+"""Header stage: drop hop-by-hop fields both ways, set X-Forwarded-* and Via (RFC 9110)."""
+from __future__ import annotations
+
+from werkzeug.datastructures import Headers
+
+from app.gateway.types import GatewayRequest, GatewayResponse, Handler, Middleware
+
+# RFC 9110 section 7.6.1 (Connection) and the fields it names as hop-by-hop; Proxy-Connection
+# and Keep-Alive are the non-standard ones clients still send.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Recomputed for the upstream connection: the target's Host, the length of what is sent.
+_REQUEST_RECOMPUTED = frozenset({"host", "content-length"})
+
+
+def end_to_end(headers: Headers, also_drop: frozenset[str] = frozenset()) -> Headers:
+    """Return the end-to-end fields of ``headers``: hop-by-hop ones, any field the
+    ``Connection`` header names, and ``also_drop`` (lower-case names) are removed.
+    """
+    drop = HOP_BY_HOP | also_drop
+    connection = headers.get("Connection")
+    if connection:
+        drop = drop | {name.strip().lower() for name in connection.split(",")}
+    return Headers([(k, v) for k, v in headers.items() if k.lower() not in drop])
+
+
+def _append(current: str | None, value: str) -> str:
+    return f"{current}, {value}" if current else value
+
+
+def forwarding_headers(via_name: str) -> Middleware:
+    """Build the header stage.
+
+    Upstream-bound: hop-by-hop fields, ``Host`` and ``Content-Length`` removed;
+    ``X-Forwarded-For`` gets the peer address appended; ``X-Forwarded-Proto`` and
+    ``X-Forwarded-Host`` carry the client's scheme and host; ``Via`` gets ``1.1 <via_name>``
+    appended (RFC 9110 section 7.6.3); ``X-Request-ID`` carries the request id.
+    Client-bound: hop-by-hop fields removed and ``Via`` appended likewise.
+    """
+    via = f"1.1 {via_name}"
+
+    def middleware(next_handler: Handler) -> Handler:
+        def handle(req: GatewayRequest) -> GatewayResponse:
+            original = req.headers
+            headers = end_to_end(original, _REQUEST_RECOMPUTED)
+            headers["X-Forwarded-For"] = _append(original.get("X-Forwarded-For"), req.client_addr)
+            headers["X-Forwarded-Proto"] = req.scheme
+            headers["X-Forwarded-Host"] = req.host
+            headers["Via"] = _append(original.get("Via"), via)
+            headers["X-Request-ID"] = req.request_id
+            req.headers = headers
+            response = next_handler(req)
+            upstream_via = response.headers.get("Via")
+            response.headers = end_to_end(response.headers)
+            response.headers["Via"] = _append(upstream_via, via)
+            return response
+
+        return handle
+
+    return middleware

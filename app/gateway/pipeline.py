@@ -1,0 +1,89 @@
+"""Assembly: one place that builds each route's pipeline from its stages, in order."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from threading import BoundedSemaphore
+
+import redis
+from requests.adapters import HTTPAdapter
+
+from app.gateway.balancer import balance
+from app.gateway.body import request_body
+from app.gateway.breaker import TargetBreakers
+from app.gateway.bulkhead import bulkhead, new_slots
+from app.gateway.forward import forward, new_adapter
+from app.gateway.headers import forwarding_headers
+from app.gateway.retry import retry
+from app.gateway.routefile import Route, RouteFile, Upstream
+from app.gateway.router import Router
+from app.gateway.types import Handler
+
+
+@dataclass
+class UpstreamRuntime:
+    """What the routes of one upstream share: its connection pool, breakers and bulkhead."""
+
+    name: str
+    config: Upstream
+    adapter: HTTPAdapter
+    breakers: TargetBreakers
+    slots: BoundedSemaphore | None
+
+    def close(self) -> None:
+        self.adapter.close()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Process-wide settings the stages need (from app.config)."""
+
+    max_body_size: int  # bytes; 0: no limit
+    buffer_body_size: int  # bytes
+    pool_size: int  # connections kept per target
+    via_name: str
+    key_prefix: str
+
+
+def build_upstreams(route_file: RouteFile, settings: Settings, redis_client: redis.Redis | None) -> dict[str, UpstreamRuntime]:
+    """Create each upstream's shared runtime once, at start-up."""
+    return {
+        name: UpstreamRuntime(
+            name=name,
+            config=config,
+            adapter=new_adapter(len(config.targets), settings.pool_size),
+            breakers=TargetBreakers(name, config.targets, config.breaker, redis_client, settings.key_prefix),
+            slots=new_slots(config.max_concurrency),
+        )
+        for name, config in route_file.upstreams.items()
+    }
+
+
+def assemble(route: Route, upstream: UpstreamRuntime, settings: Settings) -> Handler:
+    """Build ``route``'s handler, outermost stage first:
+
+    1. body: a too-large body is refused (413) before any other work is spent on it, and a
+       small one is buffered so the retry stage can resend it.
+    2. headers: hop-by-hop removal and X-Forwarded-*/Via happen once per client request,
+       not once per attempt.
+    3. bulkhead: one slot per client request, held across its retries, so retries cannot
+       push an upstream past ``max_concurrency``.
+    4. retry: outside the balancer, so each attempt goes to the next target whose breaker
+       allows it, and each attempt's outcome feeds that target's breaker.
+    5. balancer + breaker: pick the target, record the outcome.
+    6. forward: the pooled HTTP call.
+    Stages a route does not use (no bulkhead, one attempt) are not in its pipeline.
+    """
+    config = upstream.config
+    max_body = settings.max_body_size if route.max_body_size is None else route.max_body_size
+    handler = forward(upstream.adapter, config.timeout)
+    handler = balance(upstream.name, config.targets, upstream.breakers)(handler)
+    handler = retry(config.retries)(handler)
+    handler = bulkhead(upstream.name, upstream.slots)(handler)
+    handler = forwarding_headers(settings.via_name)(handler)
+    handler = request_body(max_body, settings.buffer_body_size)(handler)
+    return handler
+
+
+def build_router(route_file: RouteFile, upstreams: dict[str, UpstreamRuntime], settings: Settings) -> Router:
+    """Assemble every route's pipeline and the router that picks among them."""
+    return Router([(route, assemble(route, upstreams[route.upstream], settings)) for route in route_file.routes])

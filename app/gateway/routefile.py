@@ -1,0 +1,272 @@
+"""The route file: YAML with ``${VAR:-default}`` interpolation, validated into typed config."""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+RESERVED_PATHS = ("/healthz", "/readyz", "/metrics")
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+
+
+class RouteFileError(Exception):
+    """The route file cannot be used; the message names the file, the key and, where known, the line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timeout(_Strict):
+    """Seconds to wait for a connection, and between bytes of the upstream's answer."""
+
+    connect: Annotated[float, Field(gt=0)] = 1.0
+    read: Annotated[float, Field(gt=0)] = 30.0
+
+
+class Retries(_Strict):
+    """Tries per request (1 means no retry), with exponential backoff and full jitter.
+
+    Only idempotent methods and requests carrying ``Idempotency-Key`` are retried after the
+    upstream may have seen them; a failed connect is retried for any method.
+    """
+
+    attempts: Annotated[int, Field(ge=1, le=10)] = 1
+    backoff: Annotated[float, Field(ge=0)] = 0.05  # seconds, doubled per retry
+    max_backoff: Annotated[float, Field(ge=0)] = 1.0  # seconds
+    statuses: tuple[Annotated[int, Field(ge=500, le=599)], ...] = (502, 503, 504)
+
+
+class Breaker(_Strict):
+    """Circuit breaker per target: opens after ``fail_max`` consecutive failures."""
+
+    fail_max: Annotated[int, Field(ge=1)] = 5
+    reset_timeout: Annotated[float, Field(gt=0)] = 30.0  # seconds open before a half-open probe
+    failure_statuses: tuple[Annotated[int, Field(ge=500, le=599)], ...] = (500, 502, 503, 504)
+
+
+class Upstream(_Strict):
+    """A backend service: one or more targets (base URLs) with shared resilience settings."""
+
+    targets: Annotated[tuple[str, ...], Field(min_length=1)]
+    timeout: Timeout = Timeout()
+    retries: Retries = Retries()
+    breaker: Breaker = Breaker()
+    max_concurrency: Annotated[int, Field(ge=1)] | None = None  # bulkhead, per worker process
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_are_urls(cls, targets: tuple[str, ...]) -> tuple[str, ...]:
+        cleaned = []
+        for target in targets:
+            parts = urlsplit(target)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"target {target!r} is not an http(s) URL with a host")
+            if parts.query or parts.fragment:
+                raise ValueError(f"target {target!r} must not carry a query or fragment")
+            cleaned.append(target.rstrip("/"))
+        return tuple(cleaned)
+
+
+class Route(_Strict):
+    """A path prefix (with ``{param}`` segments) sent to one upstream."""
+
+    path: str
+    upstream: str
+    name: str | None = None  # label for logs and metrics; defaults to the path
+    methods: tuple[Method, ...] | None = None  # None: every method
+    strip_prefix: bool = False
+    max_body_size: Annotated[int, Field(ge=0)] | None = None  # bytes; None: MAX_BODY_SIZE
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _upper(cls, methods: object) -> object:
+        if isinstance(methods, list | tuple):
+            return tuple(m.upper() if isinstance(m, str) else m for m in methods)
+        return methods
+
+    @field_validator("path")
+    @classmethod
+    def _path_shape(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError("must start with '/'")
+        if "?" in path or "#" in path:
+            raise ValueError("must not carry a query or fragment")
+        for segment in path.strip("/").split("/"):
+            if "{" in segment or "}" in segment:
+                if not _PARAM.match(segment):
+                    raise ValueError(f"segment {segment!r} is not a whole '{{name}}' parameter")
+        return path if path == "/" else path.rstrip("/")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path
+
+
+class RouteFile(_Strict):
+    """The whole route file: named upstreams and the routes that use them."""
+
+    upstreams: dict[str, Upstream] = {}
+    routes: tuple[Route, ...] = ()
+
+    @model_validator(mode="after")
+    def _references(self) -> RouteFile:
+        for route in self.routes:
+            if route.upstream not in self.upstreams:
+                known = ", ".join(sorted(self.upstreams)) or "none"
+                raise ValueError(
+                    f"route {route.path!r} names upstream {route.upstream!r}, which is not defined"
+                    f" (defined: {known})"
+                )
+        seen: dict[tuple[str, str], str] = {}
+        for route in self.routes:
+            for method in route.methods or METHODS:
+                key = (route.path, method)
+                if key in seen:
+                    raise ValueError(f"route {route.path!r} is defined twice for {method}")
+                seen[key] = route.path
+        return self
+
+
+def reject_reserved(route_file: RouteFile, api_prefix: str) -> None:
+    """Raise RouteFileError if a route lies on the gateway's own paths.
+
+    The reserved paths are ``api_prefix`` (``/_gateway``), ``/healthz``, ``/readyz`` and
+    ``/metrics``, and everything below them. A broader route such as ``/`` is allowed: the
+    gateway's own paths are always matched first.
+    """
+    reserved = (api_prefix.rstrip("/"), *RESERVED_PATHS)
+    for index, route in enumerate(route_file.routes):
+        for path in reserved:
+            if route.path == path or route.path.startswith(path + "/"):
+                raise RouteFileError(
+                    f"routes[{index}].path: {route.path!r} overlaps the reserved path {path!r}"
+                )
+
+
+def interpolate(value: object, env: Mapping[str, str], where: str = "") -> object:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of a loaded YAML tree.
+
+    Interpolation happens on parsed scalars, so a variable can never change the file's
+    structure. Raises RouteFileError naming the key when ``VAR`` is unset and has no default.
+    """
+    if isinstance(value, str):
+        def replace(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env and env[name] != "":
+                return env[name]
+            if default is not None:
+                return default
+            raise RouteFileError(f"{where or 'value'}: environment variable {name} is not set")
+
+        return _VARIABLE.sub(replace, value)
+    if isinstance(value, dict):
+        return {k: interpolate(v, env, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def load(path: str | Path, env: Mapping[str, str] | None = None, api_prefix: str = "/_gateway") -> RouteFile:
+    """Read, interpolate and validate the route file at ``path``.
+
+    Returns a frozen RouteFile. Raises RouteFileError with a message that names the file,
+    the offending key (``routes[1].upstream``), its line when the key is in the file, and
+    what is wrong.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RouteFileError(f"{path}: cannot read the route file: {exc.strerror}") from exc
+    try:
+        tree = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        raise RouteFileError(f"{path}: not valid YAML: {exc}") from exc
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise RouteFileError(f"{path}: the top level must be a mapping with 'upstreams' and 'routes'")
+    try:
+        tree = interpolate(tree, os.environ if env is None else env)
+        route_file = RouteFile.model_validate(tree)
+        reject_reserved(route_file, api_prefix)
+    except RouteFileError as exc:
+        raise RouteFileError(f"{path}: {exc}") from exc
+    except ValidationError as exc:
+        raise RouteFileError(f"{path}: {_describe(exc, root)}") from exc
+    return route_file
+
+
+def _describe(exc: ValidationError, root: yaml.Node | None) -> str:
+    """One line per validation error: ``key (line N): what is wrong``."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = [part for part in error["loc"] if not _is_type_tag(part)]
+        key = _dotted(loc)
+        line = _line_of(root, loc)
+        where = f"{key} (line {line})" if key and line else (key or "route file")
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {message}")
+    return "; ".join(lines)
+
+
+def _is_type_tag(part: object) -> bool:
+    # pydantic adds union member names such as 'float' or 'function-after[...]' to locations
+    return isinstance(part, str) and (part in {"float", "int", "str", "list", "tuple"} or "[" in part)
+
+
+def _dotted(loc: list[object]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _line_of(node: yaml.Node | None, loc: list[object]) -> int | None:
+    """The 1-based line of the YAML node at ``loc``, or of its nearest parent present in the file."""
+    line = None
+    for part in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == str(part)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            node = None
+    if node is not None:
+        line = node.start_mark.line + 1
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m app.gateway.routefile [PATH]``: validate a route file; exit 1 naming the error."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    path = args[0] if args else os.environ.get("GATEWAY_CONFIG", "gateway.yaml")
+    prefix = os.environ.get("GATEWAY_API_PREFIX", "/_gateway")
+    try:
+        route_file = load(path, api_prefix=prefix)
+    except RouteFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"ok: {path}: {len(route_file.upstreams)} upstreams, {len(route_file.routes)} routes")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

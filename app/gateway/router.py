@@ -1,0 +1,80 @@
+"""Route match: longest path prefix on segment boundaries, ``{param}`` segments, method filter."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from app.gateway.routefile import METHODS, Route
+from app.gateway.types import Handler
+
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    route: Route
+    handler: Handler
+    params: dict[str, str]
+    upstream_path: str
+
+
+class _PathGroup:
+    """The routes that share one path pattern, by method."""
+
+    def __init__(self, path: str):
+        self.path = path
+        segments = [s for s in path.split("/") if s]
+        self.segments = len(segments)
+        self.literals = sum(1 for s in segments if not _PARAM.fullmatch(s))
+        pattern = "".join("/" + (f"(?P<{m.group(1)}>[^/]+)" if (m := _PARAM.fullmatch(s)) else re.escape(s)) for s in segments)
+        self.regex = re.compile(f"^{pattern}(?=/|$)")
+        self.by_method: dict[str, tuple[Route, Handler]] = {}
+
+    def add(self, route: Route, handler: Handler) -> None:
+        methods = set(route.methods or METHODS)
+        if "GET" in methods:
+            methods.add("HEAD")  # RFC 9110 section 9.3.2: HEAD wherever GET is
+        for method in methods:
+            self.by_method.setdefault(method, (route, handler))
+
+
+class Router:
+    """Match a request to a route and its pipeline.
+
+    The most specific path wins: most segments, then most literal segments. A route's path
+    matches itself and everything below it (``/users`` matches ``/users/7`` but not
+    ``/usersx``). When the winning path has no route for the method the answer is 405 with
+    ``Allow``, even if a broader route would take the method: the longest prefix decides, as
+    in nginx, so a method restriction cannot be bypassed through a catch-all.
+    """
+
+    def __init__(self, routes: list[tuple[Route, Handler]]):
+        groups: dict[str, _PathGroup] = {}
+        for route, handler in routes:
+            groups.setdefault(route.path, _PathGroup(route.path)).add(route, handler)
+        self.groups = sorted(groups.values(), key=lambda g: (g.segments, g.literals), reverse=True)
+
+    def match(self, method: str, path: str, raw_path: str | None = None) -> Match:
+        """Return the Match for ``method`` and the decoded ``path``.
+
+        ``raw_path`` (still percent-encoded) is what the upstream is sent, less the route's
+        prefix when it has ``strip_prefix``. Raises werkzeug's NotFound (404) or
+        MethodNotAllowed (405, with the allowed methods).
+        """
+        raw_path = raw_path or path
+        for group in self.groups:
+            found = group.regex.match(path)
+            if found is None:
+                continue
+            entry = group.by_method.get(method)
+            if entry is None:
+                raise MethodNotAllowed(valid_methods=sorted(group.by_method))
+            route, handler = entry
+            upstream_path = raw_path
+            if route.strip_prefix and group.segments:
+                rest = raw_path.lstrip("/").split("/", group.segments)
+                upstream_path = "/" + (rest[group.segments] if len(rest) > group.segments else "")
+            return Match(route, handler, found.groupdict(), upstream_path)
+        raise NotFound()

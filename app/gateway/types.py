@@ -1,0 +1,107 @@
+"""The two types that carry the proxy design (after KrakenD's lura): Handler and Middleware."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from werkzeug.datastructures import Headers
+
+from app.errors import ProblemError
+
+if TYPE_CHECKING:
+    from app.gateway.routefile import Route
+
+
+@dataclass(slots=True)
+class GatewayRequest:
+    """A client request on its way to an upstream.
+
+    ``body`` is None (no body), ``bytes`` (buffered, can be resent) or a ``RequestBody``
+    stream; ``upstream_path`` is the path to ask the target for, without the query.
+    ``target`` is the base URL chosen by the balancer for the current attempt.
+    """
+
+    method: str
+    path: str
+    query: str
+    headers: Headers
+    body: object = None
+    client_addr: str = ""  # the peer's address as seen on the socket (or by a trusted proxy)
+    scheme: str = "http"  # the client's scheme and host, for X-Forwarded-Proto/-Host
+    host: str = ""
+    route: Route | None = None
+    params: dict[str, str] = field(default_factory=dict)
+    upstream_path: str = ""
+    request_id: str = ""
+    target: str | None = None
+    upstream_seconds: float = 0.0  # time spent waiting for upstream response headers, all attempts
+
+    @property
+    def idempotent(self) -> bool:
+        """True for methods RFC 9110 section 9.2.2 calls idempotent, or with an ``Idempotency-Key``."""
+        return self.method in IDEMPOTENT_METHODS or "Idempotency-Key" in self.headers
+
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+@dataclass(slots=True)
+class GatewayResponse:
+    """An upstream's answer: status, headers and a body iterated lazily (streamed).
+
+    ``close`` must be called once the body is consumed or abandoned; it runs the callbacks
+    in ``on_close`` (returning the connection to its pool, releasing a bulkhead slot).
+    """
+
+    status: int
+    headers: Headers
+    body: Iterable[bytes] = ()
+    on_close: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        callbacks, self.on_close = self.on_close, []
+        for callback in reversed(callbacks):
+            callback()
+
+
+Handler = Callable[[GatewayRequest], GatewayResponse]
+Middleware = Callable[[Handler], Handler]
+
+
+class UpstreamUnreachable(ProblemError):
+    """The upstream could not be reached or dropped the connection (502).
+
+    ``sent`` is False when the failure happened before any byte of the request left the
+    gateway (refused or timed-out connect), so even a non-idempotent request is safe to retry.
+    """
+
+    status, title, slug = 502, "Bad Gateway", "upstream-unreachable"
+
+    def __init__(self, detail: str, sent: bool = True, **kwargs: object):
+        super().__init__(detail, **kwargs)
+        self.sent = sent
+
+
+class UpstreamTimeout(UpstreamUnreachable):
+    """The upstream did not answer within the read timeout, or the connect timed out (504)."""
+
+    status, title, slug = 504, "Gateway Timeout", "upstream-timeout"
+
+
+class ServiceUnavailable(ProblemError):
+    """The gateway refuses to call the upstream now (503 with ``Retry-After``)."""
+
+    status, title, slug = 503, "Service Unavailable", "upstream-unavailable"
+
+
+class BreakerOpen(ServiceUnavailable):
+    slug = "breaker-open"
+
+
+class BulkheadFull(ServiceUnavailable):
+    slug = "bulkhead-full"
+
+
+class PayloadTooLarge(ProblemError):
+    status, title, slug = 413, "Content Too Large", "payload-too-large"

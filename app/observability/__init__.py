@@ -1,0 +1,1 @@
+"""Observability: JSON logs with the request id."""

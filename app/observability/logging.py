@@ -1,0 +1,80 @@
+"""JSON logs on stdout, one access line per request, each carrying the request id."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from datetime import UTC, datetime
+
+from flask import Flask, g, request
+from werkzeug.wrappers import Response
+
+# Attributes every LogRecord has; anything else passed through ``extra=`` is a field.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: ``ts`` (RFC 3339, UTC), ``level``, ``logger``, ``msg``, then the extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and value is not None:
+                line[key] = value
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+access = logging.getLogger("frontdoor.access")
+
+
+def configure(level: str = "INFO") -> None:
+    """Send the ``frontdoor`` loggers to stdout as JSON, once per process."""
+    root = logging.getLogger("frontdoor")
+    if not any(getattr(h, "_frontdoor", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(JSONFormatter())
+        handler._frontdoor = True
+        root.addHandler(handler)
+        root.propagate = False
+    root.setLevel(level)
+
+
+def _start() -> None:
+    g.started = time.perf_counter()
+
+
+def _log_when_done(response: Response) -> Response:
+    started = g.get("started")
+    fields = {
+        "request_id": g.get("request_id"),
+        "method": request.method,
+        "path": request.path,
+        "route": g.get("route"),
+        "target": g.get("target"),
+        "status": response.status_code,
+        "upstream_ms": round(g.get("upstream_seconds", 0.0) * 1000, 3) if g.get("target") else None,
+    }
+
+    def emit() -> None:
+        # Logged when the body has been sent, so a streamed download's whole time is counted.
+        if started is not None:
+            fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        access.info("request", extra=fields)
+
+    response.call_on_close(emit)
+    return response
+
+
+def init_app(app: Flask) -> None:
+    """Configure JSON logging and log one line per request."""
+    configure(app.config.get("LOG_LEVEL", "INFO"))
+    app.before_request(_start)
+    app.after_request(_log_when_done)

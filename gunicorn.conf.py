@@ -1,0 +1,29 @@
+"""gunicorn settings for the gateway, from the environment the platform sets (Heroku-style)."""
+import os
+import sys
+
+bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
+worker_class = "gthread"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+threads = int(os.environ.get("WEB_THREADS", "8"))
+# Heroku's router gives a request 30 s; a worker that overruns is recycled after this.
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "35"))
+graceful_timeout = 25  # SIGTERM: in-flight requests get this long, inside Heroku's 30 s
+keepalive = 75  # longer than a load balancer's idle timeout, so it is never the one to close first
+accesslog = None  # the gateway logs one JSON line per request itself
+# Scheme and client address come from GATEWAY_TRUSTED_PROXY_HOPS (werkzeug ProxyFix), never
+# from headers gunicorn would otherwise believe when they arrive from loopback.
+secure_scheme_headers = {}
+forwarded_allow_ips = ""
+
+
+def on_starting(server):
+    """Validate the route file in the master, so a bad file stops the process with one clear line."""
+    from app.gateway import routefile
+
+    path = os.environ.get("GATEWAY_CONFIG", "gateway.yaml")
+    try:
+        routefile.load(path, api_prefix=os.environ.get("GATEWAY_API_PREFIX", "/_gateway"))
+    except routefile.RouteFileError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
