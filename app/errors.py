@@ -72,10 +72,11 @@ def handle_problem(error: ProblemError) -> Response:
 
 def handle_http_exception(error: HTTPException) -> Response:
     headers = {}
-    if error.code == 405 and error.valid_methods:
-        headers["Allow"] = ", ".join(sorted(error.valid_methods))
     detail = error.description or error.name
-    if error.code == 404:
+    if error.code == 405 and error.valid_methods:
+        headers["Allow"] = allowed = ", ".join(sorted(error.valid_methods))
+        detail = f"{request.method} is not allowed on {request.path}; allowed: {allowed}"
+    elif error.code == 404:
         detail = f"No route matches {request.path}"
     return problem_response(error.code or 500, error.name, detail, headers=headers)
 

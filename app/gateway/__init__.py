@@ -78,7 +78,9 @@ def proxy(path: str = "") -> Response:
 
 def to_flask(upstream: GatewayResponse) -> Response:
     """Wrap a GatewayResponse for WSGI without reading its body; closing it closes the upstream's."""
-    response = Response(upstream.body, status=upstream.status, headers=upstream.headers, direct_passthrough=True)
+    # Not direct_passthrough: werkzeug would then hand the bare iterator to the server and
+    # never run the call_on_close callbacks (pool release, bulkhead slot, access log).
+    response = Response(upstream.body, status=upstream.status, headers=upstream.headers)
     if "Content-Type" not in upstream.headers:
         del response.headers["Content-Type"]  # werkzeug adds text/html; the upstream sent none
     response.call_on_close(upstream.close)

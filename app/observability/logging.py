@@ -15,7 +15,7 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 
 
 class JSONFormatter(logging.Formatter):
-    """One JSON object per line: ``ts`` (RFC 3339, UTC), ``level``, ``logger``, ``msg``, then the extras."""
+    """One JSON object per line: ``ts`` (RFC 3339, UTC), ``level``, ``logger``, ``msg``, ``pid``, then the extras."""
 
     def format(self, record: logging.LogRecord) -> str:
         line = {
@@ -23,6 +23,7 @@ class JSONFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
+            "pid": record.process,
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and value is not None:

@@ -1,0 +1,387 @@
+"""Pass-through load benchmark: the gateway against a naive Flask proxy and the bare upstream, driven by wrk."""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+sys.path.insert(0, str(BENCH))
+from upstream import BODY  # the fixed answer, to check what each peer returns
+
+PEERS = ("upstream", "gateway", "naive")
+PATH = "/bench/items?page=1"  # what wrk asks for; the gateway gets it under /pass
+THROUGHPUT_TARGET = 1.6  # gateway req/s over naive req/s at c32, at least
+OVERHEAD_TARGET_MS = 0.6  # gateway p50 minus upstream p50 at c1, at most
+NAIVE_WORKERS = 5  # gunicorn's rule of thumb for sync workers: 2 x cores + 1
+SANITY_REQUESTS = 20
+UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+# Sent through no proxy: a loopback benchmark must not go out through http_proxy.
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+ROUTE_FILE = """\
+# Written by bench/proxy.py for one run.
+upstreams:
+  fast:
+    targets: ["{target}"]
+    timeout: {{connect: 1.0, read: 5.0}}
+    retries: {{attempts: 2, backoff: 0.05}}
+    breaker: {{fail_max: 5, reset_timeout: 10}}
+    max_concurrency: 64
+routes:
+  - path: /pass
+    upstream: fast
+    strip_prefix: true
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def child_env(**overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "GUNICORN_CMD_ARGS"}
+    env.update(overrides)
+    return env
+
+
+def start(name: str, argv: list[str], env: dict[str, str], cwd: Path, logs: Path) -> subprocess.Popen:
+    """Start ``argv`` in its own process group, its stdout and stderr in ``logs``."""
+    with open(logs / f"{name}.out", "wb") as out, open(logs / f"{name}.err", "wb") as err:
+        return subprocess.Popen(
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
+        )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group, SIGKILL whatever is left after 10 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # stray workers, if the master went first
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with OPENER.open(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_ready(name: str, url: str, proc: subprocess.Popen, logs: Path, timeout: float = 30.0) -> None:
+    """Wait for ``url`` to answer 200; fail with the process's stderr if it exits or never does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            if get(url, timeout=1.0)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    tail = (logs / f"{name}.err").read_text(errors="replace")[-2000:]
+    state = f"exited with {proc.returncode}" if proc.poll() is not None else f"not ready after {timeout:.0f} s"
+    raise RuntimeError(f"{name} {state}; its stderr ends:\n{tail}")
+
+
+def sanity(name: str, url: str) -> str:
+    """Send a few requests one by one; describe any answer that is not the upstream's 200."""
+    statuses: collections.Counter[int] = collections.Counter()
+    wrong_body = 0
+    for _ in range(SANITY_REQUESTS):
+        status, body = get(url)
+        statuses[status] += 1
+        wrong_body += status == 200 and body != BODY
+    if statuses[200] == SANITY_REQUESTS and not wrong_body:
+        return ""
+    seen = ", ".join(f"{count} x {status}" for status, count in sorted(statuses.items()))
+    extra = f", {wrong_body} with a body that is not the upstream's" if wrong_body else ""
+    return f"{name}: {SANITY_REQUESTS} sequential requests got {seen}{extra}"
+
+
+def to_ms(value: str, unit: str) -> float:
+    return float(value) * UNITS_MS[unit]
+
+
+def parse_wrk(output: str) -> dict:
+    """Requests/sec, the 50% and 99% latencies (ms), request count and error counts from ``wrk --latency``."""
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.MULTILINE)
+    p50 = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s|m)\s*$", output, re.MULTILINE)
+    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s|m)\s*$", output, re.MULTILINE)
+    if not (rps and p50 and p99):
+        raise RuntimeError(f"cannot parse wrk's output:\n{output}")
+    requests = re.search(r"^\s+(\d+) requests in", output, re.MULTILINE)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    return {
+        "rps": float(rps.group(1)),
+        "p50": to_ms(*p50.groups()),
+        "p99": to_ms(*p99.groups()),
+        "requests": int(requests.group(1)) if requests else 0,
+        "non2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": sum(map(int, sockets.groups())) if sockets else 0,
+    }
+
+
+def run_wrk(url: str, threads: int, connections: int, duration: int) -> dict:
+    argv = ["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{duration}s", "--timeout", "5s"]
+    done = subprocess.run(
+        [*argv, "--latency", url], capture_output=True, text=True, timeout=duration + 30, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
+    return parse_wrk(done.stdout)
+
+
+def summarise_gateway_log(logs: Path, requests_sent: int) -> list[str]:
+    """What the gateway wrote: access lines by status against requests sent, other lines, stderr noise."""
+    out = logs / "gateway.out"
+    statuses: collections.Counter[object] = collections.Counter()
+    levels: collections.Counter[str] = collections.Counter()
+    access = other = 0
+    with open(out, errors="replace") as lines:
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                other += 1
+                continue
+            if record.get("logger") == "frontdoor.access":
+                access += 1
+                statuses[record.get("status")] += 1
+            else:
+                levels[str(record.get("level"))] += 1
+    size = out.stat().st_size
+    by_status = ", ".join(f"{status}: {count}" for status, count in sorted(statuses.items(), key=str)) or "none"
+    report = [
+        f"stdout: {size / 1e6:.1f} MB; {access} access lines for about {requests_sent} requests sent",
+        f"access lines by status: {by_status}",
+    ]
+    if levels or other:
+        named = ", ".join(f"{count} {level}" for level, count in sorted(levels.items()))
+        report.append(f"stdout also has {named or 'no'} other JSON lines and {other} non-JSON lines")
+    noisy = [
+        line for line in (logs / "gateway.err").read_text(errors="replace").splitlines()
+        if line.strip() and "[INFO]" not in line
+    ]
+    if noisy:
+        report.append(f"stderr: {len(noisy)} lines other than gunicorn INFO, first ones:")
+        report.extend("  " + line[:200] for line in noisy[:5])
+    return report
+
+
+def delete_keys(redis_url: str, prefix: str) -> None:
+    """Remove the breaker state this run left in Redis (best effort)."""
+    if not redis_url:
+        return
+    try:
+        client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    except redis.RedisError as exc:  # cleanup must not hide the report
+        print(f"note: could not delete Redis keys {prefix}:*: {exc}")
+
+
+def verdict(ok: bool, errors: list[str]) -> str:
+    if errors:
+        return "INVALID (" + "; ".join(errors) + ")"
+    return "PASS" if ok else "MISS"
+
+
+def errors_of(peers: dict[str, dict], names: tuple[str, ...]) -> list[str]:
+    found = []
+    for name in names:
+        row = peers[name]
+        if row["non2xx"]:
+            found.append(f"{name} answered {row['non2xx']} non-2xx")
+        if row["socket_errors"]:
+            found.append(f"{name} had {row['socket_errors']} socket errors")
+    return found
+
+
+def median_rows(results: dict[str, list[dict]]) -> dict[str, dict]:
+    rows = {}
+    for peer, runs in results.items():
+        rows[peer] = {key: statistics.median(run[key] for run in runs) for key in ("rps", "p50", "p99")}
+        rows[peer]["non2xx"] = sum(run["non2xx"] for run in runs)
+        rows[peer]["socket_errors"] = sum(run["socket_errors"] for run in runs)
+    return rows
+
+
+def print_table(title: str, rows: dict[str, dict]) -> None:
+    print(f"\n{title}")
+    print(f"  {'peer':<10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>10}{'sock err':>10}")
+    for peer in PEERS:
+        row = rows[peer]
+        print(
+            f"  {peer:<10}{row['rps']:>10.1f}{row['p50']:>10.3f}{row['p99']:>10.3f}"
+            f"{row['non2xx']:>10}{row['socket_errors']:>10}"
+        )
+
+
+def measure(args: argparse.Namespace, tmp: Path, redis_url: str, key_prefix: str) -> dict:
+    """Start the three peers, check them, run wrk over them in rounds; always stop them."""
+    gunicorn = str(Path(sys.executable).parent / "gunicorn")
+    if not os.path.exists(gunicorn):
+        gunicorn = shutil.which("gunicorn") or "gunicorn"
+    procs: list[subprocess.Popen] = []
+    try:
+        ports = {peer: free_port() for peer in PEERS}
+        base = {peer: f"http://127.0.0.1:{port}" for peer, port in ports.items()}
+        urls = {
+            "upstream": base["upstream"] + PATH,
+            "gateway": base["gateway"] + "/pass" + PATH,
+            "naive": base["naive"] + PATH,
+        }
+        route_file = tmp / "routes.yaml"
+        route_file.write_text(ROUTE_FILE.format(target=base["upstream"]))
+        quiet = ["--log-level", "warning", "--no-control-socket", "--chdir", str(BENCH)]
+
+        # The upstream: gthread, 2 workers x 4 threads, keep-alive for the gateway's pooled connections.
+        procs.append(start("upstream", [
+            gunicorn, "--bind", f"127.0.0.1:{ports['upstream']}", "--workers", "2",
+            "--worker-class", "gthread", "--threads", "4", *quiet, "upstream:app",
+        ], child_env(), BENCH, tmp))
+        wait_ready("upstream", urls["upstream"], procs[-1], tmp)
+
+        # The gateway as the Procfile's web process runs it; only the control socket moves to tmp,
+        # so that it does not take over a running gateway's ~/.gunicorn/gunicorn.ctl.
+        gateway_env = child_env(
+            PORT=str(ports["gateway"]), HOST="127.0.0.1", WEB_CONCURRENCY="2", WEB_THREADS="8",
+            REDIS_URL=redis_url, GATEWAY_KEY_PREFIX=key_prefix, GATEWAY_CONFIG=str(route_file),
+            DATABASE_URL=f"sqlite:///{tmp / 'frontdoor.sqlite'}",
+        )
+        procs.append(start("gateway", [
+            gunicorn, "--config", "gunicorn.conf.py", "--control-socket", str(tmp / "gateway.ctl"),
+            "app:create_app()",
+        ], gateway_env, ROOT, tmp))
+
+        # The naive peer: sync workers, one request at a time each, which is what its code assumes.
+        procs.append(start("naive", [
+            gunicorn, "--bind", f"127.0.0.1:{ports['naive']}", "--workers", str(NAIVE_WORKERS),
+            "--worker-class", "sync", *quiet, "naive:app",
+        ], child_env(NAIVE_UPSTREAM=base["upstream"]), BENCH, tmp))
+        wait_ready("gateway", base["gateway"] + "/healthz", procs[1], tmp)
+        wait_ready("naive", urls["naive"], procs[2], tmp)
+
+        problems = [problem for problem in (sanity(peer, urls[peer]) for peer in PEERS) if problem]
+        for problem in problems:
+            print(f"WARNING: {problem}", flush=True)
+        sent = SANITY_REQUESTS
+        for peer in PEERS:  # warm-up: connection pools, lazy imports, first-request paths
+            warm = run_wrk(urls[peer], 1, 4, 1)
+            sent += warm["requests"] if peer == "gateway" else 0
+
+        results: dict[str, dict[str, list[dict]]] = {name: {peer: [] for peer in PEERS} for name, *_ in args.settings}
+        print(f"{args.rounds} rounds on {os.cpu_count()} CPUs; each round runs every setting on every peer,"
+              " the order of the peers rotated", flush=True)
+        for index in range(args.rounds):
+            order = PEERS[index % 3:] + PEERS[:index % 3]
+            for name, label, threads, connections, duration in args.settings:
+                for peer in order:
+                    run = run_wrk(urls[peer], threads, connections, duration)
+                    results[name][peer].append(run)
+                    sent += run["requests"] if peer == "gateway" else 0
+                    flags = f"  non-2xx {run['non2xx']}" if run["non2xx"] else ""
+                    flags += f"  socket errors {run['socket_errors']}" if run["socket_errors"] else ""
+                    print(
+                        f"  round {index + 1}  {label:<20} {peer:<9}{run['rps']:>9.1f} req/s"
+                        f"  p50 {run['p50']:7.3f} ms  p99 {run['p99']:7.3f} ms{flags}",
+                        flush=True,
+                    )
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        delete_keys(redis_url, key_prefix)
+    return {"results": results, "sent_to_gateway": sent, "problems": problems}
+
+
+def report(args: argparse.Namespace, measured: dict, tmp: Path) -> None:
+    rows = {name: median_rows(measured["results"][name]) for name, *_ in args.settings}
+    for name, label, *_ in args.settings:
+        print_table(f"wrk {label} --latency, median of {args.rounds} rounds", rows[name])
+
+    many, one = rows["throughput"], rows["latency"]
+    ratio = many["gateway"]["rps"] / many["naive"]["rps"]
+    overhead = one["gateway"]["p50"] - one["upstream"]["p50"]
+    print()
+    print(
+        f"gateway req/s / naive req/s at c{args.connections}: {ratio:6.2f}     (target >= {THROUGHPUT_TARGET})"
+        f"     {verdict(ratio >= THROUGHPUT_TARGET, errors_of(many, ('gateway', 'naive')))}"
+    )
+    print(
+        f"gateway p50 - upstream p50 at c1:   {overhead:6.3f} ms  (target <= {OVERHEAD_TARGET_MS} ms)"
+        f"  {verdict(overhead <= OVERHEAD_TARGET_MS, errors_of(one, ('gateway', 'upstream')))}"
+    )
+    if measured["problems"]:
+        print("sanity check: " + "; ".join(measured["problems"]))
+    print("\ngateway log (its stdout went to a file):")
+    for line in summarise_gateway_log(tmp, measured["sent_to_gateway"]):
+        print("  " + line)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
+    parser.add_argument("--duration", type=int, default=8, help="seconds per c32 run; c1 runs take 5/8 of it")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections for the throughput runs")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("error: wrk is not on PATH (apt-get install wrk)", file=sys.stderr)
+        return 1
+    short = max(1, round(args.duration * 5 / 8))
+    args.settings = [
+        ("throughput", f"-t2 -c{args.connections} -d{args.duration}s", 2, args.connections, args.duration),
+        ("latency", f"-t1 -c1 -d{short}s", 1, 1, short),
+    ]
+    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    key_prefix = f"bench-{secrets.token_hex(4)}"
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the cleanup in finally runs
+
+    tmp = Path(tempfile.mkdtemp(prefix="frontdoor-bench-"))
+    try:
+        measured = measure(args, tmp, redis_url, key_prefix)
+        report(args, measured, tmp)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

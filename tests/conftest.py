@@ -1,0 +1,107 @@
+"""Fixtures: ``app``, ``client``, ``runner``, and real Redis/PostgreSQL servers."""
+from __future__ import annotations
+
+import os
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from app import create_app
+from tests import services
+
+DEMO_ROUTES = """
+upstreams:
+  demo:
+    targets: ["http://127.0.0.1:9"]
+    timeout: {connect: 0.5, read: 1.0}
+routes:
+  - path: /demo
+    upstream: demo
+    strip_prefix: true
+"""
+
+
+@pytest.fixture
+def route_file(tmp_path: Path):
+    """Write a route file and return its path: ``route_file(yaml_text)``."""
+
+    def write(text: str = DEMO_ROUTES) -> Path:
+        path = tmp_path / f"routes-{uuid.uuid4().hex[:6]}.yaml"
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def make_app(tmp_path: Path, route_file):
+    """Build an app from a dict: ``make_app(routes=yaml_text, **config)``."""
+
+    def build(routes: str = DEMO_ROUTES, **config):
+        settings = {
+            "TESTING": True,
+            "CONFIG": str(route_file(routes)),
+            "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'test.sqlite'}",
+            "CELERY_BROKER_URL": "memory://",
+            "KEY_PREFIX": services.unique("test"),
+        }
+        settings.update(config)
+        return create_app(settings)
+
+    return build
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A Redis URL: ``REDIS_URL`` when set, else a throwaway redis-server on a free port."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        try:
+            redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+        except redis.RedisError as exc:
+            services.unavailable(f"REDIS_URL={url} does not answer: {exc}")
+        yield url
+        return
+    with services.throwaway_redis() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL URL: ``TEST_DATABASE_URL`` when set, else a throwaway initdb cluster."""
+    url = os.environ.get("TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    with services.throwaway_postgres() as url:
+        yield url
+
+
+@pytest.fixture
+def key_prefix(redis_url):
+    """A Redis key prefix unique to one test; its keys are deleted afterwards."""
+    prefix = services.unique("test")
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()

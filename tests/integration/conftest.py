@@ -1,0 +1,137 @@
+"""The real stack: httpbin and a bulk upstream under gunicorn, and the gateway under gunicorn."""
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests import services
+
+GUNICORN = str(Path(sys.executable).parent / "gunicorn")
+
+
+@pytest.fixture(scope="session")
+def httpbin_url(tmp_path_factory):
+    """httpbin (from PyPI) served by gunicorn on loopback."""
+    port = services.free_port()
+    log = tmp_path_factory.mktemp("httpbin") / "httpbin.log"
+    process = services.start(
+        [GUNICORN, "-b", f"127.0.0.1:{port}", "-w", "2", "-k", "gthread", "--threads", "16", "httpbin:app"], log=log
+    )
+    try:
+        services.wait_for_http(f"http://127.0.0.1:{port}/get")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        services.stop(process)
+
+
+@pytest.fixture(scope="session")
+def bulk_url(tmp_path_factory):
+    """The bulk upstream (tests/integration/upstream_app.py) under gunicorn."""
+    port = services.free_port()
+    log = tmp_path_factory.mktemp("bulk") / "bulk.log"
+    process = services.start(
+        [GUNICORN, "-b", f"127.0.0.1:{port}", "-w", "1", "-k", "gthread", "--threads", "4", "tests.integration.upstream_app:app"],
+        log=log,
+    )
+    try:
+        services.wait_for_port(port, process=process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        services.stop(process)
+
+
+@pytest.fixture(scope="session")
+def blackhole_url():
+    """A server that accepts connections and never answers."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held: list[socket.socket] = []
+    stopping = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stopping.is_set():
+            try:
+                conn, _ = server.accept()
+                held.append(conn)
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stopping.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+@dataclass
+class Gateway:
+    """A gateway under gunicorn: its URL, master process and JSON log."""
+
+    url: str
+    process: object
+    log: Path
+    extra: list = field(default_factory=list)
+
+    def log_lines(self) -> list[dict]:
+        lines = []
+        for raw in self.log.read_text().splitlines():
+            if raw.startswith("{"):
+                try:
+                    lines.append(json.loads(raw))
+                except json.JSONDecodeError:
+                    continue
+        return lines
+
+    def worker_pids(self) -> list[int]:
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.process.pid:
+                pids.append(int(stat.parent.name))
+        return pids
+
+
+@pytest.fixture(scope="session")
+def start_gateway(tmp_path_factory):
+    """Start gunicorn serving the gateway with a route file: ``start_gateway(routes, workers=2, **env)``."""
+    started: list = []
+
+    def launch(routes: str, workers: int = 2, **env: str) -> Gateway:
+        root = tmp_path_factory.mktemp("gateway")
+        route_path = root / "gateway.yaml"
+        route_path.write_text(routes)
+        port = services.free_port()
+        log = root / "gateway.log"
+        environment = {
+            "PORT": str(port),
+            "HOST": "127.0.0.1",
+            "WEB_CONCURRENCY": str(workers),
+            "WEB_THREADS": "8",
+            "GATEWAY_CONFIG": str(route_path),
+            "DATABASE_URL": f"sqlite:///{root / 'gateway.sqlite'}",
+            **env,
+        }
+        process = services.start([GUNICORN, "--config", "gunicorn.conf.py", "app:create_app()"], env=environment, log=log)
+        started.append(process)
+        services.wait_for_http(f"http://127.0.0.1:{port}/healthz")
+        return Gateway(f"http://127.0.0.1:{port}", process, log)
+
+    yield launch
+    for process in started:
+        services.stop(process)

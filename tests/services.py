@@ -1,0 +1,150 @@
+"""Helpers for tests that run real processes: free ports, waiting, process groups, services."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+REQUIRE_SERVICES = os.environ.get("FRONTDOOR_REQUIRE_SERVICES") == "1"
+
+
+def unavailable(reason: str):
+    """Skip, or fail when CI requires every service-backed test to run."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f"required service unavailable: {reason}")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 15.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+def wait_for_http(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            requests.get(url, timeout=1).close()
+            return
+        except requests.RequestException as exc:
+            last = exc
+            time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer in {timeout} s: {last}")
+
+
+def start(cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None, cwd: Path = ROOT) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group, output to ``log`` (or discarded)."""
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+    process = subprocess.Popen(
+        cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    process._log_file = out  # type: ignore[attr-defined]
+    return process
+
+
+def stop(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+    """Stop a process group started by ``start`` and return its exit code."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    log = getattr(process, "_log_file", None)
+    if log not in (None, subprocess.DEVNULL):
+        log.close()
+    return process.returncode
+
+
+@contextmanager
+def throwaway_redis():
+    """A redis-server on a free port, with no persistence; yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        unavailable("no REDIS_URL and no redis-server binary")
+    port = free_port()
+    process = start([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+    try:
+        wait_for_port(port, process=process)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop(process)
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for candidate in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True):
+        return str(candidate)
+    return None
+
+
+@contextmanager
+def throwaway_postgres():
+    """A throwaway PostgreSQL cluster (initdb) on a free port; yields a URL to its ``postgres`` db."""
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        unavailable("no TEST_DATABASE_URL and no initdb/pg_ctl binaries")
+    as_user: list[str] = []
+    data = Path(tempfile.mkdtemp(prefix="frontdoor-pg-"))
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as the postgres user
+        runuser = shutil.which("runuser")
+        try:
+            import pwd
+
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            owner = None
+        if not (runuser and owner):
+            unavailable("running as root with no postgres user to run a throwaway cluster")
+        os.chown(data, owner.pw_uid, owner.pw_gid)
+        as_user = [runuser, "-u", "postgres", "--"]
+    port = free_port()
+    subprocess.run([*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
+    subprocess.run(
+        [*as_user, pg_ctl, "-D", str(data), "-l", str(data / "log"), "-o", f"-p {port} -k {data} -h 127.0.0.1", "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
