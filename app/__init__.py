@@ -30,7 +30,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     errors.init_app(app)
     extensions.init_app(app)
     health.init_app(app)
-    from app import gateway  # last: its catch-all route must not shadow the gateway's own paths
+    from app import (
+        gateway,  # last: its catch-all route must not shadow the gateway's own paths
+    )
 
     gateway.init_app(app)
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 from flask import Flask, current_app, g, request
+from werkzeug.exceptions import NotFound
 from werkzeug.wrappers import Response
 
 from app.extensions import redis_client
@@ -76,6 +77,10 @@ def proxy(path: str = "") -> Response:
     return to_flask(upstream_response)
 
 
+def reserved_not_found(rest: str = "") -> Response:
+    raise NotFound()
+
+
 def to_flask(upstream: GatewayResponse) -> Response:
     """Wrap a GatewayResponse for WSGI without reading its body; closing it closes the upstream's."""
     # Not direct_passthrough: werkzeug would then hand the bare iterator to the server and
@@ -93,5 +98,11 @@ def init_app(app: Flask) -> None:
     Raises RouteFileError when the file is invalid: a gateway never serves half a config.
     """
     app.extensions["gateway"] = load_gateway(app)
+    # The reserved paths are the gateway's own: an unknown one is a 404 here, never proxied
+    # to a broad route such as "/".
+    for reserved in (app.config["API_PREFIX"].rstrip("/"), *routefile.RESERVED_PATHS):
+        app.add_url_rule(f"{reserved}/<path:rest>", f"reserved{reserved}", reserved_not_found, methods=PROXIED_METHODS)
+        if reserved == "/metrics":
+            app.add_url_rule(reserved, "reserved/metrics", reserved_not_found, methods=PROXIED_METHODS)
     app.add_url_rule("/", "proxy", proxy, methods=PROXIED_METHODS, provide_automatic_options=False)
     app.add_url_rule("/<path:path>", "proxy", proxy, methods=PROXIED_METHODS, provide_automatic_options=False)

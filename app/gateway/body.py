@@ -8,7 +8,13 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from app.errors import ProblemError
-from app.gateway.types import GatewayRequest, GatewayResponse, Handler, Middleware, PayloadTooLarge
+from app.gateway.types import (
+    GatewayRequest,
+    GatewayResponse,
+    Handler,
+    Middleware,
+    PayloadTooLarge,
+)
 
 CHUNK = 64 * 1024  # bytes per read from the client and write to the upstream
 
@@ -85,7 +91,7 @@ def request_body(max_size: int, buffer_size: int) -> Middleware:
                 else:
                     req.body = RequestBody(body.stream, body.length)
                 return next_handler(req)
-            spool = tempfile.SpooledTemporaryFile(max_size=buffer_size)
+            spool = tempfile.SpooledTemporaryFile(max_size=buffer_size)  # noqa: SIM115 - closed with the response
             try:
                 limit = max_size + 1 if max_size else None
                 copied = _copy(body.stream, spool, limit)

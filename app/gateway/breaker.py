@@ -1,6 +1,7 @@
 """Circuit breakers per target (pybreaker), their state shared through Redis when configured."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from datetime import UTC, datetime
@@ -9,6 +10,7 @@ import pybreaker
 import redis
 
 from app.gateway.routefile import Breaker
+from app.gateway.types import UpstreamUnreachable
 
 log = logging.getLogger("frontdoor.breaker")
 
@@ -94,11 +96,10 @@ class TargetBreakers:
         The attempt itself runs outside pybreaker: its ``call`` holds a lock for the whole
         call, which would serialise every request to a target within a worker.
         """
-        cb = self.breakers[target]
-        try:
-            cb.call(_outcome, failure)
-        except Exception:  # the failure itself, or CircuitBreakerError once it trips
-            pass
+        # pybreaker re-raises the failure it was fed (or CircuitBreakerError as it trips);
+        # the caller already has the outcome, so both are expected here.
+        with contextlib.suppress(TargetFailure, UpstreamUnreachable, pybreaker.CircuitBreakerError):
+            self.breakers[target].call(_outcome, failure)
 
 
 def _outcome(failure: Exception | None) -> None:

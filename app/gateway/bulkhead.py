@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import threading
 
-from app.gateway.types import BulkheadFull, GatewayRequest, GatewayResponse, Handler, Middleware
+from app.gateway.types import (
+    BulkheadFull,
+    GatewayRequest,
+    GatewayResponse,
+    Handler,
+    Middleware,
+)
 
 
 def new_slots(max_concurrency: int | None) -> threading.BoundedSemaphore | None:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import NewConnectionError, NameResolutionError
+from urllib3.exceptions import NameResolutionError, NewConnectionError
 from werkzeug.datastructures import Headers
 
 from app.gateway.routefile import Timeout

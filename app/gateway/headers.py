@@ -29,8 +29,8 @@ def end_to_end(headers: Headers, also_drop: frozenset[str] = frozenset()) -> Hea
     ``Connection`` header names, and ``also_drop`` (lower-case names) are removed.
     """
     drop = HOP_BY_HOP | also_drop
-    connection = headers.get("Connection")
-    if connection:
+    # Connection may come as several lines (RFC 9110 section 5.3): read every one.
+    for connection in headers.getlist("Connection"):
         drop = drop | {name.strip().lower() for name in connection.split(",")}
     return Headers([(k, v) for k, v in headers.items() if k.lower() not in drop])
 

@@ -9,7 +9,14 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -84,7 +91,7 @@ class Route(_Strict):
     path: str
     upstream: str
     name: str | None = None  # label for logs and metrics; defaults to the path
-    methods: tuple[Method, ...] | None = None  # None: every method
+    methods: Annotated[tuple[Method, ...], Field(min_length=1)] | None = None  # None: every method
     strip_prefix: bool = False
     max_body_size: Annotated[int, Field(ge=0)] | None = None  # bytes; None: MAX_BODY_SIZE
 
@@ -102,10 +109,15 @@ class Route(_Strict):
             raise ValueError("must start with '/'")
         if "?" in path or "#" in path:
             raise ValueError("must not carry a query or fragment")
+        names: list[str] = []
         for segment in path.strip("/").split("/"):
             if "{" in segment or "}" in segment:
-                if not _PARAM.match(segment):
+                param = _PARAM.match(segment)
+                if not param:
                     raise ValueError(f"segment {segment!r} is not a whole '{{name}}' parameter")
+                if param.group(1) in names:
+                    raise ValueError(f"parameter {{{param.group(1)}}} appears twice")
+                names.append(param.group(1))
         return path if path == "/" else path.rstrip("/")
 
     @property
@@ -251,22 +263,3 @@ def _line_of(node: yaml.Node | None, loc: list[object]) -> int | None:
         line = node.start_mark.line + 1
     return line
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m app.gateway.routefile [PATH]``: validate a route file; exit 1 naming the error."""
-    import sys
-
-    args = sys.argv[1:] if argv is None else argv
-    path = args[0] if args else os.environ.get("GATEWAY_CONFIG", "gateway.yaml")
-    prefix = os.environ.get("GATEWAY_API_PREFIX", "/_gateway")
-    try:
-        route_file = load(path, api_prefix=prefix)
-    except RouteFileError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"ok: {path}: {len(route_file.upstreams)} upstreams, {len(route_file.routes)} routes")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
@@ -29,7 +30,7 @@ class _PathGroup:
         self.segments = len(segments)
         self.literals = sum(1 for s in segments if not _PARAM.fullmatch(s))
         pattern = "".join("/" + (f"(?P<{m.group(1)}>[^/]+)" if (m := _PARAM.fullmatch(s)) else re.escape(s)) for s in segments)
-        self.regex = re.compile(f"^{pattern}(?=/|$)")
+        self.regex = re.compile(rf"^{pattern}(?=/|\Z)")
         self.by_method: dict[str, tuple[Route, Handler]] = {}
 
     def add(self, route: Route, handler: Handler) -> None:
@@ -74,7 +75,23 @@ class Router:
             route, handler = entry
             upstream_path = raw_path
             if route.strip_prefix and group.segments:
-                rest = raw_path.lstrip("/").split("/", group.segments)
-                upstream_path = "/" + (rest[group.segments] if len(rest) > group.segments else "")
+                upstream_path = _strip_segments(raw_path, group.segments)
             return Match(route, handler, found.groupdict(), upstream_path)
         raise NotFound()
+
+
+def _strip_segments(raw_path: str, count: int) -> str:
+    """Remove the first ``count`` decoded segments from the percent-encoded ``raw_path``.
+
+    A raw segment holding an encoded slash (``a%2Fb``) is two decoded segments; a prefix that
+    ends inside such a segment cannot be cut from the raw path and answers 404.
+    """
+    raw_segments = raw_path.lstrip("/").split("/")
+    consumed = 0
+    for index, segment in enumerate(raw_segments):
+        if consumed == count:
+            return "/" + "/".join(raw_segments[index:])
+        consumed += unquote(segment).count("/") + 1
+        if consumed > count:
+            raise NotFound()
+    return "/"

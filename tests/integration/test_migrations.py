@@ -18,7 +18,7 @@ FLASK = str(Path(sys.executable).parent / "flask")
 
 def flask_db(args: list[str], database_url: str, tmp_path: Path) -> subprocess.CompletedProcess:
     env = {"DATABASE_URL": database_url, "GATEWAY_CONFIG": str(ROOT / "gateway.yaml"), "PATH": str(Path(sys.executable).parent)}
-    return subprocess.run([FLASK, "--app", "app", "db", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([FLASK, "--app", "app", "db", *args], cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=120)
 
 
 def head_revision() -> str:

@@ -20,6 +20,7 @@ def test_gunicorn_refuses_to_start_on_a_bad_route_file_and_names_the_key(tmp_pat
     routes.write_text("upstreams:\n  u:\n    targets: [http://127.0.0.1:1]\nroutes:\n  - path: /healthz\n    upstream: u\n")
     result = subprocess.run(
         [str(BIN / "gunicorn"), "--config", "gunicorn.conf.py", "app:create_app()"],
+        check=False,
         cwd=services.ROOT,
         env={"PATH": str(BIN), "PORT": str(services.free_port()), "GATEWAY_CONFIG": str(routes)},
         capture_output=True,
@@ -35,6 +36,7 @@ def test_gunicorn_refuses_to_start_when_a_variable_is_unset(tmp_path):
     routes.write_text('upstreams:\n  u:\n    targets: ["${NOT_SET_ANYWHERE}"]\nroutes: []\n')
     result = subprocess.run(
         [str(BIN / "gunicorn"), "--config", "gunicorn.conf.py", "app:create_app()"],
+        check=False,
         cwd=services.ROOT,
         env={"PATH": str(BIN), "PORT": str(services.free_port()), "GATEWAY_CONFIG": str(routes)},
         capture_output=True,

@@ -235,11 +235,13 @@ class _RssWatch:
 
 def test_a_200_mb_download_streams_without_being_held_in_memory(gateway):
     size = 200 * 2**20
-    with _RssWatch(gateway.worker_pids()) as watch:
-        with requests.get(f"{gateway.url}/bulk/bytes/{size}", stream=True) as response:
-            assert response.status_code == 200
-            assert response.headers["Content-Length"] == str(size)
-            received = sum(len(chunk) for chunk in response.iter_content(2**20))
+    with (
+        _RssWatch(gateway.worker_pids()) as watch,
+        requests.get(f"{gateway.url}/bulk/bytes/{size}", stream=True) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["Content-Length"] == str(size)
+        received = sum(len(chunk) for chunk in response.iter_content(2**20))
     assert received == size
     assert watch.growth_mib < 40, f"a worker grew by {watch.growth_mib:.0f} MiB"
 

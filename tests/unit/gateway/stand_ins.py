@@ -16,11 +16,12 @@ def make_request(
     *,
     headers: dict[str, str] | list[tuple[str, str]] | None = None,
     body: object = None,
+    query: str = "",
     **fields: object,
 ) -> GatewayRequest:
     """A GatewayRequest as the router hands it on (``upstream_path`` defaults to ``path``)."""
     fields.setdefault("upstream_path", path)
-    return GatewayRequest(method=method, path=path, query="", headers=Headers(headers or []), body=body, **fields)
+    return GatewayRequest(method=method, path=path, query=query, headers=Headers(headers or []), body=body, **fields)
 
 
 @dataclass

@@ -5,7 +5,14 @@ import io
 
 import pytest
 
-from app.gateway.body import CHUNK, ClientBody, IncompleteBody, RequestBody, replayable, request_body
+from app.gateway.body import (
+    CHUNK,
+    ClientBody,
+    IncompleteBody,
+    RequestBody,
+    replayable,
+    request_body,
+)
 from app.gateway.types import PayloadTooLarge
 from tests.unit.gateway.stand_ins import Answers, make_request
 
@@ -59,10 +66,16 @@ def test_a_small_body_is_buffered_as_bytes():
     assert upstream.calls[0].body == b'{"name": "ada"}'
 
 
-def test_only_content_length_bytes_are_read():
-    stream, client_body = body_of(b"abcdef", 4)
+def test_the_buffer_size_is_the_largest_body_kept_in_memory():
+    at_limit, _ = send(1000, 64, body_of(b"b" * 64, 64)[1])
+    over, _ = send(1000, 64, body_of(b"b" * 65, 65)[1])
 
-    upstream, _ = send(1000, 64, client_body)
+    assert at_limit.calls[0].body == b"b" * 64
+    assert isinstance(over.calls[0].body, RequestBody)
+
+
+def test_only_content_length_bytes_are_read():
+    upstream, _ = send(1000, 64, body_of(b"abcdef", 4)[1])
 
     assert upstream.calls[0].body == b"abcd"
 

@@ -9,7 +9,12 @@ from app.gateway import retry as retry_module
 from app.gateway.body import RequestBody
 from app.gateway.retry import backoff_delay, retry
 from app.gateway.routefile import Retries
-from app.gateway.types import BreakerOpen, BulkheadFull, UpstreamTimeout, UpstreamUnreachable
+from app.gateway.types import (
+    BreakerOpen,
+    BulkheadFull,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from tests.unit.gateway.stand_ins import Answers, make_request
 
 

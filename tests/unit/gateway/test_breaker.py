@@ -1,0 +1,154 @@
+"""Circuit breakers per target: when they open, for how long, and their state shared through Redis."""
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import redis
+
+from app.gateway.balancer import balance
+from app.gateway.breaker import TargetBreakers, TargetFailure, retry_after
+from app.gateway.routefile import Breaker
+from app.gateway.types import BreakerOpen, UpstreamTimeout
+from tests.unit.gateway.stand_ins import Answers, make_request
+
+A, B = "http://a.internal", "http://b.internal"
+
+
+def failure() -> TargetFailure:
+    return TargetFailure("status 503")
+
+
+def test_a_new_breaker_is_closed_and_usable():
+    breakers = TargetBreakers("svc", (A, B), Breaker())
+
+    assert breakers.state(A) == "closed"
+    assert breakers.open_for(A) == 0.0
+
+
+def test_the_breaker_opens_after_fail_max_consecutive_failures():
+    breakers = TargetBreakers("svc", (A, B), Breaker(fail_max=3, reset_timeout=30))
+
+    for _ in range(2):
+        breakers.record(A, failure())
+    assert breakers.state(A) == "closed"
+    breakers.record(A, UpstreamTimeout("slow"))
+
+    assert breakers.state(A) == "open"
+    assert 29 < breakers.open_for(A) <= 30
+    assert breakers.state(B) == "closed"  # each target has its own breaker
+
+
+def test_a_success_resets_the_failure_count():
+    breakers = TargetBreakers("svc", (A,), Breaker(fail_max=2))
+
+    for _ in range(3):
+        breakers.record(A, failure())
+        breakers.record(A, None)
+
+    assert breakers.state(A) == "closed"
+
+
+def test_after_reset_timeout_a_successful_probe_closes_the_breaker():
+    breakers = TargetBreakers("svc", (A,), Breaker(fail_max=1, reset_timeout=0.2))
+    breakers.record(A, failure())
+    assert breakers.open_for(A) > 0
+
+    time.sleep(0.25)
+    assert breakers.open_for(A) == 0.0  # a probe may go through
+    breakers.record(A, None)
+
+    assert breakers.state(A) == "closed"
+
+
+def test_a_failed_probe_opens_the_breaker_for_another_reset_timeout():
+    breakers = TargetBreakers("svc", (A,), Breaker(fail_max=1, reset_timeout=0.2))
+    breakers.record(A, failure())
+    time.sleep(0.25)
+
+    breakers.record(A, failure())
+
+    assert breakers.state(A) == "open"
+    assert 0.1 < breakers.open_for(A) <= 0.2
+
+
+@pytest.mark.parametrize(("seconds", "header"), [(0, "1"), (0.2, "1"), (1.0, "1"), (1.01, "2"), (29.6, "30")])
+def test_retry_after_is_whole_seconds_rounded_up_and_at_least_one(seconds, header):
+    assert retry_after(seconds) == header
+
+
+def test_breakers_fall_back_to_closed_when_redis_is_down_at_start_up():
+    # built as app.extensions builds the gateway's client
+    client = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        breakers = TargetBreakers("svc", (A,), Breaker(fail_max=1), client, key_prefix="unreachable")
+
+        breakers.record(A, failure())
+
+        assert breakers.state(A) == "closed"
+        assert breakers.open_for(A) == 0.0
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def shared_prefix(redis_url):
+    """A key prefix unique to the test; every key under it is deleted afterwards."""
+    prefix = f"frontdoor-test-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def two_processes(redis_url, shared_prefix):
+    """Two TargetBreakers for one upstream as two gateway processes would build them."""
+    clients = [redis.Redis.from_url(redis_url, socket_timeout=1) for _ in range(2)]
+    config = Breaker(fail_max=2, reset_timeout=30)
+    yield [TargetBreakers("svc", (A, B), config, client, key_prefix=shared_prefix) for client in clients]
+    for client in clients:
+        client.close()
+
+
+@pytest.mark.redis
+def test_a_breaker_opened_in_one_process_is_open_in_another(two_processes, redis_url, shared_prefix):
+    first, second = two_processes
+
+    first.record(A, failure())
+    second.record(A, failure())  # the count is shared: this is the second consecutive failure
+
+    assert first.state(A) == "open"
+    assert second.state(A) == "open"
+    assert 28 < second.open_for(A) <= 30
+    assert second.state(B) == "closed"
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = {key.decode() for key in client.scan_iter(match=f"{shared_prefix}*")}
+    finally:
+        client.close()
+    assert keys and all(key.startswith(f"{shared_prefix}:breaker:svc:") for key in keys)
+
+
+@pytest.mark.redis
+def test_the_other_process_balances_away_from_the_open_target(two_processes):
+    first, second = two_processes
+    for _ in range(2):
+        first.record(A, failure())
+    upstream = Answers(200)
+    handle = balance("svc", (A, B), second)(upstream)
+
+    for _ in range(3):
+        handle(make_request())
+
+    assert upstream.targets == [B, B, B]
+    for _ in range(2):
+        first.record(B, failure())
+    with pytest.raises(BreakerOpen) as caught:
+        handle(make_request())
+    assert caught.value.headers["Retry-After"] in {"29", "30"}
