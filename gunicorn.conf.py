@@ -11,6 +11,10 @@ timeout = int(os.environ.get("GUNICORN_TIMEOUT", "35"))
 graceful_timeout = 25  # SIGTERM: in-flight requests get this long, inside Heroku's 30 s
 keepalive = 75  # longer than a load balancer's idle timeout, so it is never the one to close first
 accesslog = None  # the gateway logs one JSON line per request itself
+# gunicorn's control socket defaults to one path per user (~/.gunicorn/gunicorn.ctl): two
+# servers on a machine (web and the demo httpbin, or two dynos' worth in tests) take it from
+# each other, and the first to stop deletes it. The gateway does not use it.
+control_socket_disable = True
 # Scheme and client address come from GATEWAY_TRUSTED_PROXY_HOPS (werkzeug ProxyFix), never
 # from headers gunicorn would otherwise believe when they arrive from loopback.
 secure_scheme_headers = {}

@@ -277,7 +277,7 @@ def measure(args: argparse.Namespace, tmp: Path, redis_url: str, key_prefix: str
         # The gateway as the Procfile's web process runs it; only the control socket moves to tmp,
         # so that it does not take over a running gateway's ~/.gunicorn/gunicorn.ctl.
         gateway_env = child_env(
-            PORT=str(ports["gateway"]), HOST="127.0.0.1", WEB_CONCURRENCY="2", WEB_THREADS="8",
+            PORT=str(ports["gateway"]), HOST="127.0.0.1", WEB_CONCURRENCY=os.environ.get("WEB_CONCURRENCY", "2"), WEB_THREADS=os.environ.get("WEB_THREADS", "8"),
             REDIS_URL=redis_url, GATEWAY_KEY_PREFIX=key_prefix, GATEWAY_CONFIG=str(route_file),
             DATABASE_URL=f"sqlite:///{tmp / 'frontdoor.sqlite'}",
         )

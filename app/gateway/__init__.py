@@ -35,6 +35,7 @@ def settings_from(app: Flask) -> pipeline.Settings:
         pool_size=int(config["WEB_THREADS"]),
         via_name=config["VIA_NAME"],
         key_prefix=config["KEY_PREFIX"],
+        breaker_sync_interval=float(config["BREAKER_SYNC_INTERVAL"]),
     )
 
 
@@ -48,32 +49,37 @@ def load_gateway(app: Flask) -> Gateway:
 
 def proxy(path: str = "") -> Response:
     """Serve any path outside the reserved ones through its route's pipeline."""
+    # Each access through flask.request / flask.g is a context-local lookup: take the objects once.
+    client = request._get_current_object()
+    ctx = g._get_current_object()
     gateway: Gateway = current_app.extensions["gateway"]
-    environ = request.environ
-    raw_path = environ.get("RAW_URI", "").split("?", 1)[0] or quote(request.path)
-    match = gateway.router.match(request.method, request.path, raw_path)
-    g.route = match.route.label
-    length = request.content_length
-    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    environ = client.environ
+    path = client.path
+    raw_path = environ.get("RAW_URI", "").split("?", 1)[0] or quote(path)
+    match = gateway.router.match(client.method, path, raw_path)
+    ctx.route = match.route.label
+    headers = client.headers
+    length = client.content_length
+    chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
     greq = GatewayRequest(
-        method=request.method,
-        path=request.path,
+        method=client.method,
+        path=path,
         query=environ.get("QUERY_STRING", ""),
-        headers=request.headers,
-        body=ClientBody(request.stream, length) if (length or chunked) else None,
+        headers=headers,
+        body=ClientBody(client.stream, length) if (length or chunked) else None,
         client_addr=environ.get("werkzeug.proxy_fix.orig", environ).get("REMOTE_ADDR") or "",
-        scheme=request.scheme,
-        host=request.host,
+        scheme=client.scheme,
+        host=client.host,
         route=match.route,
         params=match.params,
         upstream_path=match.upstream_path,
-        request_id=g.request_id,
+        request_id=ctx.request_id,
     )
     try:
         upstream_response = match.handler(greq)
     finally:
-        g.target = greq.target
-        g.upstream_seconds = greq.upstream_seconds
+        ctx.target = greq.target
+        ctx.upstream_seconds = greq.upstream_seconds
     return to_flask(upstream_response)
 
 
@@ -85,9 +91,9 @@ def to_flask(upstream: GatewayResponse) -> Response:
     """Wrap a GatewayResponse for WSGI without reading its body; closing it closes the upstream's."""
     # Not direct_passthrough: werkzeug would then hand the bare iterator to the server and
     # never run the call_on_close callbacks (pool release, bulkhead slot, access log).
-    response = Response(upstream.body, status=upstream.status, headers=upstream.headers)
-    if "Content-Type" not in upstream.headers:
-        del response.headers["Content-Type"]  # werkzeug adds text/html; the upstream sent none
+    response = Response(upstream.body, status=upstream.status)
+    # The upstream's headers as they are: no copy, and no text/html werkzeug would default to.
+    response.headers = upstream.headers
     response.call_on_close(upstream.close)
     return response
 

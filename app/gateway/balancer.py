@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 
-from app.gateway.breaker import TargetBreakers, TargetFailure, retry_after
+from app.gateway.breaker import Reading, TargetBreakers, TargetFailure, retry_after
 from app.gateway.types import (
     BreakerOpen,
     GatewayRequest,
@@ -27,14 +27,15 @@ def balance(upstream: str, targets: tuple[str, ...], breakers: TargetBreakers) -
     failure_statuses = frozenset(breakers.config.failure_statuses)
     size = len(targets)
 
-    def pick() -> str:
+    def pick() -> tuple[str, Reading]:
         start = next(turn)
         waits = []
         for offset in range(size):
             target = targets[(start + offset) % size]
-            wait = breakers.open_for(target)
+            reading = breakers.read(target)
+            wait = breakers.open_for(target, reading)
             if wait <= 0:
-                return target
+                return target, reading
             waits.append(wait)
         raise BreakerOpen(
             f"The circuit breaker of every target of upstream {upstream!r} is open",
@@ -43,16 +44,17 @@ def balance(upstream: str, targets: tuple[str, ...], breakers: TargetBreakers) -
 
     def middleware(next_handler: Handler) -> Handler:
         def handle(req: GatewayRequest) -> GatewayResponse:
-            req.target = target = pick()
+            target, reading = pick()
+            req.target = target
             try:
                 response = next_handler(req)
             except UpstreamUnreachable as exc:
-                breakers.record(target, exc)
+                breakers.record(target, exc, reading)
                 raise
             if response.status in failure_statuses:
-                breakers.record(target, TargetFailure(f"status {response.status}"))
+                breakers.record(target, TargetFailure(f"status {response.status}"), reading)
             else:
-                breakers.record(target, None)
+                breakers.record(target, None, reading)
             return response
 
         return handle

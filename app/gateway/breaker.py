@@ -4,7 +4,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from datetime import UTC, datetime
+import time
+from dataclasses import dataclass
 
 import pybreaker
 import redis
@@ -19,12 +20,26 @@ class TargetFailure(Exception):
     """An attempt the breaker counts as failed: a connection error, a timeout or a failure status."""
 
 
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One look at a breaker: its state, consecutive failures, and when it opened (epoch seconds)."""
+
+    state: str
+    failures: int
+    opened_at: float | None
+
+
 class _SharedStorage(pybreaker.CircuitRedisStorage):
     """pybreaker's Redis storage that also survives Redis being down at start-up.
 
     pybreaker falls back to ``closed`` when Redis errors during reads, but its constructor
     (SETNX of the initial keys) raises; a gateway must start, and report Redis in /readyz.
     """
+
+    @property
+    def keys(self) -> tuple[str, str, str]:
+        """The Redis keys of state, failure counter and opening time, as pybreaker names them."""
+        return (self._namespace("state"), self._namespace("fail_counter"), self._namespace("opened_at"))
 
     def _initialize_redis_state(self, state: str) -> None:
         try:
@@ -47,6 +62,13 @@ class TargetBreakers:
     With ``redis_client`` the state (counters, state, opened-at) lives in Redis under
     ``{key_prefix}:breaker:{upstream}:{target}``, so every gunicorn worker and every gateway
     instance sees and moves one state; without it the state is this process's own.
+
+    Reads of the shared state are kept for ``sync_interval`` seconds per process. Every
+    failure still goes to Redis at once (pybreaker reads and writes the shared state) and
+    drops the kept reading, so a process notices an opened breaker on its own next failure
+    at the latest; only successes ride on a reading up to ``sync_interval`` old, and a
+    success sent to an open target is at worst an early probe. An opening or closing made
+    elsewhere is seen by every process within ``sync_interval``.
     """
 
     def __init__(
@@ -56,8 +78,11 @@ class TargetBreakers:
         config: Breaker,
         redis_client: redis.Redis | None = None,
         key_prefix: str = "frontdoor",
+        sync_interval: float = 0.0,
     ):
         self.config = config
+        self.sync_interval = sync_interval if redis_client is not None else 0.0
+        self._kept: dict[str, tuple[float, Reading]] = {}
         self.breakers: dict[str, pybreaker.CircuitBreaker] = {}
         for target in targets:
             name = f"{upstream}:{target}"
@@ -75,27 +100,62 @@ class TargetBreakers:
                 throw_new_error_on_trip=False,
             )
 
-    def open_for(self, target: str) -> float:
-        """Seconds until ``target``'s breaker lets a half-open probe through; 0 when it is usable."""
-        cb = self.breakers[target]
-        if cb.current_state != pybreaker.STATE_OPEN:
+    def read(self, target: str) -> Reading:
+        """``target``'s breaker as the store has it now: one round trip when shared in Redis.
+
+        pybreaker reads state, counter and opening time with a command each; on the hot path
+        the three come in one MGET. A Redis error reads as closed, as pybreaker falls back.
+        """
+        if self.sync_interval:
+            kept = self._kept.get(target)
+            now = time.monotonic()
+            if kept is not None and now - kept[0] < self.sync_interval:
+                return kept[1]
+            reading = self._fetch(target)
+            self._kept[target] = (now, reading)
+            return reading
+        return self._fetch(target)
+
+    def _fetch(self, target: str) -> Reading:
+        storage = self.breakers[target]._state_storage
+        if not isinstance(storage, _SharedStorage):
+            opened_at = storage.opened_at
+            return Reading(storage.state, storage.counter, opened_at.timestamp() if opened_at else None)
+        try:
+            state, failures, opened_at = storage._redis.mget(storage.keys)
+        except redis.RedisError:
+            return Reading(pybreaker.STATE_CLOSED, 0, None)
+        return Reading(
+            state.decode() if state else pybreaker.STATE_CLOSED,
+            int(failures or 0),
+            float(opened_at) if opened_at else None,
+        )
+
+    def open_for(self, target: str, reading: Reading | None = None) -> float:
+        """Seconds until ``target``'s breaker lets a half-open probe through; 0 when it is usable.
+
+        ``reading`` is a ``read(target)`` already made for this request, to save a round trip.
+        """
+        reading = reading or self.read(target)
+        if reading.state != pybreaker.STATE_OPEN or reading.opened_at is None:
             return 0.0
-        opened_at = cb._state_storage.opened_at
-        if opened_at is None:
-            return 0.0
-        remaining = (opened_at - datetime.now(UTC)).total_seconds() + cb.reset_timeout
-        return max(remaining, 0.0)
+        return max(reading.opened_at + self.config.reset_timeout - time.time(), 0.0)
 
     def state(self, target: str) -> str:
         """``closed``, ``open`` or ``half-open``, as the shared store says."""
         return self.breakers[target].current_state
 
-    def record(self, target: str, failure: Exception | None) -> None:
+    def record(self, target: str, failure: Exception | None, reading: Reading | None = None) -> None:
         """Feed one attempt's outcome to ``target``'s breaker (None: success).
 
         The attempt itself runs outside pybreaker: its ``call`` holds a lock for the whole
-        call, which would serialise every request to a target within a worker.
+        call, which would serialise every request to a target within a worker. A success on
+        a breaker that ``reading`` saw closed with no failures counted changes nothing, so it
+        is not written (pybreaker would reset the counter to the 0 it already is).
         """
+        if failure is None and reading is not None and reading.state == pybreaker.STATE_CLOSED and not reading.failures:
+            return
+        self._kept.pop(target, None)
         # pybreaker re-raises the failure it was fed (or CircuitBreakerError as it trips);
         # the caller already has the outcome, so both are expected here.
         with contextlib.suppress(TargetFailure, UpstreamUnreachable, pybreaker.CircuitBreakerError):

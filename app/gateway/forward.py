@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
 from urllib3.exceptions import NameResolutionError, NewConnectionError
 from werkzeug.datastructures import Headers
 
@@ -43,9 +44,7 @@ def forward(adapter: HTTPAdapter, timeout: Timeout) -> Handler:
     timeouts = (timeout.connect, timeout.read)
 
     def handle(req: GatewayRequest) -> GatewayResponse:
-        url = req.target + req.upstream_path + ("?" + req.query if req.query else "")
-        prepared = requests.PreparedRequest()
-        prepared.prepare(method=req.method, url=url, headers=_single_valued(req.headers), data=req.body)
+        prepared = _prepare(req)
         started = time.perf_counter()
         try:
             response = adapter.send(prepared, stream=True, timeout=timeouts)
@@ -72,12 +71,26 @@ def forward(adapter: HTTPAdapter, timeout: Timeout) -> Handler:
     return handle
 
 
-def _single_valued(headers: Headers) -> dict[str, str]:
-    # requests takes one value per name; repeated fields are combined as RFC 9110 section 5.3 allows
-    out: dict[str, str] = {}
-    for name, value in headers.items():
-        out[name] = f"{out[name]}, {value}" if name in out else value
-    return out
+def _prepare(req: GatewayRequest) -> requests.PreparedRequest:
+    """The request for the adapter, with the client's path sent as it came (still percent-encoded).
+
+    ``PreparedRequest.prepare`` is skipped: it re-parses and re-quotes the URL and sniffs the
+    body type, which the earlier stages have settled, and it cost about 15% of a pass-through
+    request's time. Repeated fields are combined, as RFC 9110 section 5.3 allows, since
+    requests takes one value per name.
+    """
+    headers = CaseInsensitiveDict()
+    for name, value in req.headers.items():
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    body = req.body
+    if body is not None:
+        headers["Content-Length"] = str(len(body))  # bytes or RequestBody: never chunked upstream
+    prepared = requests.PreparedRequest()
+    prepared.method = req.method
+    prepared.url = req.target + req.upstream_path + ("?" + req.query if req.query else "")
+    prepared.headers = headers
+    prepared.body = body
+    return prepared
 
 
 def _connect_failed(exc: requests.exceptions.ConnectionError) -> bool:

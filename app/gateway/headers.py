@@ -22,21 +22,33 @@ HOP_BY_HOP = frozenset(
 )
 # Recomputed for the upstream connection: the target's Host, the length of what is sent.
 _REQUEST_RECOMPUTED = frozenset({"host", "content-length"})
+_VIA = frozenset({"via"})
+# Set by the stage below: dropped in the same pass so that they can be appended without a scan.
+_REQUEST_DROPPED = _REQUEST_RECOMPUTED | frozenset(
+    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via", "x-request-id"}
+)
 
 
 def end_to_end(headers: Headers, also_drop: frozenset[str] = frozenset()) -> Headers:
     """Return the end-to-end fields of ``headers``: hop-by-hop ones, any field the
     ``Connection`` header names, and ``also_drop`` (lower-case names) are removed.
+
+    A new Headers object, unless ``headers`` is a mutable Headers with nothing to remove:
+    then it is returned as it is (most upstream responses).
     """
     drop = HOP_BY_HOP | also_drop
     # Connection may come as several lines (RFC 9110 section 5.3): read every one.
     for connection in headers.getlist("Connection"):
         drop = drop | {name.strip().lower() for name in connection.split(",")}
-    return Headers([(k, v) for k, v in headers.items() if k.lower() not in drop])
+    kept = [(k, v) for k, v in headers.items() if k.lower() not in drop]
+    if type(headers) is Headers and len(kept) == len(headers):
+        return headers
+    return Headers(kept)
 
 
-def _append(current: str | None, value: str) -> str:
-    return f"{current}, {value}" if current else value
+def _append(current: list[str], value: str) -> str:
+    """``value`` appended to a list field that may have come as several lines."""
+    return ", ".join([*current, value])
 
 
 def forwarding_headers(via_name: str) -> Middleware:
@@ -53,17 +65,17 @@ def forwarding_headers(via_name: str) -> Middleware:
     def middleware(next_handler: Handler) -> Handler:
         def handle(req: GatewayRequest) -> GatewayResponse:
             original = req.headers
-            headers = end_to_end(original, _REQUEST_RECOMPUTED)
-            headers["X-Forwarded-For"] = _append(original.get("X-Forwarded-For"), req.client_addr)
-            headers["X-Forwarded-Proto"] = req.scheme
-            headers["X-Forwarded-Host"] = req.host
-            headers["Via"] = _append(original.get("Via"), via)
-            headers["X-Request-ID"] = req.request_id
+            headers = end_to_end(original, _REQUEST_DROPPED)
+            headers.add("X-Forwarded-For", _append(original.getlist("X-Forwarded-For"), req.client_addr))
+            headers.add("X-Forwarded-Proto", req.scheme)
+            headers.add("X-Forwarded-Host", req.host)
+            headers.add("Via", _append(original.getlist("Via"), via))
+            headers.add("X-Request-ID", req.request_id)
             req.headers = headers
             response = next_handler(req)
-            upstream_via = response.headers.get("Via")
-            response.headers = end_to_end(response.headers)
-            response.headers["Via"] = _append(upstream_via, via)
+            upstream_via = response.headers.getlist("Via")
+            response.headers = end_to_end(response.headers, _VIA)
+            response.headers.add("Via", _append(upstream_via, via))
             return response
 
         return handle

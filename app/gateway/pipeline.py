@@ -42,6 +42,7 @@ class Settings:
     pool_size: int  # connections kept per target
     via_name: str
     key_prefix: str
+    breaker_sync_interval: float = 0.0  # seconds a process may act on a kept breaker reading
 
 
 def build_upstreams(route_file: RouteFile, settings: Settings, redis_client: redis.Redis | None) -> dict[str, UpstreamRuntime]:
@@ -51,7 +52,9 @@ def build_upstreams(route_file: RouteFile, settings: Settings, redis_client: red
             name=name,
             config=config,
             adapter=new_adapter(len(config.targets), settings.pool_size),
-            breakers=TargetBreakers(name, config.targets, config.breaker, redis_client, settings.key_prefix),
+            breakers=TargetBreakers(
+                name, config.targets, config.breaker, redis_client, settings.key_prefix, settings.breaker_sync_interval
+            ),
             slots=new_slots(config.max_concurrency),
         )
         for name, config in route_file.upstreams.items()

@@ -53,15 +53,17 @@ def _start() -> None:
 
 
 def _log_when_done(response: Response) -> Response:
-    started = g.get("started")
+    ctx, client = g._get_current_object(), request._get_current_object()
+    started = ctx.get("started")
+    target = ctx.get("target")
     fields = {
-        "request_id": g.get("request_id"),
-        "method": request.method,
-        "path": request.path,
-        "route": g.get("route"),
-        "target": g.get("target"),
+        "request_id": ctx.get("request_id"),
+        "method": client.method,
+        "path": client.path,
+        "route": ctx.get("route"),
+        "target": target,
         "status": response.status_code,
-        "upstream_ms": round(g.get("upstream_seconds", 0.0) * 1000, 3) if g.get("target") else None,
+        "upstream_ms": round(ctx.get("upstream_seconds", 0.0) * 1000, 3) if target else None,
     }
 
     def emit() -> None:

@@ -21,7 +21,7 @@ def httpbin_url(tmp_path_factory):
     port = services.free_port()
     log = tmp_path_factory.mktemp("httpbin") / "httpbin.log"
     process = services.start(
-        [GUNICORN, "-b", f"127.0.0.1:{port}", "-w", "2", "-k", "gthread", "--threads", "16", "httpbin:app"], log=log
+        [GUNICORN, "-b", f"127.0.0.1:{port}", "-w", "2", "-k", "gthread", "--threads", "16", "--no-control-socket", "httpbin:app"], log=log
     )
     try:
         services.wait_for_http(f"http://127.0.0.1:{port}/get")
@@ -36,7 +36,7 @@ def bulk_url(tmp_path_factory):
     port = services.free_port()
     log = tmp_path_factory.mktemp("bulk") / "bulk.log"
     process = services.start(
-        [GUNICORN, "-b", f"127.0.0.1:{port}", "-w", "1", "-k", "gthread", "--threads", "4", "tests.integration.upstream_app:app"],
+        [GUNICORN, "-b", f"127.0.0.1:{port}", "-w", "1", "-k", "gthread", "--threads", "4", "--no-control-socket", "tests.integration.upstream_app:app"],
         log=log,
     )
     try:

@@ -271,6 +271,7 @@ def test_breaker_state_is_shared_by_workers_and_gateways_and_closes_after_a_prob
     for _ in range(3):  # fail_max: 3 consecutive failure statuses open the breaker
         assert requests.get(f"{gateway.url}/breakable/status/503").status_code == 503
 
+    time.sleep(0.3)  # past GATEWAY_BREAKER_SYNC_INTERVAL (0.2 s): every worker has re-read the state
     ids = [f"open-{uuid.uuid4().hex}" for _ in range(30)]
     rejected = [requests.get(f"{gateway.url}/breakable/get", headers={"X-Request-ID": i}) for i in ids]
     assert all(r.status_code == 503 for r in rejected)

@@ -152,3 +152,38 @@ def test_the_other_process_balances_away_from_the_open_target(two_processes):
     with pytest.raises(BreakerOpen) as caught:
         handle(make_request())
     assert caught.value.headers["Retry-After"] in {"29", "30"}
+
+
+@pytest.fixture
+def synced_processes(redis_url, shared_prefix):
+    """Two processes that keep breaker readings for 0.2 s, as the gateway does with Redis."""
+    clients = [redis.Redis.from_url(redis_url, socket_timeout=1) for _ in range(2)]
+    config = Breaker(fail_max=2, reset_timeout=30)
+    yield [
+        TargetBreakers("svc", (A,), config, client, key_prefix=shared_prefix, sync_interval=0.2) for client in clients
+    ]
+    for client in clients:
+        client.close()
+
+
+@pytest.mark.redis
+def test_an_opening_elsewhere_is_seen_within_the_sync_interval(synced_processes):
+    first, second = synced_processes
+    assert second.open_for(A, second.read(A)) == 0  # second keeps a "closed" reading
+    first.record(A, failure())
+    first.record(A, failure())
+
+    assert first.state(A) == "open"
+    time.sleep(0.25)
+    assert 28 < second.open_for(A, second.read(A)) <= 30
+
+
+@pytest.mark.redis
+def test_a_failure_reaches_the_shared_state_at_once_despite_a_kept_reading(synced_processes):
+    first, second = synced_processes
+    kept = second.read(A)
+    first.record(A, failure())
+    second.record(A, failure(), kept)  # second consecutive failure, counted in Redis: opens
+
+    assert first.state(A) == "open"
+    assert second.open_for(A, second.read(A)) > 28  # the failure dropped second's kept reading
