@@ -31,3 +31,16 @@ def on_starting(server):
     except routefile.RouteFileError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def post_worker_init(worker):
+    """Move what the app built at start-up out of the cyclic GC's sight, and collect less often.
+
+    A proxy allocates many short-lived objects per request; with the default threshold (700)
+    the young generation is collected every few requests, each time walking objects that live
+    as long as the process. (The approach of Instagram's "Dismissing Python Garbage Collection".)
+    """
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)

@@ -162,6 +162,26 @@ def run_wrk(url: str, threads: int, connections: int, duration: int) -> dict:
     return parse_wrk(done.stdout)
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """User plus system CPU seconds used so far by ``root`` and its live descendants (/proc)."""
+    parents, used = {}, {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        parents[pid] = int(fields[1])
+        used[pid] = (int(fields[11]) + int(fields[12])) / tick
+    total, frontier = 0.0, [root]
+    while frontier:
+        pid = frontier.pop()
+        total += used.get(pid, 0.0)
+        frontier.extend(child for child, parent in parents.items() if parent == pid)
+    return total
+
+
 def summarise_gateway_log(logs: Path, requests_sent: int) -> list[str]:
     """What the gateway wrote: access lines by status against requests sent, other lines, stderr noise."""
     out = logs / "gateway.out"
@@ -232,7 +252,7 @@ def errors_of(peers: dict[str, dict], names: tuple[str, ...]) -> list[str]:
 def median_rows(results: dict[str, list[dict]]) -> dict[str, dict]:
     rows = {}
     for peer, runs in results.items():
-        rows[peer] = {key: statistics.median(run[key] for run in runs) for key in ("rps", "p50", "p99")}
+        rows[peer] = {key: statistics.median(run[key] for run in runs) for key in ("rps", "p50", "p99", "cpu_ms")}
         rows[peer]["non2xx"] = sum(run["non2xx"] for run in runs)
         rows[peer]["socket_errors"] = sum(run["socket_errors"] for run in runs)
     return rows
@@ -240,11 +260,11 @@ def median_rows(results: dict[str, list[dict]]) -> dict[str, dict]:
 
 def print_table(title: str, rows: dict[str, dict]) -> None:
     print(f"\n{title}")
-    print(f"  {'peer':<10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>10}{'sock err':>10}")
+    print(f"  {'peer':<10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU ms/req':>12}{'non-2xx':>10}{'sock err':>10}")
     for peer in PEERS:
         row = rows[peer]
         print(
-            f"  {peer:<10}{row['rps']:>10.1f}{row['p50']:>10.3f}{row['p99']:>10.3f}"
+            f"  {peer:<10}{row['rps']:>10.1f}{row['p50']:>10.3f}{row['p99']:>10.3f}{row['cpu_ms']:>12.3f}"
             f"{row['non2xx']:>10}{row['socket_errors']:>10}"
         )
 
@@ -309,7 +329,12 @@ def measure(args: argparse.Namespace, tmp: Path, redis_url: str, key_prefix: str
             order = PEERS[index % 3:] + PEERS[:index % 3]
             for name, label, threads, connections, duration in args.settings:
                 for peer in order:
+                    # CPU time of the peer's own processes per request: steadier than req/s on a
+                    # shared machine, since it does not depend on what else got the cores.
+                    before = tree_cpu_seconds(procs[PEERS.index(peer)].pid)
                     run = run_wrk(urls[peer], threads, connections, duration)
+                    used = tree_cpu_seconds(procs[PEERS.index(peer)].pid) - before
+                    run["cpu_ms"] = used * 1000 / max(run["requests"], 1)
                     results[name][peer].append(run)
                     sent += run["requests"] if peer == "gateway" else 0
                     flags = f"  non-2xx {run['non2xx']}" if run["non2xx"] else ""
@@ -343,6 +368,8 @@ def report(args: argparse.Namespace, measured: dict, tmp: Path) -> None:
         f"gateway p50 - upstream p50 at c1:   {overhead:6.3f} ms  (target <= {OVERHEAD_TARGET_MS} ms)"
         f"  {verdict(overhead <= OVERHEAD_TARGET_MS, errors_of(one, ('gateway', 'upstream')))}"
     )
+    cpu = many["naive"]["cpu_ms"] / many["gateway"]["cpu_ms"] if many["gateway"]["cpu_ms"] else float("nan")
+    print(f"naive CPU per request / gateway CPU per request at c{args.connections}: {cpu:6.2f}  (for reading the ratio above)")
     if measured["problems"]:
         print("sanity check: " + "; ".join(measured["problems"]))
     print("\ngateway log (its stdout went to a file):")
