@@ -26,7 +26,7 @@ BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
 from upstream import BODY  # the fixed answer, to check what each peer returns
 
-PEERS = ("upstream", "gateway", "naive")
+PEERS = ("upstream", "gateway", "naive", "floor")
 PATH = "/bench/items?page=1"  # what wrk asks for; the gateway gets it under /pass
 THROUGHPUT_TARGET = 1.6  # gateway req/s over naive req/s at c32, at least
 OVERHEAD_TARGET_MS = 0.6  # gateway p50 minus upstream p50 at c1, at most
@@ -282,6 +282,7 @@ def measure(args: argparse.Namespace, tmp: Path, redis_url: str, key_prefix: str
             "upstream": base["upstream"] + PATH,
             "gateway": base["gateway"] + "/pass" + PATH,
             "naive": base["naive"] + PATH,
+            "floor": base["floor"] + PATH,
         }
         route_file = tmp / "routes.yaml"
         route_file.write_text(ROUTE_FILE.format(target=base["upstream"]))
@@ -312,7 +313,15 @@ def measure(args: argparse.Namespace, tmp: Path, redis_url: str, key_prefix: str
             "--worker-class", "sync", *quiet, "naive:app",
         ], child_env(NAIVE_UPSTREAM=base["upstream"]), BENCH, tmp))
         wait_ready("gateway", base["gateway"] + "/healthz", procs[1], tmp)
+        # The floor: a Flask view around one pooled requests.Session call, streaming, under the
+        # gateway's own gunicorn settings. No breaker, retry, bulkhead, header rules or log line:
+        # what the libraries cost before the gateway does anything.
+        procs.append(start("floor", [
+            gunicorn, "--bind", f"127.0.0.1:{ports['floor']}", "--workers", "2",
+            "--worker-class", "gthread", "--threads", "8", *quiet, "floor:app",
+        ], child_env(FLOOR_UPSTREAM=base["upstream"]), BENCH, tmp))
         wait_ready("naive", urls["naive"], procs[2], tmp)
+        wait_ready("floor", urls["floor"], procs[3], tmp)
 
         problems = [problem for problem in (sanity(peer, urls[peer]) for peer in PEERS) if problem]
         for problem in problems:
@@ -326,7 +335,7 @@ def measure(args: argparse.Namespace, tmp: Path, redis_url: str, key_prefix: str
         print(f"{args.rounds} rounds on {os.cpu_count()} CPUs; each round runs every setting on every peer,"
               " the order of the peers rotated", flush=True)
         for index in range(args.rounds):
-            order = PEERS[index % 3:] + PEERS[:index % 3]
+            order = PEERS[index % len(PEERS):] + PEERS[:index % len(PEERS)]
             for name, label, threads, connections, duration in args.settings:
                 for peer in order:
                     # CPU time of the peer's own processes per request: steadier than req/s on a
@@ -370,6 +379,11 @@ def report(args: argparse.Namespace, measured: dict, tmp: Path) -> None:
     )
     cpu = many["naive"]["cpu_ms"] / many["gateway"]["cpu_ms"] if many["gateway"]["cpu_ms"] else float("nan")
     print(f"naive CPU per request / gateway CPU per request at c{args.connections}: {cpu:6.2f}  (for reading the ratio above)")
+    floor_cpu = many["gateway"]["cpu_ms"] / many["floor"]["cpu_ms"] if many["floor"]["cpu_ms"] else float("nan")
+    print(
+        f"gateway over the floor (Flask + requests.Session): CPU per request x{floor_cpu:.2f},"
+        f" p50 at c1 {one['gateway']['p50'] - one['floor']['p50']:+.3f} ms"
+    )
     if measured["problems"]:
         print("sanity check: " + "; ".join(measured["problems"]))
     print("\ngateway log (its stdout went to a file):")
