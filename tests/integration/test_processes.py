@@ -15,34 +15,29 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
-def test_gunicorn_refuses_to_start_on_a_bad_route_file_and_names_the_key(tmp_path):
-    routes = tmp_path / "gateway.yaml"
-    routes.write_text("upstreams:\n  u:\n    targets: [http://127.0.0.1:1]\nroutes:\n  - path: /healthz\n    upstream: u\n")
-    result = subprocess.run(
+def _serve(tmp_path: Path, routes: str) -> subprocess.CompletedProcess:
+    """Run the Procfile's web command on ``routes``; it is expected to exit, not to serve."""
+    route_file = tmp_path / "gateway.yaml"
+    route_file.write_text(routes)
+    return subprocess.run(
         [str(BIN / "gunicorn"), "--config", "gunicorn.conf.py", "app:create_app()"],
         check=False,
         cwd=services.ROOT,
-        env={"PATH": str(BIN), "PORT": str(services.free_port()), "GATEWAY_CONFIG": str(routes)},
+        env={"PATH": str(BIN), "PORT": str(services.free_port()), "GATEWAY_CONFIG": str(route_file)},
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_gunicorn_refuses_to_start_on_a_bad_route_file_and_names_the_key(tmp_path):
+    result = _serve(tmp_path, "upstreams:\n  u:\n    targets: [http://127.0.0.1:1]\nroutes:\n  - path: /healthz\n    upstream: u\n")
     assert result.returncode != 0
     assert "routes[0].path: '/healthz' overlaps the reserved path '/healthz'" in result.stderr
 
 
 def test_gunicorn_refuses_to_start_when_a_variable_is_unset(tmp_path):
-    routes = tmp_path / "gateway.yaml"
-    routes.write_text('upstreams:\n  u:\n    targets: ["${NOT_SET_ANYWHERE}"]\nroutes: []\n')
-    result = subprocess.run(
-        [str(BIN / "gunicorn"), "--config", "gunicorn.conf.py", "app:create_app()"],
-        check=False,
-        cwd=services.ROOT,
-        env={"PATH": str(BIN), "PORT": str(services.free_port()), "GATEWAY_CONFIG": str(routes)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _serve(tmp_path, 'upstreams:\n  u:\n    targets: ["${NOT_SET_ANYWHERE}"]\nroutes: []\n')
     assert result.returncode != 0
     assert "upstreams.u.targets[0]: environment variable NOT_SET_ANYWHERE is not set" in result.stderr
 
