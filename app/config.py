@@ -25,10 +25,10 @@ def defaults(app: Flask) -> dict:
         "BUFFER_BODY_SIZE": 64 * 1024,
         "WEB_THREADS": 8,  # gunicorn gthread threads per worker; sizes each upstream's pool
         "TRUSTED_PROXY_HOPS": 0,  # proxies in front of the gateway whose X-Forwarded-* are believed
-        "KEY_PREFIX": "frontdoor",
+        "KEY_PREFIX": "frontdoor",  # namespace of every Redis key the gateway writes
         # With Redis, a process acts on a breaker reading up to this old (seconds) when its
         # calls succeed; failures always read and write the shared state at once.
-        "BREAKER_SYNC_INTERVAL": 0.2,  # namespace of every Redis key the gateway writes
+        "BREAKER_SYNC_INTERVAL": 0.2,
         "VIA_NAME": "frontdoor",  # the pseudonym in the Via header (RFC 9110 section 7.6.3)
         "REDIS_URL": None,
         "SQLALCHEMY_DATABASE_URI": f"sqlite:///{instance / 'frontdoor.sqlite'}",

@@ -71,7 +71,8 @@ def handle_problem(error: ProblemError) -> Response:
 
 
 def handle_http_exception(error: HTTPException) -> Response:
-    headers = {}
+    # The exception's own fields (Allow, Retry-After, WWW-Authenticate), not its content type.
+    headers = {name: value for name, value in error.get_headers() if name.lower() != "content-type"}
     detail = error.description or error.name
     if error.code == 405 and error.valid_methods:
         headers["Allow"] = allowed = ", ".join(sorted(error.valid_methods))

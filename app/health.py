@@ -27,7 +27,7 @@ def readyz() -> Response:
             connection.execute(sqlalchemy.text("SELECT 1"))
         checks["database"] = "ok"
     except sqlalchemy.exc.SQLAlchemyError as exc:
-        checks["database"] = f"unreachable: {type(exc.orig or exc).__name__}"
+        checks["database"] = f"unreachable: {type(getattr(exc, 'orig', None) or exc).__name__}"
     client = redis_client(current_app)
     if client is not None:
         try:

@@ -1,11 +1,12 @@
 """The proxy: loads the route file, builds every route's pipeline, and serves non-reserved paths."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from flask import Flask, current_app, g, request
-from werkzeug.exceptions import NotFound
+from werkzeug.exceptions import BadRequest, NotFound
 from werkzeug.wrappers import Response
 
 from app.extensions import redis_client
@@ -25,6 +26,12 @@ class Gateway:
     route_file: routefile.RouteFile
     upstreams: dict[str, pipeline.UpstreamRuntime]
     router: Router
+    reserved: frozenset[str]  # the gateway's own paths (/_gateway, /healthz, ...)
+    reserved_below: tuple[str, ...]  # the same with a trailing "/", for str.startswith
+
+    def is_reserved(self, path: str) -> bool:
+        """True on or under a reserved path: /healthz and /healthz/x, not /healthzx."""
+        return path in self.reserved or path.startswith(self.reserved_below)
 
 
 def settings_from(app: Flask) -> pipeline.Settings:
@@ -44,7 +51,9 @@ def load_gateway(app: Flask) -> Gateway:
     route_file = routefile.load(app.config["CONFIG"], api_prefix=app.config["API_PREFIX"])
     settings = settings_from(app)
     upstreams = pipeline.build_upstreams(route_file, settings, redis_client(app))
-    return Gateway(route_file, upstreams, pipeline.build_router(route_file, upstreams, settings))
+    reserved = (app.config["API_PREFIX"].rstrip("/"), *routefile.RESERVED_PATHS)
+    router = pipeline.build_router(route_file, upstreams, settings)
+    return Gateway(route_file, upstreams, router, frozenset(reserved), tuple(path + "/" for path in reserved))
 
 
 def proxy(path: str = "") -> Response:
@@ -55,8 +64,13 @@ def proxy(path: str = "") -> Response:
     gateway: Gateway = current_app.extensions["gateway"]
     environ = client.environ
     path = client.path
-    raw_path = environ.get("RAW_URI", "").split("?", 1)[0] or quote(path)
-    match = gateway.router.match(client.method, path, raw_path)
+    if gateway.is_reserved(path):
+        raise NotFound()  # the gateway's own space: never proxied to a broad route such as "/"
+    if _DOT_SEGMENT.search(path):
+        # "/public/../admin" would match "/public" here and mean "/admin" to an upstream that
+        # normalises paths (RFC 3986 section 5.2.4): refuse rather than route by the wrong prefix.
+        raise BadRequest("The path must not contain '.' or '..' segments")
+    match = gateway.router.match(client.method, path, _raw_path(environ, path))
     ctx.route = match.route.label
     headers = client.headers
     length = client.content_length
@@ -83,8 +97,16 @@ def proxy(path: str = "") -> Response:
     return to_flask(upstream_response)
 
 
-def reserved_not_found(rest: str = "") -> Response:
-    raise NotFound()
+_DOT_SEGMENT = re.compile(r"(?:^|/)\.{1,2}(?:/|$)")
+
+
+def _raw_path(environ: dict, path: str) -> str:
+    """The path as the client sent it, still percent-encoded: gunicorn's RAW_URI, whose
+    absolute form (``GET http://host/x``, RFC 9112 section 3.2.2) is cut to its path."""
+    raw = environ.get("RAW_URI", "")
+    if raw and not raw.startswith("/"):
+        raw = urlsplit(raw).path
+    return raw.split("?", 1)[0] or quote(path)
 
 
 def to_flask(upstream: GatewayResponse) -> Response:
@@ -104,11 +126,5 @@ def init_app(app: Flask) -> None:
     Raises RouteFileError when the file is invalid: a gateway never serves half a config.
     """
     app.extensions["gateway"] = load_gateway(app)
-    # The reserved paths are the gateway's own: an unknown one is a 404 here, never proxied
-    # to a broad route such as "/".
-    for reserved in (app.config["API_PREFIX"].rstrip("/"), *routefile.RESERVED_PATHS):
-        app.add_url_rule(f"{reserved}/<path:rest>", f"reserved{reserved}", reserved_not_found, methods=PROXIED_METHODS)
-        if reserved == "/metrics":
-            app.add_url_rule(reserved, "reserved/metrics", reserved_not_found, methods=PROXIED_METHODS)
     app.add_url_rule("/", "proxy", proxy, methods=PROXIED_METHODS, provide_automatic_options=False)
     app.add_url_rule("/<path:path>", "proxy", proxy, methods=PROXIED_METHODS, provide_automatic_options=False)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import itertools
 
+import pybreaker
+
 from app.gateway.breaker import Reading, TargetBreakers, TargetFailure, retry_after
 from app.gateway.types import (
     BreakerOpen,
@@ -17,26 +19,32 @@ from app.gateway.types import (
 def balance(upstream: str, targets: tuple[str, ...], breakers: TargetBreakers) -> Middleware:
     """Build the balancer stage for one upstream.
 
-    Each call picks the next target in turn whose breaker is closed, half-open, or open
-    long enough for a probe; sets ``req.target``; and records the outcome with that
-    target's breaker: connection errors, timeouts and the breaker's ``failure_statuses``
-    count as failures. Raises BreakerOpen (503, ``Retry-After`` = seconds until the first
-    breaker half-opens) when every target's breaker is open.
+    Each call picks the next target in turn whose breaker is closed, or open long enough
+    that this request can be its one half-open probe; a retry prefers targets the request
+    has not tried. It sets ``req.target`` and records the outcome with that target's
+    breaker: connection errors, timeouts and the breaker's ``failure_statuses`` count as
+    failures. Raises BreakerOpen (503, ``Retry-After`` = seconds until the first breaker
+    lets a probe through) when no target can be used.
     """
     turn = itertools.count()  # next() on a count is atomic under the GIL
     failure_statuses = frozenset(breakers.config.failure_statuses)
     size = len(targets)
 
-    def pick() -> tuple[str, Reading]:
+    def pick(tried: set[str]) -> tuple[str, Reading]:
         start = next(turn)
+        order = [targets[(start + offset) % size] for offset in range(size)]
+        if tried:  # a retry goes to a target not yet tried for this request, while one is left
+            order.sort(key=tried.__contains__)
         waits = []
-        for offset in range(size):
-            target = targets[(start + offset) % size]
+        for target in order:
             reading = breakers.read(target)
             wait = breakers.open_for(target, reading)
-            if wait <= 0:
+            if wait > 0:
+                waits.append(wait)
+            elif reading.state == pybreaker.STATE_CLOSED or breakers.claim_probe(target):
                 return target, reading
-            waits.append(wait)
+            else:
+                waits.append(1.0)  # another request is the half-open probe: ask again shortly
         raise BreakerOpen(
             f"The circuit breaker of every target of upstream {upstream!r} is open",
             headers={"Retry-After": retry_after(min(waits))},
@@ -44,8 +52,9 @@ def balance(upstream: str, targets: tuple[str, ...], breakers: TargetBreakers) -
 
     def middleware(next_handler: Handler) -> Handler:
         def handle(req: GatewayRequest) -> GatewayResponse:
-            target, reading = pick()
+            target, reading = pick(req.tried_targets)
             req.target = target
+            req.tried_targets.add(target)
             try:
                 response = next_handler(req)
             except UpstreamUnreachable as exc:

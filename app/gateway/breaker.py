@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -29,12 +30,19 @@ class Reading:
     opened_at: float | None
 
 
+_FALLBACK = Reading(pybreaker.STATE_CLOSED, 0, None)  # what a breaker reads as without its store
+
+
 class _SharedStorage(pybreaker.CircuitRedisStorage):
     """pybreaker's Redis storage that also survives Redis being down at start-up.
 
     pybreaker falls back to ``closed`` when Redis errors during reads, but its constructor
     (SETNX of the initial keys) raises; a gateway must start, and report Redis in /readyz.
     """
+
+    @property
+    def probe_key(self) -> str:
+        return self._namespace("probe")
 
     @property
     def keys(self) -> tuple[str, str, str]:
@@ -69,7 +77,15 @@ class TargetBreakers:
     at the latest; only successes ride on a reading up to ``sync_interval`` old, and a
     success sent to an open target is at worst an early probe. An opening or closing made
     elsewhere is seen by every process within ``sync_interval``.
+
+    Once ``reset_timeout`` has passed, one request at a time is let through as the half-open
+    probe (``claim_probe``), across all processes when shared; a claim lapses after
+    ``probe_ttl`` seconds (the upstream's connect plus read timeout) if its owner never
+    reports. When Redis does not answer, breakers read as closed for ``REDIS_BACKOFF``
+    seconds without asking again, and outcomes are not recorded: requests keep flowing.
     """
+
+    REDIS_BACKOFF = 1.0  # seconds
 
     def __init__(
         self,
@@ -79,10 +95,16 @@ class TargetBreakers:
         redis_client: redis.Redis | None = None,
         key_prefix: str = "frontdoor",
         sync_interval: float = 0.0,
+        probe_ttl: float = 30.0,
     ):
         self.config = config
         self.sync_interval = sync_interval if redis_client is not None else 0.0
+        self.probe_ttl = probe_ttl
+        self._redis = redis_client
         self._kept: dict[str, tuple[float, Reading]] = {}
+        self._redis_down_until = 0.0  # time.monotonic() before which Redis is not asked
+        self._probes: dict[str, float] = {}  # in-process probe claims: target -> expiry
+        self._probe_lock = threading.Lock()
         self.breakers: dict[str, pybreaker.CircuitBreaker] = {}
         for target in targets:
             name = f"{upstream}:{target}"
@@ -106,15 +128,27 @@ class TargetBreakers:
         pybreaker reads state, counter and opening time with a command each; on the hot path
         the three come in one MGET. A Redis error reads as closed, as pybreaker falls back.
         """
-        if self.sync_interval:
-            kept = self._kept.get(target)
-            now = time.monotonic()
-            if kept is not None and now - kept[0] < self.sync_interval:
-                return kept[1]
-            reading = self._fetch(target)
-            self._kept[target] = (now, reading)
-            return reading
-        return self._fetch(target)
+        if self._redis is None:
+            return self._fetch(target)
+        if self._redis_unreachable():
+            return _FALLBACK
+        kept = self._kept.get(target)
+        if kept is not None and time.monotonic() - kept[0] < self.sync_interval:
+            return kept[1]
+        reading = self._fetch(target)
+        self._kept[target] = (time.monotonic(), reading)  # after the fetch: it may have taken long
+        return reading
+
+    def _redis_unreachable(self) -> bool:
+        return time.monotonic() < self._redis_down_until
+
+    def _mark_redis_down(self, exc: redis.RedisError) -> None:
+        if not self._redis_unreachable():
+            log.warning(
+                "breaker state store unreachable; breakers read as closed",
+                extra={"error": type(exc).__name__, "retry_in_s": self.REDIS_BACKOFF},
+            )
+        self._redis_down_until = time.monotonic() + self.REDIS_BACKOFF
 
     def _fetch(self, target: str) -> Reading:
         storage = self.breakers[target]._state_storage
@@ -123,8 +157,9 @@ class TargetBreakers:
             return Reading(storage.state, storage.counter, opened_at.timestamp() if opened_at else None)
         try:
             state, failures, opened_at = storage._redis.mget(storage.keys)
-        except redis.RedisError:
-            return Reading(pybreaker.STATE_CLOSED, 0, None)
+        except redis.RedisError as exc:
+            self._mark_redis_down(exc)
+            return _FALLBACK
         return Reading(
             state.decode() if state else pybreaker.STATE_CLOSED,
             int(failures or 0),
@@ -141,6 +176,34 @@ class TargetBreakers:
             return 0.0
         return max(reading.opened_at + self.config.reset_timeout - time.time(), 0.0)
 
+    def claim_probe(self, target: str) -> bool:
+        """Take the single half-open probe of ``target``; False when another request holds it.
+
+        Shared through Redis (``SET NX`` with a ``probe_ttl`` expiry) when configured, else
+        in this process. Released by ``record`` once the probe's outcome is known.
+        """
+        storage = self.breakers[target]._state_storage
+        if isinstance(storage, _SharedStorage):
+            try:
+                return bool(storage._redis.set(storage.probe_key, 1, nx=True, px=int(self.probe_ttl * 1000)))
+            except redis.RedisError as exc:
+                self._mark_redis_down(exc)
+                return True  # as if closed: requests keep flowing while Redis is away
+        now = time.monotonic()
+        with self._probe_lock:
+            if self._probes.get(target, 0.0) > now:
+                return False
+            self._probes[target] = now + self.probe_ttl
+            return True
+
+    def _release_probe(self, target: str) -> None:
+        storage = self.breakers[target]._state_storage
+        if isinstance(storage, _SharedStorage):
+            with contextlib.suppress(redis.RedisError):
+                storage._redis.delete(storage.probe_key)
+        else:
+            self._probes.pop(target, None)
+
     def state(self, target: str) -> str:
         """``closed``, ``open`` or ``half-open``, as the shared store says."""
         return self.breakers[target].current_state
@@ -153,13 +216,18 @@ class TargetBreakers:
         a breaker that ``reading`` saw closed with no failures counted changes nothing, so it
         is not written (pybreaker would reset the counter to the 0 it already is).
         """
-        if failure is None and reading is not None and reading.state == pybreaker.STATE_CLOSED and not reading.failures:
+        closed = reading is not None and reading.state == pybreaker.STATE_CLOSED
+        if failure is None and closed and not reading.failures:
             return
+        if self._redis is not None and self._redis_unreachable():
+            return  # pybreaker would try (and log) each of its commands in turn
         self._kept.pop(target, None)
         # pybreaker re-raises the failure it was fed (or CircuitBreakerError as it trips);
         # the caller already has the outcome, so both are expected here.
         with contextlib.suppress(TargetFailure, UpstreamUnreachable, pybreaker.CircuitBreakerError):
             self.breakers[target].call(_outcome, failure)
+        if reading is not None and not closed:
+            self._release_probe(target)  # this attempt was the half-open probe
 
 
 def _outcome(failure: Exception | None) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterator
 
@@ -61,14 +62,51 @@ def forward(adapter: HTTPAdapter, timeout: Timeout) -> Handler:
         finally:
             req.upstream_seconds += time.perf_counter() - started
         raw = response.raw
-        return GatewayResponse(
-            status=response.status_code,
-            headers=Headers(list(raw.headers.items())),
-            body=_stream(raw, req),
-            on_close=[response.close],
-        )
+        try:
+            headers = _response_headers(raw.headers.items(), req)
+        except UpstreamUnreachable:
+            response.close()
+            raise
+        status = response.status_code
+        if req.method == "HEAD" or status in _BODYLESS:
+            # Nothing will be read, and requests would close an unread connection: hand it back.
+            finish = raw.release_conn
+        else:
+            finish = response.close  # back to the pool once read, closed if abandoned midway
+        return GatewayResponse(status=status, headers=headers, body=_stream(raw, req), on_close=[finish])
 
     return handle
+
+
+# RFC 9110 section 5.1 (a field name is a token) and 5.5 (no control characters but HTAB in
+# a value); what gunicorn, like any HTTP/1.1 server, refuses to send.
+_FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_FIELD_VALUE = re.compile(r"[ \t\x21-\x7e\x80-\xff]*")
+_BODYLESS = frozenset({204, 304})
+
+
+def _response_headers(fields, req: GatewayRequest) -> Headers:
+    """The upstream's fields that can be sent on to the client.
+
+    Fields with an invalid name or value are dropped (and logged by name). A Content-Length
+    repeated with one value (``42, 42``) is made single, as RFC 9110 section 8.6 allows; any
+    other malformed Content-Length makes the response unusable: UpstreamUnreachable (502).
+    """
+    kept, dropped, lengths = [], [], []
+    for name, value in fields:
+        if not (_FIELD_NAME.fullmatch(name) and _FIELD_VALUE.fullmatch(value)):
+            dropped.append(name)
+        elif name.lower() == "content-length":
+            lengths.extend(part.strip() for part in value.split(","))
+        else:
+            kept.append((name, value))
+    if lengths:
+        if len(set(lengths)) != 1 or not lengths[0].isdigit():
+            raise UpstreamUnreachable(f"The upstream sent an invalid Content-Length: {', '.join(lengths)}")
+        kept.append(("Content-Length", lengths[0]))
+    if dropped:
+        log.warning("invalid upstream header fields dropped", extra={"request_id": req.request_id, "fields": dropped})
+    return Headers(kept)
 
 
 def _prepare(req: GatewayRequest) -> requests.PreparedRequest:

@@ -22,7 +22,9 @@ HOP_BY_HOP = frozenset(
 )
 # Recomputed for the upstream connection: the target's Host, the length of what is sent.
 _REQUEST_RECOMPUTED = frozenset({"host", "content-length"})
-_VIA = frozenset({"via"})
+# Via is appended below; gunicorn always writes its own Date and Server, and both are
+# singleton fields, so the upstream's are not passed on (nginx hides them by default too).
+_RESPONSE_DROPPED = frozenset({"via", "date", "server"})
 # Set by the stage below: dropped in the same pass so that they can be appended without a scan.
 _REQUEST_DROPPED = _REQUEST_RECOMPUTED | frozenset(
     {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via", "x-request-id"}
@@ -74,7 +76,7 @@ def forwarding_headers(via_name: str) -> Middleware:
             req.headers = headers
             response = next_handler(req)
             upstream_via = response.headers.getlist("Via")
-            response.headers = end_to_end(response.headers, _VIA)
+            response.headers = end_to_end(response.headers, _RESPONSE_DROPPED)
             response.headers.add("Via", _append(upstream_via, via))
             return response
 

@@ -53,7 +53,13 @@ def build_upstreams(route_file: RouteFile, settings: Settings, redis_client: red
             config=config,
             adapter=new_adapter(len(config.targets), settings.pool_size),
             breakers=TargetBreakers(
-                name, config.targets, config.breaker, redis_client, settings.key_prefix, settings.breaker_sync_interval
+                name,
+                config.targets,
+                config.breaker,
+                redis_client,
+                settings.key_prefix,
+                settings.breaker_sync_interval,
+                probe_ttl=config.timeout.connect + config.timeout.read,
             ),
             slots=new_slots(config.max_concurrency),
         )

@@ -36,6 +36,7 @@ class GatewayRequest:
     request_id: str = ""
     target: str | None = None
     upstream_seconds: float = 0.0  # time spent waiting for upstream response headers, all attempts
+    tried_targets: set[str] = field(default_factory=set)  # targets attempted so far
 
     @property
     def idempotent(self) -> bool:
@@ -60,9 +61,16 @@ class GatewayResponse:
     on_close: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
+        """Run every ``on_close`` callback, last added first, even if one raises (then re-raised)."""
         callbacks, self.on_close = self.on_close, []
+        failed: BaseException | None = None
         for callback in reversed(callbacks):
-            callback()
+            try:
+                callback()
+            except Exception as exc:  # noqa: BLE001 - the rest must still run; re-raised below
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
 
 Handler = Callable[[GatewayRequest], GatewayResponse]

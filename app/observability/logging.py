@@ -44,14 +44,16 @@ def configure(level: str = "INFO") -> None:
     logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False
-    root = logging.getLogger("frontdoor")
-    if not any(getattr(h, "_frontdoor", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(JSONFormatter())
-        handler._frontdoor = True
-        root.addHandler(handler)
-        root.propagate = False
-    root.setLevel(level)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JSONFormatter())
+    handler._frontdoor = True
+    # pybreaker logs its Redis errors; they belong in the same JSON stream, not as bare tracebacks.
+    for name, logger_level in (("frontdoor", level), ("pybreaker", "WARNING")):
+        logger = logging.getLogger(name)
+        if not any(getattr(h, "_frontdoor", False) for h in logger.handlers):
+            logger.addHandler(handler)
+            logger.propagate = False
+        logger.setLevel(logger_level)
 
 
 def _start() -> None:

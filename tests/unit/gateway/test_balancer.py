@@ -188,3 +188,52 @@ def test_the_chosen_target_is_left_on_the_request():
     handle(req).close()
 
     assert req.target == B
+
+
+def test_after_the_reset_timeout_one_request_at_a_time_is_the_probe():
+    outcomes = []
+
+    def probe(req):
+        # While the probe is out, every other request is refused, not sent to the sick target.
+        try:
+            handle(make_request()).close()
+            outcomes.append("second request sent")
+        except BreakerOpen as exc:
+            outcomes.append(exc.headers["Retry-After"])
+        return 200
+
+    upstream = Answers(500, probe, 200)
+    handle, breakers = balanced(upstream, (A,), fail_max=1, reset_timeout=0.1)
+    call(handle)  # 500 opens the breaker
+    time.sleep(0.15)
+
+    call(handle)  # the probe; it succeeds and closes the breaker
+
+    assert outcomes == ["1"]
+    assert breakers.state(A) == "closed"
+    call(handle)
+    assert len(upstream.calls) == 3
+
+
+def test_a_failed_probe_reopens_and_frees_the_probe_for_the_next_window():
+    upstream = Answers(500)
+    handle, breakers = balanced(upstream, (A,), fail_max=1, reset_timeout=0.1)
+    call(handle)
+    time.sleep(0.15)
+    call(handle)  # probe fails: open again for another reset_timeout
+    assert breakers.state(A) == "open"
+    with pytest.raises(BreakerOpen):
+        call(handle)
+    time.sleep(0.15)
+    call(handle)  # the next window has its own probe
+    assert len(upstream.calls) == 3
+
+
+def test_a_retry_goes_to_a_target_this_request_has_not_tried():
+    upstream = Answers(200)
+    handle, _ = balanced(upstream, (A, B, C), fail_max=100)
+    for _ in range(6):
+        req = make_request()
+        req.tried_targets.update({A, B})
+        handle(req).close()
+    assert upstream.targets == [C] * 6

@@ -7,6 +7,7 @@ import uuid
 import pytest
 import redis
 
+from app.extensions import new_redis
 from app.gateway.balancer import balance
 from app.gateway.breaker import TargetBreakers, TargetFailure, retry_after
 from app.gateway.routefile import Breaker
@@ -187,3 +188,47 @@ def test_a_failure_reaches_the_shared_state_at_once_despite_a_kept_reading(synce
 
     assert first.state(A) == "open"
     assert second.open_for(A, second.read(A)) > 28  # the failure dropped second's kept reading
+
+
+@pytest.mark.redis
+def test_only_one_process_gets_the_half_open_probe(redis_url, shared_prefix):
+    clients = [redis.Redis.from_url(redis_url, socket_timeout=1) for _ in range(2)]
+    first, second = (
+        TargetBreakers("svc", (A,), Breaker(fail_max=1, reset_timeout=1), client, key_prefix=shared_prefix, probe_ttl=5)
+        for client in clients
+    )
+    try:
+        first.record(A, failure())
+        time.sleep(1.1)
+        assert first.claim_probe(A) is True
+        assert second.claim_probe(A) is False
+        first.record(A, None, first.read(A))  # the probe succeeded: closed, probe released
+        assert second.state(A) == "closed"
+        assert second.claim_probe(A) is True  # a claim is free again for the next time
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_an_unresponsive_redis_is_asked_once_per_backoff_not_per_request():
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections, never answers
+    client = new_redis(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", socket_timeout=0.2)
+    try:
+        breakers = TargetBreakers("svc", (A,), Breaker(), client, key_prefix="silent", sync_interval=0.2)
+        started = time.monotonic()
+        assert breakers.read(A).state == "closed"  # waits out the socket timeout once
+        first = time.monotonic() - started
+        started = time.monotonic()
+        for _ in range(20):
+            assert breakers.open_for(A, breakers.read(A)) == 0
+            breakers.record(A, failure())
+        rest = time.monotonic() - started
+    finally:
+        client.close()
+        silent.close()
+    assert first >= 0.2
+    assert rest < 0.1

@@ -9,6 +9,7 @@ import logging
 import socket
 import threading
 import time
+from typing import ClassVar
 
 import pytest
 import requests
@@ -16,7 +17,7 @@ import responses
 from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
 
 from app.gateway.body import CHUNK, RequestBody
-from app.gateway.forward import forward, new_adapter
+from app.gateway.forward import _response_headers, forward, new_adapter
 from app.gateway.routefile import Timeout
 from app.gateway.types import UpstreamTimeout, UpstreamUnreachable
 from tests.unit.gateway.stand_ins import make_request
@@ -287,3 +288,75 @@ def test_an_answer_cut_short_fails_the_stream_and_is_logged(adapter, local_upstr
     [record] = records.records
     assert record.getMessage() == "upstream body failed"
     assert (record.request_id, record.target) == ("r-9", local_upstream)
+
+
+def test_fields_the_server_could_not_send_on_are_dropped(adapter, upstream):
+    upstream.get(f"{TARGET}/items", body=b"ok", headers={"X-Bad": "a\x7fb", "X-Good": "1"})
+
+    _, response = send(adapter)
+    response.close()
+
+    assert response.headers["X-Good"] == "1"
+    assert "X-Bad" not in response.headers
+
+
+@pytest.mark.parametrize(
+    ("lengths", "expected"),
+    [(["42"], "42"), (["42, 42"], "42"), (["42", "42"], "42")],
+)
+def test_a_repeated_content_length_with_one_value_is_made_single(lengths, expected):
+    fields = [("Content-Length", value) for value in lengths]
+    headers = _response_headers(fields, make_request())
+    assert headers.getlist("Content-Length") == [expected]
+
+
+@pytest.mark.parametrize("value", ["42, 43", "forty", "-1"])
+def test_a_malformed_content_length_is_a_bad_gateway(value):
+    with pytest.raises(UpstreamUnreachable) as caught:
+        _response_headers([("Content-Length", value)], make_request())
+    assert caught.value.status == 502
+
+
+class _KeepAlive(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive; records the client port of every request (one port, one connection)."""
+
+    protocol_version = "HTTP/1.1"
+    ports: ClassVar[list[int]] = []
+
+    def _answer(self, status: int, body: bytes) -> None:
+        _KeepAlive.ports.append(self.client_address[1])
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD" and status != 204:
+            self.wfile.write(body)
+
+    def do_GET(self):
+        self._answer(204 if self.path == "/empty" else 200, b"hello")
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/items"), ("HEAD", "/items"), ("GET", "/empty")])
+def test_connections_are_reused_for_answers_with_and_without_a_body(method, path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _KeepAlive)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    adapter = new_adapter(targets=1, pool_size=2)
+    _KeepAlive.ports = []
+    try:
+        for _ in range(4):
+            _, response = send(adapter, method, path, target=f"http://127.0.0.1:{server.server_port}")
+            b"".join(response.body)
+            response.close()
+    finally:
+        adapter.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert len(_KeepAlive.ports) == 4
+    assert len(set(_KeepAlive.ports)) == 1, "every request after the first reused the connection"

@@ -1,0 +1,73 @@
+"""The proxy view: what reaches a route, what the gateway keeps for itself, what it refuses."""
+from __future__ import annotations
+
+import pytest
+import responses
+
+UPSTREAM = "http://catch-all.test"
+CATCH_ALL = f"""
+upstreams:
+  site:
+    targets: ["{UPSTREAM}"]
+routes:
+  - path: /
+    upstream: site
+  - path: /public
+    upstream: site
+    strip_prefix: true
+  - path: /read-only
+    upstream: site
+    methods: [GET]
+"""
+
+
+@pytest.fixture
+def client(make_app):
+    return make_app(routes=CATCH_ALL).test_client()
+
+
+@pytest.fixture
+def upstream():
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.add(responses.Response(method=responses.GET, url=responses.matchers.re.compile(f"{UPSTREAM}/.*"), body=b"up"))
+        yield mock
+
+
+@pytest.mark.parametrize("path", ["/_gateway", "/_gateway/", "/_gateway/nothing", "/metrics", "/metrics/x", "/healthz/", "/readyz/x"])
+def test_the_gateway_keeps_its_own_paths_even_with_a_catch_all_route(client, upstream, path):
+    response = client.get(path)
+    assert response.status_code == 404
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert len(upstream.calls) == 0
+
+
+def test_paths_that_only_start_like_a_reserved_one_are_proxied(client, upstream):
+    response = client.get("/healthzx")
+    assert response.status_code == 200 and response.data == b"up"
+    assert upstream.calls[0].request.url == f"{UPSTREAM}/healthzx"
+
+
+@pytest.mark.parametrize("path", ["/public/../read-only", "/public/./x", "/public/%2e%2e/read-only", "/.."])
+def test_dot_segments_are_refused_before_routing(client, upstream, path):
+    response = client.delete(path)
+    assert response.status_code == 400
+    assert response.json["detail"] == "The path must not contain '.' or '..' segments"
+    assert len(upstream.calls) == 0
+
+
+def test_an_absolute_form_target_is_routed_and_sent_by_its_path(client, upstream):
+    response = client.get("/public/items?x=1", environ_overrides={"RAW_URI": "http://gateway.example/public/items?x=1"})
+    assert response.status_code == 200
+    assert upstream.calls[0].request.url == f"{UPSTREAM}/items?x=1"
+
+
+def test_the_upstreams_date_and_server_give_way_to_the_gateways(client, upstream):
+    upstream.replace(
+        responses.GET,
+        responses.matchers.re.compile(f"{UPSTREAM}/.*"),
+        body=b"up",
+        headers={"Date": "Thu, 01 Jan 1970 00:00:00 GMT", "Server": "backend/1.0"},
+    )
+    response = client.get("/anything")
+    assert "Server" not in response.headers and "Date" not in response.headers
+    assert response.headers["Via"] == "1.1 frontdoor"
