@@ -31,10 +31,6 @@ class ProblemError(Exception):
         self.extra = extra
 
 
-class BadGatewayConfig(ProblemError):
-    status, title, slug = 500, "Gateway misconfigured", "gateway-misconfigured"
-
-
 def problem_response(
     status: int,
     title: str,

@@ -56,6 +56,9 @@ def load_gateway(app: Flask) -> Gateway:
     return Gateway(route_file, upstreams, router, frozenset(reserved), tuple(path + "/" for path in reserved))
 
 
+_DOT_SEGMENT = re.compile(r"(?:^|/)\.{1,2}(?:/|$)")
+
+
 def proxy(path: str = "") -> Response:
     """Serve any path outside the reserved ones through its route's pipeline."""
     # Each access through flask.request / flask.g is a context-local lookup: take the objects once.
@@ -95,9 +98,6 @@ def proxy(path: str = "") -> Response:
         ctx.target = greq.target
         ctx.upstream_seconds = greq.upstream_seconds
     return to_flask(upstream_response)
-
-
-_DOT_SEGMENT = re.compile(r"(?:^|/)\.{1,2}(?:/|$)")
 
 
 def _raw_path(environ: dict, path: str) -> str:
