@@ -26,9 +26,35 @@ _REQUEST_RECOMPUTED = frozenset({"host", "content-length"})
 # singleton fields, so the upstream's are not passed on (nginx hides them by default too).
 _RESPONSE_DROPPED = frozenset({"via", "date", "server"})
 # Set by the stage below: dropped in the same pass so that they can be appended without a scan.
-_REQUEST_DROPPED = _REQUEST_RECOMPUTED | frozenset(
-    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via", "x-request-id"}
+_REQUEST_DROP = (
+    HOP_BY_HOP
+    | _REQUEST_RECOMPUTED
+    | frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via", "x-request-id"})
 )
+_RESPONSE_DROP = HOP_BY_HOP | _RESPONSE_DROPPED
+
+
+def _partition(fields: list[tuple[str, str]], drop: frozenset[str], collect: tuple[str, ...] = ()):
+    """Split ``fields`` into those kept and, by lower-case name, the values of ``collect``.
+
+    Dropped: the names in ``drop`` and every name a ``Connection`` line lists (it may come
+    as several lines, RFC 9110 section 5.3). ``fields`` is a list, so a client's headers are
+    read out of the WSGI environ once, not once per lookup.
+    """
+    named = [
+        name.strip().lower() for key, value in fields if key.lower() == "connection" for name in value.split(",")
+    ]
+    if named:
+        drop = drop | frozenset(named)
+    collected: dict[str, list[str]] = {name: [] for name in collect}
+    kept = []
+    for key, value in fields:
+        lower = key.lower()
+        if lower in collected:
+            collected[lower].append(value)
+        if lower not in drop:
+            kept.append((key, value))
+    return kept, collected
 
 
 def end_to_end(headers: Headers, also_drop: frozenset[str] = frozenset()) -> Headers:
@@ -38,12 +64,9 @@ def end_to_end(headers: Headers, also_drop: frozenset[str] = frozenset()) -> Hea
     A new Headers object, unless ``headers`` is a mutable Headers with nothing to remove:
     then it is returned as it is (most upstream responses).
     """
-    drop = HOP_BY_HOP | also_drop
-    # Connection may come as several lines (RFC 9110 section 5.3): read every one.
-    for connection in headers.getlist("Connection"):
-        drop = drop | {name.strip().lower() for name in connection.split(",")}
-    kept = [(k, v) for k, v in headers.items() if k.lower() not in drop]
-    if type(headers) is Headers and len(kept) == len(headers):
+    fields = list(headers.items())
+    kept, _ = _partition(fields, HOP_BY_HOP | also_drop)
+    if type(headers) is Headers and len(kept) == len(fields):
         return headers
     return Headers(kept)
 
@@ -66,18 +89,19 @@ def forwarding_headers(via_name: str) -> Middleware:
 
     def middleware(next_handler: Handler) -> Handler:
         def handle(req: GatewayRequest) -> GatewayResponse:
-            original = req.headers
-            headers = end_to_end(original, _REQUEST_DROPPED)
-            headers.add("X-Forwarded-For", _append(original.getlist("X-Forwarded-For"), req.client_addr))
-            headers.add("X-Forwarded-Proto", req.scheme)
-            headers.add("X-Forwarded-Host", req.host)
-            headers.add("Via", _append(original.getlist("Via"), via))
-            headers.add("X-Request-ID", req.request_id)
-            req.headers = headers
+            kept, seen = _partition(list(req.headers.items()), _REQUEST_DROP, ("x-forwarded-for", "via"))
+            kept += [
+                ("X-Forwarded-For", _append(seen["x-forwarded-for"], req.client_addr)),
+                ("X-Forwarded-Proto", req.scheme),
+                ("X-Forwarded-Host", req.host),
+                ("Via", _append(seen["via"], via)),
+                ("X-Request-ID", req.request_id),
+            ]
+            req.headers = Headers(kept)
             response = next_handler(req)
-            upstream_via = response.headers.getlist("Via")
-            response.headers = end_to_end(response.headers, _RESPONSE_DROPPED)
-            response.headers.add("Via", _append(upstream_via, via))
+            kept, seen = _partition(list(response.headers.items()), _RESPONSE_DROP, ("via",))
+            kept.append(("Via", _append(seen["via"], via)))
+            response.headers = Headers(kept)
             return response
 
         return handle
