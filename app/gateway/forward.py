@@ -26,12 +26,31 @@ log = logging.getLogger("frontdoor.forward")
 CHUNK = 64 * 1024  # bytes per read of the upstream's body
 
 
+class ProxyAdapter(HTTPAdapter):
+    """requests' pooled adapter without the client conveniences a proxy would throw away.
+
+    ``build_response`` is the documented hook for subclasses. The stock one copies the
+    headers into a case-insensitive dict and parses every ``Set-Cookie`` into a cookie jar;
+    the gateway reads the raw urllib3 response and passes cookies on untouched.
+    """
+
+    def build_response(self, req: requests.PreparedRequest, resp) -> requests.Response:
+        response = requests.Response()
+        response.status_code = resp.status
+        response.reason = resp.reason
+        response.raw = resp
+        response.url = req.url
+        response.request = req
+        response.connection = self
+        return response
+
+
 def new_adapter(targets: int, pool_size: int) -> HTTPAdapter:
     """Return a pooled adapter for one upstream: a pool per target host, each holding up to
     ``pool_size`` keep-alive connections (the worker's thread count, so no thread waits and
     none is opened only to be thrown away). urllib3's own retries are off; the retry stage decides.
     """
-    return HTTPAdapter(pool_connections=max(targets, 1), pool_maxsize=pool_size, max_retries=0)
+    return ProxyAdapter(pool_connections=max(targets, 1), pool_maxsize=pool_size, max_retries=0)
 
 
 def forward(adapter: HTTPAdapter, timeout: Timeout) -> Handler:
