@@ -71,3 +71,33 @@ def test_the_upstreams_date_and_server_give_way_to_the_gateways(client, upstream
     response = client.get("/anything")
     assert "Server" not in response.headers and "Date" not in response.headers
     assert response.headers["Via"] == "1.1 frontdoor"
+
+
+def _forwarded_as_seen_upstream(make_app, hops: int) -> dict:
+    app = make_app(routes=CATCH_ALL, TRUSTED_PROXY_HOPS=hops)
+    with responses.RequestsMock() as mock:
+        mock.get(f"{UPSTREAM}/items", body=b"ok")
+        app.test_client().get(
+            "/items",
+            headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.example", "X-Forwarded-For": "203.0.113.7"},
+            environ_overrides={"REMOTE_ADDR": "10.1.2.3"},
+        )
+        sent = mock.calls[0].request.headers
+    return {name: sent[name] for name in ("X-Forwarded-Proto", "X-Forwarded-Host", "X-Forwarded-For")}
+
+
+def test_forwarded_fields_from_a_trusted_proxy_are_believed(make_app):
+    # Heroku's router is one hop: its X-Forwarded-* describe the client.
+    assert _forwarded_as_seen_upstream(make_app, hops=1) == {
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "api.example",
+        "X-Forwarded-For": "203.0.113.7, 10.1.2.3",
+    }
+
+
+def test_forwarded_fields_from_an_untrusted_client_are_not(make_app):
+    assert _forwarded_as_seen_upstream(make_app, hops=0) == {
+        "X-Forwarded-Proto": "http",
+        "X-Forwarded-Host": "localhost",
+        "X-Forwarded-For": "203.0.113.7, 10.1.2.3",
+    }
