@@ -1,6 +1,7 @@
 """Fixtures: ``app``, ``client``, ``runner``, and real Redis/PostgreSQL servers."""
 from __future__ import annotations
 
+import contextlib
 import os
 import textwrap
 import uuid
@@ -36,9 +37,21 @@ def route_file(tmp_path: Path):
     return write
 
 
+def delete_keys(url: str, prefix: str) -> None:
+    """Delete every Redis key under ``prefix``: tests share the machine's Redis."""
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def make_app(tmp_path: Path, route_file):
-    """Build an app from a dict: ``make_app(routes=yaml_text, **config)``."""
+    """Build an app from a dict: ``make_app(routes=yaml_text, **config)``; its Redis keys go afterwards."""
+    built: list[dict] = []
 
     def build(routes: str = DEMO_ROUTES, **config):
         settings = {
@@ -49,9 +62,14 @@ def make_app(tmp_path: Path, route_file):
             "KEY_PREFIX": services.unique("test"),
         }
         settings.update(config)
+        built.append(settings)
         return create_app(settings)
 
-    return build
+    yield build
+    for settings in built:
+        if settings.get("REDIS_URL"):
+            with contextlib.suppress(redis.RedisError):
+                delete_keys(settings["REDIS_URL"], settings["KEY_PREFIX"])
 
 
 @pytest.fixture
@@ -100,8 +118,4 @@ def key_prefix(redis_url):
     """A Redis key prefix unique to one test; its keys are deleted afterwards."""
     prefix = services.unique("test")
     yield prefix
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(f"{prefix}*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    delete_keys(redis_url, prefix)

@@ -84,8 +84,8 @@ def _run_worker_and_beat(tmp_path: Path, env: dict[str, str]) -> None:
 
 
 @pytest.mark.redis
-def test_worker_and_beat_run_on_redis(tmp_path, redis_url):
-    _run_worker_and_beat(tmp_path, _celery_env(tmp_path, {"REDIS_URL": redis_url}))
+def test_worker_and_beat_run_on_redis(tmp_path, redis_url, key_prefix):
+    _run_worker_and_beat(tmp_path, _celery_env(tmp_path, {"REDIS_URL": redis_url, "GATEWAY_KEY_PREFIX": key_prefix}))
 
 
 def test_worker_and_beat_run_on_the_embedded_sqlite_broker(tmp_path):

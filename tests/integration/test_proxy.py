@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from tests import services
+from tests.conftest import delete_keys
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -61,7 +62,9 @@ def routes(httpbin_url, bulk_url, blackhole_url):
 
 @pytest.fixture(scope="module")
 def shared(redis_url):
-    return {"REDIS_URL": redis_url, "GATEWAY_KEY_PREFIX": services.unique("it"), "GATEWAY_MAX_BODY_SIZE": str(150 * 2**20)}
+    prefix = services.unique("it")
+    yield {"REDIS_URL": redis_url, "GATEWAY_KEY_PREFIX": prefix, "GATEWAY_MAX_BODY_SIZE": str(150 * 2**20)}
+    delete_keys(redis_url, prefix)
 
 
 @pytest.fixture(scope="module")
