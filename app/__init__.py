@@ -4,9 +4,10 @@ from __future__ import annotations
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from app import config, errors, extensions, health
+from app import auth, config, errors, extensions, health, ratelimit
 from app.gateway import request_id
 from app.observability import logging as logs
+from app.observability import metrics
 
 
 def create_app(test_config: dict | None = None) -> Flask:
@@ -30,11 +31,15 @@ def create_app(test_config: dict | None = None) -> Flask:
     errors.init_app(app)
     extensions.init_app(app)
     health.init_app(app)
-    from app import (
-        gateway,  # last: its catch-all route must not shadow the gateway's own paths
-    )
+    metrics.init_app(app)
+    from app import api, gateway
 
+    # The order of these three is the order of their before_request hooks: match the route,
+    # then authenticate by its policy, then count the request against the consumer's limit.
     gateway.init_app(app)
+    auth.init_app(app)
+    ratelimit.init_app(app)
+    api.init_app(app)
 
     from tasks import celery_init_app
 

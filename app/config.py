@@ -34,6 +34,28 @@ def defaults(app: Flask) -> dict:
         "SQLALCHEMY_DATABASE_URI": f"sqlite:///{instance / 'frontdoor.sqlite'}",
         "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
         "CELERY_BROKER_URL": None,  # derived from REDIS_URL, else SQLite under instance/
+        # Identity. A verified key (or a JWT's consumer) is kept in each process this many
+        # seconds: revoking a key or disabling a consumer takes effect everywhere within it.
+        "AUTH_CACHE_TTL": 5.0,
+        "AUTH_CACHE_SIZE": 10_000,  # cached keys and consumers per process
+        "AUTH_REALM": "frontdoor",  # the realm in WWW-Authenticate (RFC 6750 section 3)
+        "JWT_SECRET": None,  # HS256 shared secret; tokens are accepted only when this or JWKS is set
+        "JWT_JWKS_URL": None,  # RS256/ES256 public keys (JSON Web Key Set, RFC 7517)
+        "JWT_AUDIENCE": None,
+        "JWT_ISSUER": None,
+        "JWT_LEEWAY": 0.0,  # seconds of clock skew allowed on exp/nbf
+        "JWKS_CACHE_SECONDS": 300.0,
+        "JWKS_REFRESH_COOLDOWN": 5.0,  # least seconds between refetches forced by an unknown kid
+        # Rate limits, in the limits library's notation ("100/minute;10/second"; "" for none),
+        # per consumer, or per client IP for anonymous callers, across all routes. A plan's
+        # limit replaces the default for its consumers; the plan "anonymous", when defined,
+        # applies to callers without credentials. A route's rate_limit replaces both on it.
+        "RATELIMIT_DEFAULT": "1000/minute",
+        "RATELIMIT_PLANS": {},  # {"free": "60/minute", "pro": "600/minute;20/second"}
+        "RATELIMIT_STRATEGY": "moving-window",  # exact; or "sliding-window-counter" (O(1) memory)
+        "RATELIMIT_STORAGE_URI": None,  # default: REDIS_URL, else memory:// (one process's own)
+        "RATELIMIT_FAIL_OPEN": True,  # storage unreachable: let requests through (False: 503)
+        "RATELIMIT_OUTAGE_LOG_INTERVAL": 60.0,  # seconds between log lines about an outage
     }
 
 

@@ -47,6 +47,8 @@ def new_redis(url: str, socket_timeout: float = REDIS_SOCKET_TIMEOUT) -> redis.R
 
 def init_app(app: Flask) -> None:
     """Bind the database, migrations and (when ``REDIS_URL`` is set) a Redis client."""
+    from app import models  # noqa: F401 - registers the tables with db.metadata
+
     db.init_app(app)
     migrate.init_app(app, db, directory=str(Path(app.root_path).parent / "migrations"))
     url = app.config["REDIS_URL"]

@@ -6,6 +6,7 @@ import sqlalchemy
 from flask import Blueprint, Flask, current_app, jsonify
 from werkzeug.wrappers import Response
 
+from app.auth import policy
 from app.errors import problem_response
 from app.extensions import db, redis_client
 
@@ -13,12 +14,14 @@ bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
+@policy("none")
 def healthz() -> Response:
     """200 while the process can answer at all; it checks nothing else."""
     return jsonify(status="ok")
 
 
 @bp.get("/readyz")
+@policy("none")
 def readyz() -> Response:
     """200 when every backing service answers; 503 problem+json naming each one that does not."""
     checks: dict[str, str] = {}

@@ -59,13 +59,13 @@ def load_gateway(app: Flask) -> Gateway:
 _DOT_SEGMENT = re.compile(r"(?:^|/)\.{1,2}(?:/|$)")
 
 
-def proxy(path: str = "") -> Response:
-    """Serve any path outside the reserved ones through its route's pipeline."""
-    # Each access through flask.request / flask.g is a context-local lookup: take the objects once.
+def route_request() -> None:
+    """before_request: match a proxied path to its route, so that authentication and rate
+    limiting, which run next, know the route's policy and limit. Raises 404, 405 or 400."""
     client = request._get_current_object()
-    ctx = g._get_current_object()
+    if client.endpoint != "proxy":
+        return
     gateway: Gateway = current_app.extensions["gateway"]
-    environ = client.environ
     path = client.path
     if gateway.is_reserved(path):
         raise NotFound()  # the gateway's own space: never proxied to a broad route such as "/"
@@ -73,14 +73,24 @@ def proxy(path: str = "") -> Response:
         # "/public/../admin" would match "/public" here and mean "/admin" to an upstream that
         # normalises paths (RFC 3986 section 5.2.4): refuse rather than route by the wrong prefix.
         raise BadRequest("The path must not contain '.' or '..' segments")
-    match = gateway.router.match(client.method, path, _raw_path(environ, path))
+    ctx = g._get_current_object()
+    ctx.match = match = gateway.router.match(client.method, path, _raw_path(client.environ, path))
     ctx.route = match.route.label
+
+
+def proxy(path: str = "") -> Response:
+    """Serve any path outside the reserved ones through its matched route's pipeline."""
+    # Each access through flask.request / flask.g is a context-local lookup: take the objects once.
+    client = request._get_current_object()
+    ctx = g._get_current_object()
+    environ = client.environ
+    match = ctx.match
     headers = client.headers
     length = client.content_length
     chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
     greq = GatewayRequest(
         method=client.method,
-        path=path,
+        path=client.path,
         query=environ.get("QUERY_STRING", ""),
         headers=headers,
         body=ClientBody(client.stream, length) if (length or chunked) else None,
@@ -91,6 +101,7 @@ def proxy(path: str = "") -> Response:
         params=match.params,
         upstream_path=match.upstream_path,
         request_id=ctx.request_id,
+        principal=ctx.get("principal"),
     )
     try:
         upstream_response = match.handler(greq)
@@ -126,5 +137,6 @@ def init_app(app: Flask) -> None:
     Raises RouteFileError when the file is invalid: a gateway never serves half a config.
     """
     app.extensions["gateway"] = load_gateway(app)
+    app.before_request(route_request)
     app.add_url_rule("/", "proxy", proxy, methods=PROXIED_METHODS, provide_automatic_options=False)
     app.add_url_rule("/<path:path>", "proxy", proxy, methods=PROXIED_METHODS, provide_automatic_options=False)

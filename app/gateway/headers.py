@@ -32,14 +32,20 @@ _REQUEST_DROP = (
     | frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via", "x-request-id"})
 )
 _RESPONSE_DROP = HOP_BY_HOP | _RESPONSE_DROPPED
+# The credentials the gateway consumes: not passed on unless a route forwards them.
+CREDENTIALS = frozenset({"authorization", "x-api-key"})
+# Identity the gateway asserts to upstreams; a client's own X-Consumer-* fields are never trusted.
+CONSUMER_PREFIX = "x-consumer-"
 
 
-def _partition(fields: list[tuple[str, str]], drop: frozenset[str], collect: tuple[str, ...] = ()):
+def _partition(
+    fields: list[tuple[str, str]], drop: frozenset[str], collect: tuple[str, ...] = (), drop_prefix: str | None = None
+):
     """Split ``fields`` into those kept and, by lower-case name, the values of ``collect``.
 
-    Dropped: the names in ``drop`` and every name a ``Connection`` line lists (it may come
-    as several lines, RFC 9110 section 5.3). ``fields`` is a list, so a client's headers are
-    read out of the WSGI environ once, not once per lookup.
+    Dropped: the names in ``drop``, names starting with ``drop_prefix``, and every name a
+    ``Connection`` line lists (it may come as several lines, RFC 9110 section 5.3). ``fields``
+    is a list, so a client's headers are read out of the WSGI environ once, not per lookup.
     """
     named = [
         name.strip().lower() for key, value in fields if key.lower() == "connection" for name in value.split(",")
@@ -52,7 +58,7 @@ def _partition(fields: list[tuple[str, str]], drop: frozenset[str], collect: tup
         lower = key.lower()
         if lower in collected:
             collected[lower].append(value)
-        if lower not in drop:
+        if lower not in drop and not (drop_prefix and lower.startswith(drop_prefix)):
             kept.append((key, value))
     return kept, collected
 
@@ -76,20 +82,26 @@ def _append(current: list[str], value: str) -> str:
     return ", ".join([*current, value])
 
 
-def forwarding_headers(via_name: str) -> Middleware:
+def forwarding_headers(via_name: str, drop_credentials: bool = False) -> Middleware:
     """Build the header stage.
 
-    Upstream-bound: hop-by-hop fields, ``Host`` and ``Content-Length`` removed;
+    Upstream-bound: hop-by-hop fields, ``Host`` and ``Content-Length`` removed, and with
+    ``drop_credentials`` also ``Authorization`` and ``X-API-Key``; every ``X-Consumer-*``
+    field the client sent removed, and for an authenticated request ``X-Consumer-ID``,
+    ``X-Consumer-Username`` and ``X-Consumer-Scopes`` (space-separated) added, as Kong does;
     ``X-Forwarded-For`` gets the peer address appended; ``X-Forwarded-Proto`` and
     ``X-Forwarded-Host`` carry the client's scheme and host; ``Via`` gets ``1.1 <via_name>``
     appended (RFC 9110 section 7.6.3); ``X-Request-ID`` carries the request id.
     Client-bound: hop-by-hop fields removed and ``Via`` appended likewise.
     """
     via = f"1.1 {via_name}"
+    request_drop = _REQUEST_DROP | CREDENTIALS if drop_credentials else _REQUEST_DROP
 
     def middleware(next_handler: Handler) -> Handler:
         def handle(req: GatewayRequest) -> GatewayResponse:
-            kept, seen = _partition(list(req.headers.items()), _REQUEST_DROP, ("x-forwarded-for", "via"))
+            kept, seen = _partition(
+                list(req.headers.items()), request_drop, ("x-forwarded-for", "via"), CONSUMER_PREFIX
+            )
             kept += [
                 ("X-Forwarded-For", _append(seen["x-forwarded-for"], req.client_addr)),
                 ("X-Forwarded-Proto", req.scheme),
@@ -97,6 +109,13 @@ def forwarding_headers(via_name: str) -> Middleware:
                 ("Via", _append(seen["via"], via)),
                 ("X-Request-ID", req.request_id),
             ]
+            principal = req.principal
+            if principal is not None:
+                kept += [
+                    ("X-Consumer-ID", principal.consumer_id),
+                    ("X-Consumer-Username", principal.consumer_name),
+                    ("X-Consumer-Scopes", " ".join(sorted(principal.scopes))),
+                ]
             req.headers = Headers(kept)
             response = next_handler(req)
             kept, seen = _partition(list(response.headers.items()), _RESPONSE_DROP, ("via",))

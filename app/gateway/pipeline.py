@@ -88,7 +88,8 @@ def assemble(route: Route, upstream: UpstreamRuntime, settings: Settings) -> Han
     handler = balance(upstream.name, config.targets, upstream.breakers)(handler)
     handler = retry(config.retries)(handler)
     handler = bulkhead(upstream.name, upstream.slots)(handler)
-    handler = forwarding_headers(settings.via_name)(handler)
+    drop_credentials = route.auth != "none" and not route.forward_credentials
+    handler = forwarding_headers(settings.via_name, drop_credentials)(handler)
     handler = request_body(max_body, settings.buffer_body_size)(handler)
     return handler
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 import yaml
+from limits import parse_many
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -17,6 +19,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from app.auth import Policy
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -94,6 +98,37 @@ class Route(_Strict):
     methods: Annotated[tuple[Method, ...], Field(min_length=1)] | None = None  # None: every method
     strip_prefix: bool = False
     max_body_size: Annotated[int, Field(ge=0)] | None = None  # bytes; None: MAX_BODY_SIZE
+    # Who may call: "required" (a valid credential), "optional" (anonymous callers too, but a
+    # credential that is sent must be valid) or "none" (the gateway does not look).
+    auth: Literal["required", "optional", "none"] = "optional"
+    scopes: tuple[str, ...] = ()  # every one is required of the credential
+    # Authorization and X-API-Key reach the upstream only when this is true (auth "none" routes
+    # pass them untouched: the gateway has not read them).
+    forward_credentials: bool = False
+    # Per consumer (or client IP when anonymous) on this route, instead of the plan's limit:
+    # "600/minute;20/second" (the limits library's notation), or "none" for no limit.
+    rate_limit: str | None = None
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str | None) -> str | None:
+        if value is None or value.strip().lower() == "none":
+            return None if value is None else "none"
+        try:
+            parse_many(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a rate limit such as '100/minute' or '10/second;1000/hour'") from None
+        return value
+
+    @model_validator(mode="after")
+    def _scopes_need_auth(self) -> Route:
+        if self.scopes and self.auth != "required":
+            raise ValueError(f"scopes {list(self.scopes)} need 'auth: required' (auth is {self.auth!r})")
+        return self
+
+    @cached_property
+    def policy(self) -> Policy:
+        return Policy(self.auth, frozenset(self.scopes))
 
     @field_validator("methods", mode="before")
     @classmethod

@@ -10,6 +10,7 @@ from werkzeug.datastructures import Headers
 from app.errors import ProblemError
 
 if TYPE_CHECKING:
+    from app.auth import Principal
     from app.gateway.routefile import Route
 
 
@@ -34,6 +35,7 @@ class GatewayRequest:
     params: dict[str, str] = field(default_factory=dict)
     upstream_path: str = ""
     request_id: str = ""
+    principal: Principal | None = None  # the authenticated consumer; None when anonymous
     target: str | None = None
     upstream_seconds: float = 0.0  # time spent waiting for upstream response headers, all attempts
     tried_targets: set[str] = field(default_factory=set)  # targets attempted so far

@@ -1,0 +1,12 @@
+"""The gateway's own resources under ``API_PREFIX`` (``/_gateway``), one blueprint per resource."""
+from __future__ import annotations
+
+from flask import Flask
+
+from app.api import consumers, keys
+
+
+def init_app(app: Flask) -> None:
+    prefix = app.config["API_PREFIX"].rstrip("/")
+    for module in (consumers, keys):
+        app.register_blueprint(module.bp, url_prefix=prefix)

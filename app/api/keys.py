@@ -1,0 +1,113 @@
+"""``/_gateway/keys``: a consumer's own API keys; with the ``admin`` scope, every consumer's.
+
+A key is shown once, in the 201 that creates it (``key``). Rotating gives a new key while the
+old one stays valid until it is revoked (or for ``expire_old_in`` seconds). Another consumer's
+key id answers 404, as an unknown one does.
+"""
+from __future__ import annotations
+
+from typing import Annotated
+
+from flask import Blueprint, jsonify, request, url_for
+from pydantic import Field
+from sqlalchemy import select
+from werkzeug.wrappers import Response
+
+from app.api.common import ConflictProblem, Schema, body, found, invalid, page
+from app.auth import InsufficientScope, Principal, current_principal, manage
+from app.extensions import db
+from app.models import ApiKey
+
+bp = Blueprint("keys", __name__)
+
+
+class KeyCreate(Schema):
+    consumer: str | None = None  # id or name; only with the admin scope (default: the caller)
+    scopes: list[str] = Field(default_factory=list)
+    expires_in: Annotated[float, Field(gt=0)] | None = None  # seconds
+
+
+class KeyRotate(Schema):
+    expire_old_in: Annotated[float, Field(ge=0)] | None = None  # seconds; default: until revoked
+
+
+def _caller() -> Principal:
+    principal = current_principal()
+    assert principal is not None  # these views require a credential (the default policy)
+    return principal
+
+
+def _own(key_id: str) -> ApiKey:
+    """The key ``key_id`` if the caller may see it; 404 otherwise, whether or not it exists."""
+    principal = _caller()
+    key = db.session.get(ApiKey, key_id)
+    if key is not None and not principal.is_admin and key.consumer_id != principal.consumer_id:
+        key = None
+    return found(key, "key", key_id)
+
+
+def _created(minted) -> tuple[Response, int, dict]:
+    location = url_for("keys.read", key_id=minted.row.id)
+    return jsonify(manage.key_json(minted.row, minted.key)), 201, {"Location": location}
+
+
+@bp.post("/keys")
+def create() -> tuple[Response, int, dict]:
+    """Create a key: ``{"scopes": [...], "expires_in": seconds, "consumer": id-or-name}``.
+
+    Without the admin scope a caller creates keys for itself only, with scopes it holds.
+    """
+    principal = _caller()
+    data = body(KeyCreate)
+    own = (None, principal.consumer_id, principal.consumer_name)
+    if data.consumer not in own and not principal.is_admin:
+        raise InsufficientScope("Only a caller with the admin scope may create keys for another consumer")
+    consumer = manage.find_consumer(data.consumer or principal.consumer_id)
+    if consumer is None:
+        raise invalid("consumer", f"no consumer has the id or name {data.consumer!r}")
+    beyond = set(data.scopes) - principal.scopes
+    if beyond and not principal.is_admin:
+        raise invalid("scopes", f"cannot grant scopes the caller does not hold: {', '.join(sorted(beyond))}")
+    try:
+        minted = manage.create_key(consumer, data.scopes, data.expires_in)
+    except manage.Invalid as exc:
+        raise invalid("scopes", str(exc)) from exc
+    return _created(minted)
+
+
+@bp.get("/keys")
+def index() -> Response:
+    """``{"data": [key, ...], "next_cursor": ...}``: the caller's keys, newest first; with the
+    admin scope every consumer's, or one consumer's with ``?consumer=<id>``."""
+    principal = _caller()
+    query = select(ApiKey)
+    if not principal.is_admin:
+        query = query.where(ApiKey.consumer_id == principal.consumer_id)
+    elif request.args.get("consumer"):
+        query = query.where(ApiKey.consumer_id == request.args["consumer"])
+    rows, next_cursor = page(query, ApiKey, db.session)
+    return jsonify(data=[manage.key_json(row) for row in rows], next_cursor=next_cursor)
+
+
+@bp.get("/keys/<key_id>")
+def read(key_id: str) -> Response:
+    return jsonify(manage.key_json(_own(key_id)))
+
+
+@bp.delete("/keys/<key_id>")
+def revoke(key_id: str) -> Response:
+    """Revoke the key (idempotent); every gateway process refuses it within AUTH_CACHE_TTL seconds."""
+    return jsonify(manage.key_json(manage.revoke_key(_own(key_id))))
+
+
+@bp.post("/keys/<key_id>/rotate")
+def rotate(key_id: str) -> tuple[Response, int, dict]:
+    """A new key with the same consumer and scopes (201, shown once); the old one stays valid
+    until revoked, or for ``expire_old_in`` seconds. 409 for a revoked or expired key."""
+    key = _own(key_id)
+    data = body(KeyRotate)
+    try:
+        minted = manage.rotate_key(key, data.expire_old_in)
+    except manage.Conflict as exc:
+        raise ConflictProblem(str(exc)) from exc
+    return _created(minted)

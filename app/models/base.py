@@ -1,0 +1,48 @@
+"""What every model shares: prefixed unguessable ids and timezone-aware UTC timestamps."""
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+
+from sqlalchemy import DateTime
+from sqlalchemy.types import TypeDecorator
+
+
+def new_id(prefix: str) -> str:
+    """Return ``{prefix}_`` and 22 URL-safe random characters (128 bits): ``con_3hX...``.
+
+    Unguessable, so an id seen in a log or a URL grants nothing by itself.
+    """
+    return f"{prefix}_{secrets.token_urlsafe(16)}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator):
+    """A timestamp stored as naive UTC and read back timezone-aware (UTC).
+
+    SQLite has no time zones and returns naive datetimes even for ``DateTime(timezone=True)``;
+    storing UTC everywhere and attaching the zone on the way out behaves the same on both.
+    """
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: pass a timezone-aware one")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+def isoformat(value: datetime | None) -> str | None:
+    """RFC 3339 with a ``Z``, to the second's millisecond, or None."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,262 @@
+"""Rate limits per consumer with flask-limiter on the limits library's storage, and their headers.
+
+The limit that applies to a request is, most specific first: its route's ``rate_limit``; its
+consumer's plan (``RATELIMIT_PLANS``); the ``anonymous`` plan for callers without credentials;
+``RATELIMIT_DEFAULT``. A route's limit is counted per consumer on that route; the others per
+consumer across every route. Anonymous callers are counted by client IP, as ProxyFix reports it
+after ``TRUSTED_PROXY_HOPS`` (Heroku's router is one hop).
+
+Headers, on every response that a limit applied to (draft-ietf-httpapi-ratelimit-headers-08,
+sections 3 and 4, and the older de facto ``X-RateLimit-*``)::
+
+    RateLimit-Policy: "pro";q=600;w=60
+    RateLimit: "pro";r=599;t=60
+    X-RateLimit-Limit: 600
+    X-RateLimit-Remaining: 599
+    X-RateLimit-Reset: 1795000000      (epoch seconds)
+
+and ``Retry-After`` (seconds) on a 429.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import redis
+from flask import Flask, current_app, g, request
+from flask_limiter import Limit, Limiter, RequestLimit
+from flask_limiter.errors import RateLimitExceeded
+from limits import parse_many
+from limits.errors import StorageError
+from werkzeug.wrappers import Response
+
+from app.errors import ProblemError, problem_response, problem_type
+from app.extensions import redis_client
+from app.observability.metrics import RATELIMIT_REJECTED, RATELIMIT_STORAGE_UNAVAILABLE
+
+log = logging.getLogger("frontdoor.ratelimit")
+
+STORAGE_ERRORS = (redis.RedisError, StorageError)
+# Probes and scrapes are never limited: a load balancer must always reach them.
+EXEMPT_ENDPOINTS = frozenset({"health.healthz", "health.readyz", "metrics.metrics"})
+# After the storage fails, requests skip it for this long (seconds) instead of each paying
+# for a refused or timed-out connection; then one request tries again.
+STORAGE_RETRY_INTERVAL = 1.0
+
+
+class RateLimitUnavailable(ProblemError):
+    """503: the limit storage is unreachable and the gateway is configured to fail closed."""
+
+    status, title, slug = 503, "Service Unavailable", "rate-limit-unavailable"
+
+
+class StorageOutage:
+    """What the limiter does while its storage is unreachable: fail open (the default) or
+    closed, log once per ``log_interval`` seconds, and count each request in a metric."""
+
+    def __init__(self, fail_open: bool, log_interval: float, clock: Callable[[], float] = time.monotonic):
+        self.fail_open = fail_open
+        self.log_interval = log_interval
+        self.clock = clock
+        self.down = False
+        self._retry_at = 0.0
+        self._logged_at: float | None = None
+        self._unlimited = 0  # requests not limited since the last log line
+
+    def skipping(self) -> bool:
+        """True while the storage is known to be down and not yet due for another try."""
+        return self.down and self.clock() < self._retry_at
+
+    def failed(self, error: Exception | None) -> None:
+        """Record that this request could not be limited (``error`` when the storage was just
+        tried). Raises RateLimitUnavailable when failing closed."""
+        now = self.clock()
+        if error is not None:
+            self._retry_at = now + STORAGE_RETRY_INTERVAL
+        self.down = True
+        self._unlimited += 1
+        outcome = "allowed" if self.fail_open else "refused"
+        RATELIMIT_STORAGE_UNAVAILABLE.labels(outcome).inc()
+        if self._logged_at is None or now - self._logged_at >= self.log_interval:
+            log.warning(
+                "rate-limit storage unreachable: requests are %s without a limit",
+                "let through" if self.fail_open else "refused",
+                extra={"error": repr(error) if error else None, "requests_unlimited": self._unlimited},
+            )
+            self._logged_at = now
+            self._unlimited = 0
+        if not self.fail_open:
+            raise RateLimitUnavailable(
+                "Rate limits cannot be checked right now; retry shortly", headers={"Retry-After": "1"}
+            )
+
+    def recovered(self) -> None:
+        if self.down:
+            self.down = False
+            self._logged_at = None
+            log.warning("rate-limit storage reachable again: limits apply", extra={"requests_unlimited": self._unlimited})
+            self._unlimited = 0
+
+
+class GatewayLimiter(Limiter):
+    """flask-limiter, with the gateway's policy for an unreachable storage.
+
+    flask-limiter either raises storage errors (a 500) or swallows them with a traceback per
+    request and retries the storage on every request; this fails open or closed, backs off
+    for STORAGE_RETRY_INTERVAL, and logs once per interval (StorageOutage).
+    """
+
+    outage: StorageOutage
+
+    def _check_request_limit(self, callable_name: str | None = None, in_middleware: bool = True) -> None:
+        # flask-limiter's before_request hook (Limiter.init_app registers this method).
+        if self.outage.skipping():
+            self.outage.failed(None)
+            return
+        try:
+            super()._check_request_limit(callable_name, in_middleware)
+        except STORAGE_ERRORS as exc:
+            self.context.reset()  # nothing was counted: no headers for this response
+            self.outage.failed(exc)
+            return
+        self.outage.recovered()
+
+
+class Policies:
+    """The configured limit strings, validated once; picks the one for the current request."""
+
+    def __init__(self, default: str, plans: dict[str, str]):
+        self.default = _checked("RATELIMIT_DEFAULT", default)
+        self.plans = {name: _checked(f"RATELIMIT_PLANS[{name!r}]", value) for name, value in plans.items()}
+
+    def current(self) -> tuple[str, str, str]:
+        """(policy name, limit string, counting scope) for this request; "" means no limit."""
+        ctx = g._get_current_object()
+        chosen = ctx.get("rate_policy")
+        if chosen is not None:
+            return chosen
+        match = ctx.get("match")
+        principal = ctx.get("principal")
+        if match is not None and match.route.rate_limit is not None:
+            limit = match.route.rate_limit
+            chosen = ("route", "" if limit == "none" else limit, "route:" + match.route.label)
+        elif principal is not None and principal.plan in self.plans:
+            chosen = (principal.plan, self.plans[principal.plan], "consumer")
+        elif principal is None and "anonymous" in self.plans:
+            chosen = ("anonymous", self.plans["anonymous"], "consumer")
+        else:
+            chosen = ("default", self.default, "consumer")
+        ctx.rate_policy = chosen
+        return chosen
+
+
+def _checked(key: str, value: str) -> str:
+    if value:
+        try:
+            parse_many(value)
+        except ValueError:
+            raise ValueError(f"{key}: {value!r} is not a rate limit such as '100/minute'") from None
+    return value or ""
+
+
+def limited_by() -> str:
+    """The counter key: the consumer's id, or ``ip:<address>`` for an anonymous caller."""
+    principal = g.get("principal")
+    if principal is not None:
+        return principal.consumer_id
+    return "ip:" + (request.remote_addr or "unknown")
+
+
+def _policies() -> Policies:
+    return current_app.extensions["ratelimit"]
+
+
+def _exempt() -> bool:
+    return request.endpoint in EXEMPT_ENDPOINTS
+
+
+def _policy_names(limits: list[RequestLimit], name: str) -> list[str]:
+    if len(limits) == 1:
+        return [name]
+    return [f"{name}-{limit.limit.get_expiry()}s" for limit in limits]
+
+
+def _headers(response: Response) -> Response:
+    """after_request: the RateLimit fields for every limit this request was counted against."""
+    limiter: GatewayLimiter = current_app.extensions["ratelimit_limiter"]
+    limits = limiter.current_limits
+    if not limits:
+        return response
+    try:
+        windows = [(limit, limit.window) for limit in limits]  # each asks the storage once
+    except STORAGE_ERRORS:
+        return response  # the request was counted; only its headers are lost
+    now = time.time()
+    name = _policies().current()[0]
+    policies, states = [], []
+    for (limit, (reset, remaining)), label in zip(windows, _policy_names(limits, name), strict=True):
+        policies.append(f'"{label}";q={limit.limit.amount};w={limit.limit.get_expiry()}')
+        states.append(f'"{label}";r={max(remaining, 0)};t={max(math.ceil(reset - now), 0)}')
+    headers = response.headers
+    headers["RateLimit-Policy"] = ", ".join(policies)
+    headers["RateLimit"] = ", ".join(states)
+    shown = limiter.current_limit or limits[0]
+    reset, remaining = shown.window
+    headers["X-RateLimit-Limit"] = str(shown.limit.amount)
+    headers["X-RateLimit-Remaining"] = str(max(remaining, 0))
+    headers["X-RateLimit-Reset"] = str(math.ceil(reset))
+    if shown.breached:
+        headers["Retry-After"] = str(max(math.ceil(reset - now), 1))
+    return response
+
+
+def _too_many_requests(error: RateLimitExceeded) -> Response:
+    RATELIMIT_REJECTED.labels(g.get("route") or request.endpoint or "").inc()
+    name = _policies().current()[0]
+    return problem_response(
+        429,
+        "Too Many Requests",
+        f"The rate limit {error.description} ({name!r} policy) is used up; retry after Retry-After seconds",
+        problem_type("rate-limited"),
+    )
+
+
+def init_app(app: Flask) -> None:
+    """Limit every request after authentication; raises ValueError on an invalid limit setting.
+
+    Uses ``REDIS_URL`` (``RATELIMIT_STORAGE_URI`` when set) through the app's Redis connection
+    pool, else ``memory://``, which counts per process.
+    """
+    config = app.config
+    app.extensions["ratelimit"] = Policies(config["RATELIMIT_DEFAULT"], dict(config["RATELIMIT_PLANS"]))
+    client = redis_client(app)
+    uri = config["RATELIMIT_STORAGE_URI"] or (config["REDIS_URL"] if client is not None else "memory://")
+    options: dict = {}
+    if uri.startswith(("redis://", "rediss://")):
+        options["key_prefix"] = f"{config['KEY_PREFIX']}:ratelimit"
+        if client is not None and uri == config["REDIS_URL"]:
+            options["connection_pool"] = client.connection_pool  # short timeouts, no retries
+    limiter = GatewayLimiter(
+        key_func=limited_by,
+        default_limits=[
+            Limit(
+                limit_provider=lambda: _policies().current()[1],
+                key_function=limited_by,
+                scope=lambda _endpoint: _policies().current()[2],
+                shared=True,
+            )
+        ],
+        storage_uri=uri,
+        storage_options=options,
+        strategy=config["RATELIMIT_STRATEGY"],
+        headers_enabled=False,  # written by _headers: flask-limiter knows neither the IETF fields nor per-policy names
+        swallow_errors=False,
+    )
+    limiter.outage = StorageOutage(bool(config["RATELIMIT_FAIL_OPEN"]), float(config["RATELIMIT_OUTAGE_LOG_INTERVAL"]))
+    limiter.request_filter(_exempt)
+    limiter.init_app(app)
+    app.extensions["ratelimit_limiter"] = limiter
+    app.after_request(_headers)
+    app.register_error_handler(RateLimitExceeded, _too_many_requests)
