@@ -119,3 +119,11 @@ def key_prefix(redis_url):
     prefix = services.unique("test")
     yield prefix
     delete_keys(redis_url, prefix)
+
+
+@pytest.fixture
+def identity(app):
+    """Consumers and API keys in ``app``'s database (tables created): ``identity.key(scopes=("admin",))``."""
+    from tests.factories import Identity
+
+    return Identity(app)
