@@ -50,7 +50,8 @@ def defaults(app: Flask) -> dict:
         # per consumer, or per client IP for anonymous callers, across all routes. A plan's
         # limit replaces the default for its consumers; the plan "anonymous", when defined,
         # applies to callers without credentials. A route's rate_limit replaces both on it.
-        "RATELIMIT_DEFAULT": "1000/minute",
+        # Off unless set, as in Kong and KrakenD: a gateway should not answer 429s nobody asked for.
+        "RATELIMIT_DEFAULT": "",
         "RATELIMIT_PLANS": {},  # {"free": "60/minute", "pro": "600/minute;20/second"}
         "RATELIMIT_STRATEGY": "moving-window",  # exact; or "sliding-window-counter" (O(1) memory)
         "RATELIMIT_STORAGE_URI": None,  # default: REDIS_URL, else memory:// (one process's own)

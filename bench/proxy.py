@@ -26,9 +26,12 @@ BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
 from upstream import BODY  # the fixed answer, to check what each peer returns
 
-PEERS = ("upstream", "gateway", "naive", "floor")
+PEERS = ("upstream", "gateway", "gateway-auth", "naive", "floor")
+# gateway-auth is the same gateway process on a route with key auth and a Redis-backed limit.
+PROCESS_OF = {"gateway-auth": "gateway"}
 PATH = "/bench/items?page=1"  # what wrk asks for; the gateway gets it under /pass
 THROUGHPUT_TARGET = 1.6  # gateway req/s over naive req/s at c32, at least
+AUTH_THROUGHPUT_TARGET = 1.4  # the same with key auth and a rate limit on the route
 OVERHEAD_TARGET_MS = 0.6  # gateway p50 minus upstream p50 at c1, at most
 NAIVE_WORKERS = 5  # gunicorn's rule of thumb for sync workers: 2 x cores + 1
 SANITY_REQUESTS = 20
@@ -49,6 +52,11 @@ routes:
   - path: /pass
     upstream: fast
     strip_prefix: true
+  - path: /auth
+    upstream: fast
+    strip_prefix: true
+    auth: required
+    rate_limit: "1000000/hour"  # counted in Redis on every request; never reached
 """
 
 
@@ -88,9 +96,21 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+def bootstrap_key(env: dict[str, str]) -> str:
+    """Migrate the gateway's database and create a consumer and key, with the gateway's own CLI."""
+    flask = str(Path(sys.executable).parent / "flask")
+    for argv in (["db", "upgrade"], ["consumers", "create", "bench"]):
+        subprocess.run([flask, "--app", "app", *argv], cwd=ROOT, env=env, check=True, capture_output=True)
+    done = subprocess.run(
+        [flask, "--app", "app", "keys", "create", "--consumer", "bench"],
+        cwd=ROOT, env=env, check=True, capture_output=True, text=True,
+    )
+    return done.stdout.strip()
+
+
+def get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     try:
-        with OPENER.open(url, timeout=timeout) as response:
+        with OPENER.open(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -113,12 +133,12 @@ def wait_ready(name: str, url: str, proc: subprocess.Popen, logs: Path, timeout:
     raise RuntimeError(f"{name} {state}; its stderr ends:\n{tail}")
 
 
-def sanity(name: str, url: str) -> str:
+def sanity(name: str, url: str, headers: dict[str, str] | None = None) -> str:
     """Send a few requests one by one; describe any answer that is not the upstream's 200."""
     statuses: collections.Counter[int] = collections.Counter()
     wrong_body = 0
     for _ in range(SANITY_REQUESTS):
-        status, body = get(url)
+        status, body = get(url, headers=headers)
         statuses[status] += 1
         wrong_body += status == 200 and body != BODY
     if statuses[200] == SANITY_REQUESTS and not wrong_body:
@@ -152,8 +172,10 @@ def parse_wrk(output: str) -> dict:
     }
 
 
-def run_wrk(url: str, threads: int, connections: int, duration: int) -> dict:
+def run_wrk(url: str, threads: int, connections: int, duration: int, headers: dict[str, str] | None = None) -> dict:
     argv = ["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{duration}s", "--timeout", "5s"]
+    for name, value in (headers or {}).items():
+        argv += ["-H", f"{name}: {value}"]
     done = subprocess.run(
         [*argv, "--latency", url], capture_output=True, text=True, timeout=duration + 30, check=False
     )
@@ -260,11 +282,11 @@ def median_rows(results: dict[str, list[dict]]) -> dict[str, dict]:
 
 def print_table(title: str, rows: dict[str, dict]) -> None:
     print(f"\n{title}")
-    print(f"  {'peer':<10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU ms/req':>12}{'non-2xx':>10}{'sock err':>10}")
+    print(f"  {'peer':<13}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU ms/req':>12}{'non-2xx':>10}{'sock err':>10}")
     for peer in PEERS:
         row = rows[peer]
         print(
-            f"  {peer:<10}{row['rps']:>10.1f}{row['p50']:>10.3f}{row['p99']:>10.3f}{row['cpu_ms']:>12.3f}"
+            f"  {peer:<13}{row['rps']:>10.1f}{row['p50']:>10.3f}{row['p99']:>10.3f}{row['cpu_ms']:>12.3f}"
             f"{row['non2xx']:>10}{row['socket_errors']:>10}"
         )
 
@@ -275,12 +297,14 @@ def measure(args: argparse.Namespace, tmp: Path, redis_url: str, key_prefix: str
     if not os.path.exists(gunicorn):
         gunicorn = shutil.which("gunicorn") or "gunicorn"
     procs: list[subprocess.Popen] = []
+    running: dict[str, subprocess.Popen] = {}
     try:
         ports = {peer: free_port() for peer in PEERS}
         base = {peer: f"http://127.0.0.1:{port}" for peer, port in ports.items()}
         urls = {
             "upstream": base["upstream"] + PATH,
             "gateway": base["gateway"] + "/pass" + PATH,
+            "gateway-auth": base["gateway"] + "/auth" + PATH,
             "naive": base["naive"] + PATH,
             "floor": base["floor"] + PATH,
         }
@@ -293,6 +317,7 @@ def measure(args: argparse.Namespace, tmp: Path, redis_url: str, key_prefix: str
             gunicorn, "--bind", f"127.0.0.1:{ports['upstream']}", "--workers", "2",
             "--worker-class", "gthread", "--threads", "4", *quiet, "upstream:app",
         ], child_env(), BENCH, tmp))
+        running["upstream"] = procs[-1]
         wait_ready("upstream", urls["upstream"], procs[-1], tmp)
 
         # The gateway as the Procfile's web process runs it; only the control socket moves to tmp,
@@ -302,6 +327,7 @@ def measure(args: argparse.Namespace, tmp: Path, redis_url: str, key_prefix: str
             REDIS_URL=redis_url, GATEWAY_KEY_PREFIX=key_prefix, GATEWAY_CONFIG=str(route_file),
             DATABASE_URL=f"sqlite:///{tmp / 'frontdoor.sqlite'}",
         )
+        headers = {"gateway-auth": {"X-API-Key": bootstrap_key(gateway_env)}}
         procs.append(start("gateway", [
             gunicorn, "--config", "gunicorn.conf.py", "--control-socket", str(tmp / "gateway.ctl"),
             "app:create_app()",
@@ -312,6 +338,8 @@ def measure(args: argparse.Namespace, tmp: Path, redis_url: str, key_prefix: str
             gunicorn, "--bind", f"127.0.0.1:{ports['naive']}", "--workers", str(NAIVE_WORKERS),
             "--worker-class", "sync", *quiet, "naive:app",
         ], child_env(NAIVE_UPSTREAM=base["upstream"]), BENCH, tmp))
+        running["gateway"] = procs[1]
+        running["naive"] = procs[2]
         wait_ready("gateway", base["gateway"] + "/healthz", procs[1], tmp)
         # The floor: a Flask view around one pooled requests.Session call, streaming, under the
         # gateway's own gunicorn settings. No breaker, retry, bulkhead, header rules or log line:
@@ -320,16 +348,17 @@ def measure(args: argparse.Namespace, tmp: Path, redis_url: str, key_prefix: str
             gunicorn, "--bind", f"127.0.0.1:{ports['floor']}", "--workers", "2",
             "--worker-class", "gthread", "--threads", "8", *quiet, "floor:app",
         ], child_env(FLOOR_UPSTREAM=base["upstream"]), BENCH, tmp))
+        running["floor"] = procs[3]
         wait_ready("naive", urls["naive"], procs[2], tmp)
         wait_ready("floor", urls["floor"], procs[3], tmp)
 
-        problems = [problem for problem in (sanity(peer, urls[peer]) for peer in PEERS) if problem]
+        problems = [problem for problem in (sanity(peer, urls[peer], headers.get(peer)) for peer in PEERS) if problem]
         for problem in problems:
             print(f"WARNING: {problem}", flush=True)
         sent = SANITY_REQUESTS
         for peer in PEERS:  # warm-up: connection pools, lazy imports, first-request paths
-            warm = run_wrk(urls[peer], 1, 4, 1)
-            sent += warm["requests"] if peer == "gateway" else 0
+            warm = run_wrk(urls[peer], 1, 4, 1, headers.get(peer))
+            sent += warm["requests"] if peer.startswith("gateway") else 0
 
         results: dict[str, dict[str, list[dict]]] = {name: {peer: [] for peer in PEERS} for name, *_ in args.settings}
         print(f"{args.rounds} rounds on {os.cpu_count()} CPUs; each round runs every setting on every peer,"
@@ -340,12 +369,13 @@ def measure(args: argparse.Namespace, tmp: Path, redis_url: str, key_prefix: str
                 for peer in order:
                     # CPU time of the peer's own processes per request: steadier than req/s on a
                     # shared machine, since it does not depend on what else got the cores.
-                    before = tree_cpu_seconds(procs[PEERS.index(peer)].pid)
-                    run = run_wrk(urls[peer], threads, connections, duration)
-                    used = tree_cpu_seconds(procs[PEERS.index(peer)].pid) - before
+                    process = running[PROCESS_OF.get(peer, peer)]
+                    before = tree_cpu_seconds(process.pid)
+                    run = run_wrk(urls[peer], threads, connections, duration, headers.get(peer))
+                    used = tree_cpu_seconds(process.pid) - before
                     run["cpu_ms"] = used * 1000 / max(run["requests"], 1)
                     results[name][peer].append(run)
-                    sent += run["requests"] if peer == "gateway" else 0
+                    sent += run["requests"] if peer.startswith("gateway") else 0
                     flags = f"  non-2xx {run['non2xx']}" if run["non2xx"] else ""
                     flags += f"  socket errors {run['socket_errors']}" if run["socket_errors"] else ""
                     print(
@@ -376,6 +406,11 @@ def report(args: argparse.Namespace, measured: dict, tmp: Path) -> None:
     print(
         f"gateway p50 - upstream p50 at c1:   {overhead:6.3f} ms  (target <= {OVERHEAD_TARGET_MS} ms)"
         f"  {verdict(overhead <= OVERHEAD_TARGET_MS, errors_of(one, ('gateway', 'upstream')))}"
+    )
+    auth_ratio = many["gateway-auth"]["rps"] / many["naive"]["rps"]
+    print(
+        f"gateway-auth req/s / naive req/s at c{args.connections}: {auth_ratio:6.2f}  (target >= {AUTH_THROUGHPUT_TARGET})"
+        f"     {verdict(auth_ratio >= AUTH_THROUGHPUT_TARGET, errors_of(many, ('gateway-auth', 'naive')))}"
     )
     cpu = many["naive"]["cpu_ms"] / many["gateway"]["cpu_ms"] if many["gateway"]["cpu_ms"] else float("nan")
     print(f"naive CPU per request / gateway CPU per request at c{args.connections}: {cpu:6.2f}  (for reading the ratio above)")

@@ -69,6 +69,7 @@ def _log_when_done(response: Response) -> Response:
         "method": client.method,
         "path": client.path,
         "route": ctx.get("route"),
+        "consumer": ctx.get("consumer_id"),
         "target": target,
         "status": response.status_code,
         "upstream_ms": round(ctx.get("upstream_seconds", 0.0) * 1000, 3) if target else None,
