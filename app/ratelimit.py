@@ -33,7 +33,7 @@ from limits.errors import StorageError
 from werkzeug.wrappers import Response
 
 from app.errors import ProblemError, problem_response, problem_type
-from app.extensions import redis_client
+from app.extensions import REDIS_SOCKET_TIMEOUT, redis_client
 from app.observability.metrics import RATELIMIT_REJECTED, RATELIMIT_STORAGE_UNAVAILABLE
 
 log = logging.getLogger("frontdoor.ratelimit")
@@ -240,6 +240,8 @@ def init_app(app: Flask) -> None:
         options["key_prefix"] = f"{config['KEY_PREFIX']}:ratelimit"
         if client is not None and uri == config["REDIS_URL"]:
             options["connection_pool"] = client.connection_pool  # short timeouts, no retries
+        else:
+            options.update(socket_timeout=REDIS_SOCKET_TIMEOUT, socket_connect_timeout=REDIS_SOCKET_TIMEOUT)
     limiter = GatewayLimiter(
         key_func=limited_by,
         default_limits=[
