@@ -5,7 +5,7 @@ import json
 import logging
 
 from flask import Flask, current_app, g, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.wrappers import Response
 
 log = logging.getLogger("frontdoor.errors")
@@ -73,8 +73,8 @@ def handle_http_exception(error: HTTPException) -> Response:
     if error.code == 405 and error.valid_methods:
         headers["Allow"] = allowed = ", ".join(sorted(error.valid_methods))
         detail = f"{request.method} is not allowed on {request.path}; allowed: {allowed}"
-    elif error.code == 404:
-        detail = f"No route matches {request.path}"
+    elif error.code == 404 and error.description == NotFound.description:
+        detail = f"No route matches {request.path}"  # the router's 404; a view's own says what is missing
     return problem_response(error.code or 500, error.name, detail, headers=headers)
 
 

@@ -79,7 +79,10 @@ def _encode(created_at: datetime, ident: str) -> str:
 def _decode(cursor: str) -> tuple[datetime, str]:
     try:
         created_at, ident = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(created_at), str(ident)
+        when = datetime.fromisoformat(created_at)
+        if when.tzinfo is None:
+            raise ValueError("no time zone")
+        return when, str(ident)
     except (binascii.Error, ValueError, TypeError) as exc:
         raise BadRequest(f"cursor {cursor!r} is not one this API returned") from exc
 

@@ -32,10 +32,13 @@ class ConsumerUpdate(Schema):
 def create() -> tuple[Response, int, dict]:
     """Create a consumer: ``{"name": "acme", "plan": "pro"}`` → 201 with the consumer."""
     data = body(ConsumerCreate)
+    for field, check, value in (("name", manage.check_name, data.name), ("plan", manage.check_plan, data.plan)):
+        try:
+            check(value)
+        except manage.Invalid as exc:
+            raise invalid(field, str(exc)) from exc
     try:
         consumer = manage.create_consumer(data.name, data.plan)
-    except manage.Invalid as exc:
-        raise invalid("name" if "name" in str(exc) else "plan", str(exc)) from exc
     except manage.Conflict as exc:
         raise ConflictProblem(str(exc)) from exc
     location = url_for("consumers.read", consumer_id=consumer.id)

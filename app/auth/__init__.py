@@ -207,6 +207,11 @@ def _authenticate_request() -> None:
 
 
 def jwt_settings(config: dict) -> JWTSettings:
+    """JWT settings from the app config; raises ValueError for an HS256 secret under 32 bytes
+    (RFC 7518 section 3.2: a key at least as long as the hash output)."""
+    secret = config["JWT_SECRET"]
+    if secret and len(secret.encode()) < 32:
+        raise ValueError("JWT_SECRET must be at least 32 bytes for HS256 (RFC 7518 section 3.2)")
     return JWTSettings(
         secret=config["JWT_SECRET"] or None,
         jwks_url=config["JWT_JWKS_URL"] or None,

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import jwt
 from jwt import PyJWKClient
-from jwt.exceptions import PyJWKClientConnectionError, PyJWKClientError
+from jwt.exceptions import PyJWKClientConnectionError, PyJWKClientError, PyJWKSetError
 
 # RFC 8725 section 3.1: the algorithm comes from configuration, never from the token alone.
 # A token's "alg" only selects among these, each tied to one kind of key, so an RS256 public
@@ -102,7 +102,8 @@ class JWTVerifier:
             raise InvalidToken("The token names no key ('kid')")
         try:
             return self._jwks.get_signing_key(kid).key
-        except PyJWKClientConnectionError as exc:
+        except (PyJWKClientConnectionError, PyJWKSetError, ValueError) as exc:
+            # unreachable, or an answer that is no key set (an HTML error page, no usable keys)
             raise KeysUnavailable(str(exc)) from exc
         except PyJWKClientError as exc:
             raise InvalidToken("The token is signed with an unknown key") from exc

@@ -87,6 +87,9 @@ class StoreUnavailable(Exception):
     """The database could not be asked; the caller answers 503 rather than guessing."""
 
 
+_MISSING = object()
+
+
 class CachedLookup:
     """Values read from the database, kept in-process for ``ttl`` seconds (``None`` included).
 
@@ -106,8 +109,11 @@ class CachedLookup:
         Whatever ``load`` raises propagates and nothing is cached.
         """
         with self._lock:
-            if name in self._entries:
-                return self._entries[name]
+            # One lookup: TTLCache reads its clock on each access, so an entry can expire
+            # between an "in" test and the read that follows it.
+            value = self._entries.get(name, _MISSING)
+        if value is not _MISSING:
+            return value
         value = load()  # outside the lock: one slow query must not hold up every other request
         with self._lock:
             self._entries[name] = value

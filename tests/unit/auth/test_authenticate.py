@@ -1,0 +1,243 @@
+"""Per-route authentication over HTTP: every outcome a caller can meet, and how fast a revocation bites."""
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+from werkzeug.datastructures import Headers
+
+from app.auth import credential_of, manage
+from app.models.base import utcnow
+from tests.factories import Identity
+from tests.unit.auth.support import ROUTES, change_key, key_id, received
+
+UNKNOWN_KEY = "fd_live_" + "A" * 40
+INVALID_CHALLENGE = (
+    'Bearer realm="frontdoor", error="invalid_token", error_description="The credentials are not valid"'
+)
+
+
+def without_request_id(body: dict) -> dict:
+    return {name: value for name, value in body.items() if name != "request_id"}
+
+
+def test_no_credential_on_a_required_route_is_a_401_challenge(client, upstream):
+    response = client.get("/private", headers={"X-Request-ID": "req-1"})
+
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="frontdoor"'
+    assert response.content_type == "application/problem+json"
+    assert response.json == {
+        "type": "/_gateway/problems/unauthenticated",
+        "title": "Unauthorized",
+        "status": 401,
+        "detail": "Credentials are required: send 'Authorization: Bearer <key or token>' or 'X-API-Key: <key>'",
+        "request_id": "req-1",
+    }
+    assert len(upstream.calls) == 0
+
+
+def _bad_key(kind: str, app, identity: Identity) -> str:
+    """A key that once was, or looks, valid: the gateway must answer it as it answers UNKNOWN_KEY."""
+    if kind == "revoked":
+        key = identity.key()
+        change_key(app, key, revoked_at=utcnow())
+        return key
+    if kind == "expired":
+        key = identity.key(expires_in=3600)
+        change_key(app, key, expires_at=utcnow() - timedelta(seconds=1))
+        return key
+    if kind == "disabled consumer":
+        return identity.key(identity.consumer(disabled=True))
+    assert kind == "not a key"
+    return "letmein"
+
+
+@pytest.mark.parametrize("kind", ["revoked", "expired", "disabled consumer", "not a key"])
+@pytest.mark.parametrize("send", ["X-API-Key", "Bearer"])
+def test_every_bad_key_gets_the_same_401_as_an_unknown_one(app, client, identity, upstream, kind, send):
+    def call(key: str):
+        headers = {"X-API-Key": key} if send == "X-API-Key" else {"Authorization": f"Bearer {key}"}
+        return client.get("/private", headers=headers)
+
+    unknown = call(UNKNOWN_KEY)
+    response = call(_bad_key(kind, app, identity))
+
+    assert (unknown.status_code, response.status_code) == (401, 401)
+    assert unknown.headers["WWW-Authenticate"] == response.headers["WWW-Authenticate"] == INVALID_CHALLENGE
+    assert without_request_id(response.json) == without_request_id(unknown.json)
+    assert response.json["request_id"] == response.headers["X-Request-ID"]
+    assert response.json["detail"] == "The credentials are not valid"
+    assert len(upstream.calls) == 0
+
+
+def test_a_key_that_expires_by_itself_is_refused(client, identity, upstream):
+    key = identity.key(expires_in=0.05)
+    time.sleep(0.06)
+
+    response = client.get("/private", headers={"X-API-Key": key})
+
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == INVALID_CHALLENGE
+
+
+def test_a_credential_without_a_route_scope_is_a_403_naming_the_scope(client, identity, upstream):
+    key = identity.key(scopes=("orders:write",))
+
+    response = client.get("/orders", headers={"X-API-Key": key})
+
+    assert response.status_code == 403
+    assert response.headers["WWW-Authenticate"] == (
+        'Bearer realm="frontdoor", error="insufficient_scope", scope="orders:read"'
+    )
+    assert response.json["type"] == "/_gateway/problems/insufficient-scope"
+    assert response.json["status"] == 403
+    assert "orders:read" in response.json["detail"]
+    assert len(upstream.calls) == 0
+
+
+def test_a_credential_with_the_route_scope_is_proxied(client, identity, upstream):
+    key = identity.key(scopes=("orders:read",))
+
+    response = client.get("/orders", headers={"X-API-Key": key})
+
+    assert response.status_code == 200
+    assert response.data == b"up"
+
+
+@pytest.mark.parametrize("send", ["X-API-Key", "Bearer", "bearer"])
+def test_a_valid_key_is_accepted_in_either_header(client, identity, upstream, send):
+    consumer = identity.consumer("acme")
+    key = identity.key(consumer)
+    headers = {"X-API-Key": key} if send == "X-API-Key" else {"Authorization": f"{send} {key}"}
+
+    response = client.get("/private/things", headers=headers)
+
+    assert response.status_code == 200
+    assert received(upstream)["X-Consumer-ID"] == consumer
+    assert upstream.calls[-1].request.url == "http://upstream.test/private/things"
+
+
+def test_optional_auth_without_a_credential_is_proxied_anonymously(client, upstream):
+    response = client.get("/maybe")
+
+    assert response.status_code == 200
+    assert "X-Consumer-ID" not in received(upstream)
+
+
+def test_optional_auth_with_a_credential_identifies_the_consumer(client, identity, upstream):
+    consumer = identity.consumer()
+
+    response = client.get("/maybe", headers={"X-API-Key": identity.key(consumer)})
+
+    assert response.status_code == 200
+    assert received(upstream)["X-Consumer-ID"] == consumer
+
+
+def test_optional_auth_with_a_bad_credential_is_a_401(client, identity, upstream):
+    response = client.get("/maybe", headers={"Authorization": f"Bearer {UNKNOWN_KEY}"})
+
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == INVALID_CHALLENGE
+    assert len(upstream.calls) == 0
+
+
+def test_auth_none_does_not_inspect_credentials_and_passes_them_on(client, upstream):
+    response = client.get("/open", headers={"X-API-Key": UNKNOWN_KEY, "Authorization": "Bearer not.a.jwt"})
+
+    assert response.status_code == 200
+    seen = received(upstream)
+    assert seen["X-API-Key"] == UNKNOWN_KEY
+    assert seen["Authorization"] == "Bearer not.a.jwt"
+    assert "X-Consumer-ID" not in seen
+
+
+def test_a_scheme_other_than_bearer_counts_as_no_credential(client, upstream):
+    response = client.get("/private", headers={"Authorization": "Basic YWxhZGRpbjpvcGVuc2VzYW1l"})
+
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="frontdoor"'
+
+
+def test_the_gateways_own_api_requires_a_credential_and_health_does_not(client):
+    assert client.get("/_gateway/keys").status_code == 401
+    assert client.get("/healthz").status_code == 200
+
+
+def test_a_key_that_cannot_be_checked_is_a_503_not_a_401(client, upstream):
+    # No tables: the database answers every query with an error, as when it is unreachable.
+    response = client.get("/private", headers={"X-API-Key": UNKNOWN_KEY})
+
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert response.json["type"] == "/_gateway/problems/identity-unavailable"
+    assert len(upstream.calls) == 0
+
+
+def test_a_key_revoked_by_another_process_is_refused_once_the_cache_ttl_passes(make_app, upstream):
+    app = make_app(routes=ROUTES, AUTH_CACHE_TTL=0.5)
+    key = Identity(app).key()
+    client = app.test_client()
+    headers = {"X-API-Key": key}
+    assert client.get("/private", headers=headers).status_code == 200
+
+    change_key(app, key, revoked_at=utcnow())
+    still_cached = client.get("/private", headers=headers)
+    time.sleep(0.6)
+    after_ttl = client.get("/private", headers=headers)
+
+    assert still_cached.status_code == 200
+    assert after_ttl.status_code == 401
+    assert after_ttl.headers["WWW-Authenticate"] == INVALID_CHALLENGE
+
+
+def test_a_key_revoked_through_the_api_is_refused_at_once_in_this_process(client, identity, upstream):
+    key = identity.key()
+    headers = {"X-API-Key": key}
+    assert client.get("/private", headers=headers).status_code == 200  # now cached for AUTH_CACHE_TTL (5 s)
+
+    revoked = client.delete(f"/_gateway/keys/{key_id(client, key)}", headers=headers)
+
+    assert revoked.status_code == 200
+    assert revoked.json["status"] == "revoked"
+    assert client.get("/private", headers=headers).status_code == 401
+
+
+def test_a_consumer_disabled_by_another_process_is_refused_once_the_cache_ttl_passes(make_app, upstream):
+    app = make_app(routes=ROUTES, AUTH_CACHE_TTL=0.5)
+    identity = Identity(app)
+    key = identity.key(identity.consumer("acme"))
+    client = app.test_client()
+    headers = {"X-API-Key": key}
+    assert client.get("/private", headers=headers).status_code == 200
+
+    other_process = make_app(routes=ROUTES)  # the same database, a cache of its own
+    with other_process.app_context():
+        manage.update_consumer(manage.find_consumer("acme"), disabled=True)
+    still_cached = client.get("/private", headers=headers)
+    time.sleep(0.6)
+    after_ttl = client.get("/private", headers=headers)
+
+    assert still_cached.status_code == 200
+    assert after_ttl.status_code == 401
+    assert after_ttl.headers["WWW-Authenticate"] == INVALID_CHALLENGE
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"X-API-Key": "fd_live_a", "Authorization": "Bearer fd_live_b"}, "fd_live_a"),
+        ({"Authorization": "Bearer fd_live_b"}, "fd_live_b"),
+        ({"Authorization": "bearer   fd_live_b  "}, "fd_live_b"),
+        ({"X-API-Key": "  fd_live_a "}, "fd_live_a"),
+        ({"X-API-Key": "", "Authorization": "Bearer fd_live_b"}, "fd_live_b"),
+        ({"Authorization": "Basic YWxhZGRpbjpvcGVuc2VzYW1l"}, None),
+        ({"Authorization": "Bearer"}, None),
+        ({"Authorization": "Bearer   "}, None),
+        ({"Authorization": "fd_live_b"}, None),
+        ({}, None),
+    ],
+)
+def test_credential_of_prefers_x_api_key_and_reads_only_bearer(headers, expected):
+    assert credential_of(Headers(headers)) == expected
