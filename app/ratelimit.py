@@ -19,6 +19,7 @@ and ``Retry-After`` (seconds) on a 429.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -26,10 +27,12 @@ from collections.abc import Callable
 
 import redis
 from flask import Flask, current_app, g, request
-from flask_limiter import Limit, Limiter, RequestLimit
+from flask_limiter import Limit, Limiter
 from flask_limiter.errors import RateLimitExceeded
-from limits import parse_many
+from limits import RateLimitItem, WindowStats, parse_many
 from limits.errors import StorageError
+from limits.storage import RedisStorage, Storage
+from limits.strategies import MovingWindowRateLimiter, RateLimiter
 from werkzeug.wrappers import Response
 
 from app.errors import ProblemError, problem_response, problem_type
@@ -100,8 +103,98 @@ class StorageOutage:
             self._unlimited = 0
 
 
+# The moving window of limits' acquire_moving_window.lua (a list of hit timestamps, newest
+# first), extended to answer in the same round trip how many hits the window holds and when its
+# oldest one leaves: the RateLimit fields then describe this request's own hit, even while other
+# processes hit the same key, and cost no second round trip.
+ACQUIRE_AND_COUNT = """
+local timestamp = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local expiry = tonumber(ARGV[3])
+local amount = tonumber(ARGV[4])
+local acquired = 0
+if amount <= limit then
+    local entry = redis.call('lindex', KEYS[1], limit - amount)
+    if not (entry and tonumber(entry) >= timestamp - expiry) then
+        for i = 1, amount do
+            redis.call('lpush', KEYS[1], timestamp)
+        end
+        redis.call('ltrim', KEYS[1], 0, limit - 1)
+        redis.call('expire', KEYS[1], expiry)
+        acquired = 1
+    end
+end
+-- binary search for the oldest entry still in the window, as limits' moving_window.lua does
+local low, high, found = 0, math.min(redis.call('llen', KEYS[1]), limit) - 1, nil
+while low <= high do
+    local mid = math.floor((low + high) / 2)
+    local value = tonumber(redis.call('lindex', KEYS[1], mid))
+    if value and value >= timestamp - expiry then
+        found = mid
+        low = mid + 1
+    else
+        high = mid - 1
+    end
+end
+if found == nil then
+    return {acquired, tostring(timestamp), 0}
+end
+return {acquired, tostring(redis.call('lindex', KEYS[1], found)), found + 1}
+"""
+
+
+class CountingStrategy:
+    """The configured limits strategy, remembering what each hit left of its window.
+
+    flask-limiter asks the strategy for ``hit`` while checking the request and for
+    ``get_window_stats`` when headers are written, two storage round trips, the second after
+    the upstream has answered, when concurrent requests have moved the count on. This answers
+    ``get_window_stats`` with the numbers taken at the hit: for the moving window on Redis from
+    the same Lua call (ACQUIRE_AND_COUNT, atomic), otherwise read right after the hit.
+    """
+
+    def __init__(self, strategy: RateLimiter, storage: Storage):
+        self.strategy = strategy
+        self.storage = storage
+        self.script = None
+        if isinstance(strategy, MovingWindowRateLimiter) and isinstance(storage, RedisStorage):
+            self.script = storage.get_connection().register_script(ACQUIRE_AND_COUNT)
+
+    @staticmethod
+    def _taken() -> dict[str, WindowStats]:
+        ctx = g._get_current_object()
+        taken = ctx.get("ratelimit_windows")
+        if taken is None:
+            taken = ctx.ratelimit_windows = {}
+        return taken
+
+    def hit(self, item: RateLimitItem, *identifiers: str, cost: int = 1) -> bool:
+        key = item.key_for(*identifiers)
+        if self.script is not None:
+            now = time.time()
+            acquired, oldest, count = self.script(
+                [self.storage.prefixed_key(key)], [now, item.amount, item.get_expiry(), cost]
+            )
+            self._taken()[key] = WindowStats(float(oldest) + item.get_expiry(), item.amount - int(count))
+            return bool(acquired)
+        acquired = self.strategy.hit(item, *identifiers, cost=cost)
+        self._taken()[key] = self.strategy.get_window_stats(item, *identifiers)
+        return acquired
+
+    def test(self, item: RateLimitItem, *identifiers: str, cost: int = 1) -> bool:
+        return self.strategy.test(item, *identifiers, cost=cost)
+
+    def get_window_stats(self, item: RateLimitItem, *identifiers: str) -> WindowStats:
+        taken = self._taken().get(item.key_for(*identifiers))
+        return taken if taken is not None else self.strategy.get_window_stats(item, *identifiers)
+
+    def clear(self, item: RateLimitItem, *identifiers: str) -> None:
+        self.strategy.clear(item, *identifiers)
+
+
 class GatewayLimiter(Limiter):
-    """flask-limiter, with the gateway's policy for an unreachable storage.
+    """flask-limiter, with the gateway's policy for an unreachable storage and window counts
+    taken at the hit (CountingStrategy).
 
     flask-limiter either raises storage errors (a 500) or swallows them with a traceback per
     request and retries the storage on every request; this fails open or closed, backs off
@@ -109,6 +202,15 @@ class GatewayLimiter(Limiter):
     """
 
     outage: StorageOutage
+    _counting: CountingStrategy | None = None
+
+    def init_app(self, app: Flask) -> None:
+        super().init_app(app)
+        self._counting = CountingStrategy(super().limiter, self.storage)
+
+    @property
+    def limiter(self) -> CountingStrategy:  # flask-limiter's strategy for hit/test/get_window_stats
+        return self._counting
 
     def _check_request_limit(self, callable_name: str | None = None, in_middleware: bool = True) -> None:
         # flask-limiter's before_request hook (Limiter.init_app registers this method).
@@ -180,10 +282,14 @@ def _exempt() -> bool:
     return request.endpoint in EXEMPT_ENDPOINTS or not _policies().current()[1]
 
 
-def _policy_names(limits: list[RequestLimit], name: str) -> list[str]:
-    if len(limits) == 1:
-        return [name]
-    return [f"{name}-{limit.limit.get_expiry()}s" for limit in limits]
+@functools.lru_cache(maxsize=256)
+def _policy_items(limit: str, name: str) -> tuple[tuple[str, int, int], ...]:
+    """(policy name, quota, window seconds) for each limit in ``limit``; several are told apart
+    by their window: ``"pro-1s"``, ``"pro-60s"``. The same on every response, 429s included."""
+    items = parse_many(limit)
+    if len(items) == 1:
+        return ((name, items[0].amount, items[0].get_expiry()),)
+    return tuple((f"{name}-{item.get_expiry()}s", item.amount, item.get_expiry()) for item in items)
 
 
 def _headers(response: Response) -> Response:
@@ -193,17 +299,21 @@ def _headers(response: Response) -> Response:
     if not limits:
         return response
     try:
-        windows = [(limit, limit.window) for limit in limits]  # each asks the storage once
+        windows = [(limit, limit.window) for limit in limits]  # as counted at the hit
     except STORAGE_ERRORS:
         return response  # the request was counted; only its headers are lost
     now = time.time()
-    name = _policies().current()[0]
-    policies, states = [], []
-    for (limit, (reset, remaining)), label in zip(windows, _policy_names(limits, name), strict=True):
-        policies.append(f'"{label}";q={limit.limit.amount};w={limit.limit.get_expiry()}')
+    name, limit_string, _ = _policies().current()
+    items = _policy_items(limit_string, name)
+    label_of = {(amount, window): label for label, amount, window in items}
+    states = []
+    # flask-limiter stops at the first limit a request exceeds: a 429 reports the limits it
+    # evaluated, while the policy field always lists them all.
+    for limit, (reset, remaining) in windows:
+        label = label_of.get((limit.limit.amount, limit.limit.get_expiry()), name)
         states.append(f'"{label}";r={max(remaining, 0)};t={max(math.ceil(reset - now), 0)}')
     headers = response.headers
-    headers["RateLimit-Policy"] = ", ".join(policies)
+    headers["RateLimit-Policy"] = ", ".join(f'"{label}";q={amount};w={window}' for label, amount, window in items)
     headers["RateLimit"] = ", ".join(states)
     shown = limiter.current_limit or limits[0]
     reset, remaining = shown.window

@@ -127,3 +127,12 @@ def identity(app):
     from tests.factories import Identity
 
     return Identity(app)
+
+
+@pytest.fixture
+def own_redis():
+    """A running redis-server that only this test uses, so that the test may stop and restart it."""
+    server = services.RedisServer()
+    server.start()
+    yield server
+    server.stop()

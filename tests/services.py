@@ -88,19 +88,38 @@ def stop(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 
     return process.returncode
 
 
+class RedisServer:
+    """A redis-server of a test's own on a free port, with no persistence, that the test may
+    stop and start again on the same port (the shared server is never stopped)."""
+
+    def __init__(self):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            unavailable("no redis-server binary")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = start(self.command)
+        wait_for_port(self.port, process=self.process)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+            self.process = None
+
+
 @contextmanager
 def throwaway_redis():
     """A redis-server on a free port, with no persistence; yields its URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        unavailable("no REDIS_URL and no redis-server binary")
-    port = free_port()
-    process = start([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+    server = RedisServer()
+    server.start()
     try:
-        wait_for_port(port, process=process)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield server.url
     finally:
-        stop(process)
+        server.stop()
 
 
 def _pg_bin(name: str) -> str | None:

@@ -1,0 +1,157 @@
+"""Rate limits across real gateway processes on one Redis: exact counts, honest Retry-After, outages."""
+from __future__ import annotations
+
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from app import create_app
+from tests import services
+from tests.conftest import delete_keys
+from tests.factories import Identity
+
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
+
+ROUTES = """
+upstreams:
+  httpbin:
+    targets: ["{httpbin}"]
+    timeout: {{connect: 1.0, read: 5.0}}
+routes:
+  - {{path: /limited, upstream: httpbin, strip_prefix: true, auth: required, rate_limit: "40/minute"}}
+  - {{path: /burst, upstream: httpbin, strip_prefix: true, auth: optional, rate_limit: "3/2second"}}
+  - {{path: /open, upstream: httpbin, strip_prefix: true, auth: optional, rate_limit: "5/minute"}}
+"""
+UNAVAILABLE = "frontdoor_ratelimit_storage_unavailable_total"
+
+
+@pytest.fixture(scope="module")
+def routes(httpbin_url):
+    return ROUTES.format(httpbin=httpbin_url)
+
+
+@pytest.fixture(scope="module")
+def identity(routes, tmp_path_factory) -> Identity:
+    """A SQLite database with the gateway's tables, for gateway processes to share;
+    ``identity.key()`` stores a new consumer's key in it."""
+    root = tmp_path_factory.mktemp("limits-db")
+    (root / "gateway.yaml").write_text(routes)
+    app = create_app(
+        {
+            "CONFIG": str(root / "gateway.yaml"),
+            "SQLALCHEMY_DATABASE_URI": f"sqlite:///{root / 'gateway.sqlite'}",
+            "CELERY_BROKER_URL": "memory://",
+        }
+    )
+    return Identity(app)
+
+
+@pytest.fixture(scope="module")
+def shared(redis_url, identity):
+    """What two dynos share: one Redis under one key prefix, and one database."""
+    prefix = services.unique("it-limits")
+    database = identity.app.config["SQLALCHEMY_DATABASE_URI"]
+    yield {"REDIS_URL": redis_url, "GATEWAY_KEY_PREFIX": prefix, "DATABASE_URL": database}
+    delete_keys(redis_url, prefix)
+
+
+@pytest.fixture(scope="module")
+def gateways(routes, start_gateway, shared):
+    return [start_gateway(routes, workers=2, **shared) for _ in range(2)]
+
+
+def spread(gateways, path: str, key: str, count: int = 100) -> list[requests.Response]:
+    """Send ``count`` requests for ``path`` at once (16 at a time), alternately to each gateway."""
+    urls = [f"{gateway.url}{path}" for gateway in gateways] * (count // len(gateways))
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(lambda url: requests.get(url, headers={"X-API-Key": key}, timeout=10), urls))
+
+
+def test_two_gateways_count_one_budget_exactly(gateways, identity):
+    answers = spread(gateways, "/limited/get", identity.key())
+
+    served = [r for r in answers if r.status_code == 200]
+    refused = [r for r in answers if r.status_code == 429]
+    assert (len(served), len(refused)) == (40, 60)
+    assert all(r.json()["url"].endswith("/get") for r in served)  # httpbin answered them
+    for response in refused:
+        assert response.headers["Content-Type"] == "application/problem+json"
+        assert response.json()["type"] == "/_gateway/problems/rate-limited"
+        assert int(response.headers["Retry-After"]) >= 1
+
+
+def test_each_request_served_reports_the_budget_its_own_hit_left(gateways, identity):
+    # The upstream takes 0.3 s: the other requests in flight are counted meanwhile.
+    answers = spread(gateways, "/limited/delay/0.3", identity.key())
+
+    served = [r for r in answers if r.status_code == 200]
+    assert len(served) == 40
+    assert sorted(int(r.headers["X-RateLimit-Remaining"]) for r in served) == list(range(40))
+
+
+def test_a_429s_retry_after_is_followed_by_success(gateways):
+    url = f"{gateways[0].url}/burst/get"  # 3/2second per client IP
+    assert [requests.get(url, timeout=5).status_code for _ in range(3)] == [200, 200, 200]
+    refused = requests.get(url, timeout=5)
+    assert refused.status_code == 429
+    wait = int(refused.headers["Retry-After"])
+    assert 1 <= wait <= 2
+
+    time.sleep(wait)
+
+    again = requests.get(f"{gateways[1].url}/burst/get", timeout=5)  # the other process, same budget
+    assert again.status_code == 200
+    assert again.headers["RateLimit-Policy"] == '"route";q=3;w=2'
+
+
+def unavailable_allowed(url: str) -> float:
+    text = requests.get(f"{url}/metrics", timeout=5).text
+    found = re.search(rf'^{UNAVAILABLE}{{outcome="allowed"}} (\S+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.fixture
+def lone_gateway(routes, start_gateway, own_redis):
+    """A gateway on ``own_redis`` with one worker, so that /metrics shows the counters of the
+    process that served the requests. Stopped before the Redis server is."""
+    gateway = start_gateway(routes, workers=1, REDIS_URL=own_redis.url)
+    yield gateway
+    services.stop(gateway.process)
+
+
+def test_a_redis_outage_fails_open_and_limits_resume_when_it_returns(lone_gateway, own_redis):
+    gateway = lone_gateway
+    url = f"{gateway.url}/open/get"
+    assert [requests.get(url, timeout=5).headers["X-RateLimit-Remaining"] for _ in range(2)] == ["4", "3"]
+    allowed = unavailable_allowed(gateway.url)
+
+    own_redis.stop()
+    during = [requests.get(url, timeout=5) for _ in range(20)]
+
+    for response in during:
+        assert response.status_code == 200 and response.json()["url"].endswith("/get")
+        assert "RateLimit" not in response.headers and "X-RateLimit-Remaining" not in response.headers
+    time.sleep(0.2)  # the log is written by the worker
+    unreachable = [
+        line for line in gateway.log_lines() if line.get("msg", "").startswith("rate-limit storage unreachable")
+    ]
+    assert len(unreachable) == 1
+    assert unreachable[0]["level"] == "warning" and unreachable[0]["logger"] == "frontdoor.ratelimit"
+    assert unavailable_allowed(gateway.url) == allowed + 20
+
+    own_redis.start()
+    restarted = time.monotonic()
+    while "X-RateLimit-Remaining" not in (response := requests.get(url, timeout=5)).headers:
+        assert response.status_code == 200
+        assert time.monotonic() - restarted < 3, "limits did not apply again within 3 s of Redis returning"
+        time.sleep(0.05)
+    resumed = [response] + [requests.get(url, timeout=5) for _ in range(5)]
+
+    # The restarted server kept nothing: the budget of 5 is spent afresh, then 429.
+    assert [r.headers.get("X-RateLimit-Remaining") for r in resumed[:5]] == ["4", "3", "2", "1", "0"]
+    assert resumed[5].status_code == 429 and int(resumed[5].headers["Retry-After"]) >= 1
+    time.sleep(0.2)
+    assert any(line.get("msg", "").startswith("rate-limit storage reachable again") for line in gateway.log_lines())
