@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 
@@ -64,43 +65,58 @@ class StorageOutage:
         self.log_interval = log_interval
         self.clock = clock
         self.down = False
+        self._lock = threading.Lock()  # gthread: many requests report at once
         self._retry_at = 0.0
         self._logged_at: float | None = None
         self._unlimited = 0  # requests not limited since the last log line
 
     def skipping(self) -> bool:
-        """True while the storage is known to be down and not yet due for another try."""
-        return self.down and self.clock() < self._retry_at
+        """True while the storage is known to be down, except for the one request that is let
+        through to try it again once STORAGE_RETRY_INTERVAL has passed."""
+        if not self.down:
+            return False
+        with self._lock:
+            now = self.clock()
+            if now < self._retry_at:
+                return True
+            self._retry_at = now + STORAGE_RETRY_INTERVAL  # this request probes; the rest skip
+            return False
 
     def failed(self, error: Exception | None) -> None:
         """Record that this request could not be limited (``error`` when the storage was just
         tried). Raises RateLimitUnavailable when failing closed."""
-        now = self.clock()
-        if error is not None:
-            self._retry_at = now + STORAGE_RETRY_INTERVAL
-        self.down = True
-        self._unlimited += 1
         outcome = "allowed" if self.fail_open else "refused"
         RATELIMIT_STORAGE_UNAVAILABLE.labels(outcome).inc()
-        if self._logged_at is None or now - self._logged_at >= self.log_interval:
+        with self._lock:
+            now = self.clock()
+            if error is not None:
+                self._retry_at = now + STORAGE_RETRY_INTERVAL
+            self.down = True
+            self._unlimited += 1
+            due = self._logged_at is None or now - self._logged_at >= self.log_interval
+            if due:
+                self._logged_at, unlimited, self._unlimited = now, self._unlimited, 0
+        if due:
             log.warning(
                 "rate-limit storage unreachable: requests are %s without a limit",
                 "let through" if self.fail_open else "refused",
-                extra={"error": repr(error) if error else None, "requests_unlimited": self._unlimited},
+                extra={"error": repr(error) if error else None, "requests_unlimited": unlimited},
             )
-            self._logged_at = now
-            self._unlimited = 0
         if not self.fail_open:
             raise RateLimitUnavailable(
                 "Rate limits cannot be checked right now; retry shortly", headers={"Retry-After": "1"}
             )
 
     def recovered(self) -> None:
-        if self.down:
+        if not self.down:
+            return
+        with self._lock:
+            if not self.down:
+                return
             self.down = False
-            self._logged_at = None
-            log.warning("rate-limit storage reachable again: limits apply", extra={"requests_unlimited": self._unlimited})
-            self._unlimited = 0
+            unlimited, self._unlimited = self._unlimited, 0
+        # _logged_at is kept: a flapping storage still logs at most once per interval
+        log.warning("rate-limit storage reachable again: limits apply", extra={"requests_unlimited": unlimited})
 
 
 # The moving window of limits' acquire_moving_window.lua (a list of hit timestamps, newest

@@ -6,6 +6,7 @@ key id answers 404, as an unknown one does.
 """
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated
 
 from flask import Blueprint, jsonify, request, url_for
@@ -37,13 +38,31 @@ def _caller() -> Principal:
     return principal
 
 
-def _own(key_id: str) -> ApiKey:
-    """The key ``key_id`` if the caller may see it; 404 otherwise, whether or not it exists."""
+def _own(key_id: str, change: bool = False) -> ApiKey:
+    """The key ``key_id`` if the caller may see it; 404 otherwise, whether or not it exists.
+
+    To ``change`` it (rotate, revoke), a caller without the admin scope must hold every scope
+    the key has: a weak key must not mint a copy of a strong one, nor revoke it.
+    """
     principal = _caller()
     key = db.session.get(ApiKey, key_id)
     if key is not None and not principal.is_admin and key.consumer_id != principal.consumer_id:
         key = None
-    return found(key, "key", key_id)
+    key = found(key, "key", key_id)
+    beyond = set(key.scopes or ()) - principal.scopes
+    if change and beyond and not principal.is_admin:
+        raise InsufficientScope(
+            f"The key holds scopes the caller lacks ({', '.join(sorted(beyond))}); only its holder or an admin may change it"
+        )
+    return key
+
+
+def _expiry_cap(principal: Principal) -> datetime | None:
+    """A key made by a caller without the admin scope ends no later than the credential it was
+    made with: a leaked short-lived key or token cannot mint a permanent one."""
+    if principal.is_admin or principal.expires_at is None:
+        return None
+    return datetime.fromtimestamp(principal.expires_at, UTC)
 
 
 def _created(minted) -> tuple[Response, int, dict]:
@@ -69,7 +88,7 @@ def create() -> tuple[Response, int, dict]:
     if beyond and not principal.is_admin:
         raise invalid("scopes", f"cannot grant scopes the caller does not hold: {', '.join(sorted(beyond))}")
     try:
-        minted = manage.create_key(consumer, data.scopes, data.expires_in)
+        minted = manage.create_key(consumer, data.scopes, data.expires_in, latest_expiry=_expiry_cap(principal))
     except manage.Invalid as exc:
         raise invalid("scopes", str(exc)) from exc
     return _created(minted)
@@ -97,17 +116,17 @@ def read(key_id: str) -> Response:
 @bp.delete("/keys/<key_id>")
 def revoke(key_id: str) -> Response:
     """Revoke the key (idempotent); every gateway process refuses it within AUTH_CACHE_TTL seconds."""
-    return jsonify(manage.key_json(manage.revoke_key(_own(key_id))))
+    return jsonify(manage.key_json(manage.revoke_key(_own(key_id, change=True))))
 
 
 @bp.post("/keys/<key_id>/rotate")
 def rotate(key_id: str) -> tuple[Response, int, dict]:
     """A new key with the same consumer and scopes (201, shown once); the old one stays valid
     until revoked, or for ``expire_old_in`` seconds. 409 for a revoked or expired key."""
-    key = _own(key_id)
+    key = _own(key_id, change=True)
     data = body(KeyRotate)
     try:
-        minted = manage.rotate_key(key, data.expire_old_in)
+        minted = manage.rotate_key(key, data.expire_old_in, latest_expiry=_expiry_cap(_caller()))
     except manage.Conflict as exc:
         raise ConflictProblem(str(exc)) from exc
     return _created(minted)

@@ -33,6 +33,7 @@ class Principal:
     plan: str | None
     scopes: frozenset[str]
     credential_id: str  # the API key's id (key_…), or "jwt"
+    expires_at: float | None = None  # epoch seconds the credential stops working, None: never
 
     @property
     def is_admin(self) -> bool:
@@ -141,7 +142,9 @@ class Authenticator:
         record = self.lookups.get("key:" + digest, lambda: keys.read_key(digest, db.session))
         if record is None or not record.valid_at(time.time()):
             raise self._invalid("The credentials are not valid")
-        return Principal(record.consumer_id, record.consumer_name, record.plan, record.scopes, record.key_id)
+        return Principal(
+            record.consumer_id, record.consumer_name, record.plan, record.scopes, record.key_id, record.expires_at
+        )
 
     def _from_jwt(self, token: str) -> Principal:
         try:
@@ -157,7 +160,8 @@ class Authenticator:
         consumer = self.lookups.get("sub:" + subject, lambda: keys.read_consumer(subject, db.session))
         if consumer is None or not consumer.usable:
             raise self._invalid("The token's subject is not an enabled consumer")
-        return Principal(consumer.consumer_id, consumer.consumer_name, consumer.plan, scopes_of(claims), "jwt")
+        expires_at = float(claims["exp"])
+        return Principal(consumer.consumer_id, consumer.consumer_name, consumer.plan, scopes_of(claims), "jwt", expires_at)
 
 
 def credential_of(headers: Headers) -> str | None:

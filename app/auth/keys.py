@@ -102,6 +102,7 @@ class CachedLookup:
         self.ttl = ttl
         self._entries: TTLCache = TTLCache(maxsize=maxsize, ttl=ttl, timer=time.monotonic)
         self._lock = threading.Lock()
+        self._generation = 0  # bumped by forget(): a load that began before it is not stored
 
     def get(self, name: str, load: Callable[[], object]) -> object:
         """Return the value cached under ``name``, calling ``load()`` when there is none.
@@ -112,16 +113,19 @@ class CachedLookup:
             # One lookup: TTLCache reads its clock on each access, so an entry can expire
             # between an "in" test and the read that follows it.
             value = self._entries.get(name, _MISSING)
+            generation = self._generation
         if value is not _MISSING:
             return value
         value = load()  # outside the lock: one slow query must not hold up every other request
         with self._lock:
-            self._entries[name] = value
+            if generation == self._generation:  # else a revocation came in while loading
+                self._entries[name] = value
         return value
 
     def forget(self, name: str | None = None) -> None:
         """Drop one entry, or all: this process sees a change at once, the others within ``ttl``."""
         with self._lock:
+            self._generation += 1
             if name is None:
                 self._entries.clear()
             else:
@@ -153,7 +157,11 @@ def read_key(digest: str, session: Session) -> KeyRecord | None:
         usable=key.revoked_at is None and not consumer.disabled,
     )
     now = utcnow()
-    if key.last_used_at is None or key.last_used_at < now - timedelta(seconds=LAST_USED_GRANULARITY):
+    # Only a key that lets the caller in is "used": a revoked or expired one gets no write,
+    # which would also make its answer measurably slower than an unknown key's.
+    if record.valid_at(now.timestamp()) and (
+        key.last_used_at is None or key.last_used_at < now - timedelta(seconds=LAST_USED_GRANULARITY)
+    ):
         try:
             session.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now))
             session.commit()

@@ -79,11 +79,14 @@ def find_consumer(reference: str) -> Consumer | None:
 
 def create_key(
     consumer: Consumer, scopes: list[str], expires_in: float | None = None, rotated_from: str | None = None,
-    expires_at: datetime | None = None,
+    expires_at: datetime | None = None, latest_expiry: datetime | None = None,
 ) -> keys.MintedKey:
-    """Mint and store a key; ``expires_in`` is seconds from now. Returns the row and the key."""
+    """Mint and store a key; ``expires_in`` is seconds from now, ``latest_expiry`` a cap on the
+    expiry (the creating credential's). Returns the row and the key."""
     if expires_in is not None:
         expires_at = utcnow() + timedelta(seconds=expires_in)
+    if latest_expiry is not None and (expires_at is None or latest_expiry < expires_at):
+        expires_at = latest_expiry
     minted = keys.mint(consumer, check_scopes(scopes), expires_at, rotated_from)
     db.session.add(minted.row)
     db.session.commit()
@@ -99,13 +102,15 @@ def revoke_key(key: ApiKey) -> ApiKey:
     return key
 
 
-def rotate_key(key: ApiKey, expire_old_in: float | None = None) -> keys.MintedKey:
+def rotate_key(key: ApiKey, expire_old_in: float | None = None, latest_expiry: datetime | None = None) -> keys.MintedKey:
     """A new key with the same consumer and scopes. The old key stays valid until it is revoked,
     or for ``expire_old_in`` more seconds when given. Raises Conflict for a revoked key."""
     now = utcnow()
     if key.status(now) != "active":
         raise Conflict(f"key {key.id} is {key.status(now)}; only an active key can be rotated")
-    minted = create_key(key.consumer, list(key.scopes), rotated_from=key.id, expires_at=key.expires_at)
+    minted = create_key(
+        key.consumer, list(key.scopes), rotated_from=key.id, expires_at=key.expires_at, latest_expiry=latest_expiry
+    )
     if expire_old_in is not None:
         old_expiry = now + timedelta(seconds=expire_old_in)
         if key.expires_at is None or old_expiry < key.expires_at:

@@ -269,3 +269,57 @@ def test_a_body_that_is_not_an_object_is_a_422(client, admin):
 
     assert response.status_code == 422
     assert response.json["detail"] == "The request body must be a JSON object"
+
+
+@pytest.mark.parametrize(("method", "suffix"), [("delete", ""), ("post", "/rotate")])
+def test_a_weaker_key_cannot_rotate_or_revoke_a_stronger_key_of_its_consumer(client, identity, method, suffix):
+    strong = identity.key(identity.consumer("acme"), scopes=("admin", "orders:read"))
+    weak = identity.key("acme", scopes=("orders:read",))
+    listed = client.get("/_gateway/keys", headers=auth(weak)).json["data"]
+    strong_id = next(row["id"] for row in listed if "admin" in row["scopes"])
+
+    response = getattr(client, method)(f"/_gateway/keys/{strong_id}{suffix}", json={}, headers=auth(weak))
+
+    assert response.status_code == 403
+    assert response.json["type"] == "/_gateway/problems/insufficient-scope"
+    assert "admin" in response.json["detail"]
+    assert client.get("/_gateway/consumers", headers=auth(strong)).status_code == 200  # still valid
+    assert len(client.get("/_gateway/keys", headers=auth(weak)).json["data"]) == 2  # nothing minted
+
+
+def test_a_key_made_with_a_short_lived_key_expires_with_it(client, identity):
+    parent = identity.key(identity.consumer("acme"), scopes=("orders:read",), expires_in=60)
+
+    forever = create_key(client, auth(parent), scopes=["orders:read"])
+    longer = create_key(client, auth(parent), scopes=["orders:read"], expires_in=3600)
+    rotated = client.post(f"/_gateway/keys/{forever['id']}/rotate", json={}, headers=auth(parent)).json
+
+    made = {forever["id"], longer["id"], rotated["id"]}
+    listed = client.get("/_gateway/keys", headers=auth(parent)).json["data"]
+    parent_row = next(row for row in listed if row["id"] not in made)
+    assert forever["expires_at"] == longer["expires_at"] == rotated["expires_at"] == parent_row["expires_at"]
+
+
+def test_an_admin_key_may_mint_keys_that_outlive_it(client, identity):
+    admin_key = identity.key(identity.consumer("root"), scopes=("admin",), expires_in=60)
+
+    made = create_key(client, auth(admin_key), scopes=["orders:read"])
+
+    assert made["expires_at"] is None
+
+
+def test_a_revoked_key_presented_again_is_not_marked_used(app, client, identity):
+    key = identity.key(identity.consumer("acme"))
+    listed = client.get("/_gateway/keys", headers=auth(key)).json["data"][0]
+    client.delete(f"/_gateway/keys/{listed['id']}", headers=auth(key))
+    with app.app_context():
+        from app.extensions import db
+        from app.models import ApiKey
+
+        db.session.execute(db.update(ApiKey).values(last_used_at=None))
+        db.session.commit()
+    app.extensions["auth"].lookups.forget()
+
+    assert client.get("/_gateway/keys", headers=auth(key)).status_code == 401
+    with app.app_context():
+        assert db.session.get(ApiKey, listed["id"]).last_used_at is None

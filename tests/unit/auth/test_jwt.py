@@ -97,7 +97,7 @@ def test_an_unsigned_alg_none_token_is_refused(hs256, upstream):
 
     assert response.status_code == 401
     assert challenge_error(response) == 'error="invalid_token"'
-    assert response.json["detail"] == "Tokens signed with 'none' are not accepted"
+    assert response.json["detail"] == "The token's algorithm is not accepted"
     assert len(upstream.calls) == 0
 
 
@@ -336,13 +336,14 @@ def test_an_hs256_token_is_refused_when_only_a_jwks_is_configured(jwks, jwks_app
     response = app.test_client().get("/private", headers=bearer(f"{signing_input}.{signature}"))
 
     assert response.status_code == 401
-    assert response.json["detail"] == "Tokens signed with 'HS256' are not accepted"
+    assert response.json["detail"] == "The token's algorithm is not accepted"
     assert len(upstream.calls) == 0
 
 
-def test_an_unreachable_jwks_url_is_a_503_for_a_new_kid_and_known_kids_still_work(jwks, jwks_app, signers, upstream):
+def test_while_the_jwks_url_is_down_known_kids_still_work_and_new_ones_are_refused(jwks, jwks_app, signers, upstream):
     jwks.key_set = {"keys": [signers["rsa-1"].jwk]}
-    app, _ = jwks_app(JWKS_REFRESH_COOLDOWN=0)
+    # a lifespan of 0: every request finds the set stale and wants to fetch it again
+    app, _ = jwks_app(JWKS_REFRESH_COOLDOWN=0, JWKS_CACHE_SECONDS=1e-9)
     client = app.test_client()
     assert client.get("/private", headers=bearer(signers["rsa-1"].sign(claims()))).status_code == 200
 
@@ -350,11 +351,59 @@ def test_an_unreachable_jwks_url_is_a_503_for_a_new_kid_and_known_kids_still_wor
     new_kid = client.get("/private", headers=bearer(signers["rsa-2"].sign(claims())))
     known_kid = client.get("/private", headers=bearer(signers["rsa-1"].sign(claims())))
 
-    assert new_kid.status_code == 503
-    assert new_kid.content_type == "application/problem+json"
-    assert new_kid.json["type"] == "/_gateway/problems/identity-unavailable"
-    assert new_kid.headers["Retry-After"] == "5"
-    assert known_kid.status_code == 200
+    assert new_kid.status_code == 401
+    assert new_kid.json["detail"] == "The token is signed with an unknown key"
+    assert known_kid.status_code == 200  # the last good key set is kept when a fetch fails
+
+
+def test_a_jwks_url_that_never_answered_is_a_503(jwks, jwks_app, signers, upstream):
+    jwks.stop()
+    app, _ = jwks_app()
+
+    response = app.test_client().get("/private", headers=bearer(signers["rsa-1"].sign(claims())))
+
+    assert response.status_code == 503
+    assert response.content_type == "application/problem+json"
+    assert response.json["type"] == "/_gateway/problems/identity-unavailable"
+    assert response.headers["Retry-After"] == "5"
+    assert len(upstream.calls) == 0
+
+
+def test_a_token_whose_alg_does_not_match_its_key_is_refused_not_a_500(jwks, jwks_app, signers, upstream):
+    jwks.key_set = {"keys": [signers["rsa-1"].jwk, signers["ec-1"].jwk]}
+    app, _ = jwks_app()
+    header = b64url(json.dumps({"alg": "RS256", "kid": signers["ec-1"].jwk["kid"], "typ": "JWT"}).encode())
+    payload = b64url(json.dumps(claims()).encode())
+
+    response = app.test_client().get("/private", headers=bearer(f"{header}.{payload}.c2ln"))
+
+    assert response.status_code == 401
+    assert response.json["detail"] == "The token's algorithm does not match its key"
+    assert len(upstream.calls) == 0
+
+
+@pytest.mark.parametrize("alg", [["HS256"], {"x": 1}, "HS256\u00e9"], ids=["list", "object", "not latin-1"])
+def test_an_alg_that_is_not_a_known_name_is_a_401_that_does_not_echo_it(hs256, upstream, alg):
+    app, _ = hs256()
+    header = b64url(json.dumps({"alg": alg, "typ": "JWT"}).encode())
+    payload = b64url(json.dumps(claims()).encode())
+
+    response = app.test_client().get("/private", headers=bearer(f"{header}.{payload}.c2ln"))
+
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].isascii()
+    assert "HS256" not in response.headers["WWW-Authenticate"]
+
+
+def test_error_descriptions_carry_no_quotes_or_backslashes(hs256, upstream):
+    app, _ = hs256()
+    token = jwt.encode({"sub": "acme"}, SECRET, algorithm="HS256")  # no exp
+
+    response = app.test_client().get("/private", headers=bearer(token))
+
+    assert response.status_code == 401
+    description = response.headers["WWW-Authenticate"].split('error_description="', 1)[1].rsplit('"', 1)[0]
+    assert '"' not in description and "\\" not in description  # RFC 6750 section 3: %x20-21 / %x23-5B / %x5D-7E
 
 
 @pytest.mark.parametrize("served", [{"keys": []}, b"<html>502 Bad Gateway</html>"], ids=["no keys", "not JSON"])
