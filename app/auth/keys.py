@@ -101,6 +101,8 @@ class CachedLookup:
     def __init__(self, ttl: float, maxsize: int):
         self.ttl = ttl
         self._entries: TTLCache = TTLCache(maxsize=maxsize, ttl=ttl, timer=time.monotonic)
+        # Misses apart: a flood of made-up keys evicts other made-up keys, never real ones.
+        self._misses: TTLCache = TTLCache(maxsize=maxsize, ttl=ttl, timer=time.monotonic)
         self._lock = threading.Lock()
         self._generation = 0  # bumped by forget(): a load that began before it is not stored
 
@@ -113,13 +115,15 @@ class CachedLookup:
             # One lookup: TTLCache reads its clock on each access, so an entry can expire
             # between an "in" test and the read that follows it.
             value = self._entries.get(name, _MISSING)
+            if value is _MISSING and name in self._misses:
+                value = None
             generation = self._generation
         if value is not _MISSING:
             return value
         value = load()  # outside the lock: one slow query must not hold up every other request
         with self._lock:
             if generation == self._generation:  # else a revocation came in while loading
-                self._entries[name] = value
+                (self._entries if value is not None else self._misses)[name] = value
         return value
 
     def forget(self, name: str | None = None) -> None:
@@ -128,8 +132,10 @@ class CachedLookup:
             self._generation += 1
             if name is None:
                 self._entries.clear()
+                self._misses.clear()
             else:
                 self._entries.pop(name, None)
+                self._misses.pop(name, None)
 
 
 def read_key(digest: str, session: Session) -> KeyRecord | None:

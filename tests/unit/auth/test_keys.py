@@ -122,3 +122,28 @@ def test_a_minted_key_has_the_prefix_and_190_bits_and_is_stored_only_as_a_hash()
 
 def test_hash_key_is_the_sha256_hex_digest():
     assert hash_key("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_a_flood_of_unknown_keys_does_not_evict_a_known_one(clock):
+    lookup = CachedLookup(ttl=5, maxsize=3)
+    known = Loader("record")
+    lookup.get("key:real", known)
+
+    for index in range(10):
+        assert lookup.get(f"key:made-up-{index}", Loader(None)) is None
+
+    assert lookup.get("key:real", known) == "record"
+    assert known.calls == 1
+
+
+def test_a_forget_during_a_load_is_not_undone_by_it(clock):
+    lookup = CachedLookup(ttl=5, maxsize=10)
+
+    def load_while_revoked() -> str:
+        lookup.forget("key:a")  # a revocation lands while the row is being read
+        return "stale record"
+
+    assert lookup.get("key:a", load_while_revoked) == "stale record"
+    fresh = Loader("fresh record")
+    assert lookup.get("key:a", fresh) == "fresh record"
+    assert fresh.calls == 1
