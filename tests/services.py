@@ -1,6 +1,7 @@
 """Helpers for tests that run real processes: free ports, waiting, process groups, services."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -19,6 +20,33 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 REQUIRE_SERVICES = os.environ.get("FRONTDOOR_REQUIRE_SERVICES") == "1"
+
+
+class LogRecords(logging.Handler):
+    """Keeps every record it is given; the frontdoor loggers do not propagate (JSON to
+    stdout), so pytest's caplog never sees them: ``with logged("frontdoor.x") as records``."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def messages(self, start: str) -> list[logging.LogRecord]:
+        return [record for record in self.records if record.getMessage().startswith(start)]
+
+
+@contextmanager
+def logged(name: str):
+    """Collect what the logger ``name`` writes while the block runs."""
+    logger = logging.getLogger(name)
+    records = LogRecords()
+    logger.addHandler(records)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(records)
 
 
 def unavailable(reason: str):

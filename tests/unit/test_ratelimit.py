@@ -4,8 +4,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import responses
@@ -13,6 +11,7 @@ import responses
 from app.ratelimit import STORAGE_RETRY_INTERVAL
 from tests import services
 from tests.factories import Identity
+from tests.services import logged
 
 UPSTREAM = "http://upstream.test"
 ROUTES = f"""
@@ -55,30 +54,6 @@ def metric(client, name: str, **labels: str) -> float:
     selector = ",".join(f'{key}="{value}"' for key, value in labels.items())
     found = re.search(rf"^{name}\{{{re.escape(selector)}\}} (\S+)$", response.get_data(as_text=True), re.MULTILINE)
     return float(found.group(1)) if found else 0.0
-
-
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-    def messages(self, start: str) -> list[logging.LogRecord]:
-        return [record for record in self.records if record.getMessage().startswith(start)]
-
-
-@contextmanager
-def logged(name: str) -> Iterator[_Records]:
-    # The frontdoor loggers do not propagate (JSON to stdout), so caplog never sees them.
-    logger = logging.getLogger(name)
-    records = _Records()
-    logger.addHandler(records)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(records)
 
 
 def state(response) -> dict[str, tuple[int, int]]:

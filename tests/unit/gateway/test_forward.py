@@ -5,7 +5,6 @@ import gzip
 import http.server
 import io
 import json
-import logging
 import socket
 import threading
 import time
@@ -20,6 +19,7 @@ from app.gateway.body import CHUNK, RequestBody
 from app.gateway.forward import _response_headers, forward, new_adapter
 from app.gateway.routefile import Timeout
 from app.gateway.types import UpstreamTimeout, UpstreamUnreachable
+from tests.services import logged
 from tests.unit.gateway.stand_ins import make_request
 
 TARGET = "http://upstream.test"
@@ -261,27 +261,13 @@ def test_a_streamed_body_is_sent_whole_with_its_length(adapter, local_upstream):
     assert echoed == {"length": len(data), "chunked": False, "body": data.decode()}
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
 def test_an_answer_cut_short_fails_the_stream_and_is_logged(adapter, local_upstream):
-    logger = logging.getLogger("frontdoor.forward")
-    records = _Records()
-    logger.addHandler(records)
-    try:
+    with logged("frontdoor.forward") as records:
         _, response = send(adapter, "GET", "/truncated", target=local_upstream, request_id="r-9")
         received = []
         with pytest.raises(ProtocolError):
             received.extend(response.body)  # keeps the chunks that arrived before the failure
         response.close()
-    finally:
-        logger.removeHandler(records)
 
     assert response.status == 200
     assert b"".join(received) == b"only ten b"  # what arrived was passed on before the failure
