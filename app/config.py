@@ -57,6 +57,21 @@ def defaults(app: Flask) -> dict:
         "RATELIMIT_STORAGE_URI": None,  # default: REDIS_URL, else memory:// (one process's own)
         "RATELIMIT_FAIL_OPEN": True,  # storage unreachable: let requests through (False: 503)
         "RATELIMIT_OUTAGE_LOG_INTERVAL": 60.0,  # seconds between log lines about an outage
+        # Async jobs. Times are seconds, sizes bytes.
+        "JOB_RETRY_AFTER": 1,  # the Retry-After a client is told while a job is not final
+        "JOB_RESULT_TTL": 24 * 3600.0,  # a final job's result is kept this long, then 410
+        "JOB_RETENTION": 7 * 24 * 3600.0,  # after expiry the row (answering 410) is kept this long, then 404
+        "JOB_MAX_RESULT_SIZE": 10 * MiB,  # a larger upstream body fails the job ("result-too-large")
+        "JOB_BATCH_MAX": 100,  # sub-requests in one batch job
+        "JOB_BATCH_CONCURRENCY": 4,  # sub-requests of one batch in flight at once
+        "JOB_SOFT_TIME_LIMIT": 600.0,  # a job still running after this fails with "job-timeout"
+        "JOB_TIME_LIMIT": 660.0,  # the worker process is killed; beat marks the job failed
+        # A running job's claim: renewed every third of this while its worker lives. A job
+        # whose claim lapsed (its worker died) is enqueued again by beat, up to MAX_ATTEMPTS.
+        "JOB_LEASE": 30.0,
+        "JOB_MAX_ATTEMPTS": 3,
+        "JOB_REQUEUE_AFTER": 60.0,  # a job still notStarted this long after its enqueue is enqueued again
+        "JOB_SWEEP_INTERVAL": 10.0,  # how often beat looks for stuck and expired jobs
     }
 
 

@@ -1,6 +1,7 @@
 """Extension singletons, created here and bound to an app in ``init_app``."""
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import redis
@@ -9,6 +10,8 @@ from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase
 
 
@@ -43,6 +46,18 @@ def new_redis(url: str, socket_timeout: float = REDIS_SOCKET_TIMEOUT) -> redis.R
         retry=Retry(NoBackoff(), 0),
         **options,
     )
+
+
+@event.listens_for(Engine, "connect")
+def _sqlite_pragmas(dbapi_connection, connection_record) -> None:
+    """On the embedded default the web process, the worker and beat write one SQLite file:
+    WAL lets readers go on during a write, and a busy timeout makes writers queue for the
+    lock (seconds) instead of failing at once with "database is locked"."""
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=15000")
+        cursor.close()
 
 
 def init_app(app: Flask) -> None:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from celery import Celery, Task
 from flask import Flask
+from kombu import Queue
 
-from tasks.schedule import BEAT_SCHEDULE
+from tasks.schedule import beat_schedule
 
 
 def celery_init_app(app: Flask) -> Celery:
@@ -13,7 +14,9 @@ def celery_init_app(app: Flask) -> Celery:
     The broker is ``REDIS_URL`` when set, else kombu's SQLAlchemy transport over SQLite
     under ``instance/`` (the embedded default). Reliability settings follow the worker
     rules in DESIGN: late acks, re-queue on a lost worker, prefetch 1, results ignored
-    (job state lives in SQL, never in a result backend).
+    (job state lives in SQL, never in a result backend). Jobs run on the ``jobs`` queue
+    with JOB_SOFT_TIME_LIMIT / JOB_TIME_LIMIT; a worker started without ``-Q`` consumes
+    every queue.
     """
 
     class FlaskTask(Task):
@@ -21,7 +24,9 @@ def celery_init_app(app: Flask) -> Celery:
             with app.app_context():
                 return self.run(*args, **kwargs)
 
-    broker_url = app.config["CELERY_BROKER_URL"]
+    config = app.config
+    broker_url = config["CELERY_BROKER_URL"]
+    time_limit = float(config["JOB_TIME_LIMIT"])
     celery_app = Celery(app.name, task_cls=FlaskTask)
     celery_app.conf.update(
         broker_url=broker_url,
@@ -31,16 +36,27 @@ def celery_init_app(app: Flask) -> Celery:
         worker_prefetch_multiplier=1,
         task_soft_time_limit=300,
         task_time_limit=330,
+        task_queues=(Queue("celery"), Queue("jobs")),
+        task_routes={"frontdoor.jobs.*": {"queue": "jobs"}},
+        task_annotations={
+            "frontdoor.jobs.run": {"soft_time_limit": float(config["JOB_SOFT_TIME_LIMIT"]), "time_limit": time_limit}
+        },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        beat_schedule=BEAT_SCHEDULE,
+        beat_schedule=beat_schedule(config),
         timezone="UTC",
     )
     if broker_url.startswith(("redis://", "rediss://")):
-        # Longer than the longest task, or Redis hands an unacked task to a second worker.
-        # (kombu's SQLAlchemy transport passes these options to create_engine, so only Redis.)
-        celery_app.conf.broker_transport_options = {"visibility_timeout": 3600}
-    celery_app.conf.update(app.config.get("CELERY", {}))
+        celery_app.conf.broker_transport_options = {
+            # Longer than the longest task, or Redis hands an unacked task to a second worker.
+            # (kombu's SQLAlchemy transport passes these options to create_engine, so only Redis.)
+            "visibility_timeout": max(3600, 2 * time_limit),
+            # Queues live under the gateway's namespace, like every other key it writes.
+            "global_keyprefix": f"{config['KEY_PREFIX']}:celery:",
+        }
+    celery_app.conf.update(config.get("CELERY", {}))
     celery_app.set_default()
     app.extensions["celery"] = celery_app
+    import tasks.jobs  # noqa: F401 - registers the job tasks with this app
+
     return celery_app

@@ -1,6 +1,14 @@
 """The beat schedule, as data: task name to interval (seconds) and options."""
 from __future__ import annotations
 
-# Periodic work arrives with the features that need it (dispatching due webhook deliveries,
-# re-enqueueing stale jobs); beat already runs in every Procfile so adding one is a line here.
-BEAT_SCHEDULE: dict[str, dict] = {}
+
+def beat_schedule(config: dict) -> dict[str, dict]:
+    """Every periodic task, keyed by entry name; intervals (seconds) come from ``config``.
+
+    An entry expires after one interval: a beat that ran while no worker listened does not
+    leave a backlog of identical sweeps behind.
+    """
+    sweep = float(config["JOB_SWEEP_INTERVAL"])
+    return {
+        "sweep-jobs": {"task": "frontdoor.jobs.sweep", "schedule": sweep, "options": {"expires": sweep}},
+    }

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from flask import Flask
 
-from app.api import consumers, keys
+from app.api import consumers, jobs, keys
 
 
 def init_app(app: Flask) -> None:
     prefix = app.config["API_PREFIX"].rstrip("/")
-    for module in (consumers, keys):
+    for module in (consumers, keys, jobs):
         app.register_blueprint(module.bp, url_prefix=prefix)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
 from flask import Flask, current_app, g, request
@@ -13,7 +13,7 @@ from app.extensions import redis_client
 from app.gateway import pipeline, routefile
 from app.gateway.body import ClientBody
 from app.gateway.router import Router
-from app.gateway.types import GatewayRequest, GatewayResponse
+from app.gateway.types import GatewayRequest, GatewayResponse, Handler
 
 # Every method a client may proxy; TRACE and CONNECT are not forwarded.
 PROXIED_METHODS = list(routefile.METHODS)
@@ -28,6 +28,16 @@ class Gateway:
     router: Router
     reserved: frozenset[str]  # the gateway's own paths (/_gateway, /healthz, ...)
     reserved_below: tuple[str, ...]  # the same with a trailing "/", for str.startswith
+    settings: pipeline.Settings
+    job_handlers: dict[int, Handler] = field(default_factory=dict)  # by id(route), built on first use
+
+    def job_handler(self, route: routefile.Route) -> Handler:
+        """``route``'s pipeline as a job's worker runs it (``job_timeout``, no submission)."""
+        handler = self.job_handlers.get(id(route))
+        if handler is None:
+            handler = pipeline.assemble(route, self.upstreams[route.upstream], self.settings, for_job=True)
+            self.job_handlers[id(route)] = handler
+        return handler
 
     def is_reserved(self, path: str) -> bool:
         """True on or under a reserved path: /healthz and /healthz/x, not /healthzx."""
@@ -53,7 +63,7 @@ def load_gateway(app: Flask) -> Gateway:
     upstreams = pipeline.build_upstreams(route_file, settings, redis_client(app))
     reserved = (app.config["API_PREFIX"].rstrip("/"), *routefile.RESERVED_PATHS)
     router = pipeline.build_router(route_file, upstreams, settings)
-    return Gateway(route_file, upstreams, router, frozenset(reserved), tuple(path + "/" for path in reserved))
+    return Gateway(route_file, upstreams, router, frozenset(reserved), tuple(path + "/" for path in reserved), settings)
 
 
 _DOT_SEGMENT = re.compile(r"(?:^|/)\.{1,2}(?:/|$)")
@@ -74,7 +84,8 @@ def route_request() -> None:
         # normalises paths (RFC 3986 section 5.2.4): refuse rather than route by the wrong prefix.
         raise BadRequest("The path must not contain '.' or '..' segments")
     ctx = g._get_current_object()
-    ctx.match = match = gateway.router.match(client.method, path, _raw_path(client.environ, path))
+    ctx.raw_path = raw_path = _raw_path(client.environ, path)
+    ctx.match = match = gateway.router.match(client.method, path, raw_path)
     ctx.route = match.route.label
 
 
@@ -100,6 +111,7 @@ def proxy(path: str = "") -> Response:
         route=match.route,
         params=match.params,
         upstream_path=match.upstream_path,
+        raw_path=ctx.raw_path,
         request_id=ctx.request_id,
         principal=ctx.get("principal"),
     )

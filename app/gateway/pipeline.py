@@ -67,8 +67,13 @@ def build_upstreams(route_file: RouteFile, settings: Settings, redis_client: red
     }
 
 
-def assemble(route: Route, upstream: UpstreamRuntime, settings: Settings) -> Handler:
+def assemble(route: Route, upstream: UpstreamRuntime, settings: Settings, for_job: bool = False) -> Handler:
     """Build ``route``'s handler, outermost stage first:
+
+    0. a ``mode: async`` route served to a client is only the body stage (the whole body,
+       up to the limit, is kept with the job) and then the job's submission (202). The
+       worker later calls the handler built with ``for_job``: the stages below, with the
+       upstream's ``job_timeout`` in place of its ``timeout``.
 
     1. body: a too-large body is refused (413) before any other work is spent on it, and a
        small one is buffered so the retry stage can resend it.
@@ -84,7 +89,13 @@ def assemble(route: Route, upstream: UpstreamRuntime, settings: Settings) -> Han
     """
     config = upstream.config
     max_body = settings.max_body_size if route.max_body_size is None else route.max_body_size
-    handler = forward(upstream.adapter, config.timeout)
+    if route.mode == "async" and not for_job:
+        from app.jobs import (
+            accept,  # the jobs domain needs the app's models; the pipeline does not
+        )
+
+        return request_body(max_body, max_body or settings.max_body_size)(accept)
+    handler = forward(upstream.adapter, config.job_timeout if for_job else config.timeout)
     handler = balance(upstream.name, config.targets, upstream.breakers)(handler)
     handler = retry(config.retries)(handler)
     handler = bulkhead(upstream.name, upstream.slots)(handler)

@@ -71,6 +71,9 @@ class Upstream(_Strict):
 
     targets: Annotated[tuple[str, ...], Field(min_length=1)]
     timeout: Timeout = Timeout()
+    # For calls made by a job's worker (routes with ``mode: async``, POST /_gateway/jobs):
+    # nobody is holding a connection open, so the wait can be far longer.
+    job_timeout: Timeout = Timeout(read=300.0)
     retries: Retries = Retries()
     breaker: Breaker = Breaker()
     max_concurrency: Annotated[int, Field(ge=1)] | None = None  # bulkhead, per worker process
@@ -108,6 +111,8 @@ class Route(_Strict):
     # Per consumer (or client IP when anonymous) on this route, instead of the plan's limit:
     # "600/minute;20/second" (the limits library's notation), or "none" for no limit.
     rate_limit: str | None = None
+    # "async": each request becomes a job (202 and a status URL) that a worker sends upstream.
+    mode: Literal["sync", "async"] = "sync"
 
     @field_validator("rate_limit")
     @classmethod
@@ -124,6 +129,9 @@ class Route(_Strict):
     def _scopes_need_auth(self) -> Route:
         if self.scopes and self.auth != "required":
             raise ValueError(f"scopes {list(self.scopes)} need 'auth: required' (auth is {self.auth!r})")
+        if self.mode == "async" and self.forward_credentials:
+            # The job's request is stored until it expires; a client's key must never be.
+            raise ValueError("forward_credentials cannot be used with mode: async (jobs do not store credentials)")
         return self
 
     @cached_property

@@ -34,6 +34,7 @@ class GatewayRequest:
     route: Route | None = None
     params: dict[str, str] = field(default_factory=dict)
     upstream_path: str = ""
+    raw_path: str = ""  # the client's path, still percent-encoded (what a job replays)
     request_id: str = ""
     principal: Principal | None = None  # the authenticated consumer; None when anonymous
     target: str | None = None

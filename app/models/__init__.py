@@ -2,5 +2,6 @@
 from __future__ import annotations
 
 from app.models.identity import ApiKey, Consumer
+from app.models.jobs import Job, JobEvent, JobItem
 
-__all__ = ["ApiKey", "Consumer"]
+__all__ = ["ApiKey", "Consumer", "Job", "JobEvent", "JobItem"]

@@ -1,0 +1,255 @@
+"""``/_gateway/jobs``: submit a request (or a batch) as a job, poll it, cancel it, fetch its result.
+
+A consumer sees only its own jobs; another consumer's job id answers 404, as an unknown one
+does. Jobs submitted without a credential belong to nobody and are reached by their id alone.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Annotated, Any, Literal
+from urllib.parse import quote, unquote, urlencode
+
+from flask import Blueprint, current_app, g, jsonify, request
+from pydantic import Field, field_validator, model_validator
+from sqlalchemy import select
+from werkzeug.datastructures import Headers
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.wrappers import Response
+
+from app import jobs
+from app.api.common import BadRequest, Schema, body, found, invalid, page
+from app.auth import current_principal, policy
+from app.extensions import db
+from app.gateway import Gateway
+from app.gateway.types import PayloadTooLarge
+from app.jobs.calls import Call, kept_headers
+from app.models import Job
+from app.models.jobs import BATCH, REQUEST, STATUSES
+
+bp = Blueprint("jobs", __name__)
+
+
+class CallSpec(Schema):
+    """One request to make through the route its path matches, as a client would send it.
+
+    The body is given as ``body`` (text, sent as UTF-8), ``body_base64`` (bytes), or ``json``
+    (any JSON value, sent with ``Content-Type: application/json`` unless one is given).
+    """
+
+    method: Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] = "GET"
+    path: Annotated[str, Field(min_length=1, max_length=2048)]
+    route: str | None = None  # when given, the route the path must match (its name or path)
+    query: str | dict[str, str | list[str]] = ""
+    headers: dict[str, str] = Field(default_factory=dict)
+    body: str | None = None
+    body_base64: str | None = None
+    json_body: Any = Field(default=None, alias="json")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/") or "?" in value or "#" in value:
+            raise ValueError("must be a path starting with '/', without a query or fragment (use 'query')")
+        return value
+
+    @model_validator(mode="after")
+    def _one_body(self) -> CallSpec:
+        given = [name for name in ("body", "body_base64", "json") if self._field(name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of body, body_base64 and json, not {' and '.join(given)}")
+        return self
+
+    def _field(self, name: str) -> object:
+        return self.json_body if name == "json" else getattr(self, name)
+
+
+class JobCreate(Schema):
+    """``{"kind": "request", "request": {...}}`` or ``{"kind": "batch", "requests": [{...}, ...]}``."""
+
+    kind: Literal["request", "batch"] = REQUEST
+    request: CallSpec | None = None
+    requests: list[CallSpec] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> JobCreate:
+        if self.kind == REQUEST and (self.request is None or self.requests is not None):
+            raise ValueError("a request job takes 'request' (one request), not 'requests'")
+        if self.kind == BATCH and (self.requests is None or self.request is not None):
+            raise ValueError("a batch job takes 'requests' (a list), not 'request'")
+        return self
+
+
+def _call(spec: CallSpec, where: str, gateway: Gateway) -> Call:
+    """Resolve ``spec`` to its route, check the caller may use it, and snapshot it as a Call.
+
+    Raises Unprocessable naming ``where`` for an unroutable request or a body over the route's
+    limit, and 401/403 when the route's policy refuses the caller's credential.
+    """
+    raw_path = quote(spec.path, safe="/:@!$&'()*+,;=-._~%")
+    path = unquote(raw_path)
+    if gateway.is_reserved(path):
+        raise invalid(f"{where}.path", f"{path} is one of the gateway's own paths; jobs go through routes")
+    try:
+        match = gateway.router.match(spec.method, path, raw_path)
+    except NotFound:
+        raise invalid(f"{where}.path", f"no route matches {path}") from None
+    except MethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.valid_methods or ()))
+        raise invalid(f"{where}.method", f"{spec.method} is not allowed on {path}; allowed: {allowed}") from None
+    route = match.route
+    if spec.route is not None and spec.route not in (route.label, route.path):
+        raise invalid(f"{where}.route", f"{path} is served by route {route.label!r}, not {spec.route!r}")
+    # The route's own policy, as if the caller had sent the request to it directly.
+    current_app.extensions["auth"].authenticate(request.headers, route.policy)
+    headers = Headers(list(spec.headers.items()))
+    if spec.body_base64 is not None:
+        try:
+            content = base64.b64decode(spec.body_base64, validate=True)
+        except binascii.Error:
+            raise invalid(f"{where}.body_base64", "is not valid base64") from None
+    elif spec.json_body is not None:
+        content = json.dumps(spec.json_body).encode()
+        headers.setdefault("Content-Type", "application/json")
+    else:
+        content = (spec.body or "").encode()
+    limit = current_app.config["MAX_BODY_SIZE"] if route.max_body_size is None else route.max_body_size
+    if limit and len(content) > limit:
+        raise invalid(f"{where}.body", f"{len(content)} bytes exceeds the route's limit of {limit} bytes")
+    query = spec.query if isinstance(spec.query, str) else urlencode(spec.query, doseq=True)
+    return Call(
+        method=spec.method,
+        raw_path=raw_path,
+        query=query.lstrip("?"),
+        headers=kept_headers(list(headers.items()), keep_credentials=route.auth == "none"),
+        body=content,
+        route=route.label,
+    )
+
+
+def _client() -> dict:
+    environ = request.environ
+    addr = environ.get("werkzeug.proxy_fix.orig", environ).get("REMOTE_ADDR") or ""
+    return {"addr": request.remote_addr or addr, "scheme": request.scheme, "host": request.host}
+
+
+@bp.post("/jobs")
+@policy("optional")
+def create() -> tuple[Response, int, Headers]:
+    """Submit a job: 202 with the job resource, ``Location``/``Operation-Location`` (its status
+    URL) and ``Retry-After``. Honours ``Idempotency-Key`` (same key and body: the same job;
+    same key, other body: 422). A batch takes up to JOB_BATCH_MAX requests."""
+    limit = current_app.config["MAX_BODY_SIZE"]
+    if limit and (request.content_length or 0) > limit:
+        raise PayloadTooLarge(f"The request body ({request.content_length} bytes) exceeds the limit of {limit} bytes")
+    data = body(JobCreate)
+    settings = jobs.settings()
+    gateway: Gateway = current_app.extensions["gateway"]
+    if data.kind == BATCH:
+        specs = data.requests or []
+        if not 1 <= len(specs) <= settings.batch_max:
+            raise invalid("requests", f"a batch holds 1 to {settings.batch_max} requests (JOB_BATCH_MAX); got {len(specs)}")
+        calls = [_call(spec, f"requests.{index}", gateway) for index, spec in enumerate(specs)]
+    else:
+        assert data.request is not None
+        calls = [_call(data.request, "request", gateway)]
+    key = jobs.idempotency_key(request.headers.get("Idempotency-Key"))
+    job, created = jobs.create(data.kind, calls, current_principal(), _client(), g.get("request_id", ""), key)
+    if created:
+        jobs.enqueue([job.id])
+    resource, headers = jobs.accepted(job, created)
+    return jsonify(resource), 202, headers
+
+
+def _own(job_id: str) -> Job:
+    """The caller's job ``job_id``: 404 when it is unknown or someone else's, 410 once expired."""
+    job = found(jobs.owned(job_id, current_principal()), "job", job_id)
+    if jobs.is_expired(job):
+        raise jobs.JobExpired(
+            f"Job {job_id} ended at {job.finished_at.isoformat() if job.finished_at else 'an earlier time'} and its result has expired"
+        )
+    return job
+
+
+def _retry_after(job: Job) -> dict[str, str]:
+    return {} if job.final else {"Retry-After": str(jobs.settings().retry_after)}
+
+
+@bp.get("/jobs")
+@policy("required")
+def index() -> Response:
+    """``{"data": [job, ...], "next_cursor": ...}``: the caller's jobs, newest first;
+    ``?status=running,notStarted`` filters by status."""
+    principal = current_principal()
+    assert principal is not None
+    query = select(Job).where(Job.consumer_id == principal.consumer_id)
+    wanted = [status for status in request.args.get("status", "").split(",") if status]
+    unknown = sorted(set(wanted) - set(STATUSES))
+    if unknown:
+        raise BadRequest(f"status {', '.join(unknown)} is not one of {', '.join(STATUSES)}")
+    if wanted:
+        query = query.where(Job.status.in_(wanted))
+    rows, next_cursor = page(query, Job, db.session)
+    return jsonify(data=[jobs.job_json(row) for row in rows], next_cursor=next_cursor)
+
+
+@bp.get("/jobs/<job_id>")
+@policy("optional")
+def read(job_id: str) -> tuple[Response, int, dict]:
+    """The job resource; ``Retry-After`` (seconds) while it is not final."""
+    job = _own(job_id)
+    items = jobs.items_of(job) if job.kind == BATCH else None
+    return jsonify(jobs.job_json(job, items=items)), 200, _retry_after(job)
+
+
+@bp.delete("/jobs/<job_id>")
+@policy("optional")
+def cancel(job_id: str) -> Response:
+    """Cancel a job not yet final (200 with the job); 409 when it has already ended."""
+    job = jobs.cancel(_own(job_id))
+    return jsonify(jobs.job_json(job, items=jobs.items_of(job) if job.kind == BATCH else None))
+
+
+@bp.get("/jobs/<job_id>/result")
+@policy("optional")
+def result(job_id: str) -> Response:
+    """The upstream's response as it was (status, headers, body) once the job succeeded; for a
+    batch, ``{"items": [...]}`` with each sub-request's response. 409 before that."""
+    job = _own(job_id)
+    if job.status != "succeeded":
+        detail = f"The job is {job.status}; its result is available once it has succeeded"
+        raise jobs.JobNotSucceeded(detail, headers=_retry_after(job), job_status=job.status)
+    if job.kind == BATCH:
+        return jsonify(items=[_item_json(item) for item in jobs.items_of(job)])
+    response = Response(job.result_body or b"", status=job.result_status)
+    response.headers = Headers([tuple(pair) for pair in job.result_headers or ()])
+    return response
+
+
+
+def _item_json(item) -> dict:
+    """A batch item: its request, status, and the upstream's response (``body`` as text when it
+    is UTF-8, else ``body_base64``) or the problem that prevented one."""
+    data: dict[str, object] = {
+        "index": item.position,
+        "request": {"method": item.method, "path": item.path, "query": item.query, "route": item.route},
+        "status": item.status,
+        "error": item.error,
+        "response": None,
+    }
+    if item.result_status is not None:
+        content = item.result_body or b""
+        response: dict[str, object] = {"status": item.result_status, "headers": [list(pair) for pair in item.result_headers or ()]}
+        try:
+            response["body"] = content.decode()
+        except UnicodeDecodeError:
+            response["body_base64"] = base64.b64encode(content).decode()
+        data["response"] = response
+    return data
+

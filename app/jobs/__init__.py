@@ -1,0 +1,397 @@
+"""Async jobs: submit a request as a job, describe it, find it for its owner, cancel it.
+
+The worker's side (claim, run, sweep) is in ``app.jobs.worker``. The job resource follows the
+Microsoft REST API guidelines for long-running operations: ``status`` is one of notStarted,
+running, succeeded, failed, canceled; the status URL is sent as ``Location`` and
+``Operation-Location``, and the result URL as ``resourceLocation`` once the job succeeded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from flask import Flask, current_app, url_for
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from werkzeug.datastructures import Headers
+
+from app.auth import Principal
+from app.errors import ProblemError, problem_type
+from app.extensions import db
+from app.gateway.types import GatewayRequest, GatewayResponse
+from app.jobs.calls import Call, call_from_request, principal_json
+from app.models import Job, JobEvent, JobItem
+from app.models.base import isoformat, utcnow
+from app.models.jobs import BATCH, CANCELED, FINAL, NOT_STARTED, REQUEST, RUNNING
+
+log = logging.getLogger("frontdoor.jobs")
+
+EVENT_TYPES = {"succeeded": "job.succeeded", "failed": "job.failed", "canceled": "job.canceled"}
+
+
+class JobExpired(ProblemError):
+    """410: the job ended longer ago than JOB_RESULT_TTL; its result is gone."""
+
+    status, title, slug = 410, "Gone", "job-expired"
+
+
+class JobNotSucceeded(ProblemError):
+    """409: the job's result was asked for before it succeeded."""
+
+    status, title, slug = 409, "Conflict", "job-not-succeeded"
+
+
+class JobFinal(ProblemError):
+    """409: a job that has already ended cannot be canceled."""
+
+    status, title, slug = 409, "Conflict", "job-final"
+
+
+class IdempotencyMismatch(ProblemError):
+    """422: an ``Idempotency-Key`` already used with a different request."""
+
+    status, title, slug = 422, "Unprocessable Content", "idempotency-key-reused"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The JOB_* configuration, read once per app. Seconds and bytes."""
+
+    retry_after: int
+    result_ttl: float
+    retention: float
+    max_result_size: int
+    batch_max: int
+    batch_concurrency: int
+    soft_time_limit: float
+    time_limit: float
+    lease: float
+    max_attempts: int
+    requeue_after: float
+    sweep_interval: float
+
+    @classmethod
+    def from_config(cls, config: dict) -> Settings:
+        return cls(
+            retry_after=max(1, int(config["JOB_RETRY_AFTER"])),
+            result_ttl=float(config["JOB_RESULT_TTL"]),
+            retention=float(config["JOB_RETENTION"]),
+            max_result_size=int(config["JOB_MAX_RESULT_SIZE"]),
+            batch_max=int(config["JOB_BATCH_MAX"]),
+            batch_concurrency=max(1, int(config["JOB_BATCH_CONCURRENCY"])),
+            soft_time_limit=float(config["JOB_SOFT_TIME_LIMIT"]),
+            time_limit=float(config["JOB_TIME_LIMIT"]),
+            lease=float(config["JOB_LEASE"]),
+            max_attempts=max(1, int(config["JOB_MAX_ATTEMPTS"])),
+            requeue_after=float(config["JOB_REQUEUE_AFTER"]),
+            sweep_interval=float(config["JOB_SWEEP_INTERVAL"]),
+        )
+
+
+def settings() -> Settings:
+    return current_app.extensions["jobs"]
+
+
+def problem_json(error: ProblemError) -> dict:
+    """A ProblemError as the problem object a job keeps (RFC 9457 section 3)."""
+    body = {"type": problem_type(error.slug), "title": error.title, "status": error.status, "detail": error.detail}
+    body.update({k: v for k, v in error.extra.items() if isinstance(v, str | int | float | bool | list | dict)})
+    return body
+
+
+def is_expired(job: Job, now: datetime | None = None) -> bool:
+    return job.purged_at is not None or (job.expires_at is not None and job.expires_at <= (now or utcnow()))
+
+
+def job_json(job: Job, urls: bool = True, items: list[JobItem] | None = None) -> dict:
+    """The job resource: ``{"id", "kind", "status", "progress": {"percent", "message"}, ...}``.
+
+    Timestamps are RFC 3339 UTC. ``error`` is a problem object (RFC 9457) or None; ``result``
+    gives the upstream's status and body size once a request job succeeded; a batch lists
+    its ``items`` counts by status. With ``urls`` (in a request context) ``resourceLocation``
+    is the absolute result URL once the job succeeded.
+    """
+    data = {
+        "id": job.id,
+        "kind": job.kind,
+        "status": job.status,
+        "progress": {"percent": job.progress, "message": job.progress_message},
+        "route": job.route,
+        "request_id": job.request_id,
+        "attempts": job.attempts,
+        "created_at": isoformat(job.created_at),
+        "started_at": isoformat(job.started_at),
+        "finished_at": isoformat(job.finished_at),
+        "expires_at": isoformat(job.expires_at),
+        "error": job.error,
+    }
+    if job.kind == REQUEST:
+        data["request"] = {"method": job.method, "path": job.path, "query": job.query or ""}
+        data["result"] = (
+            {"status": job.result_status, "size": len(job.result_body or b"")} if job.result_status is not None else None
+        )
+    elif items is not None:
+        counts: dict[str, int] = {}
+        for item in items:
+            counts[item.status] = counts.get(item.status, 0) + 1
+        data["items"] = {"total": len(items), **counts}
+    if urls and job.status == "succeeded":
+        data["resourceLocation"] = result_url(job.id)
+    return data
+
+
+def status_url(job_id: str) -> str:
+    """The job's absolute status URL, from the public scheme and host (ProxyFix applies any
+    trusted X-Forwarded-Proto/-Host first)."""
+    return url_for("jobs.read", job_id=job_id, _external=True)
+
+
+def result_url(job_id: str) -> str:
+    return url_for("jobs.result", job_id=job_id, _external=True)
+
+
+def owned(job_id: str, principal: Principal | None) -> Job | None:
+    """The job ``job_id`` if ``principal`` owns it: a consumer sees its own jobs, an anonymous
+    caller the anonymous ones (whose unguessable id is the only way to them). None otherwise."""
+    job = db.session.get(Job, job_id)
+    if job is None:
+        return None
+    owner = principal.consumer_id if principal is not None else None
+    return job if job.consumer_id == owner else None
+
+
+def items_of(job: Job) -> list[JobItem]:
+    return list(db.session.execute(select(JobItem).where(JobItem.job_id == job.id).order_by(JobItem.position)).scalars())
+
+
+def create(
+    kind: str,
+    calls: list[Call],
+    principal: Principal | None,
+    client: dict,
+    request_id: str,
+    idempotency_key: str | None,
+) -> tuple[Job, bool]:
+    """Write a job (and its batch items) and commit; return ``(job, created)``.
+
+    With ``idempotency_key`` a submission repeating an earlier one (same key, same requests)
+    returns the earlier job with ``created`` False. Raises IdempotencyMismatch (422) when the
+    key was used for different requests. Keys are scoped to the consumer, or to the client's
+    address for anonymous callers. Enqueueing is the caller's job, after this commit.
+    """
+    digest = _digest(kind, calls)
+    scope = (principal.consumer_id if principal else f"ip:{client.get('addr', '')}") if idempotency_key else None
+    if idempotency_key:
+        earlier = _by_key(scope, idempotency_key)
+        if earlier is not None:
+            return _same(earlier, digest), False
+    now = utcnow()
+    job = Job(
+        kind=kind,
+        consumer_id=principal.consumer_id if principal else None,
+        status=NOT_STARTED,
+        progress=0,
+        progress_message="queued",
+        client=client,
+        principal=principal_json(principal),
+        idempotency_scope=scope,
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+        request_id=request_id,
+        created_at=now,
+        enqueued_at=now,  # optimistic: cleared below if the enqueue fails, so beat retries it sooner
+        enqueues=1,
+    )
+    if kind == REQUEST:
+        call = calls[0]
+        job.route, job.method, job.path, job.raw_path = call.route, call.method, call.path, call.raw_path
+        job.query, job.request_headers, job.request_body = call.query, call.headers, call.body
+    else:
+        job.route = ", ".join(sorted({c.route or "" for c in calls}))[:200]
+        job.progress_message = f"0 of {len(calls)} requests done"
+    db.session.add(job)
+    if kind == BATCH:
+        db.session.flush()
+        db.session.add_all(
+            JobItem(
+                job_id=job.id,
+                position=position,
+                route=call.route,
+                method=call.method,
+                path=call.path,
+                raw_path=call.raw_path,
+                query=call.query,
+                request_headers=call.headers,
+                request_body=call.body,
+            )
+            for position, call in enumerate(calls)
+        )
+    try:
+        db.session.commit()
+    except IntegrityError:
+        # Another submission with this key committed first: answer with its job.
+        db.session.rollback()
+        earlier = _by_key(scope, idempotency_key) if idempotency_key else None
+        if earlier is None:
+            raise
+        return _same(earlier, digest), False
+    return job, True
+
+
+def _digest(kind: str, calls: list[Call]) -> str:
+    return hashlib.sha256(("|".join([kind, *(call.digest() for call in calls)])).encode()).hexdigest()
+
+
+def _by_key(scope: str | None, key: str) -> Job | None:
+    return db.session.execute(
+        select(Job).where(Job.idempotency_scope == scope, Job.idempotency_key == key)
+    ).scalar_one_or_none()
+
+
+def _same(earlier: Job, digest: str) -> Job:
+    if earlier.request_hash != digest:
+        raise IdempotencyMismatch(
+            "This Idempotency-Key was used for a different request; send a new key for a new job",
+            job_id=earlier.id,
+        )
+    return earlier
+
+
+def enqueue(job_ids: list[str]) -> list[str]:
+    """Send a ``run`` message per job; return the ids whose message could not be sent.
+
+    Those are marked as never enqueued, so the sweeper sends them on its next pass.
+    """
+    from tasks.jobs import run_job
+
+    failed = []
+    for job_id in job_ids:
+        try:
+            run_job.apply_async((job_id,), retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2})
+        except Exception:
+            log.warning("job enqueue failed; the sweeper will retry", extra={"job_id": job_id}, exc_info=True)
+            failed.append(job_id)
+    if failed:
+        db.session.execute(update(Job).where(Job.id.in_(failed), Job.status == NOT_STARTED).values(enqueued_at=None))
+        db.session.commit()
+    return failed
+
+
+def accepted(job: Job, created: bool) -> tuple[dict, Headers]:
+    """The 202's body (the job resource) and headers: ``Location`` and ``Operation-Location``
+    (the absolute status URL), ``Retry-After`` (seconds), and ``Idempotent-Replayed: true``
+    when an ``Idempotency-Key`` matched an earlier submission."""
+    url = status_url(job.id)
+    headers = Headers([("Location", url), ("Operation-Location", url)])
+    if not job.final:
+        headers["Retry-After"] = str(settings().retry_after)
+    if not created:
+        headers["Idempotent-Replayed"] = "true"
+    items = items_of(job) if job.kind == BATCH else None
+    return job_json(job, items=items), headers
+
+
+def accept(req: GatewayRequest) -> GatewayResponse:
+    """The handler of a ``mode: async`` route: the request becomes a job (202), and a worker
+    makes the upstream call. Raises IdempotencyMismatch (422)."""
+    call = call_from_request(req)
+    client = {"addr": req.client_addr, "scheme": req.scheme, "host": req.host}
+    key = idempotency_key(req.headers.get("Idempotency-Key"))
+    job, created = create(REQUEST, [call], req.principal, client, req.request_id, key)
+    if created:
+        enqueue([job.id])
+    body, headers = accepted(job, created)
+    headers["Content-Type"] = "application/json"
+    return GatewayResponse(status=202, headers=headers, body=[json.dumps(body).encode()])
+
+
+class BadIdempotencyKey(ProblemError):
+    status, title, slug = 400, "Bad Request", "bad-idempotency-key"
+
+
+def idempotency_key(value: str | None) -> str | None:
+    """A valid ``Idempotency-Key`` value (1-255 visible ASCII characters), None when absent.
+
+    Raises BadIdempotencyKey (400) for anything else (draft-ietf-httpapi-idempotency-key-header).
+    """
+    if value is None:
+        return None
+    value = value.strip().strip('"')
+    if not 1 <= len(value) <= 255 or not all(0x21 <= ord(c) <= 0x7E for c in value):
+        raise BadIdempotencyKey("Idempotency-Key must be 1 to 255 visible ASCII characters")
+    return value
+
+
+def record_event(job: Job) -> None:
+    """Add the outbox row for ``job``'s final state (in the caller's transaction)."""
+    db.session.add(
+        JobEvent(
+            job_id=job.id,
+            consumer_id=job.consumer_id,
+            type=EVENT_TYPES[job.status],
+            data=job_json(job, urls=False),
+        )
+    )
+
+
+def cancel(job: Job) -> Job:
+    """Cancel ``job`` unless it has ended: a queued job never runs, a running batch stops
+    before its next sub-request, a running request's answer is discarded.
+
+    Raises JobFinal (409) when the job had already ended. One conditional UPDATE decides,
+    so a cancel racing the worker's finish has exactly one winner.
+    """
+    now = utcnow()
+    done = db.session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.in_((NOT_STARTED, RUNNING)))
+        .values(
+            status=CANCELED,
+            progress_message="canceled",
+            finished_at=now,
+            expires_at=now + timedelta(seconds=settings().result_ttl),
+            lease_expires_at=None,
+        )
+    ).rowcount
+    if not done:
+        db.session.rollback()
+        db.session.refresh(job)
+        raise JobFinal(f"The job has already ended ({job.status}); only a job not yet final can be canceled")
+    db.session.execute(
+        update(JobItem).where(JobItem.job_id == job.id, JobItem.status == NOT_STARTED).values(status=CANCELED)
+    )
+    db.session.refresh(job)
+    record_event(job)
+    db.session.commit()
+    return job
+
+
+def init_app(app: Flask) -> None:
+    app.extensions["jobs"] = Settings.from_config(app.config)
+
+
+__all__ = [
+    "BATCH",
+    "CANCELED",
+    "FINAL",
+    "REQUEST",
+    "IdempotencyMismatch",
+    "JobExpired",
+    "JobFinal",
+    "JobNotSucceeded",
+    "Settings",
+    "accept",
+    "accepted",
+    "cancel",
+    "create",
+    "enqueue",
+    "idempotency_key",
+    "is_expired",
+    "job_json",
+    "owned",
+    "record_event",
+    "status_url",
+]

@@ -1,0 +1,368 @@
+"""The worker's side of jobs: claim a job, make its calls, store the outcome; sweep stuck jobs.
+
+Every write a worker makes is conditional on ``status = running`` and on the attempt number
+it claimed (a fencing token): a worker whose claim lapsed, or whose job was canceled, cannot
+overwrite anything. Transactions start with their write, so SQLite never has to upgrade a
+read lock (which fails at once under contention) and Postgres needs no SELECT ... FOR UPDATE.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from typing import Self
+
+from celery.exceptions import SoftTimeLimitExceeded
+from flask import current_app
+from sqlalchemy import and_, delete, or_, select, update
+
+from app.errors import ProblemError
+from app.extensions import db
+from app.jobs import Settings, enqueue, problem_json, record_event, settings
+from app.jobs.calls import Call, Outcome, make_call, principal_from
+from app.models import Job, JobEvent, JobItem
+from app.models.base import utcnow
+from app.models.jobs import (
+    BATCH,
+    CANCELED,
+    FAILED,
+    FINAL,
+    NOT_STARTED,
+    RUNNING,
+    SUCCEEDED,
+)
+
+log = logging.getLogger("frontdoor.jobs")
+
+
+class JobTimeout(ProblemError):
+    status, title, slug = 504, "Gateway Timeout", "job-timeout"
+
+
+class JobAbandoned(ProblemError):
+    """The job's worker was lost (killed, out of memory) on every attempt."""
+
+    status, title, slug = 500, "Internal Server Error", "job-abandoned"
+
+
+def _mine(job_id: str, attempt: int):
+    """The WHERE clause of every write a worker makes to the job it claimed."""
+    return and_(Job.id == job_id, Job.status == RUNNING, Job.attempts == attempt)
+
+
+def claim(job_id: str, lease: float) -> Job | None:
+    """Take ``job_id`` for this worker: notStarted, or running with a lapsed claim (its worker
+    died). Returns the claimed job (``attempts`` is the fencing token), or None when the job
+    has ended, was canceled, or is held by a live worker: a duplicate message does nothing.
+    """
+    now = utcnow()
+    claimed = db.session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            or_(Job.status == NOT_STARTED, and_(Job.status == RUNNING, Job.lease_expires_at < now)),
+        )
+        .values(
+            status=RUNNING,
+            attempts=Job.attempts + 1,
+            started_at=db.func.coalesce(Job.started_at, now),
+            lease_expires_at=now + timedelta(seconds=lease),
+            progress_message="running",
+        )
+    ).rowcount
+    db.session.commit()
+    if not claimed:
+        return None
+    return db.session.get(Job, job_id, populate_existing=True)
+
+
+class Heartbeat:
+    """Renews a claimed job's lease every third of ``lease`` seconds from a thread; sets
+    ``stopped`` when the job is no longer this worker's (canceled, or claimed by another)."""
+
+    def __init__(self, job_id: str, attempt: int, lease: float):
+        self.job_id, self.attempt, self.lease = job_id, attempt, lease
+        self.stopped = threading.Event()
+        self._done = threading.Event()
+        self._engine = db.engine
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._done.wait(self.lease / 3):
+            try:
+                with self._engine.begin() as conn:
+                    renewed = conn.execute(
+                        update(Job)
+                        .where(_mine(self.job_id, self.attempt))
+                        .values(lease_expires_at=utcnow() + timedelta(seconds=self.lease))
+                    ).rowcount
+            except Exception:
+                log.warning("job lease renewal failed", extra={"job_id": self.job_id}, exc_info=True)
+                continue
+            if not renewed:
+                self.stopped.set()
+                return
+
+
+def run(job_id: str) -> str | None:
+    """Run the job ``job_id`` if it can be claimed; return its final status, or None when
+    this call did nothing (ended, canceled, or held by another worker). Safe to call twice."""
+    config = settings()
+    job = claim(job_id, config.lease)
+    if job is None:
+        log.info("job not claimed", extra={"job_id": job_id})
+        return None
+    attempt = job.attempts
+    if attempt > config.max_attempts:
+        error = JobAbandoned(f"The job's worker was lost on each of {config.max_attempts} attempts")
+        return _finish(job_id, attempt, FAILED, error=problem_json(error))
+    log.info("job started", extra={"job_id": job_id, "attempt": attempt, "request_id": job.request_id})
+    with Heartbeat(job_id, attempt, config.lease) as heartbeat:
+        try:
+            if job.kind == BATCH:
+                status = _run_batch(job, attempt, config, heartbeat)
+            else:
+                status = _run_request(job, attempt, config)
+        except SoftTimeLimitExceeded:
+            error = JobTimeout(f"The job ran longer than JOB_SOFT_TIME_LIMIT ({config.soft_time_limit:g} s)")
+            status = _finish(job_id, attempt, FAILED, error=problem_json(error))
+    log.info("job ended", extra={"job_id": job_id, "status": status, "request_id": job.request_id})
+    return status
+
+
+def _context(job: Job) -> tuple:
+    return job.client or {}, principal_from(job.principal), job.request_id or ""
+
+
+def _run_request(job: Job, attempt: int, config: Settings) -> str | None:
+    call = Call(job.method, job.raw_path, job.query or "", [tuple(h) for h in job.request_headers or ()], job.request_body or b"", job.route)
+    client, principal, request_id = _context(job)
+    _progress(job.id, attempt, 10, "calling the upstream")
+    outcome = make_call(current_app.extensions["gateway"], call, client, principal, request_id, config.max_result_size, problem_json)
+    if not outcome.ok:
+        return _finish(job.id, attempt, FAILED, error=outcome.error)
+    return _finish(job.id, attempt, SUCCEEDED, outcome=outcome)
+
+
+def _run_batch(job: Job, attempt: int, config: Settings, heartbeat: Heartbeat) -> str | None:
+    """Run the batch's unfinished items, ``batch_concurrency`` at a time; each finished item is
+    stored at once, so a batch taken over after a lost worker resumes where it stopped."""
+    items = list(db.session.execute(select(JobItem).where(JobItem.job_id == job.id).order_by(JobItem.position)).scalars())
+    total = len(items)
+    done = sum(1 for item in items if item.finished_at is not None)
+    pending = [
+        (item.position, Call(item.method, item.raw_path, item.query, [tuple(h) for h in item.request_headers], item.request_body or b"", item.route))
+        for item in items
+        if item.finished_at is None and item.status == NOT_STARTED
+    ]
+    gateway = current_app.extensions["gateway"]
+    engine = db.engine
+    client, principal, request_id = _context(job)
+    lock = threading.Lock()
+    counter = {"done": done}
+    app = current_app._get_current_object()
+
+    def still_mine() -> bool:
+        if heartbeat.stopped.is_set():
+            return False
+        with engine.connect() as conn:
+            row = conn.execute(select(Job.status, Job.attempts).where(Job.id == job.id)).one_or_none()
+        return row is not None and row.status == RUNNING and row.attempts == attempt
+
+    def run_item(position: int, call: Call) -> None:
+        if not still_mine():
+            return  # canceled (or taken over): the remaining items are not sent
+        with app.app_context():
+            outcome = make_call(gateway, call, client, principal, request_id, config.max_result_size, problem_json)
+        now = utcnow()
+        with engine.begin() as conn:
+            stored = conn.execute(
+                update(JobItem)
+                .where(JobItem.job_id == job.id, JobItem.position == position, JobItem.finished_at.is_(None))
+                .values(
+                    status=SUCCEEDED if outcome.ok else FAILED,
+                    result_status=outcome.status,
+                    result_headers=outcome.headers,
+                    result_body=outcome.body,
+                    error=outcome.error,
+                    finished_at=now,
+                )
+            ).rowcount
+            if not stored:
+                return
+            with lock:
+                counter["done"] += 1
+                finished = counter["done"]
+            conn.execute(
+                update(Job)
+                .where(_mine(job.id, attempt))
+                .values(progress=finished * 100 // total, progress_message=f"{finished} of {total} requests done")
+            )
+
+    pool = ThreadPoolExecutor(max_workers=min(config.batch_concurrency, max(len(pending), 1)), thread_name_prefix="batch")
+    try:
+        for future in [pool.submit(run_item, position, call) for position, call in pending]:
+            future.result()
+    except BaseException:
+        # The soft time limit (or a crash): start nothing more; calls in flight end on their own.
+        heartbeat.stopped.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    if not still_mine():
+        return None  # canceled meanwhile: the cancel wrote the final state
+    return _finish(job.id, attempt, SUCCEEDED)
+
+
+def _progress(job_id: str, attempt: int, percent: int, message: str) -> None:
+    db.session.execute(update(Job).where(_mine(job_id, attempt)).values(progress=percent, progress_message=message))
+    db.session.commit()
+
+
+def _finish(
+    job_id: str,
+    attempt: int,
+    status: str,
+    outcome: Outcome | None = None,
+    error: dict | None = None,
+    lapsed_before: datetime | None = None,
+) -> str | None:
+    """Make the job final (when it is still this attempt's) and record its event; return
+    ``status``, or None when the job was no longer this worker's to finish. With
+    ``lapsed_before`` only a job whose lease lapsed before then is finished (the sweeper)."""
+    now = utcnow()
+    values = {
+        "status": status,
+        "finished_at": now,
+        "expires_at": now + timedelta(seconds=settings().result_ttl),
+        "lease_expires_at": None,
+        "error": error,
+        "progress_message": status,
+    }
+    if status == SUCCEEDED:
+        values["progress"] = 100
+    if outcome is not None:
+        values.update(result_status=outcome.status, result_headers=outcome.headers, result_body=outcome.body)
+    where = _mine(job_id, attempt)
+    if lapsed_before is not None:
+        where = and_(where, Job.lease_expires_at < lapsed_before)
+    finished = db.session.execute(update(Job).where(where).values(**values)).rowcount
+    if not finished:
+        db.session.rollback()
+        return None
+    job = db.session.get(Job, job_id, populate_existing=True)
+    if status != SUCCEEDED:
+        db.session.execute(
+            update(JobItem).where(JobItem.job_id == job_id, JobItem.finished_at.is_(None)).values(status=CANCELED if status == CANCELED else FAILED)
+        )
+    record_event(job)
+    db.session.commit()
+    return status
+
+
+def _due(job: Job, now: datetime, config: Settings) -> bool:
+    """Whether a job waiting for a worker has waited long enough to be enqueued again: one never
+    enqueued (its enqueue failed) after a sweep interval, else after JOB_REQUEUE_AFTER seconds,
+    doubled for each message already sent (up to an hour), so a queue with no worker does not
+    fill with copies."""
+    if job.enqueued_at is None:
+        return job.created_at <= now - timedelta(seconds=config.sweep_interval)
+    wait = min(config.requeue_after * 2 ** max(job.enqueues - 1, 0), 3600.0)
+    return job.enqueued_at <= now - timedelta(seconds=wait)
+
+
+def sweep(limit: int = 500) -> dict[str, int]:
+    """Beat's pass over jobs (each step at most ``limit`` rows); return counts by action.
+
+    - notStarted jobs whose message may be lost are enqueued again (the task is idempotent);
+    - running jobs whose lease lapsed (their worker died) are enqueued again, or failed once
+      they have used JOB_MAX_ATTEMPTS or run past JOB_TIME_LIMIT since they started;
+    - jobs past ``expires_at`` lose their request and result payloads (the row answers 410);
+    - rows JOB_RETENTION seconds past expiry are deleted (the id then answers 404).
+    """
+    config = settings()
+    now = utcnow()
+    counts = {"requeued": 0, "failed": 0, "expired": 0, "deleted": 0}
+    stale = _lock(
+        select(Job)
+        .where(
+            or_(
+                Job.status == NOT_STARTED,
+                and_(Job.status == RUNNING, Job.lease_expires_at < now),
+            )
+        )
+        .order_by(Job.created_at)
+        .limit(limit)
+    )
+    requeue, abandon = [], []
+    for job in stale:
+        if job.status == RUNNING and (
+            job.attempts >= config.max_attempts
+            or (job.started_at is not None and job.started_at <= now - timedelta(seconds=config.time_limit))
+        ):
+            abandon.append((job.id, job.attempts, job.attempts >= config.max_attempts))
+        elif _due(job, now, config):
+            job.enqueued_at, job.enqueues = now, job.enqueues + 1
+            requeue.append(job.id)
+    db.session.commit()
+    for job_id, attempt, lost in abandon:
+        error = (
+            JobAbandoned(f"The job's worker was lost on each of {config.max_attempts} attempts")
+            if lost
+            else JobTimeout(f"The job ran longer than JOB_TIME_LIMIT ({config.time_limit:g} s)")
+        )
+        # Conditional on the attempt: a worker that renewed its lease meanwhile keeps the job.
+        if _finish(job_id, attempt, FAILED, error=problem_json(error), lapsed_before=now):
+            counts["failed"] += 1
+    enqueue(requeue)
+    counts["requeued"] = len(requeue)
+
+    expired = _lock(
+        select(Job).where(Job.expires_at <= now, Job.purged_at.is_(None), Job.status.in_(FINAL)).limit(limit)
+    )
+    ids = [job.id for job in expired]
+    if ids:
+        db.session.execute(
+            update(Job)
+            .where(Job.id.in_(ids))
+            .values(
+                purged_at=now,
+                request_headers=None,
+                request_body=None,
+                result_headers=None,
+                result_body=None,
+                idempotency_key=None,  # the key may be used again for a new job
+            )
+        )
+        db.session.execute(delete(JobItem).where(JobItem.job_id.in_(ids)))
+    db.session.commit()
+    counts["expired"] = len(ids)
+
+    old = list(
+        db.session.execute(
+            select(Job.id).where(Job.purged_at <= now - timedelta(seconds=config.retention)).limit(limit)
+        ).scalars()
+    )
+    if old:
+        db.session.execute(delete(JobEvent).where(JobEvent.job_id.in_(old)))
+        db.session.execute(delete(Job).where(Job.id.in_(old)))
+    db.session.commit()
+    counts["deleted"] = len(old)
+    return counts
+
+
+def _lock(query) -> list[Job]:
+    """The rows of ``query``, locked with FOR UPDATE SKIP LOCKED on Postgres so that two beats
+    (or a beat and a slow one) never act on the same job; SQLite has one writer anyway."""
+    if db.session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return list(db.session.execute(query).scalars())
