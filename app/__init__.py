@@ -39,7 +39,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     gateway.init_app(app)
     auth.init_app(app)
     ratelimit.init_app(app)
-    jobs.init_app(app)
+    jobs.init_app(app)  # after the gateway: it checks the upstreams' job timeouts
     api.init_app(app)
 
     from tasks import celery_init_app

@@ -73,7 +73,7 @@ class Upstream(_Strict):
     timeout: Timeout = Timeout()
     # For calls made by a job's worker (routes with ``mode: async``, POST /_gateway/jobs):
     # nobody is holding a connection open, so the wait can be far longer.
-    job_timeout: Timeout = Timeout(read=300.0)
+    job_timeout: Timeout = Timeout(read=240.0)
     retries: Retries = Retries()
     breaker: Breaker = Breaker()
     max_concurrency: Annotated[int, Field(ge=1)] | None = None  # bulkhead, per worker process

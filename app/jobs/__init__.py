@@ -370,7 +370,22 @@ def cancel(job: Job) -> Job:
 
 
 def init_app(app: Flask) -> None:
-    app.extensions["jobs"] = Settings.from_config(app.config)
+    """Read the JOB_* settings; warn about upstreams whose job calls could outlast the soft
+    time limit (every attempt waiting its full ``job_timeout``), since such a job would fail
+    with ``job-timeout`` rather than with the upstream's own timeout."""
+    app.extensions["jobs"] = config = Settings.from_config(app.config)
+    gateway = app.extensions.get("gateway")
+    if gateway is None:
+        return
+    for name, upstream in gateway.route_file.upstreams.items():
+        budget = (upstream.job_timeout.connect + upstream.job_timeout.read) * upstream.retries.attempts
+        if budget > config.soft_time_limit:
+            log.warning(
+                "upstream %s: job_timeout x retries.attempts (%g s) exceeds JOB_SOFT_TIME_LIMIT (%g s)",
+                name,
+                budget,
+                config.soft_time_limit,
+            )
 
 
 __all__ = [

@@ -16,7 +16,7 @@ from app.gateway.types import GatewayRequest
 
 # Never stored with a job: hop-by-hop fields mean nothing later, and the gateway's own
 # bookkeeping fields are set again when the call is made.
-_NOT_KEPT = HOP_BY_HOP | frozenset({"host", "content-length", "x-request-id", "idempotency-key"})
+_NOT_KEPT = HOP_BY_HOP | frozenset({"host", "content-length", "x-request-id"})
 
 
 class ResultTooLarge(ProblemError):
