@@ -37,7 +37,8 @@ def celery_init_app(app: Flask) -> Celery:
         task_soft_time_limit=300,
         task_time_limit=330,
         task_queues=(Queue("celery"), Queue("jobs")),
-        task_routes={"frontdoor.jobs.*": {"queue": "jobs"}},
+        # Only the job runs: the sweep must not wait behind a backlog of queued jobs.
+        task_routes={"frontdoor.jobs.run": {"queue": "jobs"}},
         task_annotations={
             "frontdoor.jobs.run": {"soft_time_limit": float(config["JOB_SOFT_TIME_LIMIT"]), "time_limit": time_limit}
         },

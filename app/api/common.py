@@ -53,7 +53,7 @@ def body(schema: type[M]) -> M:
         return schema.model_validate(data)
     except ValidationError as exc:
         errors = [
-            {"field": ".".join(str(part) for part in error["loc"]) or "body", "message": error["msg"]}
+            {"field": ".".join(str(part) for part in error["loc"]) or "body", "message": error["msg"].removeprefix("Value error, ")}
             for error in exc.errors(include_url=False)
         ]
         first = errors[0]

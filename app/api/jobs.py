@@ -148,6 +148,7 @@ def create() -> tuple[Response, int, Headers]:
     limit = current_app.config["MAX_BODY_SIZE"]
     if limit and (request.content_length or 0) > limit:
         raise PayloadTooLarge(f"The request body ({request.content_length} bytes) exceeds the limit of {limit} bytes")
+    request.max_content_length = limit or None  # a chunked body is cut off at the limit too (413)
     data = body(JobCreate)
     settings = jobs.settings()
     gateway: Gateway = current_app.extensions["gateway"]
