@@ -25,6 +25,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import redis
 from flask import Flask, current_app, g, request
@@ -39,6 +40,10 @@ from werkzeug.wrappers import Response
 from app.errors import ProblemError, problem_response, problem_type
 from app.extensions import REDIS_SOCKET_TIMEOUT, redis_client
 from app.observability.metrics import RATELIMIT_REJECTED, RATELIMIT_STORAGE_UNAVAILABLE
+
+if TYPE_CHECKING:
+    from app.auth import Principal
+    from app.gateway.routefile import Route
 
 log = logging.getLogger("frontdoor.ratelimit")
 
@@ -258,18 +263,20 @@ class Policies:
         if chosen is not None:
             return chosen
         match = ctx.get("match")
-        principal = ctx.get("principal")
-        if match is not None and match.route.rate_limit is not None:
-            limit = match.route.rate_limit
-            chosen = ("route", "" if limit == "none" else limit, "route:" + match.route.label)
-        elif principal is not None and principal.plan in self.plans:
-            chosen = (principal.plan, self.plans[principal.plan], "consumer")
-        elif principal is None and "anonymous" in self.plans:
-            chosen = ("anonymous", self.plans["anonymous"], "consumer")
-        else:
-            chosen = ("default", self.default, "consumer")
-        ctx.rate_policy = chosen
+        chosen = ctx.rate_policy = self.choose(match.route if match is not None else None, ctx.get("principal"))
         return chosen
+
+    def choose(self, route: Route | None, principal: Principal | None) -> tuple[str, str, str]:
+        """(policy name, limit string, counting scope) for a call by ``principal`` to ``route``
+        (None: a view of the gateway's own)."""
+        if route is not None and route.rate_limit is not None:
+            limit = route.rate_limit
+            return ("route", "" if limit == "none" else limit, "route:" + route.label)
+        if principal is not None and principal.plan in self.plans:
+            return (principal.plan, self.plans[principal.plan], "consumer")
+        if principal is None and "anonymous" in self.plans:
+            return ("anonymous", self.plans["anonymous"], "consumer")
+        return ("default", self.default, "consumer")
 
 
 def _checked(key: str, value: str) -> str:
@@ -291,6 +298,47 @@ def limited_by() -> str:
 
 def _policies() -> Policies:
     return current_app.extensions["ratelimit"]
+
+
+class RateLimited(ProblemError):
+    status, title, slug = 429, "Too Many Requests", "rate-limited"
+
+
+def charge(route: Route, cost: int, counted: int = 0) -> int:
+    """Count ``cost`` calls to ``route`` that a job will make for the current caller, against
+    the limit (and the counter) a direct call to ``route`` would use, so that a batch cannot
+    send more than the caller could send itself. ``counted`` of them were already counted
+    (the submission itself, when it used the same counter). Returns how many of ``counted``
+    are left for other routes (0 once the caller's own counter took them).
+
+    Raises RateLimited (429 with ``Retry-After``), or RateLimitUnavailable when the storage
+    is down and the limiter fails closed.
+    """
+    name, limit, scope = _policies().choose(route, g.get("principal"))
+    if scope == "consumer":
+        cost, counted = max(cost - counted, 0), 0
+    if not limit or cost <= 0:
+        return counted
+    limiter: GatewayLimiter = current_app.extensions["ratelimit_limiter"]
+    if limiter.outage.skipping():
+        limiter.outage.failed(None)
+        return counted
+    strategy = limiter.limiter.strategy
+    key = limited_by()
+    try:
+        for item in parse_many(limit):
+            if not strategy.hit(item, key, scope, cost=cost):
+                reset, _ = strategy.get_window_stats(item, key, scope)
+                RATELIMIT_REJECTED.labels(route.label).inc()
+                raise RateLimited(
+                    f"The job would make {cost} calls to route {route.label!r}; its rate limit {item} ({name!r} policy) does not allow them now",
+                    headers={"Retry-After": str(max(math.ceil(reset - time.time()), 1))},
+                )
+    except STORAGE_ERRORS as exc:
+        limiter.outage.failed(exc)
+        return counted
+    limiter.outage.recovered()
+    return counted
 
 
 def _exempt() -> bool:

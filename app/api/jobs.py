@@ -8,27 +8,36 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
+from collections import Counter
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, unquote, urlencode
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request, stream_with_context
 from pydantic import Field, field_validator, model_validator
 from sqlalchemy import select
+from sqlalchemy.orm import undefer
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.wrappers import Response
 
-from app import jobs
+from app import jobs, ratelimit
 from app.api.common import BadRequest, Schema, body, found, invalid, page
 from app.auth import current_principal, policy
 from app.extensions import db
 from app.gateway import Gateway
+from app.gateway.routefile import Route
+from app.gateway.router import has_dot_segment
 from app.gateway.types import PayloadTooLarge
 from app.jobs.calls import Call, kept_headers
-from app.models import Job
+from app.models import Job, JobItem
 from app.models.jobs import BATCH, REQUEST, STATUSES
 
 bp = Blueprint("jobs", __name__)
+
+_FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_FIELD_VALUE = re.compile(r"[ \t\x21-\x7e]*")
 
 
 class CallSpec(Schema):
@@ -59,6 +68,18 @@ class CallSpec(Schema):
             raise ValueError("must be a path starting with '/', without a query or fragment (use 'query')")
         return value
 
+    @field_validator("headers")
+    @classmethod
+    def _fields(cls, headers: dict[str, str]) -> dict[str, str]:
+        # What an HTTP/1.1 client can send (RFC 9110 sections 5.1 and 5.5): checked here, so a
+        # bad field is a 422 now rather than a failed job later.
+        for name, value in headers.items():
+            if not _FIELD_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a valid header field name")
+            if not _FIELD_VALUE.fullmatch(value):
+                raise ValueError(f"the value of {name} has characters a header field cannot carry")
+        return headers
+
     @model_validator(mode="after")
     def _one_body(self) -> CallSpec:
         given = [name for name in ("body", "body_base64", "json") if self._field(name) is not None]
@@ -86,7 +107,7 @@ class JobCreate(Schema):
         return self
 
 
-def _call(spec: CallSpec, where: str, gateway: Gateway) -> Call:
+def _call(spec: CallSpec, where: str, gateway: Gateway, routes: dict[str, Route]) -> Call:
     """Resolve ``spec`` to its route, check the caller may use it, and snapshot it as a Call.
 
     Raises Unprocessable naming ``where`` for an unroutable request or a body over the route's
@@ -96,6 +117,8 @@ def _call(spec: CallSpec, where: str, gateway: Gateway) -> Call:
     path = unquote(raw_path)
     if gateway.is_reserved(path):
         raise invalid(f"{where}.path", f"{path} is one of the gateway's own paths; jobs go through routes")
+    if has_dot_segment(path):
+        raise invalid(f"{where}.path", "must not contain '.' or '..' segments")
     try:
         match = gateway.router.match(spec.method, path, raw_path)
     except NotFound:
@@ -108,6 +131,7 @@ def _call(spec: CallSpec, where: str, gateway: Gateway) -> Call:
         raise invalid(f"{where}.route", f"{path} is served by route {route.label!r}, not {spec.route!r}")
     # The route's own policy, as if the caller had sent the request to it directly.
     current_app.extensions["auth"].authenticate(request.headers, route.policy)
+    routes[route.label] = route
     headers = Headers(list(spec.headers.items()))
     if spec.body_base64 is not None:
         try:
@@ -127,16 +151,15 @@ def _call(spec: CallSpec, where: str, gateway: Gateway) -> Call:
         method=spec.method,
         raw_path=raw_path,
         query=query.lstrip("?"),
-        headers=kept_headers(list(headers.items()), keep_credentials=route.auth == "none"),
+        headers=kept_headers(list(headers.items())),
         body=content,
         route=route.label,
     )
 
 
 def _client() -> dict:
-    environ = request.environ
-    addr = environ.get("werkzeug.proxy_fix.orig", environ).get("REMOTE_ADDR") or ""
-    return {"addr": request.remote_addr or addr, "scheme": request.scheme, "host": request.host}
+    # No X-Forwarded-For chain is stored with an explicit request: the client is the caller.
+    return {"addr": request.remote_addr or "", "scheme": request.scheme, "host": request.host}
 
 
 @bp.post("/jobs")
@@ -152,15 +175,23 @@ def create() -> tuple[Response, int, Headers]:
     data = body(JobCreate)
     settings = jobs.settings()
     gateway: Gateway = current_app.extensions["gateway"]
+    routes: dict[str, Route] = {}
     if data.kind == BATCH:
         specs = data.requests or []
         if not 1 <= len(specs) <= settings.batch_max:
             raise invalid("requests", f"a batch holds 1 to {settings.batch_max} requests (JOB_BATCH_MAX); got {len(specs)}")
-        calls = [_call(spec, f"requests.{index}", gateway) for index, spec in enumerate(specs)]
+        calls = [_call(spec, f"requests.{index}", gateway, routes) for index, spec in enumerate(specs)]
     else:
         assert data.request is not None
-        calls = [_call(data.request, "request", gateway)]
+        calls = [_call(data.request, "request", gateway, routes)]
     key = jobs.idempotency_key(request.headers.get("Idempotency-Key"))
+    if not (key and jobs.replay_of(key, current_principal())):
+        # Each call counts against the limit a direct call to its route would: the
+        # submission itself was counted once against the caller's own limit.
+        per_route = Counter(call.route for call in calls)
+        counted = 1
+        for label, cost in per_route.items():
+            counted = ratelimit.charge(routes[label], cost, counted)
     job, created = jobs.create(data.kind, calls, current_principal(), _client(), g.get("request_id", ""), key)
     if created:
         jobs.enqueue([job.id])
@@ -205,8 +236,7 @@ def index() -> Response:
 def read(job_id: str) -> tuple[Response, int, dict]:
     """The job resource; ``Retry-After`` (seconds) while it is not final."""
     job = _own(job_id)
-    items = jobs.items_of(job) if job.kind == BATCH else None
-    return jsonify(jobs.job_json(job, items=items)), 200, _retry_after(job)
+    return jsonify(jobs.job_json(job, items=jobs.item_counts(job))), 200, _retry_after(job)
 
 
 @bp.delete("/jobs/<job_id>")
@@ -214,7 +244,7 @@ def read(job_id: str) -> tuple[Response, int, dict]:
 def cancel(job_id: str) -> Response:
     """Cancel a job not yet final (200 with the job); 409 when it has already ended."""
     job = jobs.cancel(_own(job_id))
-    return jsonify(jobs.job_json(job, items=jobs.items_of(job) if job.kind == BATCH else None))
+    return jsonify(jobs.job_json(job, items=jobs.item_counts(job)))
 
 
 @bp.get("/jobs/<job_id>/result")
@@ -227,10 +257,32 @@ def result(job_id: str) -> Response:
         detail = f"The job is {job.status}; its result is available once it has succeeded"
         raise jobs.JobNotSucceeded(detail, headers=_retry_after(job), job_status=job.status)
     if job.kind == BATCH:
-        return jsonify(items=[_item_json(item) for item in jobs.items_of(job)])
+        return Response(stream_with_context(_batch_result(job.id)), content_type="application/json")
     response = Response(job.result_body or b"", status=job.result_status)
-    response.headers = Headers([tuple(pair) for pair in job.result_headers or ()])
+    # Content-Length is the body's (werkzeug sets it): a HEAD job's upstream named a length
+    # whose bytes it never sent.
+    response.headers.extend(
+        (name, value) for name, value in job.result_headers or () if name.lower() not in ("content-length", "content-type")
+    )
+    stored_type = next((value for name, value in job.result_headers or () if name.lower() == "content-type"), None)
+    if stored_type is None:
+        del response.headers["Content-Type"]
+    else:
+        response.headers["Content-Type"] = stored_type
     return response
+
+
+def _batch_result(job_id: str) -> Iterator[bytes]:
+    """``{"items": [...]}`` one item at a time: a batch of large results is never all in memory."""
+    positions = list(db.session.execute(select(JobItem.position).where(JobItem.job_id == job_id).order_by(JobItem.position)).scalars())
+    yield b'{"items": ['
+    for index, position in enumerate(positions):
+        item = db.session.execute(
+            select(JobItem).options(undefer("*")).where(JobItem.job_id == job_id, JobItem.position == position)
+        ).scalar_one()
+        yield (b", " if index else b"") + json.dumps(_item_json(item)).encode()
+        db.session.expunge(item)
+    yield b"]}"
 
 
 

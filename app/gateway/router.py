@@ -11,6 +11,16 @@ from app.gateway.routefile import METHODS, Route
 from app.gateway.types import Handler
 
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_DOT_SEGMENT = re.compile(r"(?:^|/)\.{1,2}(?:/|$)")
+
+
+def has_dot_segment(path: str) -> bool:
+    """True when the decoded ``path`` has a ``.`` or ``..`` segment.
+
+    "/public/../admin" matches the route "/public" here but means "/admin" to an upstream that
+    normalises paths (RFC 3986 section 5.2.4): such paths are refused, never routed.
+    """
+    return _DOT_SEGMENT.search(path) is not None
 
 
 @dataclass(frozen=True, slots=True)

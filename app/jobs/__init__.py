@@ -13,8 +13,8 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from flask import Flask, current_app, url_for
-from sqlalchemy import select, update
+from flask import Flask, current_app, request, url_for
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from werkzeug.datastructures import Headers
 
@@ -106,13 +106,13 @@ def is_expired(job: Job, now: datetime | None = None) -> bool:
     return job.purged_at is not None or (job.expires_at is not None and job.expires_at <= (now or utcnow()))
 
 
-def job_json(job: Job, urls: bool = True, items: list[JobItem] | None = None) -> dict:
+def job_json(job: Job, urls: bool = True, items: dict[str, int] | None = None) -> dict:
     """The job resource: ``{"id", "kind", "status", "progress": {"percent", "message"}, ...}``.
 
     Timestamps are RFC 3339 UTC. ``error`` is a problem object (RFC 9457) or None; ``result``
-    gives the upstream's status and body size once a request job succeeded; a batch lists
-    its ``items`` counts by status. With ``urls`` (in a request context) ``resourceLocation``
-    is the absolute result URL once the job succeeded.
+    gives the upstream's status and body size (bytes) once a request job succeeded; a batch
+    gives ``items``, its sub-request counts by status (``item_counts``). With ``urls`` (in a
+    request context) ``resourceLocation`` is the absolute result URL once the job succeeded.
     """
     data = {
         "id": job.id,
@@ -130,17 +130,24 @@ def job_json(job: Job, urls: bool = True, items: list[JobItem] | None = None) ->
     }
     if job.kind == REQUEST:
         data["request"] = {"method": job.method, "path": job.path, "query": job.query or ""}
-        data["result"] = (
-            {"status": job.result_status, "size": len(job.result_body or b"")} if job.result_status is not None else None
-        )
+        data["result"] = {"status": job.result_status, "size": job.result_size} if job.result_status is not None else None
     elif items is not None:
-        counts: dict[str, int] = {}
-        for item in items:
-            counts[item.status] = counts.get(item.status, 0) + 1
-        data["items"] = {"total": len(items), **counts}
+        data["items"] = items
     if urls and job.status == "succeeded":
         data["resourceLocation"] = result_url(job.id)
     return data
+
+
+def item_counts(job: Job) -> dict[str, int] | None:
+    """A batch's sub-requests by status, ``{"total": 5, "succeeded": 3, ...}``, counted in SQL
+    (no result is read); None for a request job."""
+    if job.kind != BATCH:
+        return None
+    rows = db.session.execute(
+        select(JobItem.status, func.count()).where(JobItem.job_id == job.id).group_by(JobItem.status)
+    ).all()
+    counts = {status: count for status, count in rows}
+    return {"total": sum(counts.values()), **counts}
 
 
 def status_url(job_id: str) -> str:
@@ -163,10 +170,6 @@ def owned(job_id: str, principal: Principal | None) -> Job | None:
     return job if job.consumer_id == owner else None
 
 
-def items_of(job: Job) -> list[JobItem]:
-    return list(db.session.execute(select(JobItem).where(JobItem.job_id == job.id).order_by(JobItem.position)).scalars())
-
-
 def create(
     kind: str,
     calls: list[Call],
@@ -179,11 +182,12 @@ def create(
 
     With ``idempotency_key`` a submission repeating an earlier one (same key, same requests)
     returns the earlier job with ``created`` False. Raises IdempotencyMismatch (422) when the
-    key was used for different requests. Keys are scoped to the consumer, or to the client's
-    address for anonymous callers. Enqueueing is the caller's job, after this commit.
+    key was used for different requests. Keys are scoped to the consumer, or for anonymous
+    callers to the client address (after TRUSTED_PROXY_HOPS). Call in a request context;
+    enqueueing is the caller's job, after this commit.
     """
     digest = _digest(kind, calls)
-    scope = (principal.consumer_id if principal else f"ip:{client.get('addr', '')}") if idempotency_key else None
+    scope = _scope(principal) if idempotency_key else None
     if idempotency_key:
         earlier = _by_key(scope, idempotency_key)
         if earlier is not None:
@@ -213,23 +217,23 @@ def create(
         job.route = ", ".join(sorted({c.route or "" for c in calls}))[:200]
         job.progress_message = f"0 of {len(calls)} requests done"
     db.session.add(job)
-    if kind == BATCH:
-        db.session.flush()
-        db.session.add_all(
-            JobItem(
-                job_id=job.id,
-                position=position,
-                route=call.route,
-                method=call.method,
-                path=call.path,
-                raw_path=call.raw_path,
-                query=call.query,
-                request_headers=call.headers,
-                request_body=call.body,
-            )
-            for position, call in enumerate(calls)
-        )
     try:
+        if kind == BATCH:
+            db.session.flush()  # the job's id for its items; a duplicate key fails here
+            db.session.add_all(
+                JobItem(
+                    job_id=job.id,
+                    position=position,
+                    route=call.route,
+                    method=call.method,
+                    path=call.path,
+                    raw_path=call.raw_path,
+                    query=call.query,
+                    request_headers=call.headers,
+                    request_body=call.body,
+                )
+                for position, call in enumerate(calls)
+            )
         db.session.commit()
     except IntegrityError:
         # Another submission with this key committed first: answer with its job.
@@ -239,6 +243,16 @@ def create(
             raise
         return _same(earlier, digest), False
     return job, True
+
+
+def replay_of(key: str, principal: Principal | None) -> bool:
+    """True when ``key`` already names a job of this caller (the submission is a repeat)."""
+    return _by_key(_scope(principal), key) is not None
+
+
+def _scope(principal: Principal | None) -> str:
+    """Whose Idempotency-Keys these are: the consumer's, or an anonymous client address's."""
+    return principal.consumer_id if principal else f"ip:{request.remote_addr or ''}"
 
 
 def _digest(kind: str, calls: list[Call]) -> str:
@@ -254,8 +268,7 @@ def _by_key(scope: str | None, key: str) -> Job | None:
 def _same(earlier: Job, digest: str) -> Job:
     if earlier.request_hash != digest:
         raise IdempotencyMismatch(
-            "This Idempotency-Key was used for a different request; send a new key for a new job",
-            job_id=earlier.id,
+            "This Idempotency-Key was used for a different request; send a new key for a new job"
         )
     return earlier
 
@@ -290,8 +303,7 @@ def accepted(job: Job, created: bool) -> tuple[dict, Headers]:
         headers["Retry-After"] = str(settings().retry_after)
     if not created:
         headers["Idempotent-Replayed"] = "true"
-    items = items_of(job) if job.kind == BATCH else None
-    return job_json(job, items=items), headers
+    return job_json(job, items=item_counts(job)), headers
 
 
 def accept(req: GatewayRequest) -> GatewayResponse:
@@ -405,6 +417,7 @@ __all__ = [
     "enqueue",
     "idempotency_key",
     "is_expired",
+    "item_counts",
     "job_json",
     "owned",
     "record_event",

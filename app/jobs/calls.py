@@ -3,20 +3,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
+from celery.exceptions import SoftTimeLimitExceeded
 from werkzeug.datastructures import Headers
+from werkzeug.exceptions import HTTPException, NotFound
 
 from app.auth import Principal
 from app.errors import ProblemError
 from app.gateway.body import RequestBody
 from app.gateway.headers import CREDENTIALS, HOP_BY_HOP
+from app.gateway.router import has_dot_segment
 from app.gateway.types import GatewayRequest
 
-# Never stored with a job: hop-by-hop fields mean nothing later, and the gateway's own
-# bookkeeping fields are set again when the call is made.
-_NOT_KEPT = HOP_BY_HOP | frozenset({"host", "content-length", "x-request-id"})
+log = logging.getLogger("frontdoor.jobs")
+
+# Never stored with a job: hop-by-hop fields mean nothing later, the gateway's own
+# bookkeeping fields are set again when the call is made, and credentials are not kept at
+# rest (an upstream of an async route learns the caller from X-Consumer-*).
+NOT_KEPT = HOP_BY_HOP | CREDENTIALS | frozenset({"host", "content-length", "x-request-id", "cookie"})
 
 
 class ResultTooLarge(ProblemError):
@@ -32,6 +39,12 @@ class BrokenBody(ProblemError):
 
     def __init__(self) -> None:
         super().__init__("The upstream closed the connection before its body was complete")
+
+
+class CallFailed(ProblemError):
+    """The job's request could not be made at all (502)."""
+
+    status, title, slug = 502, "Bad Gateway", "upstream-unreachable"
 
 
 class RouteGone(ProblemError):
@@ -67,12 +80,11 @@ class Call:
         return hashlib.sha256(head + b"\0" + hashlib.sha256(self.body).digest()).hexdigest()
 
 
-def kept_headers(headers: Headers | list[tuple[str, str]], keep_credentials: bool) -> list[tuple[str, str]]:
-    """The request fields a job stores: no hop-by-hop or recomputed fields, and no credentials
-    unless the route passes them on untouched (``auth: none``)."""
-    drop = _NOT_KEPT if keep_credentials else _NOT_KEPT | CREDENTIALS
+def kept_headers(headers: Headers | list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The request fields a job stores: all but hop-by-hop and recomputed fields, and the
+    credentials ``Authorization``, ``X-API-Key`` and ``Cookie``."""
     items = headers.items() if isinstance(headers, Headers) else headers
-    return [(name, value) for name, value in items if name.lower() not in drop]
+    return [(name, value) for name, value in items if name.lower() not in NOT_KEPT]
 
 
 def read_body(body: object) -> bytes:
@@ -94,7 +106,7 @@ def call_from_request(req: GatewayRequest) -> Call:
         method=req.method,
         raw_path=req.raw_path or req.upstream_path,
         query=req.query,
-        headers=kept_headers(req.headers, keep_credentials=route.auth == "none"),
+        headers=kept_headers(req.headers),
         body=read_body(req.body),
         route=route.label,
     )
@@ -143,10 +155,14 @@ def make_call(gateway, call: Call, client: dict, principal: Principal | None, re
     ``gateway`` is the app's Gateway; ``problem(error) -> dict`` turns a ProblemError into a
     problem object. Never raises for upstream failures: they come back as ``Outcome.error``.
     """
+    path = call.path
     try:
-        match = gateway.router.match(call.method, call.path, call.raw_path)
-    except Exception:  # noqa: BLE001 - NotFound/MethodNotAllowed: the route file changed since
-        return Outcome(error=problem(RouteGone(f"No route takes {call.method} {call.path} any more")))
+        if gateway.is_reserved(path) or has_dot_segment(path):
+            raise NotFound()  # checked at submission; a stored path is never trusted blindly
+        match = gateway.router.match(call.method, path, call.raw_path)
+    except HTTPException:  # NotFound/MethodNotAllowed: the route file changed since
+        return Outcome(error=problem(RouteGone(f"No route takes {call.method} {path} any more")))
+    route = match.route
     greq = GatewayRequest(
         method=call.method,
         path=call.path,
@@ -156,16 +172,21 @@ def make_call(gateway, call: Call, client: dict, principal: Principal | None, re
         client_addr=client.get("addr", ""),
         scheme=client.get("scheme", "http"),
         host=client.get("host", ""),
-        route=match.route,
+        route=route,
         params=match.params,
         upstream_path=match.upstream_path,
         request_id=request_id,
-        principal=principal,
+        principal=principal if route.auth != "none" else None,  # as a direct call would
     )
     try:
-        response = gateway.job_handler(match.route)(greq)
+        response = gateway.job_handler(route)(greq)
     except ProblemError as exc:
         return Outcome(error=problem(exc))
+    except SoftTimeLimitExceeded:
+        raise
+    except Exception as exc:
+        log.warning("job call failed", extra={"request_id": request_id}, exc_info=True)
+        return Outcome(error=problem(CallFailed(f"The request could not be sent: {type(exc).__name__}")))
     try:
         chunks, size = [], 0
         for chunk in response.body:
@@ -178,6 +199,8 @@ def make_call(gateway, call: Call, client: dict, principal: Principal | None, re
         body = b"".join(chunks)
     except ProblemError as exc:
         return Outcome(error=problem(exc))
+    except SoftTimeLimitExceeded:
+        raise
     except Exception:  # noqa: BLE001 - the upstream broke off mid-body (logged by the forward stage)
         return Outcome(error=problem(BrokenBody()))
     finally:

@@ -15,14 +15,14 @@ from typing import Self
 
 from celery.exceptions import SoftTimeLimitExceeded
 from flask import current_app
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, exists, func, literal, or_, select, update
 
 from app.errors import ProblemError
 from app.extensions import db
 from app.jobs import Settings, enqueue, problem_json, record_event, settings
 from app.jobs.calls import Call, Outcome, make_call, principal_from
 from app.models import Job, JobEvent, JobItem
-from app.models.base import utcnow
+from app.models.base import UTCDateTime, utcnow
 from app.models.jobs import (
     BATCH,
     CANCELED,
@@ -66,7 +66,8 @@ def claim(job_id: str, lease: float) -> Job | None:
         .values(
             status=RUNNING,
             attempts=Job.attempts + 1,
-            started_at=db.func.coalesce(Job.started_at, now),
+            # Typed, so that the value goes through UTCDateTime like every other timestamp.
+            started_at=func.coalesce(Job.started_at, literal(now, UTCDateTime())),
             lease_expires_at=now + timedelta(seconds=lease),
             progress_message="running",
         )
@@ -79,10 +80,14 @@ def claim(job_id: str, lease: float) -> Job | None:
 
 class Heartbeat:
     """Renews a claimed job's lease every third of ``lease`` seconds from a thread; sets
-    ``stopped`` when the job is no longer this worker's (canceled, or claimed by another)."""
+    ``stopped`` when the job is no longer this worker's (canceled, or claimed by another).
 
-    def __init__(self, job_id: str, attempt: int, lease: float):
-        self.job_id, self.attempt, self.lease = job_id, attempt, lease
+    Renewal stops at ``until`` (the job's start plus JOB_TIME_LIMIT): a job hung past its
+    hard limit in a pool that cannot kill it still lapses, and the sweep fails it.
+    """
+
+    def __init__(self, job_id: str, attempt: int, lease: float, until: datetime):
+        self.job_id, self.attempt, self.lease, self.until = job_id, attempt, lease, until
         self.stopped = threading.Event()
         self._done = threading.Event()
         self._engine = db.engine
@@ -98,6 +103,9 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._done.wait(self.lease / 3):
+            if utcnow() >= self.until:
+                self.stopped.set()
+                return
             try:
                 with self._engine.begin() as conn:
                     renewed = conn.execute(
@@ -126,13 +134,15 @@ def run(job_id: str) -> str | None:
         error = JobAbandoned(f"The job's worker was lost on each of {config.max_attempts} attempts")
         return _finish(job_id, attempt, FAILED, error=problem_json(error))
     log.info("job started", extra={"job_id": job_id, "attempt": attempt, "request_id": job.request_id})
-    with Heartbeat(job_id, attempt, config.lease) as heartbeat:
+    until = (job.started_at or utcnow()) + timedelta(seconds=config.time_limit)
+    with Heartbeat(job_id, attempt, config.lease, until) as heartbeat:
         try:
             if job.kind == BATCH:
                 status = _run_batch(job, attempt, config, heartbeat)
             else:
                 status = _run_request(job, attempt, config)
         except SoftTimeLimitExceeded:
+            db.session.rollback()  # the limit may have struck inside a write
             error = JobTimeout(f"The job ran longer than JOB_SOFT_TIME_LIMIT ({config.soft_time_limit:g} s)")
             status = _finish(job_id, attempt, FAILED, error=problem_json(error))
     log.info("job ended", extra={"job_id": job_id, "status": status, "request_id": job.request_id})
@@ -164,6 +174,7 @@ def _run_batch(job: Job, attempt: int, config: Settings, heartbeat: Heartbeat) -
         for item in items
         if item.finished_at is None and item.status == NOT_STARTED
     ]
+    db.session.commit()  # no transaction stays open (idle) while the batch runs
     gateway = current_app.extensions["gateway"]
     engine = db.engine
     client, principal, request_id = _context(job)
@@ -187,7 +198,12 @@ def _run_batch(job: Job, attempt: int, config: Settings, heartbeat: Heartbeat) -
         with engine.begin() as conn:
             stored = conn.execute(
                 update(JobItem)
-                .where(JobItem.job_id == job.id, JobItem.position == position, JobItem.finished_at.is_(None))
+                .where(
+                    JobItem.job_id == job.id,
+                    JobItem.position == position,
+                    JobItem.finished_at.is_(None),
+                    exists().where(_mine(job.id, attempt)),  # not after a cancel or a takeover
+                )
                 .values(
                     status=SUCCEEDED if outcome.ok else FAILED,
                     result_status=outcome.status,
@@ -251,7 +267,12 @@ def _finish(
     if status == SUCCEEDED:
         values["progress"] = 100
     if outcome is not None:
-        values.update(result_status=outcome.status, result_headers=outcome.headers, result_body=outcome.body)
+        values.update(
+            result_status=outcome.status,
+            result_headers=outcome.headers,
+            result_body=outcome.body,
+            result_size=len(outcome.body or b""),
+        )
     where = _mine(job_id, attempt)
     if lapsed_before is not None:
         where = and_(where, Job.lease_expires_at < lapsed_before)
@@ -261,8 +282,9 @@ def _finish(
         return None
     job = db.session.get(Job, job_id, populate_existing=True)
     if status != SUCCEEDED:
+        # Sub-requests that never finished were not sent, or their answer is not kept.
         db.session.execute(
-            update(JobItem).where(JobItem.job_id == job_id, JobItem.finished_at.is_(None)).values(status=CANCELED if status == CANCELED else FAILED)
+            update(JobItem).where(JobItem.job_id == job_id, JobItem.finished_at.is_(None)).values(status=CANCELED)
         )
     record_event(job)
     db.session.commit()
@@ -292,17 +314,23 @@ def sweep(limit: int = 500) -> dict[str, int]:
     config = settings()
     now = utcnow()
     counts = {"requeued": 0, "failed": 0, "expired": 0, "deleted": 0}
-    stale = _lock(
+    # Only rows that may be due: a long queue of fresh jobs cannot hide the stuck ones.
+    waiting = _lock(
         select(Job)
         .where(
+            Job.status == NOT_STARTED,
             or_(
-                Job.status == NOT_STARTED,
-                and_(Job.status == RUNNING, Job.lease_expires_at < now),
-            )
+                and_(Job.enqueued_at.is_(None), Job.created_at <= now - timedelta(seconds=config.sweep_interval)),
+                Job.enqueued_at <= now - timedelta(seconds=config.requeue_after),
+            ),
         )
-        .order_by(Job.created_at)
+        .order_by(Job.enqueued_at)
         .limit(limit)
     )
+    lapsed = _lock(
+        select(Job).where(Job.status == RUNNING, Job.lease_expires_at < now).order_by(Job.lease_expires_at).limit(limit)
+    )
+    stale = [*lapsed, *waiting]
     requeue, abandon = [], []
     for job in stale:
         if job.status == RUNNING and (

@@ -18,7 +18,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, deferred, mapped_column
 
 from app.extensions import db
 from app.models.base import UTCDateTime, new_id, utcnow
@@ -37,6 +37,7 @@ class Job(db.Model):
     For a request job the snapshot (method, paths, headers, body) and the upstream's answer
     (``result_*``) live on this row; a batch keeps them on its JobItem rows. Payloads are
     cleared once the job expires (``purged_at``); the row stays, so its id answers 410.
+    Payload columns are deferred: a poll or a list never reads bodies it does not return.
     """
 
     __tablename__ = "jobs"
@@ -58,14 +59,15 @@ class Job(db.Model):
     path: Mapped[str | None] = mapped_column(Text)  # the gateway path, decoded (matched by the router)
     raw_path: Mapped[str | None] = mapped_column(Text)  # as the client sent it, percent-encoded
     query: Mapped[str | None] = mapped_column(Text)
-    request_headers: Mapped[list | None] = mapped_column(JSON)  # [[name, value], ...]
-    request_body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    request_headers: Mapped[list | None] = deferred(mapped_column(JSON))  # [[name, value], ...]
+    request_body: Mapped[bytes | None] = deferred(mapped_column(LargeBinary))
     client: Mapped[dict | None] = mapped_column(JSON)  # {"addr", "scheme", "host"}: X-Forwarded-*
     principal: Mapped[dict | None] = mapped_column(JSON)  # {"consumer_id", "consumer_name", "scopes"}
     # The upstream's answer, as it was.
     result_status: Mapped[int | None] = mapped_column(Integer)
-    result_headers: Mapped[list | None] = mapped_column(JSON)
-    result_body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    result_headers: Mapped[list | None] = deferred(mapped_column(JSON))
+    result_body: Mapped[bytes | None] = deferred(mapped_column(LargeBinary))
+    result_size: Mapped[int | None] = mapped_column(Integer)  # bytes of result_body
     error: Mapped[dict | None] = mapped_column(JSON)  # a problem object (RFC 9457)
     idempotency_scope: Mapped[str | None] = mapped_column(String(80))  # consumer id, or "ip:<addr>"
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
@@ -79,7 +81,7 @@ class Job(db.Model):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # the claim, renewed while running
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)  # set when final
-    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
 
     @property
     def final(self) -> bool:
@@ -99,11 +101,11 @@ class JobItem(db.Model):
     path: Mapped[str] = mapped_column(Text)
     raw_path: Mapped[str] = mapped_column(Text)
     query: Mapped[str] = mapped_column(Text, default="")
-    request_headers: Mapped[list] = mapped_column(JSON, default=list)
-    request_body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    request_headers: Mapped[list] = deferred(mapped_column(JSON, default=list, nullable=False))
+    request_body: Mapped[bytes | None] = deferred(mapped_column(LargeBinary))
     result_status: Mapped[int | None] = mapped_column(Integer)
-    result_headers: Mapped[list | None] = mapped_column(JSON)
-    result_body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    result_headers: Mapped[list | None] = deferred(mapped_column(JSON))
+    result_body: Mapped[bytes | None] = deferred(mapped_column(LargeBinary))
     error: Mapped[dict | None] = mapped_column(JSON)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 

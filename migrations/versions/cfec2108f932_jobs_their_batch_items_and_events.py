@@ -37,6 +37,7 @@ def upgrade():
     sa.Column('result_status', sa.Integer(), nullable=True),
     sa.Column('result_headers', sa.JSON(), nullable=True),
     sa.Column('result_body', sa.LargeBinary(), nullable=True),
+    sa.Column('result_size', sa.Integer(), nullable=True),
     sa.Column('error', sa.JSON(), nullable=True),
     sa.Column('idempotency_scope', sa.String(length=80), nullable=True),
     sa.Column('idempotency_key', sa.String(length=255), nullable=True),
@@ -59,6 +60,7 @@ def upgrade():
         batch_op.create_index('ix_jobs_consumer_created', ['consumer_id', 'created_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_jobs_created_at'), ['created_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_jobs_expires_at'), ['expires_at'], unique=False)
+        batch_op.create_index(batch_op.f('ix_jobs_purged_at'), ['purged_at'], unique=False)
         batch_op.create_index('ix_jobs_status_enqueued', ['status', 'enqueued_at'], unique=False)
 
     op.create_table('job_events',
@@ -110,6 +112,7 @@ def downgrade():
     op.drop_table('job_events')
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.drop_index('ix_jobs_status_enqueued')
+        batch_op.drop_index(batch_op.f('ix_jobs_purged_at'))
         batch_op.drop_index(batch_op.f('ix_jobs_expires_at'))
         batch_op.drop_index(batch_op.f('ix_jobs_created_at'))
         batch_op.drop_index('ix_jobs_consumer_created')
