@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException, NotFound
 from app.auth import Principal
 from app.errors import ProblemError
 from app.gateway.body import RequestBody
-from app.gateway.headers import CREDENTIALS, HOP_BY_HOP
+from app.gateway.headers import CREDENTIALS, HOP_BY_HOP, end_to_end
 from app.gateway.router import has_dot_segment
 from app.gateway.types import GatewayRequest
 
@@ -81,10 +81,11 @@ class Call:
 
 
 def kept_headers(headers: Headers | list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The request fields a job stores: all but hop-by-hop and recomputed fields, and the
-    credentials ``Authorization``, ``X-API-Key`` and ``Cookie``."""
-    items = headers.items() if isinstance(headers, Headers) else headers
-    return [(name, value) for name, value in items if name.lower() not in NOT_KEPT]
+    """The request fields a job stores: all but hop-by-hop fields and those ``Connection``
+    names (RFC 9110 section 7.6.1), recomputed fields, and the credentials ``Authorization``,
+    ``X-API-Key`` and ``Cookie``."""
+    fields = headers if isinstance(headers, Headers) else Headers(headers)
+    return list(end_to_end(fields, NOT_KEPT).items())
 
 
 def read_body(body: object) -> bytes:
