@@ -288,9 +288,14 @@ def _checked(key: str, value: str) -> str:
     return value or ""
 
 
-def limited_by() -> str:
-    """The counter key: the consumer's id, or ``ip:<address>`` for an anonymous caller."""
-    principal = g.get("principal")
+_CALLER = object()
+
+
+def limited_by(principal: object = _CALLER) -> str:
+    """The counter key of ``principal`` (default: the current request's): the consumer's id,
+    or ``ip:<address>`` for an anonymous caller."""
+    if principal is _CALLER:
+        principal = g.get("principal")
     if principal is not None:
         return principal.consumer_id
     return "ip:" + (request.remote_addr or "unknown")
@@ -304,41 +309,68 @@ class RateLimited(ProblemError):
     status, title, slug = 429, "Too Many Requests", "rate-limited"
 
 
-def charge(route: Route, cost: int, counted: int = 0) -> int:
-    """Count ``cost`` calls to ``route`` that a job will make for the current caller, against
-    the limit (and the counter) a direct call to ``route`` would use, so that a batch cannot
-    send more than the caller could send itself. ``counted`` of them were already counted
-    (the submission itself, when it used the same counter). Returns how many of ``counted``
-    are left for other routes (0 once the caller's own counter took them).
+class OverRateLimit(ProblemError):
+    """422: a job would make more calls to a route than its rate limit allows in a whole window."""
 
-    Raises RateLimited (429 with ``Retry-After``), or RateLimitUnavailable when the storage
-    is down and the limiter fails closed.
+    status, title, slug = 422, "Unprocessable Content", "over-rate-limit"
+
+
+def charge(costs: list[tuple[Route, int]]) -> None:
+    """Count the calls a job will make for the current caller, ``(route, calls)`` per route,
+    against the counters direct calls to those routes would use, so that a job cannot send
+    more than its caller could send itself. All or nothing: every counter is tested first.
+
+    A direct call to an ``auth: none`` route is anonymous (counted by client address); so is
+    its share here. The submission itself was counted once already against the caller's own
+    counter; one call on that counter is not counted again.
+
+    Raises OverRateLimit (422) when a route's limit is smaller than the calls asked of it,
+    RateLimited (429 with ``Retry-After``), or RateLimitUnavailable when the storage is down
+    and the limiter fails closed.
     """
-    name, limit, scope = _policies().choose(route, g.get("principal"))
-    if scope == "consumer":
-        cost, counted = max(cost - counted, 0), 0
-    if not limit or cost <= 0:
-        return counted
     limiter: GatewayLimiter = current_app.extensions["ratelimit_limiter"]
+    policies = _policies()
+    caller = g.get("principal")
+    submitted = (limited_by(caller), *policies.current()[1:])  # the submission's own counter
+    counted = 1
+    planned = []  # (item, identifiers, cost, route, policy name)
+    for route, cost in costs:
+        principal = caller if route.auth != "none" else None
+        name, limit, scope = policies.choose(route, principal)
+        key = limited_by(principal)
+        if counted and (key, limit, scope) == submitted:
+            cost, counted = cost - counted, 0
+        if not limit or cost <= 0:
+            continue
+        prefix = [limiter._key_prefix] if limiter._key_prefix else []  # as flask-limiter keys it
+        for item in parse_many(limit):
+            if cost > item.amount:
+                raise OverRateLimit(
+                    f"The job would make {cost} calls to route {route.label!r}, more than its rate limit {item} allows"
+                )
+            planned.append((item, (*prefix, key, scope), cost, route, name))
+    if not planned:
+        return
     if limiter.outage.skipping():
         limiter.outage.failed(None)
-        return counted
+        return
     strategy = limiter.limiter.strategy
-    key = limited_by()
     try:
-        for item in parse_many(limit):
-            if not strategy.hit(item, key, scope, cost=cost):
-                reset, _ = strategy.get_window_stats(item, key, scope)
+        for item, identifiers, cost, route, name in planned:
+            if not strategy.test(item, *identifiers, cost=cost):
                 RATELIMIT_REJECTED.labels(route.label).inc()
+                # Waiting for the oldest hit to leave frees one call; ``cost`` may need the window.
+                reset = strategy.get_window_stats(item, *identifiers).reset_time if cost == 1 else time.time() + item.get_expiry()
                 raise RateLimited(
                     f"The job would make {cost} calls to route {route.label!r}; its rate limit {item} ({name!r} policy) does not allow them now",
                     headers={"Retry-After": str(max(math.ceil(reset - time.time()), 1))},
                 )
+        for item, identifiers, cost, _, _ in planned:
+            strategy.hit(item, *identifiers, cost=cost)
     except STORAGE_ERRORS as exc:
         limiter.outage.failed(exc)
-        return counted
+        return
     limiter.outage.recovered()
-    return counted
 
 
 def _exempt() -> bool:

@@ -36,6 +36,7 @@ from app.models.jobs import BATCH, REQUEST, STATUSES
 
 bp = Blueprint("jobs", __name__)
 
+NOT_STORED = frozenset({"authorization", "x-api-key", "cookie", "proxy-authorization"})
 _FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _FIELD_VALUE = re.compile(r"[ \t\x21-\x7e]*")
 
@@ -76,6 +77,8 @@ class CallSpec(Schema):
         for name, value in headers.items():
             if not _FIELD_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a valid header field name")
+            if name.lower() in NOT_STORED:
+                raise ValueError(f"{name} cannot be sent through a job: credentials are never stored")
             if not _FIELD_VALUE.fullmatch(value):
                 raise ValueError(f"the value of {name} has characters a header field cannot carry")
         return headers
@@ -107,7 +110,7 @@ class JobCreate(Schema):
         return self
 
 
-def _call(spec: CallSpec, where: str, gateway: Gateway, routes: dict[str, Route]) -> Call:
+def _call(spec: CallSpec, where: str, gateway: Gateway, routes: Counter[Route]) -> Call:
     """Resolve ``spec`` to its route, check the caller may use it, and snapshot it as a Call.
 
     Raises Unprocessable naming ``where`` for an unroutable request or a body over the route's
@@ -131,7 +134,7 @@ def _call(spec: CallSpec, where: str, gateway: Gateway, routes: dict[str, Route]
         raise invalid(f"{where}.route", f"{path} is served by route {route.label!r}, not {spec.route!r}")
     # The route's own policy, as if the caller had sent the request to it directly.
     current_app.extensions["auth"].authenticate(request.headers, route.policy)
-    routes[route.label] = route
+    routes[route] += 1
     headers = Headers(list(spec.headers.items()))
     if spec.body_base64 is not None:
         try:
@@ -175,7 +178,7 @@ def create() -> tuple[Response, int, Headers]:
     data = body(JobCreate)
     settings = jobs.settings()
     gateway: Gateway = current_app.extensions["gateway"]
-    routes: dict[str, Route] = {}
+    routes: Counter[Route] = Counter()  # calls per route (route objects: labels need not be unique)
     if data.kind == BATCH:
         specs = data.requests or []
         if not 1 <= len(specs) <= settings.batch_max:
@@ -186,12 +189,7 @@ def create() -> tuple[Response, int, Headers]:
         calls = [_call(data.request, "request", gateway, routes)]
     key = jobs.idempotency_key(request.headers.get("Idempotency-Key"))
     if not (key and jobs.replay_of(key, current_principal())):
-        # Each call counts against the limit a direct call to its route would: the
-        # submission itself was counted once against the caller's own limit.
-        per_route = Counter(call.route for call in calls)
-        counted = 1
-        for label, cost in per_route.items():
-            counted = ratelimit.charge(routes[label], cost, counted)
+        ratelimit.charge(list(routes.items()))
     job, created = jobs.create(data.kind, calls, current_principal(), _client(), g.get("request_id", ""), key)
     if created:
         jobs.enqueue([job.id])
@@ -199,9 +197,10 @@ def create() -> tuple[Response, int, Headers]:
     return jsonify(resource), 202, headers
 
 
-def _own(job_id: str) -> Job:
-    """The caller's job ``job_id``: 404 when it is unknown or someone else's, 410 once expired."""
-    job = found(jobs.owned(job_id, current_principal()), "job", job_id)
+def _own(job_id: str, payload: bool = False) -> Job:
+    """The caller's job ``job_id`` (with its stored response when ``payload``): 404 when it is
+    unknown or someone else's, 410 once expired."""
+    job = found(jobs.owned(job_id, current_principal(), payload), "job", job_id)
     if jobs.is_expired(job):
         raise jobs.JobExpired(
             f"Job {job_id} ended at {job.finished_at.isoformat() if job.finished_at else 'an earlier time'} and its result has expired"
@@ -252,7 +251,7 @@ def cancel(job_id: str) -> Response:
 def result(job_id: str) -> Response:
     """The upstream's response as it was (status, headers, body) once the job succeeded; for a
     batch, ``{"items": [...]}`` with each sub-request's response. 409 before that."""
-    job = _own(job_id)
+    job = _own(job_id, payload=True)  # one SELECT: a purge cannot land between check and read
     if job.status != "succeeded":
         detail = f"The job is {job.status}; its result is available once it has succeeded"
         raise jobs.JobNotSucceeded(detail, headers=_retry_after(job), job_status=job.status)
@@ -273,17 +272,20 @@ def result(job_id: str) -> Response:
 
 
 def _batch_result(job_id: str) -> Iterator[bytes]:
-    """``{"items": [...]}`` one item at a time: a batch of large results is never all in memory."""
+    """``{"items": [...]}`` one item at a time: a batch of large results is never all in memory,
+    and no transaction stays open while a slow client reads."""
     positions = list(db.session.execute(select(JobItem.position).where(JobItem.job_id == job_id).order_by(JobItem.position)).scalars())
+    db.session.close()
     yield b'{"items": ['
     for index, position in enumerate(positions):
         item = db.session.execute(
             select(JobItem).options(undefer("*")).where(JobItem.job_id == job_id, JobItem.position == position)
-        ).scalar_one()
+        ).scalar_one_or_none()
+        db.session.close()
+        if item is None:
+            break  # the job expired while it was being read: the items sent so far stand
         yield (b", " if index else b"") + json.dumps(_item_json(item)).encode()
-        db.session.expunge(item)
     yield b"]}"
-
 
 
 def _item_json(item) -> dict:

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from flask import Flask, current_app, request, url_for
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import undefer
 from werkzeug.datastructures import Headers
 
 from app.auth import Principal
@@ -160,10 +161,11 @@ def result_url(job_id: str) -> str:
     return url_for("jobs.result", job_id=job_id, _external=True)
 
 
-def owned(job_id: str, principal: Principal | None) -> Job | None:
+def owned(job_id: str, principal: Principal | None, payload: bool = False) -> Job | None:
     """The job ``job_id`` if ``principal`` owns it: a consumer sees its own jobs, an anonymous
-    caller the anonymous ones (whose unguessable id is the only way to them). None otherwise."""
-    job = db.session.get(Job, job_id)
+    caller the anonymous ones (whose unguessable id is the only way to them). None otherwise.
+    With ``payload`` the stored request and response are read in the same query."""
+    job = db.session.get(Job, job_id, options=[undefer("*")] if payload else ())
     if job is None:
         return None
     owner = principal.consumer_id if principal is not None else None

@@ -16,6 +16,7 @@ from typing import Self
 from celery.exceptions import SoftTimeLimitExceeded
 from flask import current_app
 from sqlalchemy import and_, delete, exists, func, literal, or_, select, update
+from sqlalchemy.orm import undefer
 
 from app.errors import ProblemError
 from app.extensions import db
@@ -133,7 +134,8 @@ def run(job_id: str) -> str | None:
     if attempt > config.max_attempts:
         error = JobAbandoned(f"The job's worker was lost on each of {config.max_attempts} attempts")
         return _finish(job_id, attempt, FAILED, error=problem_json(error))
-    log.info("job started", extra={"job_id": job_id, "attempt": attempt, "request_id": job.request_id})
+    request_id = job.request_id
+    log.info("job started", extra={"job_id": job_id, "attempt": attempt, "request_id": request_id})
     until = (job.started_at or utcnow()) + timedelta(seconds=config.time_limit)
     with Heartbeat(job_id, attempt, config.lease, until) as heartbeat:
         try:
@@ -145,7 +147,7 @@ def run(job_id: str) -> str | None:
             db.session.rollback()  # the limit may have struck inside a write
             error = JobTimeout(f"The job ran longer than JOB_SOFT_TIME_LIMIT ({config.soft_time_limit:g} s)")
             status = _finish(job_id, attempt, FAILED, error=problem_json(error))
-    log.info("job ended", extra={"job_id": job_id, "status": status, "request_id": job.request_id})
+    log.info("job ended", extra={"job_id": job_id, "status": status, "request_id": request_id})
     return status
 
 
@@ -166,7 +168,14 @@ def _run_request(job: Job, attempt: int, config: Settings) -> str | None:
 def _run_batch(job: Job, attempt: int, config: Settings, heartbeat: Heartbeat) -> str | None:
     """Run the batch's unfinished items, ``batch_concurrency`` at a time; each finished item is
     stored at once, so a batch taken over after a lost worker resumes where it stopped."""
-    items = list(db.session.execute(select(JobItem).where(JobItem.job_id == job.id).order_by(JobItem.position)).scalars())
+    items = list(
+        db.session.execute(
+            select(JobItem)
+            .options(undefer(JobItem.request_headers), undefer(JobItem.request_body))
+            .where(JobItem.job_id == job.id)
+            .order_by(JobItem.position)
+        ).scalars()
+    )
     total = len(items)
     done = sum(1 for item in items if item.finished_at is not None)
     pending = [
@@ -174,19 +183,20 @@ def _run_batch(job: Job, attempt: int, config: Settings, heartbeat: Heartbeat) -
         for item in items
         if item.finished_at is None and item.status == NOT_STARTED
     ]
-    db.session.commit()  # no transaction stays open (idle) while the batch runs
     gateway = current_app.extensions["gateway"]
     engine = db.engine
     client, principal, request_id = _context(job)
+    job_id = job.id
     lock = threading.Lock()
     counter = {"done": done}
     app = current_app._get_current_object()
+    db.session.close()  # everything needed is read: no transaction stays open while the batch runs
 
     def still_mine() -> bool:
         if heartbeat.stopped.is_set():
             return False
         with engine.connect() as conn:
-            row = conn.execute(select(Job.status, Job.attempts).where(Job.id == job.id)).one_or_none()
+            row = conn.execute(select(Job.status, Job.attempts).where(Job.id == job_id)).one_or_none()
         return row is not None and row.status == RUNNING and row.attempts == attempt
 
     def run_item(position: int, call: Call) -> None:
@@ -199,10 +209,10 @@ def _run_batch(job: Job, attempt: int, config: Settings, heartbeat: Heartbeat) -
             stored = conn.execute(
                 update(JobItem)
                 .where(
-                    JobItem.job_id == job.id,
+                    JobItem.job_id == job_id,
                     JobItem.position == position,
                     JobItem.finished_at.is_(None),
-                    exists().where(_mine(job.id, attempt)),  # not after a cancel or a takeover
+                    exists().where(_mine(job_id, attempt)),  # not after a cancel or a takeover
                 )
                 .values(
                     status=SUCCEEDED if outcome.ok else FAILED,
@@ -220,7 +230,7 @@ def _run_batch(job: Job, attempt: int, config: Settings, heartbeat: Heartbeat) -
                 finished = counter["done"]
             conn.execute(
                 update(Job)
-                .where(_mine(job.id, attempt))
+                .where(_mine(job_id, attempt))
                 .values(progress=finished * 100 // total, progress_message=f"{finished} of {total} requests done")
             )
 
@@ -236,7 +246,7 @@ def _run_batch(job: Job, attempt: int, config: Settings, heartbeat: Heartbeat) -
     pool.shutdown()
     if not still_mine():
         return None  # canceled meanwhile: the cancel wrote the final state
-    return _finish(job.id, attempt, SUCCEEDED)
+    return _finish(job_id, attempt, SUCCEEDED)
 
 
 def _progress(job_id: str, attempt: int, percent: int, message: str) -> None:
@@ -324,7 +334,7 @@ def sweep(limit: int = 500) -> dict[str, int]:
                 Job.enqueued_at <= now - timedelta(seconds=config.requeue_after),
             ),
         )
-        .order_by(Job.enqueued_at)
+        .order_by(func.coalesce(Job.enqueued_at, Job.created_at))
         .limit(limit)
     )
     lapsed = _lock(

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from app.extensions import db
+from tests.factories import Identity
 from tests.unit.api.support import all_pages, auth
 from tests.unit.jobs.support import (
     PREFIX,
@@ -230,17 +231,21 @@ def test_a_route_with_auth_none_is_sent_no_consumer_identity(app, client, alice,
 
 
 def test_sub_requests_count_against_their_routes_rate_limit(app, client, upstream):
-    over = submit_batch(client, [{"path": "/limited/anything"}] * 3)
+    never = submit_batch(client, [{"path": "/limited/anything"}] * 3)
 
-    assert over.status_code == 429
-    assert int(over.headers["Retry-After"]) >= 1
-    assert "limited" in over.json["detail"]
+    assert never.status_code == 422  # more calls than the limit allows in a whole window
+    assert never.json["type"].endswith("/over-rate-limit")
+    assert "limited" in never.json["detail"]
     assert job_count(app) == 0
     within = submit_batch(client, [{"path": "/limited/anything"}] * 2, headers={"Idempotency-Key": "two"})
     assert within.status_code == 202
     replayed = submit_batch(client, [{"path": "/limited/anything"}] * 2, headers={"Idempotency-Key": "two"})
     assert replayed.status_code == 202  # a repeat is not charged again
     assert replayed.json["id"] == within.json["id"]
+    over = submit(client, {"path": "/limited/anything"})
+    assert over.status_code == 429
+    assert int(over.headers["Retry-After"]) >= 1
+    assert job_count(app) == 1
     assert client.get("/limited/anything").status_code == 429  # the job used the caller's budget
     assert submit(client, {"path": "/sync/anything"}).status_code == 202  # other routes are not affected
 
@@ -449,3 +454,78 @@ def test_a_consumers_job_is_not_reached_without_its_credential(app, client, alic
     assert client.get(f"{PREFIX}/{job_id}").status_code == 404
     assert client.delete(f"{PREFIX}/{job_id}").status_code == 404
     assert client.get(f"{PREFIX}/{job_id}", headers=alice).json["status"] == "notStarted"
+
+
+def _limits_app(make_app, upstream, **config):
+    app = make_app(
+        routes=f"""
+upstreams:
+  bin:
+    targets: ["{upstream.url}"]
+routes:
+  - path: /open
+    upstream: bin
+    strip_prefix: true
+    auth: none
+  - path: /a
+    name: api
+    upstream: bin
+    strip_prefix: true
+    rate_limit: "5/minute"
+  - path: /b
+    name: api
+    upstream: bin
+    strip_prefix: true
+    rate_limit: "1/minute"
+""",
+        **config,
+    )
+    with app.app_context():
+        db.create_all()
+    return app
+
+
+def test_calls_to_an_auth_none_route_count_against_the_anonymous_counter_a_direct_call_uses(make_app, upstream):
+    app = _limits_app(make_app, upstream, RATELIMIT_PLANS={"anonymous": "2/minute"}, RATELIMIT_DEFAULT="100/minute")
+    client = app.test_client()
+    key = auth(Identity(app).key())
+    assert [client.get("/open/anything").status_code for _ in range(2)] == [200, 200]
+
+    # The key does not buy a second allowance: the upstream sees anonymous calls either way.
+    response = submit(client, {"path": "/open/anything"}, headers=key)
+
+    assert response.status_code == 429
+    assert job_count(app) == 0
+
+
+def test_a_refused_job_charges_no_route(make_app, upstream):
+    app = _limits_app(make_app, upstream)
+    client = app.test_client()
+    assert client.get("/b/anything").status_code == 200  # /b's one call a minute is used
+
+    refused = submit_batch(client, [{"path": "/a/anything"}, {"path": "/b/anything"}])
+    assert refused.status_code == 429
+    assert "'api'" in refused.json["detail"]
+
+    # /a was tested, not charged: all five of its calls are still there.
+    assert submit_batch(client, [{"path": "/a/anything"}] * 5).status_code == 202
+
+
+def test_routes_sharing_a_name_keep_their_own_limits(make_app, upstream):
+    app = _limits_app(make_app, upstream)
+    client = app.test_client()
+
+    response = submit_batch(client, [{"path": "/a/anything"}, {"path": "/b/anything"}, {"path": "/b/anything"}])
+
+    assert response.status_code == 422  # two calls to /b, whose limit is one a minute
+    assert response.json["type"].endswith("/over-rate-limit")
+
+
+@pytest.mark.parametrize("name", ["Authorization", "x-api-key", "Cookie"])
+def test_credentials_cannot_be_sent_through_a_job(app, client, name):
+    response = submit(client, {"path": "/sync/anything", "headers": {name: "secret"}})
+
+    assert response.status_code == 422
+    assert response.json["errors"][0]["field"] == "request.headers"
+    assert "credentials are never stored" in response.json["errors"][0]["message"]
+    assert job_count(app) == 0
