@@ -195,3 +195,53 @@ def throwaway_postgres():
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.1, process: subprocess.Popen | None = None, log: Path | None = None):
+    """Call ``predicate`` until it returns something truthy, and return that; TimeoutError
+    naming ``what`` (with the tail of ``log``) after ``timeout`` seconds, RuntimeError at once
+    if ``process`` exits meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} while waiting for {what}{_tail(log)}")
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what}: not after {timeout} s{_tail(log)}")
+        time.sleep(interval)
+
+
+def _tail(log: Path | None, size: int = 4000) -> str:
+    if log is None or not log.exists():
+        return ""
+    return f"\n--- {log} ---\n{log.read_text(errors='replace')[-size:]}"
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The live (not zombie) processes of the process group ``pgid``."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def kill_group(process: subprocess.Popen, timeout: float = 10.0) -> list[int]:
+    """SIGKILL the whole process group started by ``start`` (the main process and every child,
+    with no chance to clean up), wait until none of it is left, and return the pids killed."""
+    pids = group_pids(process.pid)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout)
+    wait_until(lambda: not group_pids(process.pid), timeout, f"process group {process.pid} gone")
+    stop(process)  # closes its log file
+    return pids
+
