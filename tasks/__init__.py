@@ -1,8 +1,10 @@
 """Celery wiring: ``celery_init_app`` binds a Celery app whose tasks run inside the Flask app context."""
 from __future__ import annotations
 
+import click
 from celery import Celery, Task
-from flask import Flask
+from flask import Flask, current_app
+from flask.cli import with_appcontext
 from kombu import Queue
 
 from tasks.schedule import beat_schedule
@@ -58,6 +60,24 @@ def celery_init_app(app: Flask) -> Celery:
     celery_app.conf.update(config.get("CELERY", {}))
     celery_app.set_default()
     app.extensions["celery"] = celery_app
+    app.cli.add_command(declare_queues)
     import tasks.jobs  # noqa: F401 - registers the job tasks with this app
 
     return celery_app
+
+
+@click.command("declare-queues")
+@with_appcontext
+def declare_queues() -> None:
+    """Declare every Celery queue on the broker, once, before web, worker and beat start.
+
+    On the embedded broker this creates kombu's tables and queue rows; processes that all
+    start on a fresh file race to create them, and kombu does not recover the loser's
+    connection. On Redis it is a no-op. ``make run`` runs it after the migrations.
+    """
+    celery_app: Celery = current_app.extensions["celery"]
+    with celery_app.connection_for_write() as connection:
+        channel = connection.default_channel
+        for queue in celery_app.conf.task_queues:
+            queue.bind(channel).declare()
+    click.echo(f"declared {', '.join(q.name for q in celery_app.conf.task_queues)}")
