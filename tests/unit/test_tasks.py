@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
 
+
+# kombu's SQLAlchemy transport still declares a relationship with the deprecated ``noload``.
+@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
 def test_declare_queues_creates_the_embedded_brokers_queues_once(make_app, tmp_path):
     broker = tmp_path / "broker.sqlite"
     app = make_app(CELERY_BROKER_URL=f"sqla+sqlite:///{broker}")
