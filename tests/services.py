@@ -219,17 +219,21 @@ def _tail(log: Path | None, size: int = 4000) -> str:
     return f"\n--- {log} ---\n{log.read_text(errors='replace')[-size:]}"
 
 
-def group_pids(pgid: int) -> list[int]:
-    """The live (not zombie) processes of the process group ``pgid``."""
-    pids = []
+def processes() -> list[tuple[int, str, int, int]]:
+    """Every process as ``(pid, state, parent pid, process group)``, from /proc (proc(5))."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            pids.append(int(stat.parent.name))
-    return pids
+            continue  # it ended while we looked
+        found.append((int(stat.parent.name), fields[0], int(fields[1]), int(fields[2])))
+    return found
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The live (not zombie) processes of the process group ``pgid``."""
+    return [pid for pid, state, _, group in processes() if state != "Z" and group == pgid]
 
 
 def kill_group(process: subprocess.Popen, timeout: float = 10.0) -> list[int]:

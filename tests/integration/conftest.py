@@ -96,15 +96,7 @@ class Gateway:
         return lines
 
     def worker_pids(self) -> list[int]:
-        pids = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == self.process.pid:
-                pids.append(int(stat.parent.name))
-        return pids
+        return [pid for pid, _, parent, _ in services.processes() if parent == self.process.pid]
 
 
 @pytest.fixture(scope="session")
