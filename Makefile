@@ -11,7 +11,7 @@ WEB_CONCURRENCY ?= 1
 export FLASK_APP := app
 
 .DEFAULT_GOAL := help
-.PHONY: help install run migrate test test-fast lint bench clean
+.PHONY: help install run migrate test test-fast lint bench bench-jobs clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ lint: $(STAMP) ## ruff over the code and tests
 
 bench: $(STAMP) ## pass-through benchmark: the gateway against a naive Flask proxy (needs wrk)
 	$(BIN)/python bench/proxy.py
+
+bench-jobs: $(STAMP) ## async jobs benchmark: a mode: async route against celery send_task + a row (needs wrk, Redis)
+	$(BIN)/python bench/jobs.py
 
 clean: ## remove the virtualenv and local state
 	rm -rf $(VENV) instance .pytest_cache .coverage

@@ -9,7 +9,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
+from processes import child_env, free_port, start, stop, tree_cpu_seconds
 from upstream import BODY  # the fixed answer, to check what each peer returns
 
 PEERS = ("upstream", "gateway", "gateway-auth", "naive", "floor")
@@ -58,42 +58,6 @@ routes:
     auth: required
     rate_limit: "1000000/hour"  # counted in Redis on every request; never reached
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def child_env(**overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "GUNICORN_CMD_ARGS"}
-    env.update(overrides)
-    return env
-
-
-def start(name: str, argv: list[str], env: dict[str, str], cwd: Path, logs: Path) -> subprocess.Popen:
-    """Start ``argv`` in its own process group, its stdout and stderr in ``logs``."""
-    with open(logs / f"{name}.out", "wb") as out, open(logs / f"{name}.err", "wb") as err:
-        return subprocess.Popen(
-            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
-        )
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group, SIGKILL whatever is left after 10 s."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # stray workers, if the master went first
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def bootstrap_key(env: dict[str, str]) -> str:
@@ -182,26 +146,6 @@ def run_wrk(url: str, threads: int, connections: int, duration: int, headers: di
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
     return parse_wrk(done.stdout)
-
-
-def tree_cpu_seconds(root: int) -> float:
-    """User plus system CPU seconds used so far by ``root`` and its live descendants (/proc)."""
-    parents, used = {}, {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid = int(stat.parent.name)
-        parents[pid] = int(fields[1])
-        used[pid] = (int(fields[11]) + int(fields[12])) / tick
-    total, frontier = 0.0, [root]
-    while frontier:
-        pid = frontier.pop()
-        total += used.get(pid, 0.0)
-        frontier.extend(child for child, parent in parents.items() if parent == pid)
-    return total
 
 
 def summarise_gateway_log(logs: Path, requests_sent: int) -> list[str]:

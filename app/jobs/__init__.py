@@ -236,7 +236,7 @@ def create(
                 )
                 for position, call in enumerate(calls)
             )
-        db.session.commit()
+        _commit_keeping(job)
     except IntegrityError:
         # Another submission with this key committed first: answer with its job.
         db.session.rollback()
@@ -255,6 +255,17 @@ def replay_of(key: str, principal: Principal | None) -> bool:
 def _scope(principal: Principal | None) -> str:
     """Whose Idempotency-Keys these are: the consumer's, or an anonymous client address's."""
     return principal.consumer_id if principal else f"ip:{request.remote_addr or ''}"
+
+
+def _commit_keeping(job: Job) -> None:
+    """Commit without expiring ``job``: every column was just written from here, so reading it
+    back (one more query per submission) would only return the same values."""
+    session = db.session()
+    session.expire_on_commit = False
+    try:
+        session.commit()
+    finally:
+        session.expire_on_commit = True
 
 
 def _digest(kind: str, calls: list[Call]) -> str:

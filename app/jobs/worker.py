@@ -76,7 +76,8 @@ def claim(job_id: str, lease: float) -> Job | None:
     db.session.commit()
     if not claimed:
         return None
-    return db.session.get(Job, job_id, populate_existing=True)
+    # The stored request comes with the row: a request job needs it next.
+    return db.session.get(Job, job_id, populate_existing=True, options=[undefer(Job.request_headers), undefer(Job.request_body)])
 
 
 class Heartbeat:
@@ -158,7 +159,6 @@ def _context(job: Job) -> tuple:
 def _run_request(job: Job, attempt: int, config: Settings) -> str | None:
     call = Call(job.method, job.raw_path, job.query or "", [tuple(h) for h in job.request_headers or ()], job.request_body or b"", job.route)
     client, principal, request_id = _context(job)
-    _progress(job.id, attempt, 10, "calling the upstream")
     outcome = make_call(current_app.extensions["gateway"], call, client, principal, request_id, config.max_result_size, problem_json)
     if not outcome.ok:
         return _finish(job.id, attempt, FAILED, error=outcome.error)
@@ -247,11 +247,6 @@ def _run_batch(job: Job, attempt: int, config: Settings, heartbeat: Heartbeat) -
     if not still_mine():
         return None  # canceled meanwhile: the cancel wrote the final state
     return _finish(job_id, attempt, SUCCEEDED)
-
-
-def _progress(job_id: str, attempt: int, percent: int, message: str) -> None:
-    db.session.execute(update(Job).where(_mine(job_id, attempt)).values(progress=percent, progress_message=message))
-    db.session.commit()
 
 
 def _finish(
