@@ -26,7 +26,6 @@ install: $(STAMP) ## create the virtualenv and install the gateway with its dev 
 
 migrate: $(STAMP) ## apply database migrations (SQLite under instance/ unless DATABASE_URL is set)
 	$(BIN)/flask db upgrade
-	$(BIN)/flask declare-queues
 
 run: migrate ## start web, worker, beat and an httpbin demo upstream on the embedded default (port $(PORT))
 	HOST=127.0.0.1 WEB_CONCURRENCY=$(WEB_CONCURRENCY) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile.dev -p $(PORT)

@@ -1,10 +1,10 @@
 """Celery wiring: ``celery_init_app`` binds a Celery app whose tasks run inside the Flask app context."""
 from __future__ import annotations
 
-import click
+import time
+
 from celery import Celery, Task
-from flask import Flask, current_app
-from flask.cli import with_appcontext
+from flask import Flask
 from kombu import Queue
 
 from tasks.schedule import beat_schedule
@@ -60,24 +60,30 @@ def celery_init_app(app: Flask) -> Celery:
     celery_app.conf.update(config.get("CELERY", {}))
     celery_app.set_default()
     app.extensions["celery"] = celery_app
-    app.cli.add_command(declare_queues)
+    if broker_url.startswith("sqla+"):
+        declare_embedded_queues(celery_app)
     import tasks.jobs  # noqa: F401 - registers the job tasks with this app
 
     return celery_app
 
 
-@click.command("declare-queues")
-@with_appcontext
-def declare_queues() -> None:
-    """Declare every Celery queue on the broker, once, before web, worker and beat start.
+def declare_embedded_queues(celery_app: Celery, attempts: int = 5) -> None:
+    """Create the embedded broker's tables and queue rows before kombu's own channels need them.
 
-    On the embedded broker this creates kombu's tables and queue rows; processes that all
-    start on a fresh file race to create them, and kombu does not recover the loser's
-    connection. On Redis it is a no-op. ``make run`` runs it after the migrations.
+    Web, worker and beat start together on a fresh file, and each channel creates them on
+    first use: the processes race, and kombu does not recover a channel that lost (its session
+    is left failed, so every later publish or poll on it raises). Declaring here, with a new
+    connection per try, means the loser just tries again; once the rows exist, kombu only reads
+    them. ``attempts`` tries, 0.1 s apart and growing.
     """
-    celery_app: Celery = current_app.extensions["celery"]
-    with celery_app.connection_for_write() as connection:
-        channel = connection.default_channel
-        for queue in celery_app.conf.task_queues:
-            queue.bind(channel).declare()
-    click.echo(f"declared {', '.join(q.name for q in celery_app.conf.task_queues)}")
+    for attempt in range(1, attempts + 1):
+        try:
+            with celery_app.connection_for_write() as connection:
+                channel = connection.default_channel
+                for queue in celery_app.conf.task_queues:
+                    queue.bind(channel).declare()
+            return
+        except Exception:  # a lost race: IntegrityError, "table already exists", "database is locked"
+            if attempt == attempts:
+                raise
+            time.sleep(0.1 * attempt)
