@@ -104,6 +104,9 @@ def finalise(app: Flask) -> None:
         redis_url = app.config["REDIS_URL"]
         broker = Path(app.instance_path) / "celery-broker.sqlite"
         app.config["CELERY_BROKER_URL"] = redis_url or f"sqla+sqlite:///{broker}"
+    broker_url = app.config["CELERY_BROKER_URL"]
+    if broker_url.startswith("sqla+sqlite:///"):
+        Path(broker_url.removeprefix("sqla+sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
 
 def normalise_database_url(url: str) -> str:

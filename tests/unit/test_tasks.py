@@ -50,3 +50,12 @@ def test_processes_starting_together_on_a_fresh_broker_all_get_a_working_one(tmp
     assert queues_in(broker) == ["celery", "jobs"]
     with sqlite3.connect(broker) as connection:
         assert connection.execute("SELECT count(*) FROM kombu_message").fetchone() == (6,)
+
+
+@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
+def test_the_embedded_brokers_folder_is_created_on_a_fresh_checkout(make_app, tmp_path):
+    broker = tmp_path / "not" / "there" / "yet" / "broker.sqlite"
+
+    make_app(CELERY_BROKER_URL=f"sqla+sqlite:///{broker}")
+
+    assert queues_in(broker) == ["celery", "jobs"]
