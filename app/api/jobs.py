@@ -9,7 +9,6 @@ import base64
 import binascii
 import json
 import re
-from collections import Counter
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, unquote, urlencode
@@ -27,7 +26,6 @@ from app.api.common import BadRequest, Schema, body, found, invalid, page
 from app.auth import current_principal, policy
 from app.extensions import db
 from app.gateway import Gateway
-from app.gateway.routefile import Route
 from app.gateway.router import has_dot_segment
 from app.gateway.types import PayloadTooLarge
 from app.jobs.calls import Call, kept_headers
@@ -110,7 +108,7 @@ class JobCreate(Schema):
         return self
 
 
-def _call(spec: CallSpec, where: str, gateway: Gateway, routes: Counter[Route]) -> Call:
+def _call(spec: CallSpec, where: str, gateway: Gateway, routes: dict[int, list]) -> Call:
     """Resolve ``spec`` to its route, check the caller may use it, and snapshot it as a Call.
 
     Raises Unprocessable naming ``where`` for an unroutable request or a body over the route's
@@ -123,7 +121,7 @@ def _call(spec: CallSpec, where: str, gateway: Gateway, routes: Counter[Route]) 
     if has_dot_segment(path):
         raise invalid(f"{where}.path", "must not contain '.' or '..' segments")
     try:
-        match = gateway.router.match(spec.method, path, raw_path)
+        match = gateway.router.match(spec.method, path, raw_path, Headers(list(spec.headers.items())))
     except NotFound:
         raise invalid(f"{where}.path", f"no route matches {path}") from None
     except MethodNotAllowed as exc:
@@ -134,7 +132,7 @@ def _call(spec: CallSpec, where: str, gateway: Gateway, routes: Counter[Route]) 
         raise invalid(f"{where}.route", f"{path} is served by route {route.label!r}, not {spec.route!r}")
     # The route's own policy, as if the caller had sent the request to it directly.
     current_app.extensions["auth"].authenticate(request.headers, route.policy)
-    routes[route] += 1
+    routes.setdefault(id(route), [route, 0])[1] += 1
     headers = Headers(list(spec.headers.items()))
     if spec.body_base64 is not None:
         try:
@@ -178,7 +176,7 @@ def create() -> tuple[Response, int, Headers]:
     data = body(JobCreate)
     settings = jobs.settings()
     gateway: Gateway = current_app.extensions["gateway"]
-    routes: Counter[Route] = Counter()  # calls per route (route objects: labels need not be unique)
+    routes: dict[int, list] = {}  # [route, calls] by route object: labels need not be unique
     if data.kind == BATCH:
         specs = data.requests or []
         if not 1 <= len(specs) <= settings.batch_max:
@@ -189,7 +187,7 @@ def create() -> tuple[Response, int, Headers]:
         calls = [_call(data.request, "request", gateway, routes)]
     key = jobs.idempotency_key(request.headers.get("Idempotency-Key"))
     if not (key and jobs.replay_of(key, current_principal())):
-        ratelimit.charge(list(routes.items()))
+        ratelimit.charge([(route, calls) for route, calls in routes.values()])
     job, created = jobs.create(data.kind, calls, current_principal(), _client(), g.get("request_id", ""), key)
     if created:
         jobs.enqueue([job.id])

@@ -79,7 +79,7 @@ def route_request() -> None:
         raise BadRequest("The path must not contain '.' or '..' segments")
     ctx = g._get_current_object()
     ctx.raw_path = raw_path = _raw_path(client.environ, path)
-    ctx.match = match = gateway.router.match(client.method, path, raw_path)
+    ctx.match = match = gateway.router.match(client.method, path, raw_path, client.headers)
     ctx.route = match.route.label
 
 

@@ -11,11 +11,13 @@ from app.gateway.balancer import balance
 from app.gateway.body import request_body
 from app.gateway.breaker import TargetBreakers
 from app.gateway.bulkhead import bulkhead, new_slots
+from app.gateway.fields import FieldRules
 from app.gateway.forward import forward, new_adapter
 from app.gateway.headers import forwarding_headers
 from app.gateway.retry import retry
-from app.gateway.routefile import Route, RouteFile, Upstream
+from app.gateway.routefile import BodyRules, Route, RouteFile, Upstream
 from app.gateway.router import Router
+from app.gateway.transform import transform
 from app.gateway.types import Handler
 
 
@@ -77,14 +79,17 @@ def assemble(route: Route, upstream: UpstreamRuntime, settings: Settings, for_jo
 
     1. body: a too-large body is refused (413) before any other work is spent on it, and a
        small one is buffered so the retry stage can resend it.
-    2. headers: hop-by-hop removal and X-Forwarded-*/Via happen once per client request,
+    2. transform: the route's own header rules act on what the client sent, before the
+       gateway's forwarding fields are added; on the way back it sees the response after
+       hop-by-hop removal, and filters JSON fields once, not per attempt.
+    3. headers: hop-by-hop removal and X-Forwarded-*/Via happen once per client request,
        not once per attempt.
-    3. bulkhead: one slot per client request, held across its retries, so retries cannot
+    4. bulkhead: one slot per client request, held across its retries, so retries cannot
        push an upstream past ``max_concurrency``.
-    4. retry: outside the balancer, so each attempt goes to the next target whose breaker
+    5. retry: outside the balancer, so each attempt goes to the next target whose breaker
        allows it, and each attempt's outcome feeds that target's breaker.
-    5. balancer + breaker: pick the target, record the outcome.
-    6. forward: the pooled HTTP call.
+    6. balancer + breaker: pick the target, record the outcome.
+    7. forward: the pooled HTTP call.
     Stages a route does not use (no bulkhead, one attempt) are not in its pipeline.
     """
     config = upstream.config
@@ -101,8 +106,21 @@ def assemble(route: Route, upstream: UpstreamRuntime, settings: Settings, for_jo
     handler = bulkhead(upstream.name, upstream.slots)(handler)
     drop_credentials = route.auth != "none" and not route.forward_credentials
     handler = forwarding_headers(settings.via_name, drop_credentials)(handler)
+    handler = transform(
+        route.request_headers.as_rules() if route.request_headers else None,
+        route.response_headers.as_rules() if route.response_headers else None,
+        field_rules(route.response_body),
+        route.response_body.max_size if route.response_body else 0,
+    )(handler)
     handler = request_body(max_body, settings.buffer_body_size)(handler)
     return handler
+
+
+def field_rules(rules: BodyRules | None) -> FieldRules:
+    """The JSON field rules of a route file's ``response_body`` (none: no rules)."""
+    if rules is None:
+        return FieldRules()
+    return FieldRules(rules.allow, rules.deny, tuple(rules.rename.items()))
 
 
 def build_router(route_file: RouteFile, upstreams: dict[str, UpstreamRuntime], settings: Settings) -> Router:

@@ -28,6 +28,8 @@ RESERVED_PATHS = ("/healthz", "/readyz", "/metrics")
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+_FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a token (RFC 9110 section 5.1)
+_FIELD_VALUE = re.compile(r"[ \t\x21-\x7e]*")  # visible ASCII, spaces and tabs (section 5.5)
 
 
 class RouteFileError(Exception):
@@ -64,6 +66,38 @@ class Breaker(_Strict):
     fail_max: Annotated[int, Field(ge=1)] = 5
     reset_timeout: Annotated[float, Field(gt=0)] = 30.0  # seconds open before a half-open probe
     failure_statuses: tuple[Annotated[int, Field(ge=500, le=599)], ...] = (500, 502, 503, 504)
+
+
+class HeaderRules(_Strict):
+    """Header changes, applied in this order: ``remove`` (names), ``rename`` (``{old: new}``),
+    ``add`` (``{name: value}``, replacing a field of that name)."""
+
+    remove: tuple[str, ...] = ()
+    rename: dict[str, str] = {}
+    add: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _fields(self) -> HeaderRules:
+        for name in (*self.remove, *self.rename, *self.rename.values(), *self.add):
+            if not _FIELD_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a header field name")
+        for name, value in self.add.items():
+            if not _FIELD_VALUE.fullmatch(value):
+                raise ValueError(f"the value of {name} has characters a header field cannot carry")
+        return self
+
+    def as_rules(self) -> tuple:
+        return (self.remove, tuple(self.rename.items()), tuple(self.add.items()))
+
+
+class BodyRules(_Strict):
+    """JSON response fields: ``allow`` (dotted paths kept), ``deny`` (dotted paths removed),
+    ``rename`` (top-level ``{old: new}``); ``max_size`` bytes of body are read to apply them."""
+
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    rename: dict[str, str] = {}
+    max_size: Annotated[int, Field(gt=0)] = 10 * 1024 * 1024
 
 
 class Upstream(_Strict):
@@ -113,6 +147,12 @@ class Route(_Strict):
     rate_limit: str | None = None
     # "async": each request becomes a job (202 and a status URL) that a worker sends upstream.
     mode: Literal["sync", "async"] = "sync"
+    # The route takes a request only when each of these headers has exactly this value (a
+    # canary, "X-Version: v2"); routes with conditions are tried before the one without.
+    match_headers: dict[str, str] = {}
+    request_headers: HeaderRules | None = None  # changes to what the upstream is sent
+    response_headers: HeaderRules | None = None  # changes to what the client gets
+    response_body: BodyRules | None = None  # JSON fields the client gets
 
     @field_validator("rate_limit")
     @classmethod
@@ -183,12 +223,14 @@ class RouteFile(_Strict):
                     f"route {route.path!r} names upstream {route.upstream!r}, which is not defined"
                     f" (defined: {known})"
                 )
-        seen: dict[tuple[str, str], str] = {}
+        seen: dict[tuple, str] = {}
         for route in self.routes:
+            condition = frozenset((name.lower(), value) for name, value in route.match_headers.items())
             for method in route.methods or METHODS:
-                key = (route.path, method)
+                key = (route.path, method, condition)
                 if key in seen:
-                    raise ValueError(f"route {route.path!r} is defined twice for {method}")
+                    what = f" with match_headers {dict(route.match_headers)}" if condition else ""
+                    raise ValueError(f"route {route.path!r} is defined twice for {method}{what}")
                 seen[key] = route.path
         return self
 

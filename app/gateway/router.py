@@ -41,14 +41,29 @@ class _PathGroup:
         self.literals = sum(1 for s in segments if not _PARAM.fullmatch(s))
         pattern = "".join("/" + (f"(?P<{m.group(1)}>[^/]+)" if (m := _PARAM.fullmatch(s)) else re.escape(s)) for s in segments)
         self.regex = re.compile(rf"^{pattern}(?=/|\Z)")
-        self.by_method: dict[str, tuple[Route, Handler]] = {}
+        # Per method, the candidates in the order they are tried: routes with more
+        # match_headers first, the route without conditions last.
+        self.by_method: dict[str, list[tuple[Route, Handler, tuple[tuple[str, str], ...]]]] = {}
 
     def add(self, route: Route, handler: Handler) -> None:
         methods = set(route.methods or METHODS)
         if "GET" in methods:
             methods.add("HEAD")  # RFC 9110 section 9.3.2: HEAD wherever GET is
+        condition = tuple(route.match_headers.items())
         for method in methods:
-            self.by_method.setdefault(method, (route, handler))
+            candidates = self.by_method.setdefault(method, [])
+            if any(existing == condition for _, _, existing in candidates):
+                continue  # HEAD from a GET route does not displace an explicit HEAD route
+            candidates.append((route, handler, condition))
+            candidates.sort(key=lambda candidate: -len(candidate[2]))
+
+    def pick(self, method: str, headers) -> tuple[Route, Handler] | None:
+        """The first candidate for ``method`` whose match_headers all have their values in
+        ``headers`` (anything with ``.get(name)``; None: no headers); None when none does."""
+        for route, handler, condition in self.by_method[method]:
+            if all(headers is not None and headers.get(name) == value for name, value in condition):
+                return route, handler
+        return None
 
 
 class Router:
@@ -67,21 +82,25 @@ class Router:
             groups.setdefault(route.path, _PathGroup(route.path)).add(route, handler)
         self.groups = sorted(groups.values(), key=lambda g: (g.segments, g.literals), reverse=True)
 
-    def match(self, method: str, path: str, raw_path: str | None = None) -> Match:
-        """Return the Match for ``method`` and the decoded ``path``.
+    def match(self, method: str, path: str, raw_path: str | None = None, headers=None) -> Match:
+        """Return the Match for ``method``, the decoded ``path`` and the request ``headers``
+        (for routes with ``match_headers``).
 
         ``raw_path`` (still percent-encoded) is what the upstream is sent, less the route's
-        prefix when it has ``strip_prefix``. Raises werkzeug's NotFound (404) or
-        MethodNotAllowed (405, with the allowed methods).
+        prefix when it has ``strip_prefix``. Raises werkzeug's NotFound (404; also when only
+        routes with unmet match_headers take the path) or MethodNotAllowed (405, with the
+        allowed methods).
         """
         raw_path = raw_path or path
         for group in self.groups:
             found = group.regex.match(path)
             if found is None:
                 continue
-            entry = group.by_method.get(method)
-            if entry is None:
+            if method not in group.by_method:
                 raise MethodNotAllowed(valid_methods=sorted(group.by_method))
+            entry = group.pick(method, headers)
+            if entry is None:
+                raise NotFound(f"No route for {path} takes a request with these headers")
             route, handler = entry
             upstream_path = raw_path
             if route.strip_prefix and group.segments:

@@ -160,7 +160,7 @@ def make_call(gateway, call: Call, client: dict, principal: Principal | None, re
     try:
         if gateway.is_reserved(path) or has_dot_segment(path):
             raise NotFound()  # checked at submission; a stored path is never trusted blindly
-        match = gateway.router.match(call.method, path, call.raw_path)
+        match = gateway.router.match(call.method, path, call.raw_path, Headers(call.headers))
     except HTTPException:  # NotFound/MethodNotAllowed: the route file changed since
         return Outcome(error=problem(RouteGone(f"No route takes {call.method} {path} any more")))
     route = match.route

@@ -334,3 +334,49 @@ def test_the_checker_summarises_a_valid_file(checked_valid_file):
 
 def test_the_checker_prints_nothing_on_stderr_for_a_valid_file(checked_valid_file):
     assert checked_valid_file.stderr == ""
+
+
+def test_transform_rules_and_match_headers_load(write):
+    route_file = load(
+        write(
+            one_route(
+                match_headers="{X-Version: v2}",
+                request_headers="{remove: [X-Debug], rename: {X-Old: X-New}, add: {X-From: gw}}",
+                response_headers="{remove: [Server-Timing]}",
+                response_body="{deny: [password_hash, address.geo], rename: {name: username}, max_size: 4096}",
+            )
+        ),
+        env={},
+    )
+
+    route = route_file.routes[0]
+    assert route.match_headers == {"X-Version": "v2"}
+    assert route.request_headers.as_rules() == (("X-Debug",), (("X-Old", "X-New"),), (("X-From", "gw"),))
+    assert route.response_body.deny == ("password_hash", "address.geo")
+    assert route.response_body.max_size == 4096
+
+
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        ("{remove: ['bad name']}", "'bad name' is not a header field name"),
+        ("{rename: {X-A: 'x y'}}", "'x y' is not a header field name"),
+        ('{add: {X-A: "a\\nb"}}', "the value of X-A has characters a header field cannot carry"),
+    ],
+)
+def test_header_rules_name_the_bad_field(write, rules, message):
+    with pytest.raises(RouteFileError) as error:
+        load(write(one_route(request_headers=rules)), env={})
+
+    assert message in str(error.value)
+
+
+def test_two_routes_on_one_path_differ_by_match_headers_or_are_refused(write):
+    twice = one_route() + "  - path: /a\n    upstream: svc\n    match_headers: {X-Version: v2}\n"
+    assert len(load(write(twice), env={}).routes) == 2
+
+    same = twice + "  - path: /a\n    upstream: svc\n    match_headers: {x-version: v2}\n"
+    with pytest.raises(RouteFileError) as error:
+        load(write(same, "same.yaml"), env={})
+    assert "is defined twice for" in str(error.value)
+    assert "match_headers" in str(error.value)

@@ -178,3 +178,27 @@ def test_the_match_carries_the_route():
     match = router({"path": "/a", "name": "alpha"}).match("GET", "/a")
 
     assert match.route.label == "alpha"
+
+
+def canary_router() -> Router:
+    return router(
+        {"path": "/api", "name": "stable"},
+        {"path": "/api", "name": "v2", "match_headers": {"X-Version": "v2"}},
+        {"path": "/api", "name": "v2-beta", "match_headers": {"X-Version": "v2", "X-Beta": "1"}},
+    )
+
+
+def test_a_route_with_match_headers_takes_only_requests_that_carry_them():
+    r = canary_router()
+
+    assert r.match("GET", "/api/x", headers={"X-Version": "v2"}).handler.__name__ == "v2"
+    assert r.match("GET", "/api/x", headers={"X-Version": "v2", "X-Beta": "1"}).handler.__name__ == "v2-beta"
+    assert r.match("GET", "/api/x", headers={"X-Version": "v3"}).handler.__name__ == "stable"
+    assert r.match("GET", "/api/x").handler.__name__ == "stable"
+
+
+def test_without_a_route_lacking_conditions_unmet_headers_are_a_404():
+    r = router({"path": "/api", "name": "v2", "match_headers": {"X-Version": "v2"}})
+
+    with pytest.raises(NotFound):
+        r.match("GET", "/api/x", headers={"X-Version": "v1"})

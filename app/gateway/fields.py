@@ -1,0 +1,85 @@
+"""JSON field rules (after KrakenD's ``allow``/``deny``/``mapping``): which fields of a response
+reach the client, and under which names. Plain routes and aggregate parts share this code."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Tree = dict[str, "Tree | None"]  # a dotted path set as a tree; None: the whole subtree
+
+
+def _tree(paths: tuple[str, ...]) -> Tree:
+    """``("a.b", "c")`` as ``{"a": {"b": None}, "c": None}``; a shorter path wins over a longer."""
+    root: Tree = {}
+    for path in paths:
+        node = root
+        parts = path.split(".")
+        for index, part in enumerate(parts):
+            if index == len(parts) - 1:
+                node[part] = None
+            elif node.get(part, {}) is None:
+                break  # an ancestor is already whole
+            else:
+                node = node.setdefault(part, {})  # type: ignore[assignment]
+    return root
+
+
+def _allow(value: object, tree: Tree) -> object:
+    if isinstance(value, list):
+        return [_allow(item, tree) for item in value]
+    if not isinstance(value, dict):
+        return value
+    kept = {}
+    for key, sub in tree.items():
+        if key in value:
+            kept[key] = value[key] if sub is None else _allow(value[key], sub)
+    return kept
+
+
+def _deny(value: object, tree: Tree) -> object:
+    if isinstance(value, list):
+        return [_deny(item, tree) for item in value]
+    if not isinstance(value, dict):
+        return value
+    kept = {}
+    for key, item in value.items():
+        if key not in tree:
+            kept[key] = item
+        elif tree[key] is not None:
+            kept[key] = _deny(item, tree[key])  # type: ignore[arg-type]
+    return kept
+
+
+@dataclass(frozen=True)
+class FieldRules:
+    """``allow`` (dotted paths kept; empty: all), then ``deny`` (dotted paths removed), then
+    ``rename`` (top-level ``{old: new}``). Lists are filtered item by item, so a response that
+    is a list of objects is filtered like one object."""
+
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    rename: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_allowed", _tree(self.allow))
+        object.__setattr__(self, "_denied", _tree(self.deny))
+
+    def __bool__(self) -> bool:
+        return bool(self.allow or self.deny or self.rename)
+
+    def apply(self, value: object) -> object:
+        """``value`` (parsed JSON) with the rules applied; the input is not modified."""
+        if self.allow:
+            value = _allow(value, self._allowed)  # type: ignore[attr-defined]
+        if self.deny:
+            value = _deny(value, self._denied)  # type: ignore[attr-defined]
+        if self.rename:
+            value = self._renamed(value)
+        return value
+
+    def _renamed(self, value: object) -> object:
+        if isinstance(value, list):
+            return [self._renamed(item) for item in value]
+        if not isinstance(value, dict):
+            return value
+        names = dict(self.rename)
+        return {names.get(key, key): item for key, item in value.items()}

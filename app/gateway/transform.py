@@ -1,0 +1,114 @@
+"""Transform stage: a route's header rules both ways, and its JSON field rules on responses."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from werkzeug.datastructures import Headers
+
+from app.gateway.fields import FieldRules
+from app.gateway.types import (
+    GatewayRequest,
+    GatewayResponse,
+    Handler,
+    Middleware,
+    UpstreamUnreachable,
+)
+
+_BODYLESS = frozenset({204, 304})
+
+
+class UnfilterableBody(UpstreamUnreachable):
+    """The route filters JSON fields, and the upstream's JSON body cannot be read (502): it is
+    never passed on unfiltered, so a denied field cannot leak."""
+
+    slug = "unfilterable-body"
+
+
+def is_json(content_type: str | None) -> bool:
+    """``application/json`` or any ``+json`` type (RFC 6839 section 3.1)."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def apply_header_rules(headers: Headers, remove: tuple[str, ...], rename: tuple[tuple[str, str], ...], add: tuple[tuple[str, str], ...]) -> Headers:
+    """``headers`` with the fields in ``remove`` dropped, then ``rename`` (old, new) applied,
+    then ``add`` (name, value) set, replacing any field of that name. A new Headers object."""
+    drop = {name.lower() for name in remove}
+    renamed = {old.lower(): new for old, new in rename}
+    out = Headers()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in drop:
+            continue
+        out.add(renamed.get(lower, name), value)
+    for name, value in add:
+        out.set(name, value)
+    return out
+
+
+def transform(
+    request_rules: tuple | None,
+    response_rules: tuple | None,
+    fields: FieldRules,
+    max_body: int,
+) -> Middleware:
+    """Build the transform stage. ``request_rules``/``response_rules`` are ``(remove, rename,
+    add)`` or None; ``fields`` filter JSON response bodies of at most ``max_body`` bytes.
+
+    With field rules the upstream is asked for ``Accept-Encoding: identity`` (RFC 9110 section
+    12.5.3), since only an unencoded body can be filtered; a JSON body that is encoded anyway,
+    larger than ``max_body`` or not valid JSON is refused with UnfilterableBody (502) rather
+    than passed on. Non-JSON bodies pass through untouched. A route with no rules has no stage.
+    """
+    if request_rules is None and response_rules is None and not fields:
+        return lambda next_handler: next_handler
+
+    def middleware(next_handler: Handler) -> Handler:
+        def handle(req: GatewayRequest) -> GatewayResponse:
+            if request_rules is not None:
+                req.headers = apply_header_rules(req.headers, *request_rules)
+            if fields:
+                req.headers = Headers(req.headers)
+                req.headers.set("Accept-Encoding", "identity")
+            response = next_handler(req)
+            try:
+                if fields and is_json(response.headers.get("Content-Type")):
+                    _filter(req, response, fields, max_body)
+                if response_rules is not None:
+                    response.headers = apply_header_rules(response.headers, *response_rules)
+            except BaseException:
+                response.close()
+                raise
+            return response
+
+        return handle
+
+    return middleware
+
+
+def _filter(req: GatewayRequest, response: GatewayResponse, fields: FieldRules, max_body: int) -> None:
+    headers = response.headers
+    if req.method == "HEAD" or response.status in _BODYLESS:
+        headers.pop("Content-Length", None)  # the filtered body's length is not known
+        return
+    if headers.get("Content-Encoding", "identity").lower() != "identity":
+        raise UnfilterableBody("The upstream sent an encoded JSON body that this route's field rules cannot read")
+    data = _read(response.body, max_body)
+    try:
+        value = json.loads(data)
+    except ValueError:
+        raise UnfilterableBody("The upstream's JSON body is not valid JSON; this route's field rules cannot apply") from None
+    body = json.dumps(fields.apply(value), separators=(",", ":")).encode()
+    headers["Content-Length"] = str(len(body))
+    response.body = [body]
+
+
+def _read(chunks: Iterable[bytes], limit: int) -> bytes:
+    out, size = [], 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise UnfilterableBody(f"The upstream's JSON body is larger than the {limit} bytes this route's field rules may read")
+        out.append(chunk)
+    return b"".join(out)
