@@ -57,6 +57,9 @@ def defaults(app: Flask) -> dict:
         "RATELIMIT_STORAGE_URI": None,  # default: REDIS_URL, else memory:// (one process's own)
         "RATELIMIT_FAIL_OPEN": True,  # storage unreachable: let requests through (False: 503)
         "RATELIMIT_OUTAGE_LOG_INTERVAL": 60.0,  # seconds between log lines about an outage
+        # Response cache (routes with cache:). Without Redis each process keeps its own LRU.
+        "CACHE_MAX_BYTES": 64 * MiB,  # the in-process LRU's size
+        "CACHE_LOCK_WAIT": 5.0,  # seconds concurrent misses for one key wait for the first
         # Async jobs. Times are seconds, sizes bytes.
         "JOB_RETRY_AFTER": 1,  # the Retry-After a client is told while a job is not final
         "JOB_RESULT_TTL": 24 * 3600.0,  # a final job's result is kept this long, then 410

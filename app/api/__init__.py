@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from flask import Flask
 
-from app.api import consumers, jobs, keys
+from app.api import admin_cache, consumers, jobs, keys
 
 
 def init_app(app: Flask) -> None:
     prefix = app.config["API_PREFIX"].rstrip("/")
-    for module in (consumers, keys, jobs):
+    for module in (consumers, keys, jobs, admin_cache):
         app.register_blueprint(module.bp, url_prefix=prefix)

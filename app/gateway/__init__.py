@@ -11,6 +11,7 @@ from werkzeug.wrappers import Response
 from app.extensions import redis_client
 from app.gateway import pipeline, routefile
 from app.gateway.body import ClientBody
+from app.gateway.cachestore import MemoryStore, RedisStore
 from app.gateway.router import Router, has_dot_segment
 from app.gateway.types import GatewayRequest, GatewayResponse, Handler
 
@@ -45,6 +46,8 @@ class Gateway:
 
 def settings_from(app: Flask) -> pipeline.Settings:
     config = app.config
+    client = redis_client(app)
+    store = RedisStore(client) if client is not None else MemoryStore(int(config["CACHE_MAX_BYTES"]))
     return pipeline.Settings(
         max_body_size=int(config["MAX_BODY_SIZE"]),
         buffer_body_size=int(config["BUFFER_BODY_SIZE"]),
@@ -52,6 +55,8 @@ def settings_from(app: Flask) -> pipeline.Settings:
         via_name=config["VIA_NAME"],
         key_prefix=config["KEY_PREFIX"],
         breaker_sync_interval=float(config["BREAKER_SYNC_INTERVAL"]),
+        cache_store=store,
+        cache_lock_wait=float(config["CACHE_LOCK_WAIT"]),
     )
 
 

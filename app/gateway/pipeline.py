@@ -11,11 +11,13 @@ from app.gateway.balancer import balance
 from app.gateway.body import request_body
 from app.gateway.breaker import TargetBreakers
 from app.gateway.bulkhead import bulkhead, new_slots
+from app.gateway.cache import CacheRules, cache
+from app.gateway.cachestore import CacheStore
 from app.gateway.fields import FieldRules
 from app.gateway.forward import forward, new_adapter
 from app.gateway.headers import forwarding_headers
 from app.gateway.retry import retry
-from app.gateway.routefile import BodyRules, Route, RouteFile, Upstream
+from app.gateway.routefile import BodyRules, Cache, Route, RouteFile, Upstream
 from app.gateway.router import Router
 from app.gateway.transform import transform
 from app.gateway.types import Handler
@@ -45,6 +47,8 @@ class Settings:
     via_name: str
     key_prefix: str
     breaker_sync_interval: float = 0.0  # seconds a process may act on a kept breaker reading
+    cache_store: CacheStore | None = None  # where routes with ``cache:`` keep answers
+    cache_lock_wait: float = 5.0  # seconds concurrent misses wait for the first one
 
 
 def build_upstreams(route_file: RouteFile, settings: Settings, redis_client: redis.Redis | None) -> dict[str, UpstreamRuntime]:
@@ -79,17 +83,20 @@ def assemble(route: Route, upstream: UpstreamRuntime, settings: Settings, for_jo
 
     1. body: a too-large body is refused (413) before any other work is spent on it, and a
        small one is buffered so the retry stage can resend it.
-    2. transform: the route's own header rules act on what the client sent, before the
+    2. cache: a hit is answered before anything else is spent on it; what is stored is
+       what the client gets (after the transform and header stages), and a stale entry can
+       stand in for any failure below.
+    3. transform: the route's own header rules act on what the client sent, before the
        gateway's forwarding fields are added; on the way back it sees the response after
        hop-by-hop removal, and filters JSON fields once, not per attempt.
-    3. headers: hop-by-hop removal and X-Forwarded-*/Via happen once per client request,
+    4. headers: hop-by-hop removal and X-Forwarded-*/Via happen once per client request,
        not once per attempt.
-    4. bulkhead: one slot per client request, held across its retries, so retries cannot
+    5. bulkhead: one slot per client request, held across its retries, so retries cannot
        push an upstream past ``max_concurrency``.
-    5. retry: outside the balancer, so each attempt goes to the next target whose breaker
+    6. retry: outside the balancer, so each attempt goes to the next target whose breaker
        allows it, and each attempt's outcome feeds that target's breaker.
-    6. balancer + breaker: pick the target, record the outcome.
-    7. forward: the pooled HTTP call.
+    7. balancer + breaker: pick the target, record the outcome.
+    8. forward: the pooled HTTP call.
     Stages a route does not use (no bulkhead, one attempt) are not in its pipeline.
     """
     config = upstream.config
@@ -112,8 +119,16 @@ def assemble(route: Route, upstream: UpstreamRuntime, settings: Settings, for_jo
         field_rules(route.response_body),
         route.response_body.max_size if route.response_body else 0,
     )(handler)
+    if not for_job:  # a job's answer is its own stored result
+        handler = cache(route.label, cache_rules(route.cache), settings.cache_store, settings.key_prefix, settings.cache_lock_wait)(handler)
     handler = request_body(max_body, settings.buffer_body_size)(handler)
     return handler
+
+
+def cache_rules(config: Cache | None) -> CacheRules | None:
+    if config is None:
+        return None
+    return CacheRules(config.ttl, config.public, config.stale_if_error, config.max_size)
 
 
 def field_rules(rules: BodyRules | None) -> FieldRules:

@@ -100,6 +100,18 @@ class BodyRules(_Strict):
     max_size: Annotated[int, Field(gt=0)] = 10 * 1024 * 1024
 
 
+class Cache(_Strict):
+    """A route's response cache (GET and HEAD): ``ttl`` seconds fresh unless the upstream's
+    Cache-Control says otherwise; ``public`` shares entries between consumers;
+    ``stale_if_error`` seconds past freshness an entry may stand in for a failed upstream;
+    bodies over ``max_size`` bytes are not stored."""
+
+    ttl: Annotated[float, Field(gt=0)]
+    public: bool = False
+    stale_if_error: Annotated[float, Field(ge=0)] = 0.0
+    max_size: Annotated[int, Field(gt=0)] = 1024 * 1024
+
+
 class Upstream(_Strict):
     """A backend service: one or more targets (base URLs) with shared resilience settings."""
 
@@ -153,6 +165,7 @@ class Route(_Strict):
     request_headers: HeaderRules | None = None  # changes to what the upstream is sent
     response_headers: HeaderRules | None = None  # changes to what the client gets
     response_body: BodyRules | None = None  # JSON fields the client gets
+    cache: Cache | None = None  # GET/HEAD answers kept and served without the upstream
 
     @field_validator("rate_limit")
     @classmethod

@@ -1,0 +1,35 @@
+"""``DELETE /_gateway/admin/cache``: purge cached responses by key, by route, or by path prefix (admin scope)."""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify, request
+from werkzeug.wrappers import Response
+
+from app.api.common import BadRequest
+from app.auth import ADMIN_SCOPE, policy
+from app.gateway.cache import glob_escape
+
+bp = Blueprint("admin_cache", __name__)
+
+
+@bp.delete("/admin/cache")
+@policy("required", (ADMIN_SCOPE,))
+def purge() -> Response:
+    """Purge with exactly one of ``?key=/path?a=1&b=2`` (one URL: every consumer's and every
+    variant's entry; the query as cached, its parameters sorted), ``?route=<route name or
+    path>``, or ``?prefix=/path`` (every URL under it). Answers ``{"deleted": n}``: the number
+    of stored items removed (an entry and its Vary record count apart)."""
+    given = {name: request.args[name] for name in ("key", "route", "prefix") if request.args.get(name)}
+    if len(given) != 1:
+        raise BadRequest("Give exactly one of key, route and prefix")
+    (what, value), = given.items()
+    namespace = f"{current_app.config['KEY_PREFIX']}:cache:"
+    if what == "route":
+        pattern = f"{namespace}{glob_escape(value)}:*"
+    else:
+        if not value.startswith("/"):
+            raise BadRequest(f"{what} must be a path starting with '/'")
+        path, _, query = value.partition("?")
+        target = f"{path}?{'&'.join(sorted(part for part in query.split('&') if part))}"
+        pattern = f"{namespace}*:GET:{glob_escape(target)}:*" if what == "key" else f"{namespace}*:GET:{glob_escape(path)}*"
+    store = current_app.extensions["gateway"].settings.cache_store
+    return jsonify(deleted=store.delete(pattern))

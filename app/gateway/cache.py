@@ -1,0 +1,249 @@
+"""Cache stage: a shared response cache for GET/HEAD (RFC 9111), with single flight and
+stale-if-error (RFC 5861), reporting itself in ``Cache-Status`` (RFC 9211) and ``Age``."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import redis
+from werkzeug.datastructures import Headers
+
+from app.errors import ProblemError
+from app.gateway.cachestore import CacheStore, Entry
+from app.gateway.types import GatewayRequest, GatewayResponse, Handler, Middleware
+
+log = logging.getLogger("frontdoor.cache")
+
+NAME = "frontdoor"  # the cache's name in Cache-Status
+CACHEABLE = frozenset({200, 203, 204, 300, 301, 404, 410})  # heuristically cacheable (RFC 9110 section 15.1)
+ERRORS = frozenset({500, 502, 503, 504})  # answers a stale entry may stand in for (RFC 5861 section 4)
+_DIRECTIVE = re.compile(r"\s*([a-zA-Z-]+)\s*(?:=\s*\"?([^\",]*)\"?)?\s*(?:,|$)")
+_GLOB = re.compile(r"([*?\[])")
+
+
+@dataclass(frozen=True)
+class CacheRules:
+    """A route's ``cache:``: seconds fresh unless the upstream says otherwise (``ttl``), whether
+    one entry serves every consumer (``public``), seconds a stale entry may stand in for an
+    error (``stale_if_error``), and the largest body stored (``max_size`` bytes)."""
+
+    ttl: float
+    public: bool
+    stale_if_error: float
+    max_size: int
+
+
+def directives(value: str | None) -> dict[str, str | None]:
+    """``Cache-Control`` as ``{directive: argument or None}``, names lower-cased (RFC 9111 section 5.2)."""
+    found: dict[str, str | None] = {}
+    for match in _DIRECTIVE.finditer(value or ""):
+        if match.group(1):
+            found[match.group(1).lower()] = match.group(2)
+    return found
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(float(int(value or "")), 0.0)
+    except ValueError:
+        return None
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a glob that matches only itself: ``*``, ``?`` and ``[`` become one-character
+    classes, which Redis ``SCAN MATCH`` and fnmatch read alike."""
+    return _GLOB.sub(r"[\1]", text)
+
+
+def base_key(key_prefix: str, label: str, req: GatewayRequest, public: bool) -> str:
+    """``{prefix}:cache:{route}:GET:{path}?{sorted query}:{consumer or *}``: HEAD shares GET's."""
+    query = "&".join(sorted(part for part in req.query.split("&") if part))
+    who = "public" if public else (req.principal.consumer_id if req.principal else "anonymous")
+    return f"{key_prefix}:cache:{label}:GET:{req.path}?{query}:{who}"
+
+
+def _variant(base: str, vary: list[str], headers: Headers) -> str:
+    if not vary:
+        return base + "|"
+    values = "\n".join(f"{name}={headers.get(name, '')}" for name in vary)
+    return base + "|" + hashlib.sha256(values.encode()).hexdigest()[:32]
+
+
+def cache(
+    label: str,
+    rules: CacheRules | None,
+    store: CacheStore | None,
+    key_prefix: str,
+    lock_wait: float,
+    clock: Callable[[], float] = time.time,
+) -> Middleware:
+    """Build the cache stage for route ``label`` (none without ``rules``).
+
+    GET answers are stored for their freshness lifetime: the upstream's ``s-maxage`` or
+    ``max-age``, else ``rules.ttl``; not when it says ``no-store`` or ``private``, sets a cookie,
+    varies on ``*``, is larger than ``rules.max_size``, or has an uncacheable status. The key
+    is the path, the sorted query, the values of the headers the upstream's ``Vary`` names,
+    and the consumer unless ``rules.public``. A client's ``no-cache`` skips the lookup, its
+    ``no-store`` the storing. Concurrent misses for one key wait up to ``lock_wait`` seconds
+    for the first to fill it. When the upstream fails (a 502/503/504 problem, or one of
+    ERRORS) an entry stale by at most ``rules.stale_if_error`` seconds is served instead.
+    A store that fails is logged and skipped: the cache never fails a request.
+    """
+    if rules is None or store is None:
+        return lambda next_handler: next_handler
+    keep_for = lambda fresh_for: fresh_for + rules.stale_if_error
+
+    def middleware(next_handler: Handler) -> Handler:
+        def handle(req: GatewayRequest) -> GatewayResponse:
+            if req.method not in ("GET", "HEAD"):
+                return next_handler(req)
+            asked = directives(req.headers.get("Cache-Control"))
+            base = base_key(key_prefix, label, req, rules.public)
+            vary, entry = _lookup(store, base, req.headers)
+            variant = _variant(base, vary, req.headers)
+            now = clock()
+            if entry is not None and "no-cache" not in asked and now - entry.stored_at < entry.fresh_for:
+                return _hit(entry, now, req)
+            fwd = "request" if "no-cache" in asked else ("stale" if entry is not None else "miss")
+            leader = _safe(lambda: store.lock(variant, lock_wait), False)
+            if not leader and "no-cache" not in asked:
+                waited = _wait(store, base, req.headers, lock_wait, clock)
+                if waited is not None:
+                    return _hit(waited, clock(), req, collapsed=True)
+            try:
+                try:
+                    response = next_handler(req)
+                except ProblemError as exc:
+                    stale = _usable_stale(entry, clock(), rules)
+                    if stale is None or exc.status not in ERRORS:
+                        raise
+                    return _stale(stale, clock(), req, f"fwd-status={exc.status}")
+                if response.status in ERRORS:
+                    stale = _usable_stale(entry, clock(), rules)
+                    if stale is not None:
+                        response.close()
+                        return _stale(stale, clock(), req, f"fwd-status={response.status}")
+                stored = False
+                if req.method == "GET" and "no-store" not in asked:
+                    lifetime = _lifetime(response, rules)
+                    if lifetime:
+                        stored = _store(store, base, req.headers, response, lifetime, keep_for(lifetime), rules.max_size, clock)
+                status = f"{NAME}; fwd={fwd}" + ("; stored" if stored else "")
+                response.headers["Cache-Status"] = status
+                return response
+            finally:
+                if leader:
+                    _safe(lambda: store.unlock(variant), None)
+
+        return handle
+
+    return middleware
+
+
+def _safe(action: Callable, default):
+    try:
+        return action()
+    except (redis.RedisError, OSError, ValueError) as exc:
+        log.warning("cache store unavailable", extra={"error": repr(exc)})
+        return default
+
+
+def _lookup(store: CacheStore, base: str, headers: Headers) -> tuple[list[str], Entry | None]:
+    raw_vary = _safe(lambda: store.get(base + "|vary"), None)
+    vary = json.loads(raw_vary) if raw_vary else []
+    raw = _safe(lambda: store.get(_variant(base, vary, headers)), None)
+    return vary, (Entry.decode(raw) if raw else None)
+
+
+def _wait(store: CacheStore, base: str, headers: Headers, limit: float, clock) -> Entry | None:
+    """Another request is fetching this key: poll for its entry for up to ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    delay = 0.005
+    while time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+        _, entry = _lookup(store, base, headers)
+        if entry is not None and clock() - entry.stored_at < entry.fresh_for:
+            return entry
+    return None
+
+
+def _usable_stale(entry: Entry | None, now: float, rules: CacheRules) -> Entry | None:
+    if entry is None or now - entry.stored_at > entry.fresh_for + rules.stale_if_error:
+        return None
+    return entry
+
+
+def _age(entry: Entry, now: float) -> int:
+    return max(int(now - entry.stored_at), 0)
+
+
+def _respond(entry: Entry, now: float, req: GatewayRequest, status: str) -> GatewayResponse:
+    headers = Headers(entry.headers)
+    headers["Age"] = str(_age(entry, now))  # RFC 9111 section 5.1
+    headers["Cache-Status"] = status
+    body = [] if req.method == "HEAD" else [entry.body]
+    return GatewayResponse(status=entry.status, headers=headers, body=body)
+
+
+def _hit(entry: Entry, now: float, req: GatewayRequest, collapsed: bool = False) -> GatewayResponse:
+    ttl = int(entry.fresh_for - (now - entry.stored_at))
+    return _respond(entry, now, req, f"{NAME}; hit; ttl={ttl}" + ("; collapsed" if collapsed else ""))
+
+
+def _stale(entry: Entry, now: float, req: GatewayRequest, why: str) -> GatewayResponse:
+    ttl = int(entry.fresh_for - (now - entry.stored_at))
+    return _respond(entry, now, req, f"{NAME}; fwd=stale; {why}; ttl={ttl}; detail=stale-if-error")
+
+
+def _lifetime(response: GatewayResponse, rules: CacheRules) -> float:
+    """Seconds ``response`` may be served from this (shared) cache; 0: not to be stored."""
+    if response.status not in CACHEABLE:
+        return 0.0
+    headers = response.headers
+    said = directives(", ".join(headers.getlist("Cache-Control")))
+    if "no-store" in said or "private" in said or "no-cache" in said:
+        return 0.0
+    if "Set-Cookie" in headers or "*" in headers.get("Vary", ""):
+        return 0.0
+    for directive in ("s-maxage", "max-age"):  # RFC 9111 section 4.2.1: s-maxage first for a shared cache
+        if directive in said:
+            return _seconds(said[directive]) or 0.0
+    return rules.ttl
+
+
+def _store(store: CacheStore, base: str, request_headers: Headers, response: GatewayResponse, fresh_for: float, keep: float, max_size: int, clock) -> bool:
+    """Read ``response``'s body (up to ``max_size`` bytes) and store it; the response's body is
+    replaced by what was read, followed by the rest when it was too large to store."""
+    chunks: list[bytes] = []
+    size = 0
+    source = iter(response.body)
+    for chunk in source:
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > max_size:
+            response.body = _chain(chunks, source)
+            return False
+    body = b"".join(chunks)
+    response.body = [body]
+    vary = sorted({name.strip().lower() for value in response.headers.getlist("Vary") for name in value.split(",") if name.strip()})
+    stored_headers = [(name, value) for name, value in response.headers.items() if name.lower() not in ("age", "cache-status")]
+    entry = Entry(response.status, stored_headers, body, clock(), fresh_for)
+    variant = _variant(base, vary, request_headers)
+
+    def write() -> bool:
+        store.set(base + "|vary", json.dumps(vary).encode(), keep)
+        store.set(variant, entry.encode(), keep)
+        return True
+
+    return _safe(write, False)
+
+
+def _chain(first: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
+    yield from first
+    yield from rest

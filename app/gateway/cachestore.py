@@ -1,0 +1,140 @@
+"""Where cached responses live: Redis when configured, else a byte-bounded in-process LRU.
+
+Both keep entries for their whole usable life (fresh plus the stale-if-error grace) and offer
+a short lock per key, so that concurrent misses make one upstream call (single flight).
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Protocol
+
+import redis
+
+
+@dataclass
+class Entry:
+    """A stored response: ``stored_at`` (epoch seconds) and ``fresh_for`` (seconds) give its age
+    and whether it is still fresh; ``headers`` are ``(name, value)`` pairs."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    stored_at: float
+    fresh_for: float
+
+    def encode(self) -> bytes:
+        meta = {"status": self.status, "headers": self.headers, "stored_at": self.stored_at, "fresh_for": self.fresh_for}
+        return json.dumps(meta).encode() + b"\n" + self.body
+
+    @classmethod
+    def decode(cls, data: bytes) -> Entry:
+        meta, _, body = data.partition(b"\n")
+        fields = json.loads(meta)
+        return cls(fields["status"], [tuple(h) for h in fields["headers"]], body, fields["stored_at"], fields["fresh_for"])
+
+
+class CacheStore(Protocol):
+    def get(self, key: str) -> bytes | None: ...
+
+    def set(self, key: str, value: bytes, ttl: float) -> None: ...
+
+    def lock(self, key: str, ttl: float) -> bool:
+        """Take the single-flight lock of ``key`` for at most ``ttl`` seconds; False if held."""
+
+    def unlock(self, key: str) -> None: ...
+
+    def delete(self, pattern: str) -> int:
+        """Delete the keys matching the glob ``pattern``; return how many."""
+
+
+class MemoryStore:
+    """An LRU of at most ``max_bytes`` bytes of values, per process (the embedded default)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self._locks: dict[str, float] = {}
+        self._mutex = threading.Lock()
+
+    def get(self, key: str) -> bytes | None:
+        with self._mutex:
+            found = self._entries.get(key)
+            if found is None:
+                return None
+            value, expires = found
+            if expires <= time.time():
+                self._drop(key)
+                return None
+            self._entries.move_to_end(key)
+            return value
+
+    def set(self, key: str, value: bytes, ttl: float) -> None:
+        if len(value) > self.max_bytes:
+            return
+        with self._mutex:
+            if key in self._entries:
+                self._drop(key)
+            self._entries[key] = (value, time.time() + ttl)
+            self.size += len(value)
+            while self.size > self.max_bytes:
+                self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: str) -> None:
+        value, _ = self._entries.pop(key)
+        self.size -= len(value)
+
+    def lock(self, key: str, ttl: float) -> bool:
+        now = time.monotonic()
+        with self._mutex:
+            if self._locks.get(key, 0.0) > now:
+                return False
+            self._locks[key] = now + ttl
+            return True
+
+    def unlock(self, key: str) -> None:
+        with self._mutex:
+            self._locks.pop(key, None)
+
+    def delete(self, pattern: str) -> int:
+        with self._mutex:
+            doomed = [key for key in self._entries if fnmatch.fnmatchcase(key, pattern)]
+            for key in doomed:
+                self._drop(key)
+            return len(doomed)
+
+
+class RedisStore:
+    """Entries in Redis, shared by every gateway process; locks with ``SET NX PX``."""
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+
+    def get(self, key: str) -> bytes | None:
+        return self.client.get(key)
+
+    def set(self, key: str, value: bytes, ttl: float) -> None:
+        self.client.set(key, value, px=max(int(ttl * 1000), 1))
+
+    def lock(self, key: str, ttl: float) -> bool:
+        return bool(self.client.set(key + ":lock", b"1", nx=True, px=max(int(ttl * 1000), 1)))
+
+    def unlock(self, key: str) -> None:
+        self.client.delete(key + ":lock")
+
+    def delete(self, pattern: str) -> int:
+        deleted = 0
+        batch = []
+        for key in self.client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                deleted += self.client.delete(*batch)
+                batch = []
+        if batch:
+            deleted += self.client.delete(*batch)
+        return deleted
