@@ -26,16 +26,24 @@ class Entry:
     body: bytes
     stored_at: float
     fresh_for: float
+    digest: str = ""  # for a stored idempotent answer: the SHA-256 of the request it answered
 
     def encode(self) -> bytes:
-        meta = {"status": self.status, "headers": self.headers, "stored_at": self.stored_at, "fresh_for": self.fresh_for}
+        meta = {
+            "status": self.status,
+            "headers": self.headers,
+            "stored_at": self.stored_at,
+            "fresh_for": self.fresh_for,
+            "digest": self.digest,
+        }
         return json.dumps(meta).encode() + b"\n" + self.body
 
     @classmethod
     def decode(cls, data: bytes) -> Entry:
         meta, _, body = data.partition(b"\n")
         fields = json.loads(meta)
-        return cls(fields["status"], [tuple(h) for h in fields["headers"]], body, fields["stored_at"], fields["fresh_for"])
+        headers = [tuple(h) for h in fields["headers"]]
+        return cls(fields["status"], headers, body, fields["stored_at"], fields["fresh_for"], fields.get("digest", ""))
 
 
 class CacheStore(Protocol):

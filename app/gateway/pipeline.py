@@ -16,6 +16,7 @@ from app.gateway.cachestore import CacheStore
 from app.gateway.fields import FieldRules
 from app.gateway.forward import forward, new_adapter
 from app.gateway.headers import forwarding_headers
+from app.gateway.idempotency import IdempotencyRules, idempotency
 from app.gateway.retry import retry
 from app.gateway.routefile import BodyRules, Cache, Route, RouteFile, Upstream
 from app.gateway.router import Router
@@ -83,7 +84,7 @@ def assemble(route: Route, upstream: UpstreamRuntime, settings: Settings, for_jo
 
     1. body: a too-large body is refused (413) before any other work is spent on it, and a
        small one is buffered so the retry stage can resend it.
-    2. cache: a hit is answered before anything else is spent on it; what is stored is
+    2. idempotency and cache: a replay or a hit is answered before anything else is spent on it; what is stored is
        what the client gets (after the transform and header stages), and a stale entry can
        stand in for any failure below.
     3. transform: the route's own header rules act on what the client sent, before the
@@ -119,9 +120,14 @@ def assemble(route: Route, upstream: UpstreamRuntime, settings: Settings, for_jo
         field_rules(route.response_body),
         route.response_body.max_size if route.response_body else 0,
     )(handler)
-    if not for_job:  # a job's answer is its own stored result
+    if not for_job:  # a job's answer is its own stored result, and jobs have their own keys
         handler = cache(route.label, cache_rules(route.cache), settings.cache_store, settings.key_prefix, settings.cache_lock_wait)(handler)
-    handler = request_body(max_body, settings.buffer_body_size)(handler)
+        keep = route.idempotency
+        rules = IdempotencyRules(keep.ttl, keep.max_size, keep.in_flight) if keep else None
+        handler = idempotency(route.label, rules, settings.cache_store, settings.key_prefix)(handler)
+    # A route that keeps answers by request holds the whole body, to compare repeats with it.
+    buffer = max_body or settings.max_body_size if route.idempotency else settings.buffer_body_size
+    handler = request_body(max_body, buffer)(handler)
     return handler
 
 

@@ -112,6 +112,15 @@ class Cache(_Strict):
     max_size: Annotated[int, Field(gt=0)] = 1024 * 1024
 
 
+class Idempotency(_Strict):
+    """A route's idempotent replays: the first answer to a consumer's ``Idempotency-Key`` on an
+    unsafe method is kept ``ttl`` seconds (bodies up to ``max_size`` bytes) and replayed."""
+
+    ttl: Annotated[float, Field(gt=0)] = 24 * 3600.0
+    max_size: Annotated[int, Field(gt=0)] = 1024 * 1024
+    in_flight: Annotated[float, Field(gt=0)] = 60.0  # seconds the first request holds the key at most
+
+
 class Upstream(_Strict):
     """A backend service: one or more targets (base URLs) with shared resilience settings."""
 
@@ -166,6 +175,7 @@ class Route(_Strict):
     response_headers: HeaderRules | None = None  # changes to what the client gets
     response_body: BodyRules | None = None  # JSON fields the client gets
     cache: Cache | None = None  # GET/HEAD answers kept and served without the upstream
+    idempotency: Idempotency | None = None  # unsafe requests with Idempotency-Key answered once
 
     @field_validator("rate_limit")
     @classmethod
