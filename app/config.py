@@ -60,6 +60,7 @@ def defaults(app: Flask) -> dict:
         # Response cache (routes with cache:). Without Redis each process keeps its own LRU.
         "CACHE_MAX_BYTES": 64 * MiB,  # the in-process LRU's size
         "CACHE_LOCK_WAIT": 5.0,  # seconds concurrent misses for one key wait for the first
+        "AGGREGATE_THREADS": 32,  # each process's pool for the backend calls of aggregate routes
         # Async jobs. Times are seconds, sizes bytes.
         "JOB_RETRY_AFTER": 1,  # the Retry-After a client is told while a job is not final
         "JOB_RESULT_TTL": 24 * 3600.0,  # a final job's result is kept this long, then 410

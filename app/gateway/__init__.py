@@ -35,7 +35,7 @@ class Gateway:
         """``route``'s pipeline as a job's worker runs it (``job_timeout``, no submission)."""
         handler = self.job_handlers.get(id(route))
         if handler is None:
-            handler = pipeline.assemble(route, self.upstreams[route.upstream], self.settings, for_job=True)
+            handler = pipeline.handler_for(route, self.upstreams, self.settings, for_job=True)
             self.job_handlers[id(route)] = handler
         return handler
 
@@ -57,6 +57,7 @@ def settings_from(app: Flask) -> pipeline.Settings:
         breaker_sync_interval=float(config["BREAKER_SYNC_INTERVAL"]),
         cache_store=store,
         cache_lock_wait=float(config["CACHE_LOCK_WAIT"]),
+        aggregate_threads=int(config["AGGREGATE_THREADS"]),
     )
 
 

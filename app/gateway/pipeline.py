@@ -7,6 +7,7 @@ from threading import BoundedSemaphore
 import redis
 from requests.adapters import HTTPAdapter
 
+from app.gateway.aggregate import Part, aggregate, shared_pool
 from app.gateway.balancer import balance
 from app.gateway.body import request_body
 from app.gateway.breaker import TargetBreakers
@@ -18,7 +19,7 @@ from app.gateway.forward import forward, new_adapter
 from app.gateway.headers import forwarding_headers
 from app.gateway.idempotency import IdempotencyRules, idempotency
 from app.gateway.retry import retry
-from app.gateway.routefile import BodyRules, Cache, Route, RouteFile, Upstream
+from app.gateway.routefile import BodyRules, Cache, Route, RouteFile, Timeout, Upstream
 from app.gateway.router import Router
 from app.gateway.transform import transform
 from app.gateway.types import Handler
@@ -50,6 +51,7 @@ class Settings:
     breaker_sync_interval: float = 0.0  # seconds a process may act on a kept breaker reading
     cache_store: CacheStore | None = None  # where routes with ``cache:`` keep answers
     cache_lock_wait: float = 5.0  # seconds concurrent misses wait for the first one
+    aggregate_threads: int = 32  # the process's pool for aggregate routes' backend calls
 
 
 def build_upstreams(route_file: RouteFile, settings: Settings, redis_client: redis.Redis | None) -> dict[str, UpstreamRuntime]:
@@ -144,6 +146,40 @@ def field_rules(rules: BodyRules | None) -> FieldRules:
     return FieldRules(rules.allow, rules.deny, tuple(rules.rename.items()))
 
 
+def handler_for(route: Route, upstreams: dict[str, UpstreamRuntime], settings: Settings, for_job: bool = False) -> Handler:
+    """``route``'s handler: its upstream's pipeline, or an aggregate of its calls."""
+    if route.aggregate is None:
+        return assemble(route, upstreams[route.upstream], settings, for_job)
+    return assemble_aggregate(route, upstreams, settings)
+
+
+def assemble_aggregate(route: Route, upstreams: dict[str, UpstreamRuntime], settings: Settings) -> Handler:
+    """An aggregate route: each call gets its upstream's header, bulkhead, retry, breaker and
+    forward stages (the call's ``timeout`` as the read timeout), and the merge runs them on
+    the process's shared pool. The route's transform and cache wrap the merged answer."""
+    parts = []
+    for name, call in (route.aggregate or {}).items():
+        upstream = upstreams[call.upstream]
+        config = upstream.config
+        timeout = config.timeout if call.timeout is None else Timeout(connect=config.timeout.connect, read=call.timeout)
+        handler = forward(upstream.adapter, timeout)
+        handler = balance(upstream.name, config.targets, upstream.breakers)(handler)
+        handler = retry(config.retries)(handler)
+        handler = bulkhead(upstream.name, upstream.slots)(handler)
+        handler = forwarding_headers(settings.via_name, drop_credentials=True)(handler)
+        rules = FieldRules(call.allow, call.deny, tuple(call.rename.items()))
+        parts.append(Part(name, call.method, call.path, handler, call.required, call.depends_on, call.timeout, call.list_format, rules))
+    handler = aggregate(parts, route.aggregate_mode == "all", route.timeout, lambda: shared_pool(settings.aggregate_threads))
+    handler = transform(
+        route.request_headers.as_rules() if route.request_headers else None,
+        route.response_headers.as_rules() if route.response_headers else None,
+        field_rules(route.response_body),
+        route.response_body.max_size if route.response_body else 0,
+    )(handler)
+    handler = cache(route.label, cache_rules(route.cache), settings.cache_store, settings.key_prefix, settings.cache_lock_wait)(handler)
+    return request_body(settings.max_body_size, settings.buffer_body_size)(handler)
+
+
 def build_router(route_file: RouteFile, upstreams: dict[str, UpstreamRuntime], settings: Settings) -> Router:
     """Assemble every route's pipeline and the router that picks among them."""
-    return Router([(route, assemble(route, upstreams[route.upstream], settings)) for route in route_file.routes])
+    return Router([(route, handler_for(route, upstreams, settings)) for route in route_file.routes])

@@ -121,6 +121,30 @@ class Idempotency(_Strict):
     in_flight: Annotated[float, Field(gt=0)] = 60.0  # seconds the first request holds the key at most
 
 
+class AggregateCall(_Strict):
+    """One named backend call of an aggregate route. ``path`` is a template: ``{param}`` from
+    the route's path, ``{query.name}`` from the client's query, ``{call.body.field}`` from an
+    earlier call named in ``depends_on``. ``allow``/``deny``/``rename`` filter its JSON."""
+
+    upstream: str
+    path: str
+    method: Method = "GET"
+    required: bool = False
+    depends_on: tuple[str, ...] = ()
+    timeout: Annotated[float, Field(gt=0)] | None = None  # read timeout, seconds; default: the upstream's
+    list_format: Literal["csv", "repeat"] = "csv"
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    rename: dict[str, str] = {}
+
+    @field_validator("path")
+    @classmethod
+    def _starts_with_slash(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError("must start with '/'")
+        return path
+
+
 class Upstream(_Strict):
     """A backend service: one or more targets (base URLs) with shared resilience settings."""
 
@@ -151,7 +175,7 @@ class Route(_Strict):
     """A path prefix (with ``{param}`` segments) sent to one upstream."""
 
     path: str
-    upstream: str
+    upstream: str | None = None  # where the route sends requests; or, instead, ``aggregate``
     name: str | None = None  # label for logs and metrics; defaults to the path
     methods: Annotated[tuple[Method, ...], Field(min_length=1)] | None = None  # None: every method
     strip_prefix: bool = False
@@ -176,6 +200,10 @@ class Route(_Strict):
     response_body: BodyRules | None = None  # JSON fields the client gets
     cache: Cache | None = None  # GET/HEAD answers kept and served without the upstream
     idempotency: Idempotency | None = None  # unsafe requests with Idempotency-Key answered once
+    # Several backend calls merged into one JSON answer, by name (instead of ``upstream``).
+    aggregate: dict[str, AggregateCall] | None = None
+    aggregate_mode: Literal["partial", "all"] = "partial"  # "all": any failed call fails the answer
+    timeout: Annotated[float, Field(gt=0)] = 10.0  # seconds an aggregate answer may take in all
 
     @field_validator("rate_limit")
     @classmethod
@@ -192,6 +220,17 @@ class Route(_Strict):
     def _scopes_need_auth(self) -> Route:
         if self.scopes and self.auth != "required":
             raise ValueError(f"scopes {list(self.scopes)} need 'auth: required' (auth is {self.auth!r})")
+        if (self.upstream is None) == (self.aggregate is None):
+            raise ValueError("a route needs either 'upstream' or 'aggregate' (and not both)")
+        if self.aggregate is not None:
+            if self.mode == "async":
+                raise ValueError("an aggregate route cannot be 'mode: async'")
+            names = set(self.aggregate)
+            for name, call in self.aggregate.items():
+                unknown = [dep for dep in call.depends_on if dep not in names or dep == name]
+                if unknown:
+                    raise ValueError(f"aggregate call {name!r} depends on {unknown}, which are not other calls of this route")
+            _acyclic(self.aggregate)
         if self.mode == "async" and self.forward_credentials:
             # The job's request is stored until it expires; a client's key must never be.
             raise ValueError("forward_credentials cannot be used with mode: async (jobs do not store credentials)")
@@ -231,6 +270,17 @@ class Route(_Strict):
         return self.name or self.path
 
 
+def _acyclic(calls: dict[str, AggregateCall]) -> None:
+    done: set[str] = set()
+    for _ in calls:
+        ready = [name for name, call in calls.items() if name not in done and set(call.depends_on) <= done]
+        if not ready:
+            break
+        done.update(ready)
+    if len(done) != len(calls):
+        raise ValueError(f"aggregate calls {sorted(set(calls) - done)} depend on each other in a cycle")
+
+
 class RouteFile(_Strict):
     """The whole route file: named upstreams and the routes that use them."""
 
@@ -239,13 +289,14 @@ class RouteFile(_Strict):
 
     @model_validator(mode="after")
     def _references(self) -> RouteFile:
+        known = ", ".join(sorted(self.upstreams)) or "none"
         for route in self.routes:
-            if route.upstream not in self.upstreams:
-                known = ", ".join(sorted(self.upstreams)) or "none"
-                raise ValueError(
-                    f"route {route.path!r} names upstream {route.upstream!r}, which is not defined"
-                    f" (defined: {known})"
-                )
+            named = [route.upstream] if route.upstream else [call.upstream for call in (route.aggregate or {}).values()]
+            for upstream in named:
+                if upstream not in self.upstreams:
+                    raise ValueError(
+                        f"route {route.path!r} names upstream {upstream!r}, which is not defined (defined: {known})"
+                    )
         seen: dict[tuple, str] = {}
         for route in self.routes:
             condition = frozenset((name.lower(), value) for name, value in route.match_headers.items())
