@@ -23,13 +23,21 @@ def purge() -> Response:
         raise BadRequest("Give exactly one of key, route and prefix")
     (what, value), = given.items()
     namespace = f"{current_app.config['KEY_PREFIX']}:cache:"
+    gateway = current_app.extensions["gateway"]
     if what == "route":
-        pattern = f"{namespace}{glob_escape(value)}:*"
+        # A route's entries are keyed by its label (its name, else its path): find it by either.
+        labels = {route.label for route in gateway.route_file.routes if value in (route.name, route.path)} or {value}
+        # "label:" and, for routes chosen by match_headers, "label#<digest>:" (route_key).
+        patterns = [f"{namespace}{glob_escape(label)}{tail}" for label in labels for tail in (":*", "#*")]
     else:
         if not value.startswith("/"):
             raise BadRequest(f"{what} must be a path starting with '/'")
         path, _, query = value.partition("?")
-        target = f"{path}?{'&'.join(sorted(part for part in query.split('&') if part))}"
-        pattern = f"{namespace}*:GET:{glob_escape(target)}:*" if what == "key" else f"{namespace}*:GET:{glob_escape(path)}*"
-    store = current_app.extensions["gateway"].settings.cache_store
-    return jsonify(deleted=store.delete(pattern))
+        if what == "key":
+            target = f"{path}?{'&'.join(sorted(part for part in query.split('&') if part))}"
+            patterns = [f"{namespace}*:GET:{glob_escape(target)}:*"]
+        else:  # the path itself and what lies below it, on segment boundaries as routes match
+            below = path.rstrip("/")
+            patterns = [f"{namespace}*:GET:{glob_escape(below + '?')}*", f"{namespace}*:GET:{glob_escape(below)}/*"]
+    store = gateway.settings.cache_store
+    return jsonify(deleted=sum(store.delete(pattern) for pattern in patterns))

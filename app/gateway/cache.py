@@ -61,10 +61,21 @@ def glob_escape(text: str) -> str:
 
 
 def base_key(key_prefix: str, label: str, req: GatewayRequest, public: bool) -> str:
-    """``{prefix}:cache:{route}:GET:{path}?{sorted query}:{consumer or *}``: HEAD shares GET's."""
+    """``{prefix}:cache:{route}:GET:{path}?{sorted query}:{consumer}`` (``public`` or
+    ``anonymous`` in place of a consumer id); HEAD shares GET's entries. ``label`` names the
+    route, with its match_headers when it has any (see ``route_key``)."""
     query = "&".join(sorted(part for part in req.query.split("&") if part))
     who = "public" if public else (req.principal.consumer_id if req.principal else "anonymous")
     return f"{key_prefix}:cache:{label}:GET:{req.path}?{query}:{who}"
+
+
+def route_key(label: str, match_headers: dict[str, str]) -> str:
+    """The route's part of its cache keys: its label, and for a route chosen by headers (a
+    canary on a shared path) a digest of them, so that such routes never share entries."""
+    if not match_headers:
+        return label
+    condition = "&".join(sorted(f"{name.lower()}={value}" for name, value in match_headers.items()))
+    return f"{label}#{hashlib.sha256(condition.encode()).hexdigest()[:12]}"
 
 
 def _variant(base: str, vary: list[str], headers: Headers) -> str:
@@ -96,12 +107,13 @@ def cache(
     """
     if rules is None or store is None:
         return lambda next_handler: next_handler
-    keep_for = lambda fresh_for: fresh_for + rules.stale_if_error
-
     def middleware(next_handler: Handler) -> Handler:
         def handle(req: GatewayRequest) -> GatewayResponse:
             if req.method not in ("GET", "HEAD"):
-                return next_handler(req)
+                response = next_handler(req)
+                if response.status < 400:  # RFC 9111 section 4.4: the URL's stored answer is now stale
+                    _invalidate(store, base_key(key_prefix, label, req, rules.public), req.headers)
+                return response
             asked = directives(req.headers.get("Cache-Control"))
             base = base_key(key_prefix, label, req, rules.public)
             vary, entry = _lookup(store, base, req.headers)
@@ -110,9 +122,10 @@ def cache(
             if entry is not None and "no-cache" not in asked and now - entry.stored_at < entry.fresh_for:
                 return _hit(entry, now, req)
             fwd = "request" if "no-cache" in asked else ("stale" if entry is not None else "miss")
-            leader = _safe(lambda: store.lock(variant, lock_wait), False)
+            # A store that fails makes every request its own leader: no waiting on a dead store.
+            leader = _safe(lambda: store.lock(variant, lock_wait), True)
             if not leader and "no-cache" not in asked:
-                waited = _wait(store, base, req.headers, lock_wait, clock)
+                waited, leader = _wait(store, base, variant, req.headers, lock_wait, clock)
                 if waited is not None:
                     return _hit(waited, clock(), req, collapsed=True)
             try:
@@ -130,11 +143,11 @@ def cache(
                         return _stale(stale, clock(), req, f"fwd-status={response.status}")
                 stored = False
                 if req.method == "GET" and "no-store" not in asked:
-                    lifetime = _lifetime(response, rules)
+                    lifetime = _lifetime(response, rules, credentials=_sent_credentials(req))
                     if lifetime:
-                        stored = _store(store, base, req.headers, response, lifetime, keep_for(lifetime), rules.max_size, clock)
-                status = f"{NAME}; fwd={fwd}" + ("; stored" if stored else "")
-                response.headers["Cache-Status"] = status
+                        stored = _store(store, base, req.headers, response, lifetime, rules, clock)
+                ours = f"{NAME}; fwd={fwd}" + ("; stored" if stored else "")
+                _add_status(response.headers, ours)
                 return response
             finally:
                 if leader:
@@ -160,8 +173,13 @@ def _lookup(store: CacheStore, base: str, headers: Headers) -> tuple[list[str], 
     return vary, (Entry.decode(raw) if raw else None)
 
 
-def _wait(store: CacheStore, base: str, headers: Headers, limit: float, clock) -> Entry | None:
-    """Another request is fetching this key: poll for its entry for up to ``limit`` seconds."""
+def _wait(store: CacheStore, base: str, variant: str, headers: Headers, limit: float, clock) -> tuple[Entry | None, bool]:
+    """Another request is fetching this key: poll for its entry for up to ``limit`` seconds.
+
+    Returns ``(entry, False)`` once it is stored, or ``(None, True)`` when the lock came free
+    without an entry (the answer was not storable) and this request took it: it goes upstream
+    itself at once rather than waiting out ``limit``. ``(None, False)`` after ``limit``.
+    """
     deadline = time.monotonic() + limit
     delay = 0.005
     while time.monotonic() < deadline:
@@ -169,8 +187,10 @@ def _wait(store: CacheStore, base: str, headers: Headers, limit: float, clock) -
         delay = min(delay * 2, 0.05)
         _, entry = _lookup(store, base, headers)
         if entry is not None and clock() - entry.stored_at < entry.fresh_for:
-            return entry
-    return None
+            return entry, False
+        if _safe(lambda: store.lock(variant, limit), True):
+            return None, True
+    return None, False
 
 
 def _usable_stale(entry: Entry | None, now: float, rules: CacheRules) -> Entry | None:
@@ -186,7 +206,10 @@ def _age(entry: Entry, now: float) -> int:
 def _respond(entry: Entry, now: float, req: GatewayRequest, status: str) -> GatewayResponse:
     headers = Headers(entry.headers)
     headers["Age"] = str(_age(entry, now))  # RFC 9111 section 5.1
-    headers["Cache-Status"] = status
+    # The stored member of this cache is from when it was fetched: replace it with this one.
+    earlier = [part.strip() for value in headers.getlist("Cache-Status") for part in value.split(",")]
+    del headers["Cache-Status"]
+    _add_status(headers, ", ".join([*(p for p in earlier if p and not p.startswith(NAME + ";")), status]))
     body = [] if req.method == "HEAD" else [entry.body]
     return GatewayResponse(status=entry.status, headers=headers, body=body)
 
@@ -201,13 +224,30 @@ def _stale(entry: Entry, now: float, req: GatewayRequest, why: str) -> GatewayRe
     return _respond(entry, now, req, f"{NAME}; fwd=stale; {why}; ttl={ttl}; detail=stale-if-error")
 
 
-def _lifetime(response: GatewayResponse, rules: CacheRules) -> float:
-    """Seconds ``response`` may be served from this (shared) cache; 0: not to be stored."""
+def _sent_credentials(req: GatewayRequest) -> bool:
+    """A credential went upstream that the gateway did not check (an ``auth: none`` route)."""
+    return req.principal is None and ("Authorization" in req.headers or "X-API-Key" in req.headers)
+
+
+def _add_status(headers: Headers, member: str) -> None:
+    """Append this cache's member to ``Cache-Status``, after any upstream cache's (RFC 9211 section 2)."""
+    earlier = [value for value in headers.getlist("Cache-Status") if value]
+    headers["Cache-Status"] = ", ".join([*earlier, member])
+
+
+def _lifetime(response: GatewayResponse, rules: CacheRules, credentials: bool = False) -> float:
+    """Seconds ``response`` may be served from this (shared) cache; 0: not to be stored.
+
+    An answer to a request carrying a credential the gateway did not check is stored only
+    when the upstream allows it (``public`` or ``s-maxage``, RFC 9111 section 3.5).
+    """
     if response.status not in CACHEABLE:
         return 0.0
     headers = response.headers
     said = directives(", ".join(headers.getlist("Cache-Control")))
     if "no-store" in said or "private" in said or "no-cache" in said:
+        return 0.0
+    if credentials and "public" not in said and "s-maxage" not in said:
         return 0.0
     if "Set-Cookie" in headers or "*" in headers.get("Vary", ""):
         return 0.0
@@ -217,9 +257,14 @@ def _lifetime(response: GatewayResponse, rules: CacheRules) -> float:
     return rules.ttl
 
 
-def _store(store: CacheStore, base: str, request_headers: Headers, response: GatewayResponse, fresh_for: float, keep: float, max_size: int, clock) -> bool:
-    """Read ``response``'s body (up to ``max_size`` bytes) and store it; the response's body is
-    replaced by what was read, followed by the rest when it was too large to store."""
+def _store(store: CacheStore, base: str, request_headers: Headers, response: GatewayResponse, fresh_for: float, rules: CacheRules, clock) -> bool:
+    """Read ``response``'s body (up to ``rules.max_size`` bytes) and store it; the response's
+    body is replaced by what was read, followed by the rest when it was too large to store.
+    The upstream's ``Age`` counts as time already spent (RFC 9111 section 4.2.3)."""
+    max_size = rules.max_size
+    age = _seconds(response.headers.get("Age")) or 0.0
+    if age >= fresh_for:
+        return False
     chunks: list[bytes] = []
     size = 0
     source = iter(response.body)
@@ -232,16 +277,25 @@ def _store(store: CacheStore, base: str, request_headers: Headers, response: Gat
     body = b"".join(chunks)
     response.body = [body]
     vary = sorted({name.strip().lower() for value in response.headers.getlist("Vary") for name in value.split(",") if name.strip()})
-    stored_headers = [(name, value) for name, value in response.headers.items() if name.lower() not in ("age", "cache-status")]
-    entry = Entry(response.status, stored_headers, body, clock(), fresh_for)
+    stored_headers = [(name, value) for name, value in response.headers.items() if name.lower() != "age"]
+    entry = Entry(response.status, stored_headers, body, clock() - age, fresh_for)
     variant = _variant(base, vary, request_headers)
+    keep = fresh_for - age + rules.stale_if_error
 
     def write() -> bool:
-        store.set(base + "|vary", json.dumps(vary).encode(), keep)
-        store.set(variant, entry.encode(), keep)
-        return True
+        return store.set(base + "|vary", json.dumps(vary).encode(), keep) and store.set(variant, entry.encode(), keep)
 
     return _safe(write, False)
+
+
+def _invalidate(store: CacheStore, base: str, headers: Headers) -> None:
+    """Drop the caller's stored answer for this URL (its variant and Vary record)."""
+    _, entry = _lookup(store, base, headers)
+    vary_raw = _safe(lambda: store.get(base + "|vary"), None)
+    vary = json.loads(vary_raw) if vary_raw else []
+    variant = _variant(base, vary, headers)
+    if entry is not None or vary_raw is not None:
+        _safe(lambda: store.delete(glob_escape(variant)) + store.delete(glob_escape(base + "|vary")), 0)
 
 
 def _chain(first: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:

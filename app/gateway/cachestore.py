@@ -49,7 +49,8 @@ class Entry:
 class CacheStore(Protocol):
     def get(self, key: str) -> bytes | None: ...
 
-    def set(self, key: str, value: bytes, ttl: float) -> None: ...
+    def set(self, key: str, value: bytes, ttl: float) -> bool:
+        """Store ``value`` for ``ttl`` seconds; False when it was not kept (too large)."""
 
     def lock(self, key: str, ttl: float) -> bool:
         """Take the single-flight lock of ``key`` for at most ``ttl`` seconds; False if held."""
@@ -82,9 +83,9 @@ class MemoryStore:
             self._entries.move_to_end(key)
             return value
 
-    def set(self, key: str, value: bytes, ttl: float) -> None:
+    def set(self, key: str, value: bytes, ttl: float) -> bool:
         if len(value) > self.max_bytes:
-            return
+            return False
         with self._mutex:
             if key in self._entries:
                 self._drop(key)
@@ -92,6 +93,7 @@ class MemoryStore:
             self.size += len(value)
             while self.size > self.max_bytes:
                 self._drop(next(iter(self._entries)))
+        return True
 
     def _drop(self, key: str) -> None:
         value, _ = self._entries.pop(key)
@@ -126,8 +128,8 @@ class RedisStore:
     def get(self, key: str) -> bytes | None:
         return self.client.get(key)
 
-    def set(self, key: str, value: bytes, ttl: float) -> None:
-        self.client.set(key, value, px=max(int(ttl * 1000), 1))
+    def set(self, key: str, value: bytes, ttl: float) -> bool:
+        return bool(self.client.set(key, value, px=max(int(ttl * 1000), 1)))
 
     def lock(self, key: str, ttl: float) -> bool:
         return bool(self.client.set(key + ":lock", b"1", nx=True, px=max(int(ttl * 1000), 1)))

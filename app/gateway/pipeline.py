@@ -12,7 +12,7 @@ from app.gateway.balancer import balance
 from app.gateway.body import request_body
 from app.gateway.breaker import TargetBreakers
 from app.gateway.bulkhead import bulkhead, new_slots
-from app.gateway.cache import CacheRules, cache
+from app.gateway.cache import CacheRules, cache, route_key
 from app.gateway.cachestore import CacheStore
 from app.gateway.fields import FieldRules
 from app.gateway.forward import forward, new_adapter
@@ -123,7 +123,7 @@ def assemble(route: Route, upstream: UpstreamRuntime, settings: Settings, for_jo
         route.response_body.max_size if route.response_body else 0,
     )(handler)
     if not for_job:  # a job's answer is its own stored result, and jobs have their own keys
-        handler = cache(route.label, cache_rules(route.cache), settings.cache_store, settings.key_prefix, settings.cache_lock_wait)(handler)
+        handler = cache(route_key(route.label, route.match_headers), cache_rules(route.cache), settings.cache_store, settings.key_prefix, settings.cache_lock_wait)(handler)
         keep = route.idempotency
         rules = IdempotencyRules(keep.ttl, keep.max_size, keep.in_flight) if keep else None
         handler = idempotency(route.label, rules, settings.cache_store, settings.key_prefix)(handler)
@@ -176,7 +176,7 @@ def assemble_aggregate(route: Route, upstreams: dict[str, UpstreamRuntime], sett
         field_rules(route.response_body),
         route.response_body.max_size if route.response_body else 0,
     )(handler)
-    handler = cache(route.label, cache_rules(route.cache), settings.cache_store, settings.key_prefix, settings.cache_lock_wait)(handler)
+    handler = cache(route_key(route.label, route.match_headers), cache_rules(route.cache), settings.cache_store, settings.key_prefix, settings.cache_lock_wait)(handler)
     return request_body(settings.max_body_size, settings.buffer_body_size)(handler)
 
 
