@@ -40,6 +40,10 @@ def shared_pool(size: int) -> ThreadPoolExecutor:
         return _pool
 
 
+class UnsafeValue(ValueError):
+    """A template value that would change which resource a path names (empty, ``.``, ``..``)."""
+
+
 class PartFailed(ProblemError):
     """A required backend call of an aggregate failed (502, or 504 when it timed out)."""
 
@@ -67,12 +71,17 @@ class Part:
 
 
 def _lookup(name: str, params: dict[str, str], query: dict[str, list[str]], results: dict[str, object]) -> object:
-    """The value of a placeholder: a path parameter, ``query.<name>``, or ``<part>.body.<path>``."""
+    """The value of a placeholder: a path parameter, ``query.<name>``, or ``<part>.body.<path>``.
+
+    Raises KeyError when it has none (a query parameter not sent, a field that is missing
+    or null): a call is never made to a path with a hole in it."""
     if name in params:
         return params[name]
     head, _, rest = name.partition(".")
     if head == "query":
-        values = query.get(rest, [])
+        values = query.get(rest)
+        if not values:
+            raise KeyError(name)
         return values if len(values) != 1 else values[0]
     if head in results and rest.startswith("body"):
         value = results[head]
@@ -83,6 +92,8 @@ def _lookup(name: str, params: dict[str, str], query: dict[str, list[str]], resu
                 value = value.get(key)
             else:
                 value = None
+        if value is None:
+            raise KeyError(name)
         return value
     raise KeyError(name)
 
@@ -106,7 +117,14 @@ def fill(template: str, params: dict[str, str], query: dict[str, list[str]], res
             return ",".join(quote(_text(item), safe="") for item in value)
         return quote(_text(value), safe=safe)
 
-    filled_path = _PLACEHOLDER.sub(lambda m: one(m, ""), path)
+    def segment(match: re.Match[str]) -> str:
+        text = one(match, "")
+        if text in ("", ".", "..") or text.lower() in ("%2e", "%2e%2e", ".%2e", "%2e."):
+            # "/users/{id}" with id ".." would mean another resource to the upstream.
+            raise UnsafeValue(f"{{{match.group(1)}}} has the value {text!r}, which cannot stand in a path")
+        return text
+
+    filled_path = _PLACEHOLDER.sub(segment, path)
     pairs = []
     for pair in filter(None, query_template.split("&")):
         key, _, value = pair.partition("=")
@@ -139,6 +157,7 @@ def aggregate(parts: list[Part], all_or_nothing: bool, deadline: float, pool: Ca
         errors: dict[str, dict] = {}
         running: dict[Future, Part] = {}
         waiting = list(parts)
+        private = False  # a part said its answer is not for a shared cache
         executor = pool()
 
         def launch_ready() -> None:
@@ -153,6 +172,9 @@ def aggregate(parts: list[Part], all_or_nothing: bool, deadline: float, pool: Ca
                         target = fill(part.path, req.params, query, results, part.list_format)
                     except KeyError as exc:
                         errors[part.name] = _problem(PartFailed(f"its path names {{{exc.args[0]}}}, which has no value"), part)
+                        continue
+                    except UnsafeValue as exc:
+                        errors[part.name] = _problem(PartFailed(str(exc)), part)
                         continue
                     running[executor.submit(_call, part, req, target)] = part
 
@@ -169,9 +191,13 @@ def aggregate(parts: list[Part], all_or_nothing: bool, deadline: float, pool: Ca
             for future in done:
                 part = running.pop(future)
                 try:
-                    results[part.name] = part.fields.apply(future.result())
+                    body, shareable = future.result()
+                    results[part.name] = part.fields.apply(body)
+                    private = private or not shareable
                 except ProblemError as exc:
                     errors[part.name] = _problem(exc, part)
+                except Exception as exc:  # noqa: BLE001 - e.g. a body that broke off: that part failed
+                    errors[part.name] = _problem(PartFailed(f"the call failed: {type(exc).__name__}"), part)
             launch_ready()
         for part in waiting:  # never launched: the deadline passed first
             errors.setdefault(part.name, _problem(PartTimedOut("not called before the route's deadline"), part))
@@ -185,8 +211,11 @@ def aggregate(parts: list[Part], all_or_nothing: bool, deadline: float, pool: Ca
         if errors:
             merged["errors"] = errors
             headers["X-Gateway-Completed"] = "false"
+            headers["Cache-Control"] = "no-store"  # an incomplete answer is not kept by any cache
         else:
             headers["X-Gateway-Completed"] = "true"
+            if private:
+                headers["Cache-Control"] = "private"
         body = json.dumps(merged).encode()
         headers["Content-Length"] = str(len(body))
         return GatewayResponse(status=200, headers=headers, body=[body])
@@ -202,8 +231,9 @@ def _problem(error: ProblemError, part: Part) -> dict:
     return {"status": error.status, "title": error.title, "detail": error.detail, "part": part.name}
 
 
-def _call(part: Part, client: GatewayRequest, target: str) -> object:
-    """Make one backend call; return its parsed JSON body. Raises ProblemError."""
+def _call(part: Part, client: GatewayRequest, target: str) -> tuple[object, bool]:
+    """Make one backend call; return its parsed JSON body, and whether a shared cache may keep
+    it (not ``private``/``no-store``, no cookie). Raises ProblemError."""
     path, _, query = target.partition("?")
     req = GatewayRequest(
         method=part.method,
@@ -235,12 +265,14 @@ def _call(part: Part, client: GatewayRequest, target: str) -> object:
         response.close()
     if response.status >= 400:
         raise PartFailed(f"the backend answered {response.status}")
+    said = ", ".join(response.headers.getlist("Cache-Control")).lower()
+    shareable = "private" not in said and "no-store" not in said and "Set-Cookie" not in response.headers
     body = b"".join(chunks)
     if not body:
-        return None
+        return None, shareable
     if not is_json(response.headers.get("Content-Type")):
         raise PartFailed("the backend's answer is not JSON")
     try:
-        return json.loads(body)
+        return json.loads(body), shareable
     except ValueError:
         raise PartFailed("the backend's answer is not valid JSON") from None

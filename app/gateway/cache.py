@@ -15,11 +15,20 @@ from werkzeug.datastructures import Headers
 
 from app.errors import ProblemError
 from app.gateway.cachestore import CacheStore, Entry
-from app.gateway.types import GatewayRequest, GatewayResponse, Handler, Middleware
+from app.gateway.types import (
+    GatewayRequest,
+    GatewayResponse,
+    Handler,
+    Middleware,
+    UpstreamUnreachable,
+)
 
 log = logging.getLogger("frontdoor.cache")
 
 NAME = "frontdoor"  # the cache's name in Cache-Status
+# Set by the gateway on the way upstream: an answer that varies on them is not the client's to key.
+GATEWAY_FIELDS = ("x-consumer-", "x-forwarded-", "via", "x-request-id")
+UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 CACHEABLE = frozenset({200, 203, 204, 300, 301, 404, 410})  # heuristically cacheable (RFC 9110 section 15.1)
 ERRORS = frozenset({500, 502, 503, 504})  # answers a stale entry may stand in for (RFC 5861 section 4)
 _DIRECTIVE = re.compile(r"\s*([a-zA-Z-]+)\s*(?:=\s*\"?([^\",]*)\"?)?\s*(?:,|$)")
@@ -64,9 +73,16 @@ def base_key(key_prefix: str, label: str, req: GatewayRequest, public: bool) -> 
     """``{prefix}:cache:{route}:GET:{path}?{sorted query}:{consumer}`` (``public`` or
     ``anonymous`` in place of a consumer id); HEAD shares GET's entries. ``label`` names the
     route, with its match_headers when it has any (see ``route_key``)."""
-    query = "&".join(sorted(part for part in req.query.split("&") if part))
+    query = sorted_query(req.query)
     who = "public" if public else (req.principal.consumer_id if req.principal else "anonymous")
-    return f"{key_prefix}:cache:{label}:GET:{req.path}?{query}:{who}"
+    # The path as the upstream gets it (still percent-encoded), and the scheme and host it is
+    # told in X-Forwarded-*: two requests the upstream could answer differently never share.
+    return f"{key_prefix}:cache:{label}:GET:{req.raw_path or req.path}?{query}:{who}:{req.scheme}://{req.host}"
+
+
+def sorted_query(query: str) -> str:
+    """The query with its parameters ordered by name; repeated ones keep their order."""
+    return "&".join(sorted((part for part in query.split("&") if part), key=lambda part: part.split("=", 1)[0]))
 
 
 def route_key(label: str, match_headers: dict[str, str]) -> str:
@@ -109,10 +125,13 @@ def cache(
         return lambda next_handler: next_handler
     def middleware(next_handler: Handler) -> Handler:
         def handle(req: GatewayRequest) -> GatewayResponse:
+            # The client's headers as sent: later stages replace req.headers with what goes upstream.
+            client = Headers(req.headers)
             if req.method not in ("GET", "HEAD"):
+                base = base_key(key_prefix, label, req, rules.public)
                 response = next_handler(req)
-                if response.status < 400:  # RFC 9111 section 4.4: the URL's stored answer is now stale
-                    _invalidate(store, base_key(key_prefix, label, req, rules.public), req.headers)
+                if req.method in UNSAFE and response.status < 400:  # RFC 9111 section 4.4: now stale
+                    _invalidate(store, base, client)
                 return response
             asked = directives(req.headers.get("Cache-Control"))
             base = base_key(key_prefix, label, req, rules.public)
@@ -143,9 +162,9 @@ def cache(
                         return _stale(stale, clock(), req, f"fwd-status={response.status}")
                 stored = False
                 if req.method == "GET" and "no-store" not in asked:
-                    lifetime = _lifetime(response, rules, credentials=_sent_credentials(req))
+                    lifetime = _lifetime(response, rules, credentials=_sent_credentials(req.principal, client))
                     if lifetime:
-                        stored = _store(store, base, req.headers, response, lifetime, rules, clock)
+                        stored = _store(store, base, client, response, lifetime, rules, clock)
                 ours = f"{NAME}; fwd={fwd}" + ("; stored" if stored else "")
                 _add_status(response.headers, ours)
                 return response
@@ -224,9 +243,9 @@ def _stale(entry: Entry, now: float, req: GatewayRequest, why: str) -> GatewayRe
     return _respond(entry, now, req, f"{NAME}; fwd=stale; {why}; ttl={ttl}; detail=stale-if-error")
 
 
-def _sent_credentials(req: GatewayRequest) -> bool:
+def _sent_credentials(principal, headers: Headers) -> bool:
     """A credential went upstream that the gateway did not check (an ``auth: none`` route)."""
-    return req.principal is None and ("Authorization" in req.headers or "X-API-Key" in req.headers)
+    return principal is None and ("Authorization" in headers or "X-API-Key" in headers)
 
 
 def _add_status(headers: Headers, member: str) -> None:
@@ -251,6 +270,9 @@ def _lifetime(response: GatewayResponse, rules: CacheRules, credentials: bool = 
         return 0.0
     if "Set-Cookie" in headers or "*" in headers.get("Vary", ""):
         return 0.0
+    varies = {name.strip().lower() for value in headers.getlist("Vary") for name in value.split(",")}
+    if any(name.startswith(GATEWAY_FIELDS) for name in varies):
+        return 0.0  # keyed by what the gateway sends, not by what the client sent
     for directive in ("s-maxage", "max-age"):  # RFC 9111 section 4.2.1: s-maxage first for a shared cache
         if directive in said:
             return _seconds(said[directive]) or 0.0
@@ -265,15 +287,9 @@ def _store(store: CacheStore, base: str, request_headers: Headers, response: Gat
     age = _seconds(response.headers.get("Age")) or 0.0
     if age >= fresh_for:
         return False
-    chunks: list[bytes] = []
-    size = 0
-    source = iter(response.body)
-    for chunk in source:
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > max_size:
-            response.body = _chain(chunks, source)
-            return False
+    chunks, complete = read_at_most(response, max_size)
+    if not complete:
+        return False
     body = b"".join(chunks)
     response.body = [body]
     vary = sorted({name.strip().lower() for value in response.headers.getlist("Vary") for name in value.split(",") if name.strip()})
@@ -301,3 +317,28 @@ def _invalidate(store: CacheStore, base: str, headers: Headers) -> None:
 def _chain(first: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
     yield from first
     yield from rest
+
+
+def read_at_most(response: GatewayResponse, limit: int) -> tuple[list[bytes], bool]:
+    """Read ``response``'s body up to ``limit`` bytes: ``(chunks, True)`` when that was all of
+    it (the body is then those chunks), else ``(chunks, False)`` with the body left to stream
+    on. A body that breaks off closes the response and raises UpstreamUnreachable (502),
+    before any byte went to the client."""
+    chunks: list[bytes] = []
+    size = 0
+    source = iter(response.body)
+    try:
+        for chunk in source:
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                response.body = _chain(chunks, source)
+                return chunks, False
+    except ProblemError:
+        response.close()
+        raise
+    except Exception as exc:
+        response.close()
+        raise UpstreamUnreachable("The upstream closed the connection before its body was complete") from exc
+    response.body = [b"".join(chunks)]
+    return chunks, True

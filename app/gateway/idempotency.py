@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from werkzeug.datastructures import Headers
 
 from app.errors import ProblemError
-from app.gateway.cache import _chain, _safe
+from app.gateway.cache import _safe, read_at_most
 from app.gateway.cachestore import CacheStore, Entry
 from app.gateway.types import GatewayRequest, GatewayResponse, Handler, Middleware
 
@@ -55,7 +55,7 @@ def valid_key(value: str) -> str:
 def digest(req: GatewayRequest) -> str:
     """SHA-256 of what makes two requests the same: method, path, query and body."""
     body = req.body if isinstance(req.body, bytes) else b""
-    head = f"{req.method}\n{req.path}\n{req.query}\n".encode()
+    head = f"{req.method}\n{req.raw_path or req.path}\n{req.query}\n".encode()
     return hashlib.sha256(head + hashlib.sha256(body).digest()).hexdigest()
 
 
@@ -82,8 +82,10 @@ def idempotency(
     def middleware(next_handler: Handler) -> Handler:
         def handle(req: GatewayRequest) -> GatewayResponse:
             raw = req.headers.get("Idempotency-Key")
-            if req.method in SAFE or raw is None or req.principal is None:
-                return next_handler(req)  # keys belong to consumers: anonymous callers share addresses
+            if req.method in SAFE or raw is None or req.principal is None or not isinstance(req.body, bytes | None):
+                # Keys belong to consumers (anonymous callers share addresses); a body that was
+                # not buffered cannot be compared with a repeat's.
+                return next_handler(req)
             key = valid_key(raw)
             who = req.principal.consumer_id
             slot = f"{key_prefix}:idempotency:{label}:{who}:{hashlib.sha256(key.encode()).hexdigest()}"
@@ -95,6 +97,10 @@ def idempotency(
                 raise IdempotentRequestInFlight(
                     "A request with this Idempotency-Key is still being processed; retry later", headers={"Retry-After": "1"}
                 )
+            stored = _safe(lambda: store.get(slot), None)  # the first may have finished since the look
+            if stored is not None:
+                _safe(lambda: store.unlock(slot), None)
+                return _replay(Entry.decode(stored), asked)
             try:
                 response = next_handler(req)
                 _keep(store, slot, response, asked, rules, clock)
@@ -116,15 +122,9 @@ def _replay(entry: Entry, asked: str) -> GatewayResponse:
 
 
 def _keep(store: CacheStore, slot: str, response: GatewayResponse, asked: str, rules: IdempotencyRules, clock) -> None:
-    chunks, size = [], 0
-    source = iter(response.body)
-    for chunk in source:
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > rules.max_size:
-            response.body = _chain(chunks, source)  # delivered, not kept: a repeat would act again
-            return
+    chunks, complete = read_at_most(response, rules.max_size)
+    if not complete:
+        return  # delivered, not kept: a repeat would act again
     body = b"".join(chunks)
-    response.body = [body]
     entry = Entry(response.status, list(response.headers.items()), body, clock(), rules.ttl, asked)
     _safe(lambda: store.set(slot, entry.encode(), rules.ttl), None)

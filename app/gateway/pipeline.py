@@ -126,9 +126,9 @@ def assemble(route: Route, upstream: UpstreamRuntime, settings: Settings, for_jo
         handler = cache(route_key(route.label, route.match_headers), cache_rules(route.cache), settings.cache_store, settings.key_prefix, settings.cache_lock_wait)(handler)
         keep = route.idempotency
         rules = IdempotencyRules(keep.ttl, keep.max_size, keep.in_flight) if keep else None
-        handler = idempotency(route.label, rules, settings.cache_store, settings.key_prefix)(handler)
+        handler = idempotency(route_key(route.label, route.match_headers), rules, settings.cache_store, settings.key_prefix)(handler)
     # A route that keeps answers by request holds the whole body, to compare repeats with it.
-    buffer = max_body or settings.max_body_size if route.idempotency else settings.buffer_body_size
+    buffer = (max_body or settings.max_body_size or 10 * 1024 * 1024) if route.idempotency else settings.buffer_body_size
     handler = request_body(max_body, buffer)(handler)
     return handler
 
@@ -161,7 +161,9 @@ def assemble_aggregate(route: Route, upstreams: dict[str, UpstreamRuntime], sett
     for name, call in (route.aggregate or {}).items():
         upstream = upstreams[call.upstream]
         config = upstream.config
-        timeout = config.timeout if call.timeout is None else Timeout(connect=config.timeout.connect, read=call.timeout)
+        # No call waits longer than the whole route may: an abandoned call holds a pool thread.
+        read = min(config.timeout.read if call.timeout is None else call.timeout, route.timeout)
+        timeout = Timeout(connect=min(config.timeout.connect, route.timeout), read=read)
         handler = forward(upstream.adapter, timeout)
         handler = balance(upstream.name, config.targets, upstream.breakers)(handler)
         handler = retry(config.retries)(handler)

@@ -29,6 +29,7 @@ RESERVED_PATHS = ("/healthz", "/readyz", "/metrics")
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a token (RFC 9110 section 5.1)
+_OWNED = frozenset({"authorization", "x-api-key", "via", "x-request-id", "host", "content-length"})
 _FIELD_VALUE = re.compile(r"[ \t\x21-\x7e]*")  # visible ASCII, spaces and tabs (section 5.5)
 
 
@@ -85,6 +86,12 @@ class HeaderRules(_Strict):
             if not _FIELD_VALUE.fullmatch(value):
                 raise ValueError(f"the value of {name} has characters a header field cannot carry")
         return self
+
+    def owned(self) -> list[str]:
+        """The fields these rules name that belong to the gateway: credentials and the fields
+        it sets itself (rules on them would do nothing, or pass on a client's key)."""
+        named = [*self.remove, *self.rename, *self.rename.values(), *self.add]
+        return [name for name in named if name.lower() in _OWNED or name.lower().startswith(("x-consumer-", "x-forwarded-"))]
 
     def as_rules(self) -> tuple:
         return (self.remove, tuple(self.rename.items()), tuple(self.add.items()))
@@ -220,6 +227,11 @@ class Route(_Strict):
     def _scopes_need_auth(self) -> Route:
         if self.scopes and self.auth != "required":
             raise ValueError(f"scopes {list(self.scopes)} need 'auth: required' (auth is {self.auth!r})")
+        for side in ("request_headers", "response_headers"):
+            rules = getattr(self, side)
+            owned = rules.owned() if rules is not None and side == "request_headers" else []
+            if owned:
+                raise ValueError(f"{side} cannot name {', '.join(owned)}: the gateway sets or checks these fields itself")
         if (self.upstream is None) == (self.aggregate is None):
             raise ValueError("a route needs either 'upstream' or 'aggregate' (and not both)")
         if self.aggregate is not None:
@@ -230,6 +242,9 @@ class Route(_Strict):
                 unknown = [dep for dep in call.depends_on if dep not in names or dep == name]
                 if unknown:
                     raise ValueError(f"aggregate call {name!r} depends on {unknown}, which are not other calls of this route")
+                for used in re.findall(r"\{([A-Za-z_][A-Za-z0-9_-]*)\.body\b", call.path):
+                    if used not in call.depends_on:
+                        raise ValueError(f"aggregate call {name!r} uses the answer of {used!r}, which must be in its depends_on")
             _acyclic(self.aggregate)
         if self.mode == "async" and self.forward_credentials:
             # The job's request is stored until it expires; a client's key must never be.

@@ -31,6 +31,13 @@ def is_json(content_type: str | None) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
+def may_be_json(content_type: str | None) -> bool:
+    """What a route with field rules treats as JSON: any JSON type, the non-standard
+    ``text/json`` and ``application/x-json``, and a body with no type at all."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return not media or is_json(media) or media in ("text/json", "application/x-json")
+
+
 def apply_header_rules(headers: Headers, remove: tuple[str, ...], rename: tuple[tuple[str, str], ...], add: tuple[tuple[str, str], ...]) -> Headers:
     """``headers`` with the fields in ``remove`` dropped, then ``rename`` (old, new) applied,
     then ``add`` (name, value) set, replacing any field of that name. A new Headers object."""
@@ -69,11 +76,12 @@ def transform(
             if request_rules is not None:
                 req.headers = apply_header_rules(req.headers, *request_rules)
             if fields:
-                req.headers = Headers(req.headers)
+                # Only a whole, unencoded body can be filtered: no ranges, no content coding.
+                req.headers = Headers([(n, v) for n, v in req.headers.items() if n.lower() not in ("range", "if-range")])
                 req.headers.set("Accept-Encoding", "identity")
             response = next_handler(req)
             try:
-                if fields and is_json(response.headers.get("Content-Type")):
+                if fields and may_be_json(response.headers.get("Content-Type")):
                     _filter(req, response, fields, max_body)
                 if response_rules is not None:
                     response.headers = apply_header_rules(response.headers, *response_rules)
@@ -94,6 +102,8 @@ def _filter(req: GatewayRequest, response: GatewayResponse, fields: FieldRules, 
         return
     if headers.get("Content-Encoding", "identity").lower() != "identity":
         raise UnfilterableBody("The upstream sent an encoded JSON body that this route's field rules cannot read")
+    if response.status == 206:
+        raise UnfilterableBody("The upstream sent part of a JSON body; this route's field rules need all of it")
     data = _read(response.body, max_body)
     try:
         value = json.loads(data)
@@ -106,9 +116,14 @@ def _filter(req: GatewayRequest, response: GatewayResponse, fields: FieldRules, 
 
 def _read(chunks: Iterable[bytes], limit: int) -> bytes:
     out, size = [], 0
-    for chunk in chunks:
-        size += len(chunk)
-        if size > limit:
-            raise UnfilterableBody(f"The upstream's JSON body is larger than the {limit} bytes this route's field rules may read")
-        out.append(chunk)
+    try:
+        for chunk in chunks:
+            size += len(chunk)
+            if size > limit:
+                raise UnfilterableBody(f"The upstream's JSON body is larger than the {limit} bytes this route's field rules may read")
+            out.append(chunk)
+    except UnfilterableBody:
+        raise
+    except Exception as exc:
+        raise UnfilterableBody("The upstream closed the connection before its JSON body was complete") from exc
     return b"".join(out)

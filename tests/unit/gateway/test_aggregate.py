@@ -146,3 +146,38 @@ def test_the_route_file_refuses_a_broken_aggregate(tmp_path, route, message):
         load(path, env={})
 
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("value", ["..", ".", ""])
+def test_a_value_that_would_change_the_resource_is_refused(value):
+    from app.gateway.aggregate import UnsafeValue
+
+    with pytest.raises(UnsafeValue):
+        fill("/users/{id}/orders", {"id": value}, {}, {}, "csv")
+
+
+def test_a_missing_value_leaves_no_hole_in_the_path():
+    with pytest.raises(KeyError):
+        fill("/users/{query.uid}/orders", {}, {}, {}, "csv")
+    with pytest.raises(KeyError):
+        fill("/users/{a.body.id}", {}, {}, {"a": {"id": None}}, "csv")
+
+
+def test_an_incomplete_answer_tells_caches_not_to_keep_it(client):
+    response = client.get("/partial")
+
+    assert response.headers["X-Gateway-Completed"] == "false"
+    assert response.headers["Cache-Control"] == "no-store"
+
+
+def test_a_call_using_an_answer_must_depend_on_it(tmp_path):
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        'upstreams:\n  svc:\n    targets: ["http://127.0.0.1:1"]\nroutes:\n'
+        '  - path: /x\n    aggregate: {a: {upstream: svc, path: /a}, b: {upstream: svc, path: "/b/{a.body.id}"}}\n'
+    )
+
+    with pytest.raises(RouteFileError) as error:
+        load(path, env={})
+
+    assert "uses the answer of 'a', which must be in its depends_on" in str(error.value)

@@ -735,3 +735,76 @@ def test_a_canary_route_on_the_same_path_has_entries_of_its_own(make_app):
 
     assert canary.json["headers"]["X-Backend"] == "canary"
     assert "X-Backend" not in stable.json["headers"]
+
+
+# --- what the second review found -----------------------------------------------------------
+
+
+def rewriting(upstream, **upstream_headers: str):
+    """A stand-in for the later stages: they replace req.headers with what goes upstream."""
+
+    def handle(req: GatewayRequest) -> GatewayResponse:
+        req.headers = Headers([*req.headers.items(), *upstream_headers.items()])
+        return upstream(req)
+
+    return handle
+
+
+def test_variants_are_keyed_by_the_clients_headers_not_by_what_went_upstream():
+    upstream = origin(("Vary", "Accept-Encoding"))
+    handle = stage(rewriting(upstream, **{"Accept-Encoding": "identity"}))
+    gzip = make_request("GET", "/users/1", headers={"Accept-Encoding": "gzip"})
+
+    fetch(handle, gzip)
+    _status, headers, _body = fetch(handle, make_request("GET", "/users/1", headers={"Accept-Encoding": "gzip"}))
+
+    assert headers["Cache-Status"].startswith("frontdoor; hit")
+    assert len(upstream.calls) == 1
+
+
+def test_an_answer_varying_on_a_field_the_gateway_sets_is_not_stored():
+    upstream = origin(("Vary", "X-Consumer-ID"))
+    handle = stage(upstream, public=True)
+
+    first = fetch(handle)
+    fetch(handle, make_request("GET", "/users/1", headers={"X-Consumer-ID": "con_someone"}))
+
+    assert first[1]["Cache-Status"] == "frontdoor; fwd=miss"
+    assert len(upstream.calls) == 2
+
+
+def test_the_raw_path_and_the_host_are_part_of_the_key():
+    upstream = origin()
+    handle = stage(upstream, public=True)
+
+    fetch(handle, make_request("GET", "/users/a%2Fb", raw_path="/users/a%2Fb"))
+    _s, plain, _b = fetch(handle, make_request("GET", "/users/a/b", raw_path="/users/a/b"))
+    _s, other_host, _b = fetch(handle, make_request("GET", "/users/a/b", raw_path="/users/a/b", host="evil.example"))
+
+    assert plain["Cache-Status"].startswith("frontdoor; fwd=miss")
+    assert other_host["Cache-Status"].startswith("frontdoor; fwd=miss")
+    assert len(upstream.calls) == 3
+
+
+def test_a_body_that_breaks_off_is_a_502_and_the_upstream_is_released():
+    def broken():
+        yield b"{"
+        raise OSError("connection reset")
+
+    upstream = Answers(lambda req: GatewayResponse(200, Headers(), broken()))
+    handle = stage(upstream)
+
+    with pytest.raises(UpstreamUnreachable):
+        handle(make_request("GET", "/users/1"))
+    assert len(upstream.closed) == 1
+
+
+def test_a_safe_method_other_than_get_does_not_invalidate():
+    upstream = origin()
+    handle = stage(upstream)
+    fetch(handle)
+
+    fetch(handle, make_request("OPTIONS", "/users/1"))
+    _status, headers, _body = fetch(handle)
+
+    assert headers["Cache-Status"].startswith("frontdoor; hit")

@@ -380,3 +380,11 @@ def test_two_routes_on_one_path_differ_by_match_headers_or_are_refused(write):
         load(write(same, "same.yaml"), env={})
     assert "is defined twice for" in str(error.value)
     assert "match_headers" in str(error.value)
+
+
+@pytest.mark.parametrize("rules", ["{rename: {X-API-Key: X-Token}}", "{add: {X-Consumer-ID: someone}}", "{remove: [X-Forwarded-For]}"])
+def test_request_header_rules_cannot_name_fields_the_gateway_owns(write, rules):
+    with pytest.raises(RouteFileError) as error:
+        load(write(one_route(request_headers=rules)), env={})
+
+    assert "the gateway sets or checks these fields itself" in str(error.value)

@@ -104,3 +104,24 @@ def test_a_head_answer_loses_its_content_length_since_the_filtered_length_is_unk
 )
 def test_is_json(content_type, expected):
     assert is_json(content_type) is expected
+
+
+def test_ranges_are_not_asked_for_and_a_partial_answer_is_refused():
+    upstream = Answers(lambda req: json_response(SECRET, status=206))
+    handler = transform(None, None, FieldRules(deny=("password_hash",)), 1000)(upstream)
+
+    with pytest.raises(UnfilterableBody):
+        handler(make_request(headers=[("Range", "bytes=0-10"), ("If-Range", '"x"')]))
+
+    sent = upstream.calls[0].headers
+    assert "Range" not in sent and "If-Range" not in sent
+
+
+@pytest.mark.parametrize("content_type", [None, "text/json", "application/x-json"])
+def test_bodies_that_may_be_json_are_filtered_too(content_type):
+    raw = b'{"id": 1, "password_hash": "x"}'
+    fields = Headers([("Content-Type", content_type)] if content_type else [])
+    upstream = Answers(lambda req: GatewayResponse(200, fields, [raw]))
+    handler = transform(None, None, FieldRules(deny=("password_hash",)), 1000)(upstream)
+
+    assert json.loads(b"".join(handler(make_request()).body)) == {"id": 1}
