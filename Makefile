@@ -11,7 +11,7 @@ WEB_CONCURRENCY ?= 1
 export FLASK_APP := app
 
 .DEFAULT_GOAL := help
-.PHONY: help install run migrate test test-fast lint bench bench-jobs clean
+.PHONY: help install run migrate test test-fast lint bench bench-jobs bench-cache clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ bench: $(STAMP) ## pass-through benchmark: the gateway against a naive Flask pro
 
 bench-jobs: $(STAMP) ## async jobs benchmark: a mode: async route against celery send_task + a row (needs wrk, Redis)
 	$(BIN)/python bench/jobs.py
+
+bench-cache: $(STAMP) ## cache and aggregate benchmark: a cache hit against a Flask hello-world, three 50 ms backends merged (needs wrk; Redis optional)
+	$(BIN)/python bench/cache.py
 
 clean: ## remove the virtualenv and local state
 	rm -rf $(VENV) instance .pytest_cache .coverage

@@ -186,9 +186,12 @@ def _safe(action: Callable, default):
 
 
 def _lookup(store: CacheStore, base: str, headers: Headers) -> tuple[list[str], Entry | None]:
-    raw_vary = _safe(lambda: store.get(base + "|vary"), None)
+    """The Vary names stored for ``base`` and the entry for these request headers. One round
+    trip for answers without Vary (most): the Vary record and the plain entry come together."""
+    raw_vary, raw = _safe(lambda: store.get_many([base + "|vary", _variant(base, [], headers)]), [None, None])
     vary = json.loads(raw_vary) if raw_vary else []
-    raw = _safe(lambda: store.get(_variant(base, vary, headers)), None)
+    if vary:
+        raw = _safe(lambda: store.get(_variant(base, vary, headers)), None)
     return vary, (Entry.decode(raw) if raw else None)
 
 

@@ -49,6 +49,9 @@ class Entry:
 class CacheStore(Protocol):
     def get(self, key: str) -> bytes | None: ...
 
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """The values of ``keys``, in one round trip where the store has them."""
+
     def set(self, key: str, value: bytes, ttl: float) -> bool:
         """Store ``value`` for ``ttl`` seconds; False when it was not kept (too large)."""
 
@@ -82,6 +85,9 @@ class MemoryStore:
                 return None
             self._entries.move_to_end(key)
             return value
+
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        return [self.get(key) for key in keys]
 
     def set(self, key: str, value: bytes, ttl: float) -> bool:
         if len(value) > self.max_bytes:
@@ -127,6 +133,9 @@ class RedisStore:
 
     def get(self, key: str) -> bytes | None:
         return self.client.get(key)
+
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        return self.client.mget(keys)
 
     def set(self, key: str, value: bytes, ttl: float) -> bool:
         return bool(self.client.set(key, value, px=max(int(ttl * 1000), 1)))

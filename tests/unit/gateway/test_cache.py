@@ -432,6 +432,9 @@ class BrokenStore:
     def get(self, key):
         raise self.error
 
+    def get_many(self, keys):
+        raise self.error
+
     def set(self, key, value, ttl):
         raise self.error
 

@@ -72,6 +72,14 @@ def test_a_value_is_kept_under_its_key(any_store):
     assert store.get(f"{prefix}:a") == b"replaced"
 
 
+def test_get_many_answers_in_the_order_asked_with_none_for_missing_keys(any_store):
+    store, prefix = any_store
+    store.set(f"{prefix}:x", b"X", 60)
+    store.set(f"{prefix}:z", b"Z", 60)
+
+    assert store.get_many([f"{prefix}:z", f"{prefix}:y", f"{prefix}:x"]) == [b"Z", None, b"X"]
+
+
 def test_a_lock_is_held_until_unlocked(any_store):
     store, prefix = any_store
 
