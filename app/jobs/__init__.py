@@ -22,6 +22,7 @@ from werkzeug.datastructures import Headers
 from app.auth import Principal
 from app.errors import ProblemError, problem_type
 from app.extensions import db
+from app.gateway.idempotency import IdempotencyKeyReused, valid_key
 from app.gateway.types import GatewayRequest, GatewayResponse
 from app.jobs.calls import Call, call_from_request, principal_json
 from app.models import Job, JobEvent, JobItem
@@ -51,10 +52,8 @@ class JobFinal(ProblemError):
     status, title, slug = 409, "Conflict", "job-final"
 
 
-class IdempotencyMismatch(ProblemError):
-    """422: an ``Idempotency-Key`` already used with a different request."""
-
-    status, title, slug = 422, "Unprocessable Content", "idempotency-key-reused"
+# One Idempotency-Key vocabulary for the gateway: the same rules and problems as replays.
+IdempotencyMismatch = IdempotencyKeyReused
 
 
 @dataclass(frozen=True)
@@ -333,21 +332,10 @@ def accept(req: GatewayRequest) -> GatewayResponse:
     return GatewayResponse(status=202, headers=headers, body=[json.dumps(body).encode()])
 
 
-class BadIdempotencyKey(ProblemError):
-    status, title, slug = 400, "Bad Request", "bad-idempotency-key"
-
-
 def idempotency_key(value: str | None) -> str | None:
-    """A valid ``Idempotency-Key`` value (1-255 visible ASCII characters), None when absent.
-
-    Raises BadIdempotencyKey (400) for anything else (draft-ietf-httpapi-idempotency-key-header).
-    """
-    if value is None:
-        return None
-    value = value.strip().strip('"')
-    if not 1 <= len(value) <= 255 or not all(0x21 <= ord(c) <= 0x7E for c in value):
-        raise BadIdempotencyKey("Idempotency-Key must be 1 to 255 visible ASCII characters")
-    return value
+    """A valid ``Idempotency-Key`` value, None when absent; raises BadIdempotencyKey (400)
+    as ``app.gateway.idempotency.valid_key`` does."""
+    return None if value is None else valid_key(value)
 
 
 def record_event(job: Job) -> None:
