@@ -22,7 +22,7 @@ from app.gateway.retry import retry
 from app.gateway.routefile import BodyRules, Cache, Route, RouteFile, Timeout, Upstream
 from app.gateway.router import Router
 from app.gateway.transform import transform
-from app.gateway.types import Handler
+from app.gateway.types import Handler, Middleware
 
 
 @dataclass
@@ -110,20 +110,12 @@ def assemble(route: Route, upstream: UpstreamRuntime, settings: Settings, for_jo
         )
 
         return request_body(max_body, max_body or settings.max_body_size)(accept)
-    handler = forward(upstream.adapter, config.job_timeout if for_job else config.timeout)
-    handler = balance(upstream.name, config.targets, upstream.breakers)(handler)
-    handler = retry(config.retries)(handler)
-    handler = bulkhead(upstream.name, upstream.slots)(handler)
     drop_credentials = route.auth != "none" and not route.forward_credentials
-    handler = forwarding_headers(settings.via_name, drop_credentials)(handler)
-    handler = transform(
-        route.request_headers.as_rules() if route.request_headers else None,
-        route.response_headers.as_rules() if route.response_headers else None,
-        field_rules(route.response_body),
-        route.response_body.max_size if route.response_body else 0,
-    )(handler)
+    timeout = config.job_timeout if for_job else config.timeout
+    handler = upstream_call(upstream, timeout, settings.via_name, drop_credentials)
+    handler = route_transform(route)(handler)
     if not for_job:  # a job's answer is its own stored result, and jobs have their own keys
-        handler = cache(route_key(route.label, route.match_headers), cache_rules(route.cache), settings.cache_store, settings.key_prefix, settings.cache_lock_wait)(handler)
+        handler = route_cache(route, settings)(handler)
         keep = route.idempotency
         rules = IdempotencyRules(keep.ttl, keep.max_size, keep.in_flight) if keep else None
         handler = idempotency(route_key(route.label, route.match_headers), rules, settings.cache_store, settings.key_prefix)(handler)
@@ -131,6 +123,32 @@ def assemble(route: Route, upstream: UpstreamRuntime, settings: Settings, for_jo
     buffer = (max_body or settings.max_body_size or 10 * 1024 * 1024) if route.idempotency else settings.buffer_body_size
     handler = request_body(max_body, buffer)(handler)
     return handler
+
+
+def upstream_call(upstream: UpstreamRuntime, timeout: Timeout, via_name: str, drop_credentials: bool) -> Handler:
+    """Stages 4-8 for one upstream: headers, bulkhead, retry, balancer + breaker, forward.
+    A plain route and each call of an aggregate route go through the same ones."""
+    config = upstream.config
+    handler = forward(upstream.adapter, timeout)
+    handler = balance(upstream.name, config.targets, upstream.breakers)(handler)
+    handler = retry(config.retries)(handler)
+    handler = bulkhead(upstream.name, upstream.slots)(handler)
+    return forwarding_headers(via_name, drop_credentials)(handler)
+
+
+def route_transform(route: Route) -> Middleware:
+    """The route's header and JSON field rules (no stage when it has none)."""
+    return transform(
+        route.request_headers.as_rules() if route.request_headers else None,
+        route.response_headers.as_rules() if route.response_headers else None,
+        field_rules(route.response_body),
+        route.response_body.max_size if route.response_body else 0,
+    )
+
+
+def route_cache(route: Route, settings: Settings) -> Middleware:
+    """The route's response cache (no stage without ``cache:``)."""
+    return cache(route_key(route.label, route.match_headers), cache_rules(route.cache), settings.cache_store, settings.key_prefix, settings.cache_lock_wait)
 
 
 def cache_rules(config: Cache | None) -> CacheRules | None:
@@ -164,21 +182,12 @@ def assemble_aggregate(route: Route, upstreams: dict[str, UpstreamRuntime], sett
         # No call waits longer than the whole route may: an abandoned call holds a pool thread.
         read = min(config.timeout.read if call.timeout is None else call.timeout, route.timeout)
         timeout = Timeout(connect=min(config.timeout.connect, route.timeout), read=read)
-        handler = forward(upstream.adapter, timeout)
-        handler = balance(upstream.name, config.targets, upstream.breakers)(handler)
-        handler = retry(config.retries)(handler)
-        handler = bulkhead(upstream.name, upstream.slots)(handler)
-        handler = forwarding_headers(settings.via_name, drop_credentials=True)(handler)
+        handler = upstream_call(upstream, timeout, settings.via_name, drop_credentials=True)
         rules = FieldRules(call.allow, call.deny, tuple(call.rename.items()))
         parts.append(Part(name, call.method, call.path, handler, call.required, call.depends_on, call.timeout, call.list_format, rules))
     handler = aggregate(parts, route.aggregate_mode == "all", route.timeout, lambda: shared_pool(settings.aggregate_threads))
-    handler = transform(
-        route.request_headers.as_rules() if route.request_headers else None,
-        route.response_headers.as_rules() if route.response_headers else None,
-        field_rules(route.response_body),
-        route.response_body.max_size if route.response_body else 0,
-    )(handler)
-    handler = cache(route_key(route.label, route.match_headers), cache_rules(route.cache), settings.cache_store, settings.key_prefix, settings.cache_lock_wait)(handler)
+    handler = route_transform(route)(handler)
+    handler = route_cache(route, settings)(handler)
     return request_body(settings.max_body_size, settings.buffer_body_size)(handler)
 
 

@@ -17,16 +17,7 @@ from tests.unit.jobs.support import (
     run,
     submit,
     submit_batch,
-    upstream_server,
 )
-
-
-@pytest.fixture
-def upstream():
-    server = upstream_server()
-    server.reset()
-    yield server
-    server.gate.set()
 
 
 @pytest.fixture

@@ -8,15 +8,6 @@ import pytest
 from app.gateway.aggregate import fill
 from app.gateway.routefile import RouteFileError, load
 from tests.services import free_port
-from tests.unit.jobs.support import upstream_server
-
-
-@pytest.fixture
-def upstream():
-    server = upstream_server()
-    server.reset()
-    yield server
-    server.gate.set()
 
 
 @pytest.fixture

@@ -12,15 +12,6 @@ from app.gateway.idempotency import IdempotencyRules, idempotency
 from app.gateway.types import GatewayResponse, UpstreamUnreachable
 from tests.factories import Identity
 from tests.unit.gateway.stand_ins import Answers, make_request
-from tests.unit.jobs.support import upstream_server
-
-
-@pytest.fixture
-def upstream():
-    server = upstream_server()
-    server.reset()
-    yield server
-    server.gate.set()
 
 
 @pytest.fixture

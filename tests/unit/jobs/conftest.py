@@ -1,18 +1,9 @@
-"""Fixtures for the job tests: an app on the job route file, tables made, and a real upstream."""
+"""Fixtures for the job tests: an app on the job route file, with its tables made."""
 from __future__ import annotations
 
 import pytest
 
-from tests.unit.jobs.support import routes, upstream_server
-
-
-@pytest.fixture
-def upstream():
-    """The loopback upstream (httpbin), its record of requests cleared for this test."""
-    server = upstream_server()
-    server.reset()
-    yield server
-    server.gate.set()  # never leave a request of this test held
+from tests.unit.jobs.support import routes
 
 
 @pytest.fixture
