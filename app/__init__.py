@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from app import auth, config, errors, extensions, health, jobs, ratelimit
+from app import auth, config, errors, extensions, health, jobs, ratelimit, webhooks
 from app.gateway import request_id
 from app.observability import logging as logs
 from app.observability import metrics
@@ -40,6 +40,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     auth.init_app(app)
     ratelimit.init_app(app)
     jobs.init_app(app)  # after the gateway: it checks the upstreams' job timeouts
+    webhooks.init_app(app)
     api.init_app(app)
 
     from tasks import celery_init_app

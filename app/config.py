@@ -76,6 +76,32 @@ def defaults(app: Flask) -> dict:
         "JOB_MAX_ATTEMPTS": 3,
         "JOB_REQUEUE_AFTER": 60.0,  # a job still notStarted this long after its enqueue is enqueued again
         "JOB_SWEEP_INTERVAL": 10.0,  # how often beat looks for stuck and expired jobs
+        # Webhooks. Times are seconds, sizes bytes.
+        # Fernet keys (or passphrases of 32+ characters), comma-separated, newest first: the
+        # first encrypts endpoint secrets, every one decrypts. Required unless the database is
+        # the embedded SQLite, which keeps a generated key in instance/webhook-secret.key.
+        "WEBHOOK_SECRET_KEYS": None,
+        "WEBHOOK_TIMEOUT": 15.0,  # connect and each read of one attempt
+        # Delays before each retry after the first attempt (Svix's: 5 s, 5 min, 30 min, 2 h,
+        # 5 h, 10 h, 10 h), each varied by +/- WEBHOOK_RETRY_JITTER (a fraction).
+        "WEBHOOK_RETRY_SCHEDULE": [5, 300, 1800, 7200, 18000, 36000, 36000],
+        "WEBHOOK_RETRY_JITTER": 0.1,
+        "WEBHOOK_MAX_RETRY_AFTER": 36000.0,  # the longest Retry-After (429/503) a retry waits
+        "WEBHOOK_DISABLE_AFTER": 5 * 24 * 3600.0,  # an endpoint failing this long is disabled
+        "WEBHOOK_SECRET_OVERLAP": 24 * 3600.0,  # after a rotation the old secret signs too, this long
+        "WEBHOOK_ENDPOINT_CONCURRENCY": 4,  # attempts in flight to one endpoint across all workers
+        "WEBHOOK_LEASE": 60.0,  # an attempt not recorded by then is taken as lost and retried
+        "WEBHOOK_REQUEUE_AFTER": 30.0,  # a due delivery or a message enqueued but not picked up by then is sent again
+        "WEBHOOK_DISPATCH_INTERVAL": 1.0,  # how often beat sends due retries
+        "WEBHOOK_SWEEP_INTERVAL": 3600.0,  # how often beat deletes old deliveries
+        "WEBHOOK_RETENTION": 30 * 24 * 3600.0,  # finished deliveries, attempts and messages are kept this long
+        "WEBHOOK_MAX_PAYLOAD": 256 * 1024,  # an event's data, as JSON
+        "WEBHOOK_MAX_ENDPOINTS": 100,  # per consumer
+        # The SSRF guard: only https receivers with public addresses, unless these allow more.
+        "WEBHOOK_ALLOW_HTTP": False,  # http:// URLs too (development)
+        "WEBHOOK_ALLOWED_NETWORKS": [],  # CIDR networks receivers may be in anyway ("10.0.0.0/8,::1/128")
+        "WEBHOOK_VERIFY_TLS": True,
+        "WEBHOOK_CA_BUNDLE": None,  # a CA file to verify receivers' certificates with, instead of the system's
     }
 
 

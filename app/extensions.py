@@ -60,6 +60,14 @@ def _sqlite_pragmas(dbapi_connection, connection_record) -> None:
         cursor.close()
 
 
+def lock_rows(query) -> list:
+    """The rows of ``query``, locked with FOR UPDATE SKIP LOCKED on Postgres so that two beats
+    (or a beat and a slow one) never act on the same rows; SQLite has one writer anyway."""
+    if db.session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return list(db.session.execute(query).scalars())
+
+
 def init_app(app: Flask) -> None:
     """Bind the database, migrations and (when ``REDIS_URL`` is set) a Redis client."""
     from app import models  # noqa: F401 - registers the tables with db.metadata

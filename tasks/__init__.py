@@ -17,8 +17,8 @@ def celery_init_app(app: Flask) -> Celery:
     under ``instance/`` (the embedded default). Reliability settings follow the worker
     rules in DESIGN: late acks, re-queue on a lost worker, prefetch 1, results ignored
     (job state lives in SQL, never in a result backend). Jobs run on the ``jobs`` queue
-    with JOB_SOFT_TIME_LIMIT / JOB_TIME_LIMIT; a worker started without ``-Q`` consumes
-    every queue.
+    with JOB_SOFT_TIME_LIMIT / JOB_TIME_LIMIT, webhook fan-outs and attempts on ``webhooks``;
+    a worker started without ``-Q`` consumes every queue.
     """
 
     class FlaskTask(Task):
@@ -29,6 +29,7 @@ def celery_init_app(app: Flask) -> Celery:
     config = app.config
     broker_url = config["CELERY_BROKER_URL"]
     time_limit = float(config["JOB_TIME_LIMIT"])
+    lease = float(config["WEBHOOK_LEASE"])
     celery_app = Celery(app.name, task_cls=FlaskTask)
     celery_app.conf.update(
         broker_url=broker_url,
@@ -38,11 +39,18 @@ def celery_init_app(app: Flask) -> Celery:
         worker_prefetch_multiplier=1,
         task_soft_time_limit=300,
         task_time_limit=330,
-        task_queues=(Queue("celery"), Queue("jobs")),
-        # Only the job runs: the sweep must not wait behind a backlog of queued jobs.
-        task_routes={"frontdoor.jobs.run": {"queue": "jobs"}},
+        task_queues=(Queue("celery"), Queue("jobs"), Queue("webhooks")),
+        # Jobs and webhook sends have queues of their own: a backlog of one never delays the
+        # other, and beat's sweeps and dispatches (default queue) wait behind neither.
+        task_routes={
+            "frontdoor.jobs.run": {"queue": "jobs"},
+            "frontdoor.webhooks.fan_out": {"queue": "webhooks"},
+            "frontdoor.webhooks.deliver": {"queue": "webhooks"},
+        },
         task_annotations={
-            "frontdoor.jobs.run": {"soft_time_limit": float(config["JOB_SOFT_TIME_LIMIT"]), "time_limit": time_limit}
+            "frontdoor.jobs.run": {"soft_time_limit": float(config["JOB_SOFT_TIME_LIMIT"]), "time_limit": time_limit},
+            # An attempt must end before its lease lapses, or the dispatcher would start another.
+            "frontdoor.webhooks.deliver": {"soft_time_limit": max(1.0, lease - 5), "time_limit": max(2.0, lease - 1)},
         },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
@@ -62,7 +70,9 @@ def celery_init_app(app: Flask) -> Celery:
     app.extensions["celery"] = celery_app
     if broker_url.startswith("sqla+"):
         declare_embedded_queues(celery_app)
-    import tasks.jobs  # noqa: F401 - registers the job tasks with this app
+    # Registers the job and webhook tasks with this app.
+    import tasks.jobs
+    import tasks.webhooks  # noqa: F401
 
     return celery_app
 

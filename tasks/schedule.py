@@ -8,7 +8,9 @@ def beat_schedule(config: dict) -> dict[str, dict]:
     An entry expires after one interval: a beat that ran while no worker listened does not
     leave a backlog of identical sweeps behind.
     """
-    sweep = float(config["JOB_SWEEP_INTERVAL"])
-    return {
-        "sweep-jobs": {"task": "frontdoor.jobs.sweep", "schedule": sweep, "options": {"expires": sweep}},
+    entries = {
+        "sweep-jobs": ("frontdoor.jobs.sweep", float(config["JOB_SWEEP_INTERVAL"])),
+        "dispatch-webhooks": ("frontdoor.webhooks.dispatch", float(config["WEBHOOK_DISPATCH_INTERVAL"])),
+        "sweep-webhooks": ("frontdoor.webhooks.sweep", float(config["WEBHOOK_SWEEP_INTERVAL"])),
     }
+    return {name: {"task": task, "schedule": every, "options": {"expires": every}} for name, (task, every) in entries.items()}

@@ -19,7 +19,7 @@ from sqlalchemy import and_, delete, exists, func, literal, or_, select, update
 from sqlalchemy.orm import undefer
 
 from app.errors import ProblemError
-from app.extensions import db
+from app.extensions import db, lock_rows
 from app.jobs import Settings, enqueue, problem_json, record_event, settings
 from app.jobs.calls import Call, Outcome, make_call, principal_from
 from app.models import Job, JobEvent, JobItem
@@ -320,7 +320,7 @@ def sweep(limit: int = 500) -> dict[str, int]:
     now = utcnow()
     counts = {"requeued": 0, "failed": 0, "expired": 0, "deleted": 0}
     # Only rows that may be due: a long queue of fresh jobs cannot hide the stuck ones.
-    waiting = _lock(
+    waiting = lock_rows(
         select(Job)
         .where(
             Job.status == NOT_STARTED,
@@ -332,7 +332,7 @@ def sweep(limit: int = 500) -> dict[str, int]:
         .order_by(func.coalesce(Job.enqueued_at, Job.created_at))
         .limit(limit)
     )
-    lapsed = _lock(
+    lapsed = lock_rows(
         select(Job).where(Job.status == RUNNING, Job.lease_expires_at < now).order_by(Job.lease_expires_at).limit(limit)
     )
     stale = [*lapsed, *waiting]
@@ -359,7 +359,7 @@ def sweep(limit: int = 500) -> dict[str, int]:
     enqueue(requeue)
     counts["requeued"] = len(requeue)
 
-    expired = _lock(
+    expired = lock_rows(
         select(Job).where(Job.expires_at <= now, Job.purged_at.is_(None), Job.status.in_(FINAL)).limit(limit)
     )
     ids = [job.id for job in expired]
@@ -392,10 +392,3 @@ def sweep(limit: int = 500) -> dict[str, int]:
     counts["deleted"] = len(old)
     return counts
 
-
-def _lock(query) -> list[Job]:
-    """The rows of ``query``, locked with FOR UPDATE SKIP LOCKED on Postgres so that two beats
-    (or a beat and a slow one) never act on the same job; SQLite has one writer anyway."""
-    if db.session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    return list(db.session.execute(query).scalars())

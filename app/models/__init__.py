@@ -3,5 +3,21 @@ from __future__ import annotations
 
 from app.models.identity import ApiKey, Consumer
 from app.models.jobs import Job, JobEvent, JobItem
+from app.models.webhooks import (
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookMessage,
+)
 
-__all__ = ["ApiKey", "Consumer", "Job", "JobEvent", "JobItem"]
+__all__ = [
+    "ApiKey",
+    "Consumer",
+    "Job",
+    "JobEvent",
+    "JobItem",
+    "WebhookAttempt",
+    "WebhookDelivery",
+    "WebhookEndpoint",
+    "WebhookMessage",
+]

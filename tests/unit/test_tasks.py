@@ -25,7 +25,7 @@ def test_an_app_on_the_embedded_broker_declares_its_queues(make_app, tmp_path):
     make_app(CELERY_BROKER_URL=f"sqla+sqlite:///{broker}")
     make_app(CELERY_BROKER_URL=f"sqla+sqlite:///{broker}")  # and again: nothing to do
 
-    assert queues_in(broker) == ["celery", "jobs"]
+    assert queues_in(broker) == ["celery", "jobs", "webhooks"]
 
 
 def test_processes_starting_together_on_a_fresh_broker_all_get_a_working_one(tmp_path):
@@ -47,7 +47,7 @@ def test_processes_starting_together_on_a_fresh_broker_all_get_a_working_one(tmp
     outputs = [process.communicate(timeout=60)[0].decode(errors="replace") for process in processes]
 
     assert [process.returncode for process in processes] == [0] * 6, "\n".join(outputs)
-    assert queues_in(broker) == ["celery", "jobs"]
+    assert queues_in(broker) == ["celery", "jobs", "webhooks"]
     with sqlite3.connect(broker) as connection:
         assert connection.execute("SELECT count(*) FROM kombu_message").fetchone() == (6,)
 
@@ -58,4 +58,4 @@ def test_the_embedded_brokers_folder_is_created_on_a_fresh_checkout(make_app, tm
 
     make_app(CELERY_BROKER_URL=f"sqla+sqlite:///{broker}")
 
-    assert queues_in(broker) == ["celery", "jobs"]
+    assert queues_in(broker) == ["celery", "jobs", "webhooks"]

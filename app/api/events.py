@@ -1,0 +1,72 @@
+"""``/_gateway/events``: publish an event to a consumer's subscribed webhook endpoints.
+
+The event is recorded as a message (``msg_...``) and committed, then a fan-out task makes
+one delivery per matching enabled endpoint. A caller-supplied ``id`` makes publishing
+idempotent: the same id with the same event answers the earlier message.
+"""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from flask import Blueprint, g, jsonify, url_for
+from pydantic import AfterValidator, Field
+from werkzeug.wrappers import Response
+
+from app import webhooks
+from app.api.common import Schema, body, found, invalid
+from app.auth import InsufficientScope, current_principal, manage
+
+bp = Blueprint("events", __name__)
+
+
+class EventCreate(Schema):
+    type: Annotated[str, AfterValidator(webhooks.check_type)]
+    data: Any = Field(default_factory=dict)
+    id: Annotated[str, Field(min_length=1, max_length=255)] | None = None  # the publisher's event id
+    consumer: str | None = None  # id or name; only with the admin scope (default: the caller)
+
+
+@bp.post("/events")
+def publish() -> tuple[Response, int, dict]:
+    """Record an event ``{"type", "data", "id"?}`` for the caller's endpoints: 202 with the
+    message. A repeat of an ``id`` with the same type and data answers 200 with the earlier
+    message and ``Idempotent-Replayed: true``; the same id for another event is 409. Types
+    under ``job.`` and ``webhook.`` are the gateway's own (422); ``data`` is at most
+    WEBHOOK_MAX_PAYLOAD bytes as JSON (422)."""
+    principal = current_principal()
+    assert principal is not None  # this view requires a credential (the default policy)
+    data = body(EventCreate)
+    if data.type.startswith(webhooks.RESERVED_PREFIXES):
+        raise invalid("type", f"types under {' and '.join(webhooks.RESERVED_PREFIXES)} are published by the gateway itself")
+    limit = webhooks.settings().max_payload
+    size = len(json.dumps(data.data, separators=(",", ":")).encode())
+    if size > limit:
+        raise invalid("data", f"{size} bytes as JSON exceeds the limit of {limit} bytes (WEBHOOK_MAX_PAYLOAD)")
+    consumer_id = principal.consumer_id
+    if data.consumer not in (None, principal.consumer_id, principal.consumer_name):
+        if not principal.is_admin:
+            raise InsufficientScope("Only a caller with the admin scope may publish events for another consumer")
+        consumer = manage.find_consumer(data.consumer)
+        if consumer is None:
+            raise invalid("consumer", f"no consumer has the id or name {data.consumer!r}")
+        consumer_id = consumer.id
+    message, created = webhooks.record_message(consumer_id, data.type, data.data, data.id, g.get("request_id"))
+    if created:
+        webhooks.fan_out_later([message.id])
+    headers = {"Location": url_for("events.read", message_id=message.id)}
+    if not created:
+        headers["Idempotent-Replayed"] = "true"
+    return jsonify(webhooks.message_json(message)), 202 if created else 200, headers
+
+
+@bp.get("/events/<message_id>")
+def read(message_id: str) -> Response:
+    """The message with its ``data``: the caller's own (404 otherwise)."""
+    principal = current_principal()
+    assert principal is not None
+    message = webhooks.with_data(message_id)
+    if message is not None and message.consumer_id != principal.consumer_id:
+        message = None
+    return jsonify(webhooks.message_json(found(message, "event", message_id), data=True))
+

@@ -1,0 +1,242 @@
+"""``/_gateway/webhooks``: a consumer's endpoints, their secrets, test sends, deliveries and redelivery.
+
+A consumer sees only its own endpoints and deliveries; another consumer's id answers 404, as
+an unknown one does. The secret is returned when an endpoint is made, on ``.../secret`` and
+by ``.../rotate-secret``, never in a listing.
+"""
+from __future__ import annotations
+
+from typing import Annotated
+
+from flask import Blueprint, g, jsonify, request, url_for
+from pydantic import AfterValidator, Field
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import undefer
+from werkzeug.wrappers import Response
+
+from app import webhooks
+from app.api.common import (
+    BadRequest,
+    ConflictProblem,
+    Schema,
+    body,
+    found,
+    invalid,
+    page,
+)
+from app.auth import Principal, current_principal
+from app.extensions import db
+from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookMessage
+from app.models.base import utcnow
+from app.models.webhooks import DELIVERY_STATUSES
+from app.webhooks import delivery, secrets
+from app.webhooks.guard import UnsafeURL
+
+bp = Blueprint("webhooks", __name__)
+
+
+def _event_types(values: list[str]) -> list[str]:
+    return list(dict.fromkeys(webhooks.check_filter(value) for value in values))
+
+
+URL = Annotated[str, Field(min_length=1, max_length=2048)]
+EventTypes = Annotated[list[str], Field(max_length=100), AfterValidator(_event_types)]  # [] means every type
+Secret = Annotated[str, AfterValidator(secrets.validate)]  # whsec_ + base64 of 24-64 bytes
+Description = Annotated[str, Field(max_length=500)]
+
+
+class EndpointCreate(Schema):
+    url: URL
+    description: Description = ""
+    event_types: EventTypes = Field(default_factory=list)
+    secret: Secret | None = None  # generated when absent
+    disabled: bool = False
+
+
+class EndpointUpdate(Schema):
+    url: URL | None = None
+    description: Description | None = None
+    event_types: EventTypes | None = None
+    disabled: bool | None = None
+
+
+class SecretRotate(Schema):
+    secret: Secret | None = None
+
+
+def _caller() -> Principal:
+    principal = current_principal()
+    assert principal is not None  # these views require a credential (the default policy)
+    return principal
+
+
+def _checked_url(url: str) -> str:
+    """``url`` when the SSRF guard lets it through now; else 422 naming why."""
+    try:
+        webhooks.settings().guard.check(url)
+    except UnsafeURL as exc:
+        raise invalid("url", str(exc)) from None
+    return url
+
+
+def _own(endpoint_id: str, secret: bool = False) -> WebhookEndpoint:
+    """The caller's endpoint ``endpoint_id``: 404 when unknown or another consumer's."""
+    options = [undefer(WebhookEndpoint.secret_encrypted), undefer(WebhookEndpoint.previous_secret_encrypted)] if secret else []
+    endpoint = db.session.get(WebhookEndpoint, endpoint_id, options=options)
+    if endpoint is not None and endpoint.consumer_id != _caller().consumer_id:
+        endpoint = None
+    return found(endpoint, "webhook endpoint", endpoint_id)
+
+
+@bp.post("/webhooks/endpoints")
+def create_endpoint() -> tuple[Response, int, dict]:
+    """Register an endpoint: ``{"url", "description", "event_types", "secret", "disabled"}``;
+    201 with the endpoint and its ``secret`` (generated unless given). The URL must pass the
+    SSRF guard (https, every resolved address public or allow-listed): 422 names why not."""
+    principal = _caller()
+    data = body(EndpointCreate)
+    url = _checked_url(data.url)
+    config = webhooks.settings()
+    count = db.session.execute(
+        select(func.count()).select_from(WebhookEndpoint).where(WebhookEndpoint.consumer_id == principal.consumer_id)
+    ).scalar_one()
+    if count >= config.max_endpoints:
+        raise invalid("url", f"a consumer may have {config.max_endpoints} endpoints (WEBHOOK_MAX_ENDPOINTS); delete one first")
+    endpoint, plain = webhooks.create_endpoint(principal.consumer_id, url, data.description, data.event_types, data.secret, data.disabled)
+    location = url_for("webhooks.read_endpoint", endpoint_id=endpoint.id)
+    return jsonify({**webhooks.endpoint_json(endpoint), "secret": plain}), 201, {"Location": location}
+
+
+@bp.get("/webhooks/endpoints")
+def list_endpoints() -> Response:
+    """``{"data": [endpoint, ...], "next_cursor": ...}``: the caller's endpoints, newest first."""
+    query = select(WebhookEndpoint).where(WebhookEndpoint.consumer_id == _caller().consumer_id)
+    rows, next_cursor = page(query, WebhookEndpoint, db.session)
+    return jsonify(data=[webhooks.endpoint_json(row) for row in rows], next_cursor=next_cursor)
+
+
+@bp.get("/webhooks/endpoints/<endpoint_id>")
+def read_endpoint(endpoint_id: str) -> Response:
+    return jsonify(webhooks.endpoint_json(_own(endpoint_id)))
+
+
+@bp.patch("/webhooks/endpoints/<endpoint_id>")
+def update_endpoint(endpoint_id: str) -> Response:
+    """Change ``url``, ``description``, ``event_types`` or ``disabled``. Enabling an endpoint
+    clears its failure record; a new URL passes the SSRF guard first (422)."""
+    endpoint = _own(endpoint_id)
+    data = body(EndpointUpdate)
+    if data.url is not None:
+        endpoint.url = _checked_url(data.url)
+    if data.description is not None:
+        endpoint.description = data.description
+    if data.event_types is not None:
+        endpoint.event_types = data.event_types
+    if data.disabled is not None:
+        webhooks.set_disabled(endpoint, data.disabled, "disabled by its consumer")
+    endpoint.updated_at = utcnow()
+    db.session.commit()
+    return jsonify(webhooks.endpoint_json(endpoint))
+
+
+@bp.delete("/webhooks/endpoints/<endpoint_id>")
+def delete_endpoint(endpoint_id: str) -> tuple[str, int]:
+    """Delete the endpoint with its deliveries and their attempts (204)."""
+    endpoint = _own(endpoint_id)
+    ids = select(WebhookDelivery.id).where(WebhookDelivery.endpoint_id == endpoint.id)
+    db.session.execute(delete(WebhookAttempt).where(WebhookAttempt.delivery_id.in_(ids)))
+    db.session.execute(delete(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint.id))
+    db.session.delete(endpoint)
+    db.session.commit()
+    return "", 204
+
+
+@bp.get("/webhooks/endpoints/<endpoint_id>/secret")
+def read_secret(endpoint_id: str) -> Response:
+    """``{"secret": "whsec_..."}``: the secret deliveries are signed with now."""
+    endpoint = _own(endpoint_id, secret=True)
+    return jsonify(secret=webhooks.box().decrypt(endpoint.secret_encrypted))
+
+
+@bp.post("/webhooks/endpoints/<endpoint_id>/rotate-secret")
+def rotate_secret(endpoint_id: str) -> Response:
+    """Make a new secret (or the ``secret`` given) current: ``{"secret", "previous_valid_until"}``.
+    For WEBHOOK_SECRET_OVERLAP seconds deliveries carry both signatures, new and old."""
+    endpoint = _own(endpoint_id, secret=True)
+    data = body(SecretRotate)
+    plain = webhooks.rotate_secret(endpoint, data.secret)
+    return jsonify(secret=plain, previous_valid_until=webhooks.endpoint_json(endpoint)["secret_rotating_until"])
+
+
+@bp.post("/webhooks/endpoints/<endpoint_id>/test")
+def test_endpoint(endpoint_id: str) -> Response:
+    """Send a ``webhook.test`` event to the endpoint now and answer with the attempt (200),
+    whether the receiver accepted it or not; a test is never retried."""
+    endpoint = _own(endpoint_id)
+    row = delivery.send_test(endpoint, g.get("request_id"))
+    if row is None:  # the endpoint was deleted while the test was in flight
+        raise found(None, "webhook endpoint", endpoint_id)
+    return jsonify(delivery.attempt_json(row))
+
+
+@bp.get("/webhooks/endpoints/<endpoint_id>/deliveries")
+def list_deliveries(endpoint_id: str) -> Response:
+    """``{"data": [delivery, ...], "next_cursor": ...}``, newest first, each with its message
+    (id, type) and its attempts; ``?status=failed,pending`` filters."""
+    endpoint = _own(endpoint_id)
+    query = select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint.id)
+    wanted = [status for status in request.args.get("status", "").split(",") if status]
+    unknown = sorted(set(wanted) - set(DELIVERY_STATUSES))
+    if unknown:
+        raise BadRequest(f"status {', '.join(unknown)} is not one of {', '.join(DELIVERY_STATUSES)}")
+    if wanted:
+        query = query.where(WebhookDelivery.status.in_(wanted))
+    rows, next_cursor = page(query, WebhookDelivery, db.session)
+    return jsonify(data=_with_attempts(rows), next_cursor=next_cursor)
+
+
+def _with_attempts(rows: list[WebhookDelivery]) -> list[dict]:
+    """Deliveries as JSON with their messages and attempts, read in two queries for the page."""
+    ids = [row.id for row in rows]
+    attempts: dict[str, list] = {row_id: [] for row_id in ids}
+    messages = {}
+    if ids:
+        for attempt in db.session.execute(
+            select(WebhookAttempt).where(WebhookAttempt.delivery_id.in_(ids)).order_by(WebhookAttempt.number)
+        ).scalars():
+            attempts[attempt.delivery_id].append(attempt)
+        messages = {
+            message.id: message
+            for message in db.session.execute(
+                select(WebhookMessage).where(WebhookMessage.id.in_({row.message_id for row in rows}))
+            ).scalars()
+        }
+    return [delivery.delivery_json(row, messages.get(row.message_id), attempts[row.id]) for row in rows]
+
+
+def _own_delivery(delivery_id: str) -> WebhookDelivery:
+    row = db.session.get(WebhookDelivery, delivery_id)
+    if row is not None and row.consumer_id != _caller().consumer_id:
+        row = None
+    return found(row, "webhook delivery", delivery_id)
+
+
+@bp.get("/webhooks/deliveries/<delivery_id>")
+def read_delivery(delivery_id: str) -> Response:
+    return jsonify(_with_attempts([_own_delivery(delivery_id)])[0])
+
+
+@bp.post("/webhooks/deliveries/<delivery_id>/redeliver")
+def redeliver(delivery_id: str) -> tuple[Response, int, dict]:
+    """Send the delivery again with the same ``webhook-id`` (202 with the delivery), starting
+    its retry schedule over. 409 while an attempt is in flight or the endpoint is disabled."""
+    row = _own_delivery(delivery_id)
+    endpoint = db.session.get(WebhookEndpoint, row.endpoint_id)
+    if endpoint is not None and endpoint.disabled:
+        raise ConflictProblem(f"Endpoint {endpoint.id} is disabled ({endpoint.disabled_reason}); enable it first")
+    try:
+        row = delivery.redeliver(row)
+    except delivery.DeliveryBusy:
+        raise ConflictProblem(f"Delivery {delivery_id} is being sent right now; try again when the attempt has ended") from None
+    location = url_for("webhooks.read_delivery", delivery_id=row.id)
+    return jsonify(_with_attempts([row])[0]), 202, {"Location": location}

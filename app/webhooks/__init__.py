@@ -1,0 +1,395 @@
+"""Webhooks: endpoints a consumer registers, the events (messages) it publishes, and their fan-out.
+
+Delivery itself (claim, sign, send, record, retry, dispatch) is in ``app.webhooks.delivery``.
+The flow follows Svix and the Standard Webhooks specification: a message is recorded once,
+fan-out makes one delivery per matching enabled endpoint, and every delivery of a message
+carries the message id as ``webhook-id``. Rows are committed before a task names them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from flask import Flask, current_app
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import undefer
+
+from app.errors import ProblemError
+from app.extensions import db, lock_rows
+from app.models import WebhookDelivery, WebhookEndpoint, WebhookMessage
+from app.models.base import isoformat, utcnow
+from app.models.webhooks import PENDING
+from app.webhooks import secrets
+from app.webhooks.guard import Guard, parse_networks
+
+log = logging.getLogger("frontdoor.webhooks")
+
+# Event type names: dot-separated segments (``job.succeeded``); a filter may end in ``.*``.
+_TYPE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+MAX_TYPE_LENGTH = 255
+# Types the gateway itself publishes; consumers may subscribe to them but not publish them.
+RESERVED_PREFIXES = ("job.", "webhook.")
+ENDPOINT_DISABLED = "webhook.endpoint.disabled"
+TEST_EVENT = "webhook.test"
+
+
+class EventIdReused(ProblemError):
+    """409: an event id already names an event with another type or data."""
+
+    status, title, slug = 409, "Conflict", "event-id-reused"
+
+
+class SecretKeyUnset(ProblemError):
+    status, title, slug = 500, "Internal Server Error", "webhook-secret-key-unset"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The WEBHOOK_* configuration, read once per app. Seconds and bytes."""
+
+    timeout: float
+    retry_schedule: tuple[float, ...]
+    retry_jitter: float
+    max_retry_after: float
+    disable_after: float
+    secret_overlap: float
+    endpoint_concurrency: int
+    lease: float
+    requeue_after: float
+    dispatch_interval: float
+    sweep_interval: float
+    retention: float
+    max_payload: int
+    max_endpoints: int
+    verify: bool | str
+    guard: Guard
+
+    @classmethod
+    def from_config(cls, config: dict) -> Settings:
+        schedule = config["WEBHOOK_RETRY_SCHEDULE"]
+        if isinstance(schedule, str):
+            schedule = [part for part in schedule.split(",") if part.strip()]
+        networks = config["WEBHOOK_ALLOWED_NETWORKS"]
+        if isinstance(networks, str):
+            networks = [part for part in networks.split(",") if part.strip()]
+        return cls(
+            timeout=float(config["WEBHOOK_TIMEOUT"]),
+            retry_schedule=tuple(max(0.0, float(delay)) for delay in schedule),
+            retry_jitter=min(max(float(config["WEBHOOK_RETRY_JITTER"]), 0.0), 1.0),
+            max_retry_after=float(config["WEBHOOK_MAX_RETRY_AFTER"]),
+            disable_after=float(config["WEBHOOK_DISABLE_AFTER"]),
+            secret_overlap=float(config["WEBHOOK_SECRET_OVERLAP"]),
+            endpoint_concurrency=max(1, int(config["WEBHOOK_ENDPOINT_CONCURRENCY"])),
+            lease=float(config["WEBHOOK_LEASE"]),
+            requeue_after=float(config["WEBHOOK_REQUEUE_AFTER"]),
+            dispatch_interval=float(config["WEBHOOK_DISPATCH_INTERVAL"]),
+            sweep_interval=float(config["WEBHOOK_SWEEP_INTERVAL"]),
+            retention=float(config["WEBHOOK_RETENTION"]),
+            max_payload=int(config["WEBHOOK_MAX_PAYLOAD"]),
+            max_endpoints=int(config["WEBHOOK_MAX_ENDPOINTS"]),
+            verify=config["WEBHOOK_CA_BUNDLE"] or bool(config["WEBHOOK_VERIFY_TLS"]),
+            guard=Guard(allow_http=bool(config["WEBHOOK_ALLOW_HTTP"]), allowed=parse_networks(networks)),
+        )
+
+    @property
+    def max_tries(self) -> int:
+        """Attempts in one schedule: the first, then one per retry delay."""
+        return 1 + len(self.retry_schedule)
+
+
+def settings() -> Settings:
+    return current_app.extensions["webhooks"]
+
+
+def box() -> secrets.SecretBox:
+    """The app's SecretBox; raises SecretKeyUnset (500) when WEBHOOK_SECRET_KEYS is needed and unset."""
+    found = current_app.extensions["webhook_box"]
+    if found is None:
+        raise SecretKeyUnset(
+            "GATEWAY_WEBHOOK_SECRET_KEYS is not set: webhook secrets are encrypted at rest with it, and every "
+            "process on a shared database needs the same key (README: Configuration)"
+        )
+    return found
+
+
+# -- event types -----------------------------------------------------------------------------
+
+
+def check_type(name: str) -> str:
+    """``name`` when it is an event type name (``a.b_c``, at most 255 characters); raises ValueError."""
+    if len(name) > MAX_TYPE_LENGTH or not _TYPE.fullmatch(name):
+        raise ValueError(f"{name!r} is not an event type: dot-separated letters, digits, '_' and '-'")
+    return name
+
+
+def check_filter(pattern: str) -> str:
+    """An event type filter: a type name, ``prefix.*`` (every type under prefix) or ``*``."""
+    if pattern == "*" or (pattern.endswith(".*") and _TYPE.fullmatch(pattern[:-2]) and len(pattern) <= MAX_TYPE_LENGTH):
+        return pattern
+    try:
+        return check_type(pattern)
+    except ValueError:
+        raise ValueError(f"{pattern!r} is not an event type or a filter such as 'job.*'") from None
+
+
+def matches(filters: list[str], event_type: str) -> bool:
+    """Whether an endpoint with ``filters`` wants ``event_type``: no filters means every type;
+    ``job.*`` matches ``job.succeeded`` and ``job.batch.done``, not ``job`` or ``jobs.x``."""
+    return not filters or any(
+        pattern in ("*", event_type) or (pattern.endswith(".*") and event_type.startswith(pattern[:-1]))
+        for pattern in filters
+    )
+
+
+# -- endpoints -------------------------------------------------------------------------------
+
+
+def endpoint_json(endpoint: WebhookEndpoint) -> dict:
+    """``{"id", "url", "description", "event_types", "disabled", "disabled_reason", ...}``:
+    never the secret."""
+    return {
+        "id": endpoint.id,
+        "url": endpoint.url,
+        "description": endpoint.description,
+        "event_types": list(endpoint.event_types or ()),
+        "disabled": endpoint.disabled,
+        "disabled_reason": endpoint.disabled_reason,
+        "disabled_at": isoformat(endpoint.disabled_at),
+        "failing_since": isoformat(endpoint.failing_since),
+        "secret_rotating_until": isoformat(_rotating_until(endpoint)),
+        "created_at": isoformat(endpoint.created_at),
+        "updated_at": isoformat(endpoint.updated_at),
+    }
+
+
+def _rotating_until(endpoint: WebhookEndpoint, now: datetime | None = None) -> datetime | None:
+    until = endpoint.previous_secret_expires_at
+    return until if until is not None and until > (now or utcnow()) else None
+
+
+def create_endpoint(consumer_id: str, url: str, description: str, event_types: list[str], secret: str | None, disabled: bool) -> tuple[WebhookEndpoint, str]:
+    """Write an endpoint (the URL already checked) and return it with its plain secret, the one
+    generated when ``secret`` is None. Raises SecretKeyUnset."""
+    plain = secret or secrets.generate()
+    now = utcnow()
+    endpoint = WebhookEndpoint(
+        consumer_id=consumer_id,
+        url=url,
+        description=description,
+        event_types=event_types,
+        disabled=disabled,
+        disabled_reason="disabled when registered" if disabled else None,
+        disabled_at=now if disabled else None,
+        secret_encrypted=box().encrypt(plain),
+        created_at=now,
+        updated_at=now,
+    )
+    db.session.add(endpoint)
+    db.session.commit()
+    return endpoint, plain
+
+
+def signing_secrets(endpoint: WebhookEndpoint, now: datetime | None = None) -> list[str]:
+    """The endpoint's secrets to sign with, newest first: the previous one too while a rotation
+    overlaps (WEBHOOK_SECRET_OVERLAP seconds). Raises SecretKeyUnset or SecretUnreadable."""
+    found = [box().decrypt(endpoint.secret_encrypted)]
+    if endpoint.previous_secret_encrypted is not None and _rotating_until(endpoint, now) is not None:
+        found.append(box().decrypt(endpoint.previous_secret_encrypted))
+    return found
+
+
+def rotate_secret(endpoint: WebhookEndpoint, secret: str | None) -> str:
+    """Make ``secret`` (or a generated one) the endpoint's secret; the old one keeps signing too
+    for WEBHOOK_SECRET_OVERLAP seconds. Returns the new plain secret."""
+    plain = secret or secrets.generate()
+    now = utcnow()
+    endpoint.previous_secret_encrypted = endpoint.secret_encrypted
+    endpoint.previous_secret_expires_at = now + timedelta(seconds=settings().secret_overlap)
+    endpoint.secret_encrypted = box().encrypt(plain)
+    endpoint.updated_at = now
+    db.session.commit()
+    return plain
+
+
+def set_disabled(endpoint: WebhookEndpoint, disabled: bool, reason: str | None = None) -> None:
+    """Disable or enable ``endpoint`` in the caller's transaction. Enabling clears the failure
+    record, so the next failure starts a new WEBHOOK_DISABLE_AFTER period."""
+    if disabled and not endpoint.disabled:
+        endpoint.disabled, endpoint.disabled_reason, endpoint.disabled_at = True, reason, utcnow()
+    elif not disabled and endpoint.disabled:
+        endpoint.disabled, endpoint.disabled_reason, endpoint.disabled_at = False, None, None
+        endpoint.failing_since = None
+
+
+# -- messages --------------------------------------------------------------------------------
+
+
+def message_json(message: WebhookMessage, data: bool = False) -> dict:
+    found = {
+        "id": message.id,
+        "event_id": message.event_id,
+        "type": message.type,
+        "created_at": isoformat(message.created_at),
+        "request_id": message.request_id,
+    }
+    if data:
+        found["data"] = message.data
+    return found
+
+
+def payload(message: WebhookMessage) -> bytes:
+    """The body every delivery of ``message`` sends: ``{"type", "timestamp", "data"}`` as
+    compact JSON (Standard Webhooks, "Payload structure"), the same bytes on every retry."""
+    body = {"type": message.type, "timestamp": isoformat(message.created_at), "data": message.data}
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _digest(event_type: str, data: object) -> str:
+    return hashlib.sha256(json.dumps([event_type, data], sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def record_message(consumer_id: str, event_type: str, data: object, event_id: str | None = None, request_id: str | None = None, fanned_out: bool = False) -> tuple[WebhookMessage, bool]:
+    """Write a message and commit; return ``(message, created)``.
+
+    With ``event_id`` a repeat of an earlier event (same id, type and data) returns the earlier
+    message with ``created`` False; raises EventIdReused (409) when the id names another event.
+    Enqueueing its fan-out is the caller's job, after this commit (``fan_out_later``).
+    """
+    digest = _digest(event_type, data)
+    if event_id is not None:
+        earlier = _by_event_id(consumer_id, event_id)
+        if earlier is not None:
+            return _same(earlier, digest), False
+    now = utcnow()
+    message = WebhookMessage(
+        consumer_id=consumer_id,
+        event_id=event_id,
+        type=event_type,
+        data=data,
+        payload_hash=digest,
+        request_id=request_id,
+        created_at=now,
+        fanned_out_at=now if fanned_out else None,
+    )
+    db.session.add(message)
+    try:
+        db.session.commit()
+    except IntegrityError:
+        db.session.rollback()
+        earlier = _by_event_id(consumer_id, event_id) if event_id is not None else None
+        if earlier is None:
+            raise
+        return _same(earlier, digest), False
+    return message, True
+
+
+def _by_event_id(consumer_id: str, event_id: str) -> WebhookMessage | None:
+    return db.session.execute(
+        select(WebhookMessage).where(WebhookMessage.consumer_id == consumer_id, WebhookMessage.event_id == event_id)
+    ).scalar_one_or_none()
+
+
+def _same(earlier: WebhookMessage, digest: str) -> WebhookMessage:
+    if earlier.payload_hash != digest:
+        raise EventIdReused(f"The event id {earlier.event_id!r} was published with another type or data ({earlier.id})")
+    return earlier
+
+
+def fan_out_later(message_ids: list[str]) -> None:
+    """Send a fan-out message per message id; a lost one is redone by the dispatcher."""
+    from tasks.webhooks import fan_out_task
+
+    for message_id in message_ids:
+        try:
+            fan_out_task.apply_async((message_id,), retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2})
+        except Exception:
+            log.warning("fan-out enqueue failed; the dispatcher will retry", extra={"message_id": message_id}, exc_info=True)
+
+
+def fan_out(message_id: str) -> list[str]:
+    """Make one pending delivery per enabled endpoint of the message's consumer whose filters
+    match its type, mark the message fanned out, commit; return the new deliveries' ids (the
+    caller enqueues them). A message already fanned out gets nothing more: safe to run twice."""
+    now = utcnow()
+    # The conditional write comes first: it is the claim (two fan-outs, one winner), and on
+    # SQLite a transaction that starts by writing never has to upgrade a read lock.
+    claimed = db.session.execute(
+        update(WebhookMessage).where(WebhookMessage.id == message_id, WebhookMessage.fanned_out_at.is_(None)).values(fanned_out_at=now)
+    ).rowcount
+    if not claimed:
+        db.session.rollback()
+        return []
+    message = db.session.get(WebhookMessage, message_id)
+    assert message is not None
+    endpoints = db.session.execute(
+        select(WebhookEndpoint).where(WebhookEndpoint.consumer_id == message.consumer_id, WebhookEndpoint.disabled.is_(False))
+    ).scalars()
+    deliveries = [
+        WebhookDelivery(
+            message_id=message_id,
+            endpoint_id=endpoint.id,
+            consumer_id=message.consumer_id,
+            status=PENDING,
+            next_attempt_at=now,
+            dispatched_at=now,
+            created_at=now,
+        )
+        for endpoint in endpoints
+        if matches(endpoint.event_types or [], message.type)
+    ]
+    db.session.add_all(deliveries)
+    db.session.commit()
+    return [delivery.id for delivery in deliveries]
+
+
+def publish_job_events(limit: int = 500) -> int:
+    """Publish the jobs' outbox (``job_events`` rows not yet published) as messages, each
+    keyed by its event id so that publishing twice records one message; return how many
+    messages were made. Anonymous jobs have no endpoints: their events are only marked."""
+    from app.models import JobEvent
+
+    query = select(JobEvent).where(JobEvent.published_at.is_(None)).order_by(JobEvent.created_at).limit(limit)
+    events = lock_rows(query)
+    made = []
+    now = utcnow()
+    for event in events:
+        if event.consumer_id is not None:
+            digest = _digest(event.type, event.data)
+            if _by_event_id(event.consumer_id, event.id) is None:
+                message = WebhookMessage(
+                    consumer_id=event.consumer_id,
+                    event_id=event.id,
+                    type=event.type,
+                    data=event.data,
+                    payload_hash=digest,
+                    request_id=(event.data or {}).get("request_id"),
+                    created_at=event.created_at,
+                )
+                db.session.add(message)
+                made.append(message)
+        event.published_at = now
+    db.session.commit()
+    fan_out_later([message.id for message in made])
+    return len(made)
+
+
+def with_data(message_id: str) -> WebhookMessage | None:
+    return db.session.get(WebhookMessage, message_id, options=[undefer(WebhookMessage.data)])
+
+
+def init_app(app: Flask) -> None:
+    """Read the WEBHOOK_* settings and open the secret box: WEBHOOK_SECRET_KEYS, or on the
+    embedded default (SQLite) a key kept under ``instance/``. Raises ValueError for a bad
+    setting (an allowed network or a secret key that cannot be read)."""
+    app.extensions["webhooks"] = Settings.from_config(app.config)
+    keys = secrets.key_list(app.config["WEBHOOK_SECRET_KEYS"])
+    if not keys and app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
+        keys = [secrets.instance_key(app.instance_path)]
+    elif not keys:
+        log.warning("GATEWAY_WEBHOOK_SECRET_KEYS is not set: webhook endpoints cannot be created or delivered to")
+    app.extensions["webhook_box"] = secrets.SecretBox(keys) if keys else None

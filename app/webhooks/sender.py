@@ -1,0 +1,122 @@
+"""One webhook attempt over HTTP: POST the signed body to the checked address, keep what came back.
+
+Redirects are not followed (a 3xx is a failed attempt, so a receiver cannot bounce a delivery
+to an internal address), proxies from the environment are ignored, and the connection goes
+to the address the guard checked while TLS still verifies the certificate for the URL's host.
+"""
+from __future__ import annotations
+
+import email.utils
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from app.webhooks.guard import Target
+
+EXCERPT_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one attempt saw: the status code (None without a response), the time it took
+    (milliseconds), the first bytes of the body as text, the error when no response came, and
+    ``retry_after`` (seconds) from a 429 or 503."""
+
+    status_code: int | None
+    duration_ms: int
+    excerpt: str | None = None
+    error: str | None = None
+    retry_after: float | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+class _PinnedAdapter(HTTPAdapter):
+    """Connects to the IP address in the request URL while TLS sends and verifies ``host``
+    (SNI and certificate name), as if the URL had named the host."""
+
+    def __init__(self, host: str):
+        self.host = host
+        super().__init__(pool_connections=1, pool_maxsize=1, max_retries=0)
+
+    def build_connection_pool_key_attributes(self, request, verify, cert=None):
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        if host_params["scheme"] == "https":
+            pool_kwargs["server_hostname"] = self.host
+            pool_kwargs["assert_hostname"] = self.host
+        return host_params, pool_kwargs
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value: delay-seconds or an HTTP-date
+    (RFC 9110 section 10.2.3); None when absent or unreadable, 0 for a date in the past."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - (now if now is not None else datetime.now(UTC).timestamp()))
+
+
+def send(target: Target, headers: dict[str, str], body: bytes, timeout: float, verify: bool | str = True) -> Result:
+    """POST ``body`` with ``headers`` to ``target`` (connecting to ``target.address``); never raises.
+
+    ``timeout`` (seconds) bounds the connection and each read. Returns the Result; a network
+    failure, a timeout or a TLS error is a Result with ``error`` and no status code.
+    """
+    parts = urlsplit(target.url)
+    literal = f"[{target.address}]" if ":" in target.address else target.address
+    pinned = urlunsplit((parts.scheme, f"{literal}:{target.port}", parts.path or "/", parts.query, ""))
+    session = requests.Session()
+    session.trust_env = False  # no proxy or .netrc from the environment
+    session.mount(f"{parts.scheme}://", _PinnedAdapter(target.host))
+    started = time.monotonic()
+    try:
+        response = session.post(
+            pinned,
+            data=body,
+            headers={**headers, "Host": parts.netloc},
+            timeout=(min(timeout, 10.0), timeout),
+            allow_redirects=False,
+            stream=True,
+            verify=verify,
+        )
+        try:
+            raw = response.raw.read(EXCERPT_BYTES, decode_content=True) or b""
+        finally:
+            response.close()
+    except requests.RequestException as exc:
+        return Result(None, _ms(started), error=_describe(exc))
+    except Exception as exc:  # noqa: BLE001 - a broken response (urllib3's decode errors and the like) is a failed attempt
+        return Result(None, _ms(started), error=f"{type(exc).__name__}: {exc}"[:500])
+    finally:
+        session.close()
+    retry_after = parse_retry_after(response.headers.get("Retry-After")) if response.status_code in (429, 503) else None
+    return Result(response.status_code, _ms(started), raw[:EXCERPT_BYTES].decode("utf-8", "replace"), None, retry_after)
+
+
+def _ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+def _describe(exc: requests.RequestException) -> str:
+    kind = {
+        requests.ConnectTimeout: "connect timeout",
+        requests.ReadTimeout: "read timeout",
+        requests.exceptions.SSLError: "TLS error",
+        requests.ConnectionError: "connection failed",
+    }
+    name = next((label for cls, label in kind.items() if isinstance(exc, cls)), type(exc).__name__)
+    return f"{name}: {exc}"[:500]
