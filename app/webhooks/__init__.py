@@ -393,3 +393,6 @@ def init_app(app: Flask) -> None:
     elif not keys:
         log.warning("GATEWAY_WEBHOOK_SECRET_KEYS is not set: webhook endpoints cannot be created or delivered to")
     app.extensions["webhook_box"] = secrets.SecretBox(keys) if keys else None
+    from app.webhooks import cli
+
+    cli.init_app(app)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.orm import undefer
 
 from app import webhooks
 from app.extensions import db, lock_rows
@@ -119,7 +120,11 @@ def attempt(work: Claim) -> tuple[Result, str, str | None, str | None]:
     """
     config = webhooks.settings()
     delivery = db.session.get(WebhookDelivery, work.delivery_id)
-    endpoint = db.session.get(WebhookEndpoint, work.endpoint_id)
+    endpoint = db.session.get(
+        WebhookEndpoint,
+        work.endpoint_id,
+        options=[undefer(WebhookEndpoint.secret_encrypted), undefer(WebhookEndpoint.previous_secret_encrypted)],
+    )
     message = webhooks.with_data(delivery.message_id) if delivery is not None else None
     if delivery is None or endpoint is None or message is None:
         db.session.rollback()

@@ -1,0 +1,53 @@
+"""``flask webhooks …``: re-encrypt endpoint secrets after adding a key to WEBHOOK_SECRET_KEYS."""
+from __future__ import annotations
+
+import click
+from flask import Flask
+from flask.cli import AppGroup
+from sqlalchemy import select
+from sqlalchemy.orm import undefer
+
+from app import webhooks
+from app.extensions import db
+from app.models import WebhookEndpoint
+
+webhooks_cli = AppGroup("webhooks", help="Maintain webhook endpoints.")
+
+
+@webhooks_cli.command("rotate-key")
+@click.option("--batch", default=500, show_default=True, help="Endpoints re-encrypted per transaction.")
+def rotate_key(batch: int) -> None:
+    """Re-encrypt every endpoint secret with the first key of WEBHOOK_SECRET_KEYS.
+
+    Run it after putting a new key first in the list; once it has finished, the old keys can
+    be removed. Prints how many endpoints were re-encrypted. Safe to run again.
+    """
+    try:
+        box = webhooks.box()
+    except webhooks.SecretKeyUnset as exc:
+        raise click.ClickException(exc.detail) from None
+    done, last = 0, ""
+    while True:
+        rows = list(
+            db.session.execute(
+                select(WebhookEndpoint)
+                .options(undefer(WebhookEndpoint.secret_encrypted), undefer(WebhookEndpoint.previous_secret_encrypted))
+                .where(WebhookEndpoint.id > last)
+                .order_by(WebhookEndpoint.id)
+                .limit(batch)
+            ).scalars()
+        )
+        if not rows:
+            break
+        for endpoint in rows:
+            endpoint.secret_encrypted = box.rotate(endpoint.secret_encrypted)
+            if endpoint.previous_secret_encrypted is not None:
+                endpoint.previous_secret_encrypted = box.rotate(endpoint.previous_secret_encrypted)
+        db.session.commit()
+        done += len(rows)
+        last = rows[-1].id
+    click.echo(f"{done} endpoint secrets re-encrypted with the first key")
+
+
+def init_app(app: Flask) -> None:
+    app.cli.add_command(webhooks_cli)
