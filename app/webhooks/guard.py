@@ -24,7 +24,10 @@ MAX_URL_LENGTH = 2048
 # reserved and unspecified: shared address space (RFC 6598), and the IPv6 prefixes that embed
 # an IPv4 address (NAT64, RFC 6052 and 8215), whose embedded address is checked instead.
 _SPECIAL_V4 = tuple(ipaddress.ip_network(net) for net in ("100.64.0.0/10", "192.0.0.0/24", "198.18.0.0/15"))
-_NAT64 = tuple(ipaddress.ip_network(net) for net in ("64:ff9b::/96", "64:ff9b:1::/48"))
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# Local-use NAT64 prefixes may embed the IPv4 address anywhere (RFC 8215), so which address
+# one reaches cannot be told from the address alone: refused unless allow-listed.
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 
 
 class UnsafeURL(ValueError):
@@ -62,7 +65,9 @@ def blocked_reason(address: Address) -> str | None:
     """
     if isinstance(address, ipaddress.IPv6Address):
         embedded = address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None)
-        if embedded is None and any(address in net for net in _NAT64):
+        if embedded is None and address in _NAT64_LOCAL:
+            return "a local-use NAT64 address"
+        if embedded is None and address in _NAT64:
             embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
         if embedded is not None:
             return blocked_reason(embedded)
@@ -72,6 +77,7 @@ def blocked_reason(address: Address) -> str | None:
         (address.is_link_local, "link-local"),
         (address.is_multicast, "multicast"),
         (isinstance(address, ipaddress.IPv6Address) and address in ipaddress.IPv6Network("fc00::/7"), "unique-local"),
+        (isinstance(address, ipaddress.IPv6Address) and address.is_site_local, "site-local"),
         (address.is_private, "private"),
         (address.is_reserved, "reserved"),
         (isinstance(address, ipaddress.IPv4Address) and any(address in net for net in _SPECIAL_V4), "special-purpose"),
@@ -120,7 +126,7 @@ class Guard:
             raise UnsafeURL(f"the host {host!r} resolves to no address")
         for text in addresses:
             address = ipaddress.ip_address(text.split("%", 1)[0])
-            if any(address in net for net in self.allowed if net.version == address.version):
+            if self._allowed(address):
                 continue
             reason = blocked_reason(address)
             if reason is not None:
@@ -128,11 +134,17 @@ class Guard:
                 raise UnsafeURL(f"the address {text} is {reason}{named}; webhooks go to public addresses only")
         return Target(url=url, scheme=scheme, host=host, port=port, address=addresses[0].split("%", 1)[0])
 
+    def _allowed(self, address: Address) -> bool:
+        """Inside an allowed network, an IPv4-mapped IPv6 address judged by its IPv4 address."""
+        mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+        candidates = (address, mapped) if mapped is not None else (address,)
+        return any(each in net for each in candidates for net in self.allowed if net.version == each.version)
+
     def parse(self, url: str) -> tuple[str, str, int]:
         """``(scheme, host, port)`` of ``url`` without resolving it; raises UnsafeURL."""
         if len(url) > MAX_URL_LENGTH:
             raise UnsafeURL(f"the URL is longer than {MAX_URL_LENGTH} characters")
-        if any(ord(char) <= 0x20 or ord(char) == 0x7F for char in url):
+        if any(ord(char) <= 0x20 or 0x7F <= ord(char) <= 0x9F for char in url):
             raise UnsafeURL("the URL contains spaces or control characters")
         try:
             parts = urlsplit(url)

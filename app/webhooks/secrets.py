@@ -136,6 +136,9 @@ def instance_key(instance_path: str) -> str:
             log.info("webhook secret key created", extra={"path": str(path)})
         except FileExistsError:
             pass  # another process made it first: use that one
+        except OSError:  # a filesystem without hard links: a rename, which cannot tell who won
+            if not path.exists():
+                os.replace(draft, path)
         finally:
-            draft.unlink()
+            draft.unlink(missing_ok=True)
     return path.read_text().strip()

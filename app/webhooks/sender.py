@@ -1,12 +1,16 @@
 """One webhook attempt over HTTP: POST the signed body to the checked address, keep what came back.
 
 Redirects are not followed (a 3xx is a failed attempt, so a receiver cannot bounce a delivery
-to an internal address), proxies from the environment are ignored, and the connection goes
-to the address the guard checked while TLS still verifies the certificate for the URL's host.
+to an internal address), proxies from the environment are ignored, the connection goes to the
+address the guard checked while TLS still verifies the certificate for the URL's host, and
+the whole attempt has one deadline.
 """
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import socket
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from app.webhooks.guard import Target
 
@@ -37,13 +42,56 @@ class Result:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
+class _Watched:
+    """The sockets one attempt opens, so that a timer can cut them at the deadline."""
+
+    def __init__(self):
+        self.sockets: list[socket.socket] = []
+        self.expired = False
+
+    def _watch(self, connection):
+        # The socket is kept as it is connected: http.client drops the connection's reference
+        # once a response that ends with the connection has begun, while its body is still read.
+        connect = connection.connect
+
+        def connect_and_watch() -> None:
+            connect()
+            self.sockets.append(connection.sock)
+            if self.expired:  # the deadline passed while connecting
+                self.cut()
+
+        connection.connect = connect_and_watch
+        return connection
+
+    def pools(self) -> dict:
+        watch = self._watch
+
+        class Pool(HTTPConnectionPool):
+            def _new_conn(self):
+                return watch(super()._new_conn())
+
+        class TLSPool(HTTPSConnectionPool):
+            def _new_conn(self):
+                return watch(super()._new_conn())
+
+        return {"http": Pool, "https": TLSPool}
+
+    def cut(self) -> None:
+        """Shut the sockets down: a read blocked in another thread returns at once."""
+        self.expired = True
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
 class _PinnedAdapter(HTTPAdapter):
     """Connects to the IP address in the request URL while TLS sends and verifies ``host``
-    (SNI and certificate name), as if the URL had named the host."""
+    (SNI and certificate name), as if the URL had named the host; its connections are watched."""
 
-    def __init__(self, host: str):
+    def __init__(self, host: str, watched: _Watched):
         self.host = host
         super().__init__(pool_connections=1, pool_maxsize=1, max_retries=0)
+        self.poolmanager.pool_classes_by_scheme = watched.pools()
 
     def build_connection_pool_key_attributes(self, request, verify, cert=None):
         host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
@@ -59,7 +107,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -73,38 +121,44 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 def send(target: Target, headers: dict[str, str], body: bytes, timeout: float, verify: bool | str = True) -> Result:
     """POST ``body`` with ``headers`` to ``target`` (connecting to ``target.address``); never raises.
 
-    ``timeout`` (seconds) bounds the connection and each read. Returns the Result; a network
-    failure, a timeout or a TLS error is a Result with ``error`` and no status code.
+    ``timeout`` (seconds) bounds the whole attempt: connecting, sending, the response's head
+    and the excerpt of its body; a receiver that trickles bytes is cut off at the deadline.
+    Returns the Result; a network failure, a timeout or a TLS error is a Result with ``error``
+    and no status code.
     """
     parts = urlsplit(target.url)
     literal = f"[{target.address}]" if ":" in target.address else target.address
     pinned = urlunsplit((parts.scheme, f"{literal}:{target.port}", parts.path or "/", parts.query, ""))
-    session = requests.Session()
-    session.trust_env = False  # no proxy or .netrc from the environment
-    session.mount(f"{parts.scheme}://", _PinnedAdapter(target.host))
+    watched = _Watched()
+    adapter = _PinnedAdapter(target.host, watched)
+    # Sent through the adapter, not a Session: a Session reads a 3xx body whole looking for a
+    # redirect even when told not to follow it, and brings the environment's proxies and .netrc.
+    prepared = requests.Request("POST", pinned, data=body, headers={**headers, "Host": parts.netloc}).prepare()
+    deadline = threading.Timer(timeout, watched.cut)
+    deadline.daemon = True
     started = time.monotonic()
+    deadline.start()
     try:
-        response = session.post(
-            pinned,
-            data=body,
-            headers={**headers, "Host": parts.netloc},
-            timeout=(min(timeout, 10.0), timeout),
-            allow_redirects=False,
-            stream=True,
-            verify=verify,
-        )
+        response = adapter.send(prepared, stream=True, timeout=(min(timeout, 10.0), timeout), verify=verify, proxies={})
         try:
             raw = response.raw.read(EXCERPT_BYTES, decode_content=True) or b""
+            retry_after = parse_retry_after(response.headers.get("Retry-After")) if response.status_code in (429, 503) else None
         finally:
             response.close()
     except requests.RequestException as exc:
-        return Result(None, _ms(started), error=_describe(exc))
+        return Result(None, _ms(started), error=_late(watched, timeout) or _describe(exc))
     except Exception as exc:  # noqa: BLE001 - a broken response (urllib3's decode errors and the like) is a failed attempt
-        return Result(None, _ms(started), error=f"{type(exc).__name__}: {exc}"[:500])
+        return Result(None, _ms(started), error=_late(watched, timeout) or f"{type(exc).__name__}: {exc}"[:500])
     finally:
-        session.close()
-    retry_after = parse_retry_after(response.headers.get("Retry-After")) if response.status_code in (429, 503) else None
+        deadline.cancel()
+        adapter.close()
+    if watched.expired:  # cut off while reading the excerpt: the answer is not complete
+        return Result(None, _ms(started), error=_late(watched, timeout))
     return Result(response.status_code, _ms(started), raw[:EXCERPT_BYTES].decode("utf-8", "replace"), None, retry_after)
+
+
+def _late(watched: _Watched, timeout: float) -> str | None:
+    return f"timeout: no complete answer within {timeout:g} s" if watched.expired else None
 
 
 def _ms(started: float) -> int:
