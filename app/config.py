@@ -81,7 +81,7 @@ def defaults(app: Flask) -> dict:
         # first encrypts endpoint secrets, every one decrypts. Required unless the database is
         # the embedded SQLite, which keeps a generated key in instance/webhook-secret.key.
         "WEBHOOK_SECRET_KEYS": None,
-        "WEBHOOK_TIMEOUT": 15.0,  # connect and each read of one attempt
+        "WEBHOOK_TIMEOUT": 15.0,  # one attempt's HTTP exchange: connecting, sending, the answer
         # Delays before each retry after the first attempt (Svix's: 5 s, 5 min, 30 min, 2 h,
         # 5 h, 10 h, 10 h), each varied by +/- WEBHOOK_RETRY_JITTER (a fraction).
         "WEBHOOK_RETRY_SCHEDULE": [5, 300, 1800, 7200, 18000, 36000, 36000],
@@ -90,7 +90,8 @@ def defaults(app: Flask) -> dict:
         "WEBHOOK_DISABLE_AFTER": 5 * 24 * 3600.0,  # an endpoint failing this long is disabled
         "WEBHOOK_SECRET_OVERLAP": 24 * 3600.0,  # after a rotation the old secret signs too, this long
         "WEBHOOK_ENDPOINT_CONCURRENCY": 4,  # attempts in flight to one endpoint across all workers
-        "WEBHOOK_LEASE": 60.0,  # an attempt not recorded by then is taken as lost and retried
+        # An attempt not recorded by then is taken as lost and retried; at least WEBHOOK_TIMEOUT + 6.
+        "WEBHOOK_LEASE": 60.0,
         "WEBHOOK_REQUEUE_AFTER": 30.0,  # a due delivery or a message enqueued but not picked up by then is sent again
         "WEBHOOK_DISPATCH_INTERVAL": 1.0,  # how often beat sends due retries
         "WEBHOOK_SWEEP_INTERVAL": 3600.0,  # how often beat deletes old deliveries

@@ -7,6 +7,8 @@ from celery import Celery, Task
 from flask import Flask
 from kombu import Queue
 
+# Not "from app import webhooks": importing tasks.webhooks below would rebind that name here.
+from app.webhooks import time_limits
 from tasks.schedule import beat_schedule
 
 
@@ -29,7 +31,7 @@ def celery_init_app(app: Flask) -> Celery:
     config = app.config
     broker_url = config["CELERY_BROKER_URL"]
     time_limit = float(config["JOB_TIME_LIMIT"])
-    lease = float(config["WEBHOOK_LEASE"])
+    attempt_soft, attempt_hard = time_limits(config)
     celery_app = Celery(app.name, task_cls=FlaskTask)
     celery_app.conf.update(
         broker_url=broker_url,
@@ -50,7 +52,7 @@ def celery_init_app(app: Flask) -> Celery:
         task_annotations={
             "frontdoor.jobs.run": {"soft_time_limit": float(config["JOB_SOFT_TIME_LIMIT"]), "time_limit": time_limit},
             # An attempt must end before its lease lapses, or the dispatcher would start another.
-            "frontdoor.webhooks.deliver": {"soft_time_limit": max(1.0, lease - 5), "time_limit": max(2.0, lease - 1)},
+            "frontdoor.webhooks.deliver": {"soft_time_limit": attempt_soft, "time_limit": attempt_hard},
         },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,

@@ -85,7 +85,7 @@ class Settings:
             disable_after=float(config["WEBHOOK_DISABLE_AFTER"]),
             secret_overlap=float(config["WEBHOOK_SECRET_OVERLAP"]),
             endpoint_concurrency=max(1, int(config["WEBHOOK_ENDPOINT_CONCURRENCY"])),
-            lease=float(config["WEBHOOK_LEASE"]),
+            lease=lease_for(config),
             requeue_after=float(config["WEBHOOK_REQUEUE_AFTER"]),
             dispatch_interval=float(config["WEBHOOK_DISPATCH_INTERVAL"]),
             sweep_interval=float(config["WEBHOOK_SWEEP_INTERVAL"]),
@@ -100,6 +100,31 @@ class Settings:
     def max_tries(self) -> int:
         """Attempts in one schedule: the first, then one per retry delay."""
         return 1 + len(self.retry_schedule)
+
+
+# Beyond WEBHOOK_TIMEOUT (which bounds the HTTP exchange), what an attempt may take in all:
+# resolving the host and the database work around the request. Seconds.
+ATTEMPT_MARGIN, KILL_MARGIN, LEASE_MARGIN = 3.0, 5.0, 6.0
+
+
+def time_limits(config: dict) -> tuple[float, float]:
+    """The deliver task's soft and hard time limits (seconds): WEBHOOK_TIMEOUT plus margins.
+
+    The soft limit ends an attempt stuck outside the HTTP exchange (a hung DNS lookup); it is
+    recorded as a failed attempt. Both end before the lease (``lease_for``) lapses, so an
+    attempt is never still running when the dispatcher hands its delivery to another worker.
+    """
+    timeout = float(config["WEBHOOK_TIMEOUT"])
+    return timeout + ATTEMPT_MARGIN, timeout + KILL_MARGIN
+
+
+def lease_for(config: dict) -> float:
+    """WEBHOOK_LEASE, raised to WEBHOOK_TIMEOUT + 6 s when set shorter (seconds)."""
+    lease = float(config["WEBHOOK_LEASE"])
+    floor = float(config["WEBHOOK_TIMEOUT"]) + LEASE_MARGIN
+    if lease < floor:
+        log.warning("WEBHOOK_LEASE (%g s) is shorter than an attempt may take; using %g s", lease, floor)
+    return max(lease, floor)
 
 
 def settings() -> Settings:

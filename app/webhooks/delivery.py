@@ -14,6 +14,8 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from celery.exceptions import SoftTimeLimitExceeded
+from flask import current_app
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import undefer
 
@@ -204,7 +206,8 @@ def record(work: Claim, result: Result, url: str, address: str | None, request_i
     )
     db.session.add(row)
     disabled = None
-    if work.trigger != TEST:
+    # A test send says nothing of the endpoint's health, nor does an attempt whose worker died.
+    if work.trigger != TEST and result.error != LOST:
         disabled = _track_health(work.endpoint_id, result, now, config.disable_after)
     db.session.commit()
     if disabled is not None:
@@ -250,11 +253,18 @@ def _track_health(endpoint_id: str, result: Result, now: datetime, disable_after
     return disable(endpoint, reason, now)
 
 
-def disable(endpoint: WebhookEndpoint, reason: str, now: datetime) -> str:
+def disable(endpoint: WebhookEndpoint, reason: str, now: datetime) -> str | None:
     """Disable ``endpoint``, fail its pending deliveries, and record a ``webhook.endpoint.disabled``
     message for its consumer (fanned out to its other endpoints after the caller commits).
-    Returns the message id. In the caller's transaction."""
-    webhooks.set_disabled(endpoint, True, reason)
+    Returns the message id, or None when another attempt disabled it first. In the caller's
+    transaction; the conditional write decides between attempts recorded at the same moment."""
+    done = db.session.execute(
+        update(WebhookEndpoint)
+        .where(WebhookEndpoint.id == endpoint.id, WebhookEndpoint.disabled.is_(False))
+        .values(disabled=True, disabled_reason=reason, disabled_at=now)
+    ).rowcount
+    if not done:
+        return None
     db.session.execute(
         update(WebhookDelivery)
         .where(WebhookDelivery.endpoint_id == endpoint.id, WebhookDelivery.status == PENDING)
@@ -281,7 +291,12 @@ def deliver(delivery_id: str) -> str | None:
     work = claim(delivery_id)
     if work is None:
         return None
-    result, url, address, request_id = attempt(work)
+    try:
+        result, url, address, request_id = attempt(work)
+    except SoftTimeLimitExceeded:  # stuck outside the HTTP exchange (a hung DNS lookup): a failed try
+        db.session.rollback()
+        soft, _ = webhooks.time_limits(current_app.config)
+        result, url, address, request_id = Result(None, int(soft * 1000), error=f"the attempt took longer than {soft:g} s"), _url(work.endpoint_id), None, None
     row = record(work, result, url, address, request_id)
     enqueue(_waiting(work.endpoint_id, limit=1))
     return None if row is None else ("succeeded" if row.succeeded else "failed")
@@ -383,8 +398,11 @@ def dispatch(limit: int = 500) -> dict[str, int]:
                 select(WebhookDelivery.endpoint_id, func.count())
                 .where(
                     WebhookDelivery.endpoint_id.in_({row.endpoint_id for row in due}),
-                    WebhookDelivery.status == SENDING,
-                    WebhookDelivery.lease_expires_at > now,
+                    # In flight: being sent, or handed to a worker lately and not yet claimed.
+                    or_(
+                        and_(WebhookDelivery.status == SENDING, WebhookDelivery.lease_expires_at > now),
+                        and_(WebhookDelivery.status == PENDING, WebhookDelivery.dispatched_at > now - timedelta(seconds=config.requeue_after)),
+                    ),
                 )
                 .group_by(WebhookDelivery.endpoint_id)
             ).all()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import http.client
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
@@ -147,14 +149,17 @@ def send(target: Target, headers: dict[str, str], body: bytes, timeout: float, v
             response.close()
     except requests.RequestException as exc:
         return Result(None, _ms(started), error=_late(watched, timeout) or _describe(exc))
-    except Exception as exc:  # noqa: BLE001 - a broken response (urllib3's decode errors and the like) is a failed attempt
+    except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError, ValueError) as exc:  # a broken response
         return Result(None, _ms(started), error=_late(watched, timeout) or f"{type(exc).__name__}: {exc}"[:500])
     finally:
         deadline.cancel()
         adapter.close()
     if watched.expired:  # cut off while reading the excerpt: the answer is not complete
         return Result(None, _ms(started), error=_late(watched, timeout))
-    return Result(response.status_code, _ms(started), raw[:EXCERPT_BYTES].decode("utf-8", "replace"), None, retry_after)
+    # Text of at most 4 KiB as UTF-8: bytes that are not UTF-8 become U+FFFD (three bytes each),
+    # so the text is cut again, and a character cut at the end is dropped rather than replaced.
+    excerpt = raw[:EXCERPT_BYTES].decode("utf-8", "replace").encode()[:EXCERPT_BYTES].decode("utf-8", "ignore")
+    return Result(response.status_code, _ms(started), excerpt, None, retry_after)
 
 
 def _late(watched: _Watched, timeout: float) -> str | None:

@@ -1,0 +1,375 @@
+"""Fixtures for the delivery tests: an app with a compressed schedule, a receiver, a clock, what was enqueued."""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from flask import Flask
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.pool import NullPool
+
+from app import webhooks
+from app.extensions import db
+from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookMessage
+from app.webhooks import delivery
+from tests.factories import Identity
+from tests.services import free_port
+
+SECRET_KEY = "frontdoor-test-secret-key-of-forty-chars"  # a WEBHOOK_SECRET_KEYS passphrase (>= 32 characters)
+SCHEDULE = [10, 20, 40]  # seconds between tries; the clock fixture moves time, so nothing sleeps
+
+WEBHOOK_CONFIG = {
+    "WEBHOOK_ALLOW_HTTP": True,
+    "WEBHOOK_ALLOWED_NETWORKS": ["127.0.0.0/8"],
+    "WEBHOOK_SECRET_KEYS": SECRET_KEY,
+    "WEBHOOK_RETRY_SCHEDULE": SCHEDULE,
+    "WEBHOOK_RETRY_JITTER": 0,
+    "WEBHOOK_TIMEOUT": 2.0,
+    "WEBHOOK_LEASE": 60.0,
+    "WEBHOOK_REQUEUE_AFTER": 5.0,
+    "WEBHOOK_ENDPOINT_CONCURRENCY": 4,
+}
+
+
+# -- the receiver ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One answer of the receiver: status, headers, body, and how long (seconds) it waits first."""
+
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b"ok"
+    delay: float = 0.0
+
+
+@dataclass(frozen=True)
+class Received:
+    """One request the receiver got: path, headers (names in lower case) and body."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class Receiver:
+    """A webhook receiver on loopback: records every request and answers the replies queued
+    with ``reply(...)`` in order, then 200. ``close()`` stops it (connections are refused)."""
+
+    def __init__(self):
+        self.received: list[Received] = []
+        self.script: collections.deque[Reply] = collections.deque()
+        self.lock = threading.Lock()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                owner.handle(self)
+
+            do_GET = do_PUT = do_POST
+
+            def log_message(self, format, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        self.closed = False
+
+    def reply(self, *replies: Reply | int) -> None:
+        with self.lock:
+            self.script.extend(Reply(item) if isinstance(item, int) else item for item in replies)
+
+    def handle(self, handler: BaseHTTPRequestHandler) -> None:
+        body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        with self.lock:
+            self.received.append(
+                Received(handler.command, handler.path, {name.lower(): value for name, value in handler.headers.items()}, body)
+            )
+            reply = self.script.popleft() if self.script else Reply()
+        if reply.delay:
+            time.sleep(reply.delay)
+        handler.send_response(reply.status)
+        for name, value in reply.headers.items():
+            handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(reply.body)))
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.wfile.write(reply.body)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.server.shutdown()
+            self.server.server_close()
+            self.thread.join(5)
+
+
+@pytest.fixture
+def make_receiver():
+    """``make_receiver()``: a new Receiver, stopped after the test."""
+    made: list[Receiver] = []
+
+    def build() -> Receiver:
+        made.append(Receiver())
+        return made[-1]
+
+    yield build
+    for receiver in made:
+        receiver.close()
+
+
+@pytest.fixture
+def receiver(make_receiver) -> Receiver:
+    return make_receiver()
+
+
+@pytest.fixture
+def closed_url() -> str:
+    """A loopback URL on a port where nothing listens: every connection is refused."""
+    return f"http://127.0.0.1:{free_port()}/hook"
+
+
+# -- time and the queue --------------------------------------------------------------------------
+
+
+class Clock:
+    """The webhooks' ``utcnow``: real time plus an offset the test moves forward."""
+
+    def __init__(self):
+        self.offset = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    found = Clock()
+    monkeypatch.setattr(webhooks, "utcnow", found)
+    monkeypatch.setattr(delivery, "utcnow", found)
+    return found
+
+
+@dataclass
+class Enqueued:
+    """What was handed to Celery: delivery ids (``delivery.enqueue``) and message ids
+    (``webhooks.fan_out_later``), each checked, when handed over, to be committed already
+    (read through a connection of its own)."""
+
+    deliveries: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+    database_uri: str = ""
+
+    def committed(self, table: str, ids: list[str]) -> set[str]:
+        if not ids:
+            return set()
+        engine = create_engine(self.database_uri, poolclass=NullPool)
+        try:
+            with engine.connect() as connection:
+                rows = connection.execute(text(f"SELECT id FROM {table}")).scalars()
+                return set(rows) & set(ids)
+        finally:
+            engine.dispose()
+
+    def enqueue(self, delivery_ids: list[str]) -> list[str]:
+        missing = set(delivery_ids) - self.committed("webhook_deliveries", delivery_ids)
+        assert not missing, f"deliveries enqueued before their rows were committed: {missing}"
+        self.deliveries.extend(delivery_ids)
+        return []
+
+    def fan_out_later(self, message_ids: list[str]) -> None:
+        missing = set(message_ids) - self.committed("webhook_messages", message_ids)
+        assert not missing, f"messages enqueued before their rows were committed: {missing}"
+        self.messages.extend(message_ids)
+
+    def clear(self) -> None:
+        self.deliveries.clear()
+        self.messages.clear()
+
+
+@pytest.fixture
+def enqueued(monkeypatch) -> Enqueued:
+    found = Enqueued()
+    monkeypatch.setattr(delivery, "enqueue", found.enqueue)
+    monkeypatch.setattr(webhooks, "fan_out_later", found.fan_out_later)
+    return found
+
+
+# -- the database -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def database(request, tmp_path):
+    """The app's database URI: SQLite under tmp_path, or with ``indirect`` param ``"postgres"``
+    a PostgreSQL database of this test's own (as tests/integration/conftest.py makes them)."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield f"sqlite:///{tmp_path / 'test.sqlite'}"
+        return
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    postgres_url = request.getfixturevalue("postgres_url")
+    admin = postgres_url.replace("postgresql+psycopg://", "postgresql://", 1).replace("postgres://", "postgresql://", 1)
+    name = f"frontdoor_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(admin).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+BOTH = pytest.mark.parametrize("database", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+
+
+# -- the app and the domain calls ---------------------------------------------------------------
+
+
+class Hooks:
+    """An app with webhook tables, and the domain calls a worker makes, each in an app context
+    of its own (as each Celery task runs). Rows come back detached, as read at the time."""
+
+    def __init__(self, app: Flask):
+        self.app = app
+        self.identity = Identity(app)  # creates the tables
+
+    def consumer(self) -> str:
+        return self.identity.consumer()
+
+    def endpoint(self, consumer_id: str, url: str, event_types: list[str] | tuple = (), disabled: bool = False) -> str:
+        with self.app.app_context():
+            endpoint, _ = webhooks.create_endpoint(consumer_id, url, "", list(event_types), None, disabled)
+            return endpoint.id
+
+    def secret(self, endpoint_id: str) -> str:
+        with self.app.app_context():
+            endpoint = db.session.get(WebhookEndpoint, endpoint_id)
+            return webhooks.signing_secrets(endpoint)[0]
+
+    def message(self, consumer_id: str, event_type: str = "order.created", data: object = None) -> str:
+        """Record a message (not fanned out) and return its id."""
+        with self.app.app_context():
+            message, _ = webhooks.record_message(consumer_id, event_type, {"n": 1} if data is None else data)
+            return message.id
+
+    def fan_out(self, message_id: str) -> list[str]:
+        with self.app.app_context():
+            return webhooks.fan_out(message_id)
+
+    def publish(self, consumer_id: str, event_type: str = "order.created", data: object = None) -> list[str]:
+        """Record a message and fan it out; return the new deliveries' ids."""
+        return self.fan_out(self.message(consumer_id, event_type, data))
+
+    def deliver(self, delivery_id: str) -> str | None:
+        with self.app.app_context():
+            return delivery.deliver(delivery_id)
+
+    def claim(self, delivery_id: str) -> delivery.Claim | None:
+        with self.app.app_context():
+            return delivery.claim(delivery_id)
+
+    def dispatch(self) -> dict[str, int]:
+        with self.app.app_context():
+            return delivery.dispatch()
+
+    def sweep(self) -> dict[str, int]:
+        with self.app.app_context():
+            return delivery.sweep()
+
+    def call(self, function, *args, **kwargs):
+        """``function(*args, **kwargs)`` in an app context of its own."""
+        with self.app.app_context():
+            return function(*args, **kwargs)
+
+    def _detached(self, rows):
+        rows = list(rows)
+        for row in rows:
+            db.session.expunge(row)
+        return rows
+
+    def delivery(self, delivery_id: str) -> WebhookDelivery:
+        with self.app.app_context():
+            row = db.session.get(WebhookDelivery, delivery_id)
+            assert row is not None, delivery_id
+            return self._detached([row])[0]
+
+    def deliveries(self, message_id: str | None = None) -> list[WebhookDelivery]:
+        with self.app.app_context():
+            query = select(WebhookDelivery).order_by(WebhookDelivery.created_at, WebhookDelivery.id)
+            if message_id is not None:
+                query = query.where(WebhookDelivery.message_id == message_id)
+            return self._detached(db.session.execute(query).scalars())
+
+    def attempts(self, delivery_id: str | None = None) -> list[WebhookAttempt]:
+        with self.app.app_context():
+            query = select(WebhookAttempt).order_by(WebhookAttempt.created_at, WebhookAttempt.number)
+            if delivery_id is not None:
+                query = query.where(WebhookAttempt.delivery_id == delivery_id)
+            return self._detached(db.session.execute(query).scalars())
+
+    def endpoint_row(self, endpoint_id: str) -> WebhookEndpoint:
+        with self.app.app_context():
+            row = db.session.get(WebhookEndpoint, endpoint_id)
+            assert row is not None, endpoint_id
+            return self._detached([row])[0]
+
+    def messages(self, event_type: str | None = None) -> list[dict]:
+        """Every message as ``{"id", "consumer_id", "event_id", "type", "data", "fanned_out"}``, oldest first."""
+        with self.app.app_context():
+            query = select(WebhookMessage).order_by(WebhookMessage.created_at, WebhookMessage.id)
+            if event_type is not None:
+                query = query.where(WebhookMessage.type == event_type)
+            return [
+                {
+                    "id": row.id,
+                    "consumer_id": row.consumer_id,
+                    "event_id": row.event_id,
+                    "type": row.type,
+                    "data": row.data,
+                    "fanned_out": row.fanned_out_at is not None,
+                }
+                for row in db.session.execute(query).scalars()
+            ]
+
+    def dispose(self) -> None:
+        with self.app.app_context():
+            db.session.remove()
+            for engine in db.engines.values():
+                engine.dispose()
+
+
+@pytest.fixture
+def make_hooks(make_app, database, enqueued, clock):
+    """``make_hooks(**config)``: a Hooks over an app with WEBHOOK_CONFIG (and ``config``) on
+    the test's database, the enqueue recorded (``enqueued``) and time on ``clock``."""
+    made: list[Hooks] = []
+
+    def build(**config) -> Hooks:
+        settings = {**WEBHOOK_CONFIG, "SQLALCHEMY_DATABASE_URI": database, **config}
+        enqueued.database_uri = database.replace("postgresql://", "postgresql+psycopg://", 1)
+        made.append(Hooks(make_app(**settings)))
+        return made[-1]
+
+    yield build
+    for hooks in made:
+        hooks.dispose()
+
+
+@pytest.fixture
+def hooks(make_hooks) -> Hooks:
+    return make_hooks()

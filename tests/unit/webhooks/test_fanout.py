@@ -1,0 +1,209 @@
+"""Fan-out: a message becomes one delivery per matching enabled endpoint of its consumer; job events become messages."""
+from __future__ import annotations
+
+import pytest
+
+from app import webhooks
+from app.extensions import db
+from app.jobs import record_event
+from app.models import Job, JobEvent
+from app.models.base import utcnow
+from tasks.webhooks import fan_out_task
+
+FILTERS = {
+    "exact": ["job.succeeded"],
+    "wildcard": ["job.*"],
+    "star": ["*"],
+    "all": [],
+    "other": ["order.created", "jobs.*"],
+}
+
+
+@pytest.mark.parametrize(
+    ("event_type", "wanted"),
+    [
+        ("job.succeeded", {"exact", "wildcard", "star", "all"}),
+        ("job.a.b", {"wildcard", "star", "all"}),
+        ("job", {"star", "all"}),
+        ("jobs.x", {"star", "all", "other"}),
+        ("order.created", {"star", "all", "other"}),
+        ("job.succeeded.late", {"wildcard", "star", "all"}),
+    ],
+)
+def test_a_message_is_delivered_to_the_endpoints_whose_filters_match_its_type(hooks, receiver, event_type, wanted):
+    consumer = hooks.consumer()
+    endpoints = {name: hooks.endpoint(consumer, receiver.url, filters) for name, filters in FILTERS.items()}
+
+    created = hooks.publish(consumer, event_type)
+
+    rows = hooks.deliveries()
+    assert sorted(row.id for row in rows) == sorted(created)
+    assert {row.endpoint_id for row in rows} == {endpoints[name] for name in wanted}
+    assert len(rows) == len(wanted)  # one delivery per endpoint
+    assert {row.status for row in rows} == {"pending"}
+
+
+@pytest.mark.parametrize(
+    ("filters", "event_type", "expected"),
+    [
+        (["job.*"], "job.succeeded", True),
+        (["job.*"], "job.a.b", True),
+        (["job.*"], "job", False),
+        (["job.*"], "jobs.x", False),
+        (["job.*"], "xjob.y", False),
+        (["job.succeeded"], "job.succeeded", True),
+        (["job.succeeded"], "job.succeeded.x", False),
+        (["job.succeeded"], "job.failed", False),
+        (["*"], "anything.at.all", True),
+        ([], "anything", True),
+        (["a.b", "c.*"], "c.d", True),
+        (["a.b", "c.*"], "a.c", False),
+    ],
+)
+def test_matches(filters, event_type, expected):
+    assert webhooks.matches(filters, event_type) is expected
+
+
+def test_disabled_endpoints_and_other_consumers_endpoints_get_no_delivery(hooks, receiver):
+    consumer, other = hooks.consumer(), hooks.consumer()
+    enabled = hooks.endpoint(consumer, receiver.url)
+    hooks.endpoint(consumer, receiver.url, disabled=True)
+    hooks.endpoint(other, receiver.url)
+
+    created = hooks.publish(consumer)
+
+    assert [row.endpoint_id for row in hooks.deliveries()] == [enabled]
+    assert len(created) == 1
+    assert {row.consumer_id for row in hooks.deliveries()} == {consumer}
+
+
+def test_a_second_fan_out_of_the_same_message_creates_nothing(hooks, receiver):
+    consumer = hooks.consumer()
+    hooks.endpoint(consumer, receiver.url)
+    message = hooks.message(consumer)
+
+    first = hooks.fan_out(message)
+    hooks.endpoint(consumer, receiver.url)  # even an endpoint added since gets nothing from a repeat
+    second = hooks.fan_out(message)
+
+    assert len(first) == 1
+    assert second == []
+    assert [row.id for row in hooks.deliveries()] == first
+    assert hooks.messages()[0]["fanned_out"] is True
+
+
+def test_the_fan_out_task_enqueues_deliveries_whose_rows_are_committed(hooks, receiver, enqueued):
+    consumer = hooks.consumer()
+    hooks.endpoint(consumer, receiver.url)
+    hooks.endpoint(consumer, receiver.url, ["order.*"])
+    message = hooks.message(consumer)
+
+    # The task runs in an app context of its own, as in a worker. ``enqueued`` reads the rows
+    # through a connection of its own when they are handed over, and fails if they are not there.
+    assert fan_out_task(message) == 2
+    assert fan_out_task(message) == 0  # redelivered by the broker: safe to run twice
+
+    assert sorted(enqueued.deliveries) == sorted(row.id for row in hooks.deliveries())
+    assert len(enqueued.deliveries) == 2
+
+
+def test_a_message_whose_fan_out_was_lost_is_fanned_out_by_dispatch(hooks, receiver, enqueued, clock):
+    consumer = hooks.consumer()
+    endpoint = hooks.endpoint(consumer, receiver.url)
+    message = hooks.message(consumer)  # its fan-out message never reached a worker
+
+    assert hooks.dispatch()["fanned_out"] == 0  # not before WEBHOOK_REQUEUE_AFTER (5 s)
+    assert hooks.deliveries() == []
+    clock.advance(6)
+    counts = hooks.dispatch()
+
+    (row,) = hooks.deliveries()
+    assert (row.message_id, row.endpoint_id) == (message, endpoint)
+    assert counts["fanned_out"] == 1
+    assert enqueued.deliveries == [row.id]
+    assert hooks.dispatch()["fanned_out"] == 0
+
+
+# -- job events --------------------------------------------------------------------------------
+
+
+def _finished_job(hooks, consumer_id: str | None, status: str = "succeeded") -> str:
+    """A job row that has ended, with its outbox row, as the jobs worker writes them."""
+
+    def write() -> str:
+        now = utcnow()
+        job = Job(consumer_id=consumer_id, status=status, method="GET", path="/reports", query="", request_id="req-1", started_at=now, finished_at=now)
+        db.session.add(job)
+        db.session.flush()
+        record_event(job)
+        db.session.commit()
+        return job.id
+
+    return hooks.call(write)
+
+
+def _events(hooks) -> list[tuple[str, bool]]:
+    """Every job event as ``(job_id, published)``."""
+    return hooks.call(lambda: [(row.job_id, row.published_at is not None) for row in db.session.query(JobEvent).all()])
+
+
+def test_job_events_become_messages_fanned_out_to_endpoints_subscribed_to_job_events(hooks, receiver, enqueued):
+    consumer = hooks.consumer()
+    jobs_endpoint = hooks.endpoint(consumer, receiver.url, ["job.*"])
+    hooks.endpoint(consumer, receiver.url, ["order.*"])
+    succeeded = _finished_job(hooks, consumer, "succeeded")
+    failed = _finished_job(hooks, consumer, "failed")
+
+    assert hooks.call(webhooks.publish_job_events) == 2
+
+    messages = hooks.messages()
+    assert sorted((row["type"], row["data"]["id"], row["data"]["status"]) for row in messages) == [
+        ("job.failed", failed, "failed"),
+        ("job.succeeded", succeeded, "succeeded"),
+    ]
+    assert {row["consumer_id"] for row in messages} == {consumer}
+    assert all(row["data"]["request"] == {"method": "GET", "path": "/reports", "query": ""} for row in messages)
+    assert sorted(enqueued.messages) == sorted(row["id"] for row in messages)
+    assert _events(hooks) and all(published for _, published in _events(hooks))
+
+    for message_id in enqueued.messages:
+        hooks.fan_out(message_id)
+    rows = hooks.deliveries()
+    assert len(rows) == 2
+    assert {row.endpoint_id for row in rows} == {jobs_endpoint}
+
+
+def test_job_events_published_twice_make_one_message(hooks, receiver, enqueued):
+    consumer = hooks.consumer()
+    job = _finished_job(hooks, consumer)
+
+    assert hooks.call(webhooks.publish_job_events) == 1
+    assert hooks.call(webhooks.publish_job_events) == 0  # nothing left unpublished
+    # A publisher that stopped after writing the message but before marking the event (or a
+    # second beat) sees the event again: the message is keyed by the event id.
+    hooks.call(lambda: (db.session.query(JobEvent).update({"published_at": None}), db.session.commit()))
+    assert hooks.call(webhooks.publish_job_events) == 0
+
+    (message,) = hooks.messages()
+    assert message["data"]["id"] == job
+    assert enqueued.messages == [message["id"]]
+
+
+def test_an_anonymous_jobs_event_is_marked_published_without_a_message(hooks, enqueued):
+    job = _finished_job(hooks, None)
+
+    assert hooks.call(webhooks.publish_job_events) == 0
+
+    assert _events(hooks) == [(job, True)]
+    assert hooks.messages() == []
+    assert enqueued.messages == []
+
+
+def test_dispatch_publishes_job_events(hooks, receiver, enqueued):
+    consumer = hooks.consumer()
+    hooks.endpoint(consumer, receiver.url, ["job.succeeded"])
+    _finished_job(hooks, consumer)
+
+    assert hooks.dispatch()["published"] == 1
+    (message,) = hooks.messages("job.succeeded")
+    assert enqueued.messages == [message["id"]]
