@@ -93,7 +93,7 @@ def defaults(app: Flask) -> dict:
         # An attempt not recorded by then is taken as lost and retried; at least WEBHOOK_TIMEOUT + 6.
         "WEBHOOK_LEASE": 60.0,
         "WEBHOOK_REQUEUE_AFTER": 30.0,  # a due delivery or a message enqueued but not picked up by then is sent again
-        "WEBHOOK_DISPATCH_INTERVAL": 1.0,  # how often beat sends due retries
+        "WEBHOOK_DISPATCH_INTERVAL": 2.0,  # how often beat sends due retries and redoes lost work
         "WEBHOOK_SWEEP_INTERVAL": 3600.0,  # how often beat deletes old deliveries
         "WEBHOOK_RETENTION": 30 * 24 * 3600.0,  # finished deliveries, attempts and messages are kept this long
         "WEBHOOK_MAX_PAYLOAD": 256 * 1024,  # an event's data, as JSON

@@ -47,6 +47,7 @@ def celery_init_app(app: Flask) -> Celery:
         task_routes={
             "frontdoor.jobs.run": {"queue": "jobs"},
             "frontdoor.webhooks.fan_out": {"queue": "webhooks"},
+            "frontdoor.webhooks.publish_job_events": {"queue": "webhooks"},
             "frontdoor.webhooks.deliver": {"queue": "webhooks"},
         },
         task_annotations={

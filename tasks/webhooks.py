@@ -18,6 +18,12 @@ def fan_out_task(message_id: str) -> int:
     return len(created)
 
 
+@shared_task(name="frontdoor.webhooks.publish_job_events", acks_late=True, ignore_result=True)
+def publish_job_events_task() -> int:
+    """Publish the jobs' outbox as messages and send their fan-outs; return how many."""
+    return webhooks.publish_job_events()
+
+
 @shared_task(name="frontdoor.webhooks.deliver", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def deliver_task(delivery_id: str) -> str | None:
     """Make one attempt of delivery ``delivery_id`` if it is due; return the attempt's outcome."""

@@ -379,6 +379,10 @@ def cancel(job: Job) -> Job:
     db.session.refresh(job)
     record_event(job)
     db.session.commit()
+    if job.consumer_id is not None:
+        from app import webhooks
+
+        webhooks.publish_job_events_later()
     return job
 
 

@@ -18,6 +18,7 @@ from flask import current_app
 from sqlalchemy import and_, delete, exists, func, literal, or_, select, update
 from sqlalchemy.orm import undefer
 
+from app import webhooks
 from app.errors import ProblemError
 from app.extensions import db, lock_rows
 from app.jobs import Settings, enqueue, problem_json, record_event, settings
@@ -293,6 +294,8 @@ def _finish(
         )
     record_event(job)
     db.session.commit()
+    if job.consumer_id is not None:  # an anonymous job's event has no subscriber
+        webhooks.publish_job_events_later()
     return status
 
 

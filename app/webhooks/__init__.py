@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import undefer
 
 from app.errors import ProblemError
-from app.extensions import db, lock_rows
+from app.extensions import db
 from app.models import WebhookDelivery, WebhookEndpoint, WebhookMessage
 from app.models.base import isoformat, utcnow
 from app.models.webhooks import PENDING
@@ -375,32 +375,54 @@ def fan_out(message_id: str) -> list[str]:
 def publish_job_events(limit: int = 500) -> int:
     """Publish the jobs' outbox (``job_events`` rows not yet published) as messages, each
     keyed by its event id so that publishing twice records one message; return how many
-    messages were made. Anonymous jobs have no endpoints: their events are only marked."""
+    messages were made. Anonymous jobs have no endpoints: their events are only marked.
+
+    The rows are taken with one conditional write first (the transaction's first statement,
+    as SQLite needs), so two publishers running at once never take the same event.
+    """
     from app.models import JobEvent
 
-    query = select(JobEvent).where(JobEvent.published_at.is_(None)).order_by(JobEvent.created_at).limit(limit)
-    events = lock_rows(query)
-    made = []
     now = utcnow()
-    for event in events:
-        if event.consumer_id is not None:
-            digest = _digest(event.type, event.data)
-            if _by_event_id(event.consumer_id, event.id) is None:
-                message = WebhookMessage(
-                    consumer_id=event.consumer_id,
-                    event_id=event.id,
-                    type=event.type,
-                    data=event.data,
-                    payload_hash=digest,
-                    request_id=(event.data or {}).get("request_id"),
-                    created_at=event.created_at,
-                )
-                db.session.add(message)
-                made.append(message)
-        event.published_at = now
+    pending = select(JobEvent.id).where(JobEvent.published_at.is_(None)).order_by(JobEvent.created_at).limit(limit)
+    taken = list(
+        db.session.execute(
+            update(JobEvent)
+            .where(JobEvent.id.in_(pending.scalar_subquery()), JobEvent.published_at.is_(None))
+            .values(published_at=now)
+            .returning(JobEvent.id)
+        ).scalars()
+    )
+    made = []
+    if taken:
+        events = db.session.execute(select(JobEvent).where(JobEvent.id.in_(taken)).order_by(JobEvent.created_at)).scalars()
+        for event in events:
+            if event.consumer_id is None or _by_event_id(event.consumer_id, event.id) is not None:
+                continue
+            message = WebhookMessage(
+                consumer_id=event.consumer_id,
+                event_id=event.id,
+                type=event.type,
+                data=event.data,
+                payload_hash=_digest(event.type, event.data),
+                request_id=(event.data or {}).get("request_id"),
+                created_at=event.created_at,
+            )
+            db.session.add(message)
+            made.append(message)
     db.session.commit()
     fan_out_later([message.id for message in made])
     return len(made)
+
+
+def publish_job_events_later() -> None:
+    """Ask a worker to publish the jobs' outbox now (called after a commit that wrote a job
+    event), rather than at beat's next dispatch; a lost message only delays them until then."""
+    from tasks.webhooks import publish_job_events_task
+
+    try:
+        publish_job_events_task.apply_async(retry_policy={"max_retries": 1, "interval_start": 0.1})
+    except Exception:
+        log.warning("job event publish enqueue failed; the dispatcher will publish them", exc_info=True)
 
 
 def with_data(message_id: str) -> WebhookMessage | None:

@@ -127,3 +127,31 @@ def test_beat_dispatches_and_sweeps_webhooks_at_their_intervals(app):
     celery = app.extensions["celery"]
     for entry in celery.conf.beat_schedule.values():
         assert entry["task"] in celery.tasks
+
+
+@pytest.mark.parametrize("owned", [True, False])
+def test_a_job_event_is_published_as_soon_as_its_job_ends_not_at_the_next_dispatch(make_app, identity, owned):
+    from unittest import mock
+
+    from app import jobs
+    from app.models import Job, JobEvent, WebhookMessage
+
+    app = make_app()
+    consumer = identity.consumer() if owned else None
+    with app.app_context():
+        job = Job(consumer_id=consumer, status="notStarted", method="GET", path="/x", raw_path="/x")
+        db.session.add(job)
+        db.session.commit()
+        with mock.patch("tasks.webhooks.publish_job_events_task.apply_async") as send, mock.patch("app.webhooks.fan_out_later"):
+            jobs.cancel(job)
+            assert send.called is owned  # an anonymous job's event has nobody to go to
+            if owned:
+                # What the task does when a worker runs it: the event becomes a message at once.
+                app.extensions["celery"].tasks["frontdoor.webhooks.publish_job_events"].apply().get()
+        event = db.session.execute(select(JobEvent)).scalar_one()
+        messages = db.session.execute(select(WebhookMessage)).scalars().all()
+        if owned:
+            assert [(m.type, m.event_id, m.consumer_id) for m in messages] == [("job.canceled", event.id, consumer)]
+            assert event.published_at is not None
+        else:
+            assert messages == []
