@@ -133,7 +133,7 @@ def instance_key(instance_path: str) -> str:
             handle.write(Fernet.generate_key().decode())
         try:
             os.link(draft, path)
-            log.info("webhook secret key created", extra={"path": str(path)})
+            log.debug("webhook secret key created", extra={"path": str(path)})
         except FileExistsError:
             pass  # another process made it first: use that one
         except OSError:  # a filesystem without hard links: a rename, which cannot tell who won
