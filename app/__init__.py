@@ -5,7 +5,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import auth, config, errors, extensions, health, jobs, ratelimit, webhooks
-from app.gateway import request_id
+from app.gateway import fastpath, request_id
 from app.observability import logging as logs
 from app.observability import metrics
 
@@ -22,9 +22,6 @@ def create_app(test_config: dict | None = None) -> Flask:
     else:
         app.config.from_mapping(test_config)
     config.finalise(app)
-    hops = int(app.config["TRUSTED_PROXY_HOPS"])
-    if hops:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)
 
     logs.init_app(app)
     request_id.init_app(app)
@@ -46,4 +43,10 @@ def create_app(test_config: dict | None = None) -> Flask:
     from tasks import celery_init_app
 
     celery_init_app(app)
+    # Outermost first: ProxyFix sets the client's scheme, host and address that everything
+    # behind it sees, the cache fast path included (they are part of a cache key).
+    app.wsgi_app = fastpath.wrap(app, app.wsgi_app)
+    hops = int(app.config["TRUSTED_PROXY_HOPS"])
+    if hops:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)
     return app

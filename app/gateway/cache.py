@@ -177,6 +177,21 @@ def cache(
     return middleware
 
 
+def fresh_hit(
+    label: str, rules: CacheRules, store: CacheStore, key_prefix: str, req: GatewayRequest, clock: Callable[[], float] = time.time
+) -> GatewayResponse | None:
+    """The stored answer for ``req`` (GET or HEAD) when it is fresh and the client did not ask
+    to revalidate (``no-cache``), as the cache stage would answer it; else None. For the
+    fast path in front of the app (``app.gateway.fastpath``): what it answers is exactly a hit."""
+    if "no-cache" in directives(req.headers.get("Cache-Control")):
+        return None
+    _, entry = _lookup(store, base_key(key_prefix, label, req, rules.public), req.headers)
+    now = clock()
+    if entry is None or now - entry.stored_at >= entry.fresh_for:
+        return None
+    return _hit(entry, now, req)
+
+
 def _safe(action: Callable, default):
     try:
         return action()

@@ -1,0 +1,126 @@
+"""Cache fast path: a fresh public cache hit answered in front of the Flask app, before its hooks.
+
+Only where nothing the hooks do could change the answer: a GET or HEAD without a body or a
+credential, to a route with ``cache: {public: true}`` that an anonymous caller may use
+(``auth: none`` or ``optional``) and that no rate limit applies to for one. Everything else,
+and every miss, goes to the app as before; the answer and the access line are the ones the app
+would have given (tested side by side), so the fast path changes nothing but the cost.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from functools import partial
+
+from flask import Flask
+from werkzeug.exceptions import HTTPException
+from werkzeug.wsgi import ClosingIterator
+
+from app.gateway import Gateway, _raw_path, to_flask
+from app.gateway.cache import fresh_hit, route_key
+from app.gateway.pipeline import cache_rules
+from app.gateway.request_id import HEADER, accept_or_generate
+from app.gateway.router import has_dot_segment
+from app.gateway.types import GatewayRequest
+from app.observability.logging import access
+
+WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
+
+
+class CacheFastPath:
+    """WSGI middleware: ``lookups`` maps ``id(route)`` to that route's hit lookup (routes not
+    eligible are absent); anything it does not answer goes to ``wsgi_app``."""
+
+    def __init__(self, app: Flask, wsgi_app: WSGIApp, lookups: dict[int, Callable]):
+        self.app, self.wsgi_app, self.lookups = app, wsgi_app, lookups
+        self.gateway: Gateway = app.extensions["gateway"]
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if (
+            environ["REQUEST_METHOD"] not in ("GET", "HEAD")
+            or environ.get("CONTENT_LENGTH") not in (None, "", "0")
+            or "HTTP_TRANSFER_ENCODING" in environ
+            or "HTTP_AUTHORIZATION" in environ
+            or "HTTP_X_API_KEY" in environ
+        ):
+            return self.wsgi_app(environ, start_response)
+        started = time.perf_counter()
+        answer = self._hit(environ)
+        if answer is None:
+            return self.wsgi_app(environ, start_response)
+        response, route, request_id, method, path = answer
+        response.headers[HEADER] = request_id
+        fields = {
+            "request_id": request_id,
+            "method": method,
+            "path": path,
+            "route": route,
+            "consumer": None,
+            "target": None,
+            "status": response.status_code,
+            "upstream_ms": None,
+        }
+        return ClosingIterator(response(environ, start_response), partial(_log, fields, started))
+
+    def _hit(self, environ: dict):
+        """``(response, route label, request id, method, path)`` for a fresh hit, else None."""
+        client = self.app.request_class(environ)
+        path = client.path
+        gateway = self.gateway
+        if gateway.is_reserved(path) or has_dot_segment(path):
+            return None
+        raw_path = _raw_path(environ, path)
+        try:
+            match = gateway.router.match(client.method, path, raw_path, client.headers)
+        except HTTPException:
+            return None  # 404, 405: the app answers them
+        lookup = self.lookups.get(id(match.route))
+        if lookup is None:
+            return None
+        request_id = accept_or_generate(environ.get("HTTP_X_REQUEST_ID"))
+        req = GatewayRequest(
+            method=client.method,
+            path=path,
+            query=environ.get("QUERY_STRING", ""),
+            headers=client.headers,
+            scheme=client.scheme,
+            host=client.host,
+            route=match.route,
+            raw_path=raw_path,
+            request_id=request_id,
+        )
+        hit = lookup(req)
+        if hit is None:
+            return None
+        return to_flask(hit), match.route.label, request_id, client.method, path
+
+
+def _log(fields: dict, started: float) -> None:
+    # The access line the app writes, once the body has been sent.
+    fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
+    access.info("request", extra=fields)
+
+
+def wrap(app: Flask, wsgi_app: WSGIApp) -> WSGIApp:
+    """``wsgi_app`` behind the fast path, or as it is when no route qualifies.
+
+    A route qualifies with a public ``cache:``, ``auth: none`` or ``optional``, not async, and
+    no rate limit for an anonymous caller (its own ``rate_limit``, the ``anonymous`` plan or
+    RATELIMIT_DEFAULT).
+    """
+    gateway: Gateway = app.extensions["gateway"]
+    policies = app.extensions["ratelimit"]
+    settings = gateway.settings
+    lookups: dict[int, Callable] = {}
+    for route in gateway.route_file.routes:
+        rules = cache_rules(route.cache)
+        if (
+            rules is None
+            or not rules.public
+            or route.auth == "required"
+            or route.mode == "async"
+            or policies.choose(route, None)[1]
+        ):
+            continue
+        lookups[id(route)] = partial(fresh_hit, route_key(route.label, route.match_headers), rules, settings.cache_store, settings.key_prefix)
+    return CacheFastPath(app, wsgi_app, lookups) if lookups else wsgi_app
