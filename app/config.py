@@ -89,7 +89,9 @@ def defaults(app: Flask) -> dict:
         "WEBHOOK_MAX_RETRY_AFTER": 36000.0,  # the longest Retry-After (429/503) a retry waits
         "WEBHOOK_DISABLE_AFTER": 5 * 24 * 3600.0,  # an endpoint failing this long is disabled
         "WEBHOOK_SECRET_OVERLAP": 24 * 3600.0,  # after a rotation the old secret signs too, this long
-        "WEBHOOK_ENDPOINT_CONCURRENCY": 4,  # attempts in flight to one endpoint across all workers
+        # Attempts in flight to one endpoint across all workers; keep it below the worker's
+        # concurrency, so that one slow receiver never holds every worker process.
+        "WEBHOOK_ENDPOINT_CONCURRENCY": 2,
         # An attempt not recorded by then is taken as lost and retried; at least WEBHOOK_TIMEOUT + 6.
         "WEBHOOK_LEASE": 60.0,
         "WEBHOOK_REQUEUE_AFTER": 30.0,  # a due delivery or a message enqueued but not picked up by then is sent again

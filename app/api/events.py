@@ -40,7 +40,10 @@ def publish() -> tuple[Response, int, dict]:
     if data.type.startswith(webhooks.RESERVED_PREFIXES):
         raise invalid("type", f"types under {' and '.join(webhooks.RESERVED_PREFIXES)} are published by the gateway itself")
     limit = webhooks.settings().max_payload
-    size = len(json.dumps(data.data, separators=(",", ":"), ensure_ascii=False).encode())  # as deliveries send it
+    try:
+        size = len(json.dumps(data.data, separators=(",", ":"), ensure_ascii=False).encode())  # as deliveries send it
+    except UnicodeEncodeError:
+        raise invalid("data", "contains a lone surrogate (\\ud800-\\udfff), which UTF-8 cannot carry") from None
     if size > limit:
         raise invalid("data", f"{size} bytes as JSON exceeds the limit of {limit} bytes (WEBHOOK_MAX_PAYLOAD)")
     consumer_id = principal.consumer_id

@@ -10,7 +10,7 @@ from typing import Annotated
 
 from flask import Blueprint, g, jsonify, request, url_for
 from pydantic import AfterValidator, Field
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import undefer
 from werkzeug.wrappers import Response
 
@@ -33,6 +33,8 @@ from app.webhooks import delivery, secrets
 from app.webhooks.guard import UnsafeURL
 
 bp = Blueprint("webhooks", __name__)
+
+ATTEMPTS_SHOWN = 20  # a delivery lists its latest attempts (``attempt_count`` counts them all)
 
 
 def _event_types(values: list[str]) -> list[str]:
@@ -143,6 +145,8 @@ def update_endpoint(endpoint_id: str) -> Response:
 def delete_endpoint(endpoint_id: str) -> tuple[str, int]:
     """Delete the endpoint with its deliveries and their attempts (204)."""
     endpoint = _own(endpoint_id)
+    # The endpoint's row first, as a claim takes it: the same lock order, so no deadlock.
+    db.session.execute(update(WebhookEndpoint).where(WebhookEndpoint.id == endpoint.id).values(updated_at=utcnow()))
     ids = select(WebhookDelivery.id).where(WebhookDelivery.endpoint_id == endpoint.id)
     db.session.execute(delete(WebhookAttempt).where(WebhookAttempt.delivery_id.in_(ids)))
     db.session.execute(delete(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint.id))
@@ -171,9 +175,17 @@ def rotate_secret(endpoint_id: str) -> Response:
 @bp.post("/webhooks/endpoints/<endpoint_id>/test")
 def test_endpoint(endpoint_id: str) -> Response:
     """Send a ``webhook.test`` event to the endpoint now and answer with the attempt (200),
-    whether the receiver accepted it or not; a test is never retried."""
+    whether the receiver accepted it or not; a test is never retried. 409 with Retry-After
+    while the endpoint's WEBHOOK_ENDPOINT_CONCURRENCY attempts are all in flight."""
     endpoint = _own(endpoint_id)
-    row = delivery.send_test(endpoint, g.get("request_id"))
+    try:
+        row = delivery.send_test(endpoint, g.get("request_id"))
+    except delivery.EndpointBusy:
+        retry = str(int(webhooks.settings().timeout) + 1)
+        raise ConflictProblem(
+            f"Endpoint {endpoint_id} already has WEBHOOK_ENDPOINT_CONCURRENCY attempts in flight; try again shortly",
+            headers={"Retry-After": retry},
+        ) from None
     if row is None:  # the endpoint was deleted while the test was in flight
         raise found(None, "webhook endpoint", endpoint_id)
     return jsonify(delivery.attempt_json(row))
@@ -182,7 +194,7 @@ def test_endpoint(endpoint_id: str) -> Response:
 @bp.get("/webhooks/endpoints/<endpoint_id>/deliveries")
 def list_deliveries(endpoint_id: str) -> Response:
     """``{"data": [delivery, ...], "next_cursor": ...}``, newest first, each with its message
-    (id, type) and its attempts; ``?status=failed,pending`` filters."""
+    (id, type) and its latest 20 attempts, oldest first; ``?status=failed,pending`` filters."""
     endpoint = _own(endpoint_id)
     query = select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint.id)
     wanted = [status for status in request.args.get("status", "").split(",") if status]
@@ -201,8 +213,18 @@ def _with_attempts(rows: list[WebhookDelivery]) -> list[dict]:
     attempts: dict[str, list] = {row_id: [] for row_id in ids}
     messages = {}
     if ids:
+        # The latest ATTEMPTS_SHOWN of each: redeliveries add attempts without end.
+        ranked = (
+            select(
+                WebhookAttempt.id,
+                func.row_number().over(partition_by=WebhookAttempt.delivery_id, order_by=WebhookAttempt.number.desc()).label("rank"),
+            )
+            .where(WebhookAttempt.delivery_id.in_(ids))
+            .subquery()
+        )
+        latest = select(ranked.c.id).where(ranked.c.rank <= ATTEMPTS_SHOWN)
         for attempt in db.session.execute(
-            select(WebhookAttempt).where(WebhookAttempt.delivery_id.in_(ids)).order_by(WebhookAttempt.number)
+            select(WebhookAttempt).where(WebhookAttempt.id.in_(latest)).order_by(WebhookAttempt.number)
         ).scalars():
             attempts[attempt.delivery_id].append(attempt)
         messages = {

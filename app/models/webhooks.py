@@ -38,7 +38,8 @@ class WebhookEndpoint(db.Model):
 
     Secrets are Fernet tokens (``secret_encrypted``), never plain text. During a rotation the
     previous secret is kept until ``previous_secret_expires_at`` and deliveries carry both
-    signatures. ``failing_since`` is the first failed attempt since the last success.
+    signatures. ``failing_since`` is the first of a run of failed attempts with no success and
+    no long silence between them; ``last_failure_at`` the latest.
     """
 
     __tablename__ = "webhook_endpoints"
@@ -56,6 +57,7 @@ class WebhookEndpoint(db.Model):
     previous_secret_encrypted: Mapped[bytes | None] = deferred(mapped_column(LargeBinary))
     previous_secret_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     failing_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # Written by every claim of a delivery to this endpoint: the row lock serialises claims, so

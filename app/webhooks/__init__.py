@@ -233,7 +233,9 @@ def rotate_secret(endpoint: WebhookEndpoint, secret: str | None) -> str:
     for WEBHOOK_SECRET_OVERLAP seconds. Returns the new plain secret."""
     plain = secret or secrets.generate()
     now = utcnow()
-    endpoint.previous_secret_encrypted = endpoint.secret_encrypted
+    # Re-encrypted under the first key: a key rotation that passed this endpoint already
+    # must not leave its previous secret under a key about to be removed.
+    endpoint.previous_secret_encrypted = box().rotate(endpoint.secret_encrypted)
     endpoint.previous_secret_expires_at = now + timedelta(seconds=settings().secret_overlap)
     endpoint.secret_encrypted = box().encrypt(plain)
     endpoint.updated_at = now
@@ -278,6 +280,12 @@ def _digest(event_type: str, data: object) -> str:
     return hashlib.sha256(json.dumps([event_type, data], sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def new_message(consumer_id: str, event_type: str, data: object, **fields) -> WebhookMessage:
+    """A message row (not yet added to the session) with its payload hash; ``fields`` are the
+    other columns (``event_id``, ``request_id``, ``created_at``, ``fanned_out_at``)."""
+    return WebhookMessage(consumer_id=consumer_id, type=event_type, data=data, payload_hash=_digest(event_type, data), **fields)
+
+
 def record_message(consumer_id: str, event_type: str, data: object, event_id: str | None = None, request_id: str | None = None, fanned_out: bool = False) -> tuple[WebhookMessage, bool]:
     """Write a message and commit; return ``(message, created)``.
 
@@ -291,15 +299,8 @@ def record_message(consumer_id: str, event_type: str, data: object, event_id: st
         if earlier is not None:
             return _same(earlier, digest), False
     now = utcnow()
-    message = WebhookMessage(
-        consumer_id=consumer_id,
-        event_id=event_id,
-        type=event_type,
-        data=data,
-        payload_hash=digest,
-        request_id=request_id,
-        created_at=now,
-        fanned_out_at=now if fanned_out else None,
+    message = new_message(
+        consumer_id, event_type, data, event_id=event_id, request_id=request_id, created_at=now, fanned_out_at=now if fanned_out else None
     )
     db.session.add(message)
     try:
@@ -398,14 +399,8 @@ def publish_job_events(limit: int = 500) -> int:
         for event in events:
             if event.consumer_id is None or _by_event_id(event.consumer_id, event.id) is not None:
                 continue
-            message = WebhookMessage(
-                consumer_id=event.consumer_id,
-                event_id=event.id,
-                type=event.type,
-                data=event.data,
-                payload_hash=_digest(event.type, event.data),
-                request_id=(event.data or {}).get("request_id"),
-                created_at=event.created_at,
+            message = new_message(
+                event.consumer_id, event.type, event.data, event_id=event.id, request_id=(event.data or {}).get("request_id"), created_at=event.created_at
             )
             db.session.add(message)
             made.append(message)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 from flask import Flask
 from flask.cli import AppGroup
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import undefer
 
 from app import webhooks
@@ -39,13 +39,22 @@ def rotate_key(batch: int) -> None:
         )
         if not rows:
             break
-        for endpoint in rows:
-            endpoint.secret_encrypted = box.rotate(endpoint.secret_encrypted)
-            if endpoint.previous_secret_encrypted is not None:
-                endpoint.previous_secret_encrypted = box.rotate(endpoint.previous_secret_encrypted)
-        db.session.commit()
-        done += len(rows)
-        last = rows[-1].id
+        read = [(endpoint.id, endpoint.secret_encrypted, endpoint.previous_secret_encrypted) for endpoint in rows]
+        db.session.rollback()  # read without holding anything; each write below checks what it read
+        for endpoint_id, current, previous in read:
+            # Conditional on the tokens read: a secret rotated through the API meanwhile is
+            # already under the first key and is left as it is, never set back.
+            db.session.execute(
+                update(WebhookEndpoint)
+                .where(WebhookEndpoint.id == endpoint_id, WebhookEndpoint.secret_encrypted == current)
+                .values(
+                    secret_encrypted=box.rotate(current),
+                    previous_secret_encrypted=None if previous is None else box.rotate(previous),
+                )
+            )
+            db.session.commit()
+        done += len(read)
+        last = read[-1][0]
     click.echo(f"{done} endpoint secrets re-encrypted with the first key")
 
 

@@ -58,6 +58,21 @@ def _mine(claim: Claim):
     return and_(WebhookDelivery.id == claim.delivery_id, WebhookDelivery.status == SENDING, WebhookDelivery.attempts == claim.number)
 
 
+def _lock_endpoint(endpoint_id: str, now: datetime) -> None:
+    """Write the endpoint's row (``claimed_at``) as a transaction's first statement: it holds the
+    row's lock (Postgres) or the write lock (SQLite) until commit."""
+    db.session.execute(update(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_id).values(claimed_at=now))
+
+
+def _in_flight(endpoint_id: str, now: datetime) -> int:
+    """Attempts to the endpoint being made now (claimed, under a live lease)."""
+    return db.session.execute(
+        select(func.count())
+        .select_from(WebhookDelivery)
+        .where(WebhookDelivery.endpoint_id == endpoint_id, WebhookDelivery.status == SENDING, WebhookDelivery.lease_expires_at > now)
+    ).scalar_one()
+
+
 def claim(delivery_id: str, now: datetime | None = None) -> Claim | None:
     """Take the pending, due delivery ``delivery_id`` for one attempt; None when it is not
     pending or due, when its endpoint already has WEBHOOK_ENDPOINT_CONCURRENCY attempts in
@@ -69,9 +84,8 @@ def claim(delivery_id: str, now: datetime | None = None) -> Claim | None:
     db.session.rollback()  # the read above must not hold SQLite's read lock into the writes
     if endpoint_id is None:
         return None
-    # Written first: the endpoint's row lock (Postgres) or the write lock (SQLite) is held until
-    # commit, so concurrent claims for one endpoint count its attempts in flight one at a time.
-    db.session.execute(update(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_id).values(claimed_at=now))
+    # Written first: concurrent claims for one endpoint count its attempts in flight one at a time.
+    _lock_endpoint(endpoint_id, now)
     endpoint = db.session.get(WebhookEndpoint, endpoint_id, populate_existing=True)
     if endpoint is None:
         db.session.rollback()
@@ -84,12 +98,7 @@ def claim(delivery_id: str, now: datetime | None = None) -> Claim | None:
         )
         db.session.commit()
         return None
-    in_flight = db.session.execute(
-        select(func.count())
-        .select_from(WebhookDelivery)
-        .where(WebhookDelivery.endpoint_id == endpoint_id, WebhookDelivery.status == SENDING, WebhookDelivery.lease_expires_at > now)
-    ).scalar_one()
-    if in_flight >= config.endpoint_concurrency:
+    if _in_flight(endpoint_id, now) >= config.endpoint_concurrency:
         # Left pending and undispatched: the dispatcher (or the next attempt to end) sends it.
         db.session.execute(
             update(WebhookDelivery).where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == PENDING).values(dispatched_at=None)
@@ -151,6 +160,7 @@ def attempt(work: Claim) -> tuple[Result, str, str | None, str | None]:
         "webhook-signature": secrets.sign(signing, message_id, timestamp, body.decode()),
         "content-type": "application/json",
         "user-agent": USER_AGENT,
+        "accept-encoding": "identity",  # the excerpt is the body's first bytes as sent
     }
     return send(target, headers, body, config.timeout, config.verify), url, target.address, request_id
 
@@ -185,6 +195,9 @@ def record(work: Claim, result: Result, url: str, address: str | None, request_i
         values.update(status=FAILED, finished_at=now, next_attempt_at=None)
     else:
         values.update(status=PENDING, next_attempt_at=now + timedelta(seconds=delay), dispatched_at=None)
+    # The endpoint's row first, as claim() and an endpoint's deletion take it: one lock order
+    # everywhere, so Postgres never finds two of them waiting on each other.
+    _lock_endpoint(work.endpoint_id, now)
     if not db.session.execute(update(WebhookDelivery).where(_mine(work)).values(**values)).rowcount:
         db.session.rollback()
         log.info("webhook attempt not recorded: the claim was lost", extra={"delivery_id": work.delivery_id})
@@ -199,7 +212,7 @@ def record(work: Claim, result: Result, url: str, address: str | None, request_i
         status_code=result.status_code,
         succeeded=result.succeeded,
         duration_ms=result.duration_ms,
-        response_excerpt=result.excerpt,
+        response_excerpt=None if result.excerpt is None else result.excerpt.replace("\x00", "\ufffd"),  # Postgres text has no NUL
         error=result.error,
         request_id=request_id,
         created_at=now,
@@ -236,11 +249,18 @@ def _track_health(endpoint_id: str, result: Result, now: datetime, disable_after
             update(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_id, WebhookEndpoint.failing_since.is_not(None)).values(failing_since=None)
         )
         return None
+    # A run of failures is continuous: a silence longer than the longest retry gap (nothing
+    # was sent, so nothing failed) starts a new run rather than extending the old one.
+    silence = now - timedelta(seconds=_longest_gap())
     db.session.execute(
         update(WebhookEndpoint)
-        .where(WebhookEndpoint.id == endpoint_id, WebhookEndpoint.failing_since.is_(None))
+        .where(
+            WebhookEndpoint.id == endpoint_id,
+            or_(WebhookEndpoint.failing_since.is_(None), WebhookEndpoint.last_failure_at.is_(None), WebhookEndpoint.last_failure_at < silence),
+        )
         .values(failing_since=now)
     )
+    db.session.execute(update(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_id).values(last_failure_at=now))
     endpoint = db.session.get(WebhookEndpoint, endpoint_id, populate_existing=True)
     if endpoint is None or endpoint.disabled:
         return None
@@ -251,6 +271,13 @@ def _track_health(endpoint_id: str, result: Result, now: datetime, disable_after
     else:
         return None
     return disable(endpoint, reason, now)
+
+
+def _longest_gap() -> float:
+    """The longest a failing delivery waits between two tries (seconds): the longest retry
+    delay with its jitter, plus a dispatch interval and a lease for the try itself."""
+    config = webhooks.settings()
+    return max((*config.retry_schedule, 0.0)) * (1 + config.retry_jitter) + config.dispatch_interval + config.lease
 
 
 def disable(endpoint: WebhookEndpoint, reason: str, now: datetime) -> str | None:
@@ -271,13 +298,8 @@ def disable(endpoint: WebhookEndpoint, reason: str, now: datetime) -> str | None
         .values(status=FAILED, finished_at=now, next_attempt_at=None, last_error=f"endpoint disabled: {reason}"[:500])
     )
     data = {"endpoint_id": endpoint.id, "url": endpoint.url, "reason": reason, "failing_since": isoformat(endpoint.failing_since)}
-    message = WebhookMessage(
-        consumer_id=endpoint.consumer_id,
-        event_id=f"{endpoint.id}.disabled.{int(now.timestamp() * 1000)}",
-        type=webhooks.ENDPOINT_DISABLED,
-        data=data,
-        payload_hash=webhooks._digest(webhooks.ENDPOINT_DISABLED, data),
-        created_at=now,
+    message = webhooks.new_message(
+        endpoint.consumer_id, webhooks.ENDPOINT_DISABLED, data, event_id=f"{endpoint.id}.disabled.{int(now.timestamp() * 1000)}", created_at=now
     )
     db.session.add(message)
     db.session.flush()
@@ -382,15 +404,24 @@ def dispatch(limit: int = 500) -> dict[str, int]:
         if record(work, Result(None, 0, error=LOST), _url(work.endpoint_id), None, None) is not None:
             counts["lost"] += 1
 
-    due = lock_rows(
-        select(WebhookDelivery)
-        .where(
-            WebhookDelivery.status == PENDING,
-            WebhookDelivery.next_attempt_at <= now,
-            or_(WebhookDelivery.dispatched_at.is_(None), WebhookDelivery.dispatched_at <= now - timedelta(seconds=config.requeue_after)),
+    waiting = and_(
+        WebhookDelivery.status == PENDING,
+        WebhookDelivery.next_attempt_at <= now,
+        or_(WebhookDelivery.dispatched_at.is_(None), WebhookDelivery.dispatched_at <= now - timedelta(seconds=config.requeue_after)),
+    )
+    # At most an endpoint's cap of its own oldest: one endpoint's backlog never fills the
+    # batch and leaves every other endpoint's retries waiting behind it.
+    ranked = (
+        select(
+            WebhookDelivery.id,
+            func.row_number().over(partition_by=WebhookDelivery.endpoint_id, order_by=WebhookDelivery.next_attempt_at).label("rank"),
         )
-        .order_by(WebhookDelivery.next_attempt_at)
-        .limit(limit)
+        .where(waiting)
+        .subquery()
+    )
+    firsts = select(ranked.c.id).where(ranked.c.rank <= config.endpoint_concurrency)
+    due = lock_rows(
+        select(WebhookDelivery).where(WebhookDelivery.id.in_(firsts), waiting).order_by(WebhookDelivery.next_attempt_at).limit(limit)
     )
     busy = Counter(
         dict(
@@ -437,8 +468,12 @@ def sweep(limit: int = 1000) -> dict[str, int]:
         ).scalars()
     )
     if old:
-        db.session.execute(delete(WebhookAttempt).where(WebhookAttempt.delivery_id.in_(old)))
-        db.session.execute(delete(WebhookDelivery).where(WebhookDelivery.id.in_(old)))
+        # The conditions again: a delivery redelivered since it was read is no longer old.
+        still = select(WebhookDelivery.id).where(
+            WebhookDelivery.id.in_(old), WebhookDelivery.finished_at <= cutoff, WebhookDelivery.status.in_((SUCCEEDED, FAILED))
+        )
+        db.session.execute(delete(WebhookAttempt).where(WebhookAttempt.delivery_id.in_(still)))
+        db.session.execute(delete(WebhookDelivery).where(WebhookDelivery.id.in_(still)))
     messages = list(
         db.session.execute(
             select(WebhookMessage.id)
@@ -459,12 +494,27 @@ def sweep(limit: int = 1000) -> dict[str, int]:
 # -- what the API asks for ---------------------------------------------------------------------
 
 
+class EndpointBusy(Exception):
+    """The endpoint already has WEBHOOK_ENDPOINT_CONCURRENCY attempts in flight."""
+
+
 def send_test(endpoint: WebhookEndpoint, request_id: str | None) -> WebhookAttempt | None:
     """Send a ``webhook.test`` message to ``endpoint`` now, in this process, and return the
-    attempt (one try, never retried; disabled endpoints too, so a fix can be checked first)."""
+    attempt (one try, never retried; disabled endpoints too, so a fix can be checked first).
+
+    A test takes one of the endpoint's WEBHOOK_ENDPOINT_CONCURRENCY slots like any attempt:
+    raises EndpointBusy when none is free, so tests cannot pile up in the web process.
+    """
+    config = webhooks.settings()
     now = utcnow()
+    _lock_endpoint(endpoint.id, now)
+    if _in_flight(endpoint.id, now) >= config.endpoint_concurrency:
+        db.session.rollback()
+        raise EndpointBusy(endpoint.id)
     data = {"endpoint_id": endpoint.id, "message": "a test delivery from the gateway"}
-    message, _ = webhooks.record_message(endpoint.consumer_id, webhooks.TEST_EVENT, data, request_id=request_id, fanned_out=True)
+    message = webhooks.new_message(endpoint.consumer_id, webhooks.TEST_EVENT, data, request_id=request_id, created_at=now, fanned_out_at=now)
+    db.session.add(message)
+    db.session.flush()
     delivery = WebhookDelivery(
         message_id=message.id,
         endpoint_id=endpoint.id,
@@ -473,7 +523,7 @@ def send_test(endpoint: WebhookEndpoint, request_id: str | None) -> WebhookAttem
         trigger=TEST,
         attempts=1,
         tries=1,
-        lease_expires_at=now + timedelta(seconds=webhooks.settings().lease),
+        lease_expires_at=now + timedelta(seconds=config.lease),
         last_attempt_at=now,
         created_at=now,
     )

@@ -162,6 +162,12 @@ class Guard:
         host = (parts.hostname or "").rstrip(".")
         if not host:
             raise UnsafeURL("the URL has no host")
+        if not host.isascii():
+            # An internationalised name travels as its ASCII form (IDNA), in DNS, SNI and Host.
+            try:
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError as exc:
+                raise UnsafeURL(f"the host {host!r} is not a valid internationalised name: {exc}") from None
         if port == 0:
             raise UnsafeURL("the URL's port must be 1 to 65535")
         return parts.scheme, host, port or (443 if parts.scheme == "https" else 80)

@@ -135,7 +135,7 @@ def send(target: Target, headers: dict[str, str], body: bytes, timeout: float, v
     adapter = _PinnedAdapter(target.host, watched)
     # Sent through the adapter, not a Session: a Session reads a 3xx body whole looking for a
     # redirect even when told not to follow it, and brings the environment's proxies and .netrc.
-    prepared = requests.Request("POST", pinned, data=body, headers={**headers, "Host": parts.netloc}).prepare()
+    prepared = requests.Request("POST", pinned, data=body, headers={**headers, "Host": host_field(target)}).prepare()
     deadline = threading.Timer(timeout, watched.cut)
     deadline.daemon = True
     started = time.monotonic()
@@ -160,6 +160,14 @@ def send(target: Target, headers: dict[str, str], body: bytes, timeout: float, v
     # so the text is cut again, and a character cut at the end is dropped rather than replaced.
     excerpt = raw[:EXCERPT_BYTES].decode("utf-8", "replace").encode()[:EXCERPT_BYTES].decode("utf-8", "ignore")
     return Result(response.status_code, _ms(started), excerpt, None, retry_after)
+
+
+def host_field(target: Target) -> str:
+    """The ``Host`` value for ``target`` (RFC 9110 section 7.2): the URL's host in its ASCII
+    form, bracketed when an IPv6 literal, with the port unless it is the scheme's default."""
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    default = 443 if target.scheme == "https" else 80
+    return host if target.port == default else f"{host}:{target.port}"
 
 
 def _late(watched: _Watched, timeout: float) -> str | None:

@@ -31,6 +31,7 @@ def upgrade():
     sa.Column('previous_secret_encrypted', sa.LargeBinary(), nullable=True),
     sa.Column('previous_secret_expires_at', sa.DateTime(), nullable=True),
     sa.Column('failing_since', sa.DateTime(), nullable=True),
+    sa.Column('last_failure_at', sa.DateTime(), nullable=True),
     sa.Column('created_at', sa.DateTime(), nullable=False),
     sa.Column('updated_at', sa.DateTime(), nullable=False),
     sa.Column('claimed_at', sa.DateTime(), nullable=True),

@@ -151,11 +151,19 @@ def test_the_receiver_gets_the_body_and_headers_with_the_urls_host(receiver, res
     assert "receiver.test" not in resolved
 
 
-def test_the_host_header_is_the_urls_netloc_without_a_default_port(receiver):
-    """Target.port (what the guard resolved) is where the connection goes; Host is what the URL says."""
-    send(receiver.target("http://Receiver.Test/"), HEADERS, b"{}", timeout=5)
-    send(receiver.target("http://receiver.test"), HEADERS, b"{}", timeout=5)
-    assert [(seen.path, seen.headers["Host"]) for seen in receiver.seen] == [("/", "Receiver.Test"), ("/", "receiver.test")]
+def test_the_host_header_names_the_checked_host_with_its_port_unless_the_default():
+    from app.webhooks.guard import Guard
+    from app.webhooks.sender import host_field
+
+    def target(url: str) -> Target:
+        return Guard(allow_http=True, resolver=lambda host, port: ["93.184.215.14"]).check(url)
+
+    assert host_field(target("http://Receiver.Test/")) == "receiver.test"
+    assert host_field(target("https://receiver.test:443/")) == "receiver.test"
+    assert host_field(target("https://receiver.test:8443/")) == "receiver.test:8443"
+    assert host_field(target("http://receiver.test:443/")) == "receiver.test:443"
+    assert host_field(target("https://bücher.example/")) == "xn--bcher-kva.example"  # IDNA, as DNS and SNI see it
+    assert host_field(Target("https://[2606:4700::1]:8443/", "https", "2606:4700::1", 8443, "2606:4700::1")) == "[2606:4700::1]:8443"
 
 
 def test_an_ipv6_address_is_connected_to(receivers, resolved):
