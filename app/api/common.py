@@ -71,6 +71,16 @@ def found(row: object | None, what: str, ident: str) -> object:
     return row
 
 
+def with_status(query: Select, column, statuses: tuple[str, ...]) -> Select:
+    """``query`` filtered by ``?status=a,b`` (any of them) when given; raises BadRequest
+    naming a status that is not one of ``statuses``."""
+    wanted = [status for status in request.args.get("status", "").split(",") if status]
+    unknown = sorted(set(wanted) - set(statuses))
+    if unknown:
+        raise BadRequest(f"status {', '.join(unknown)} is not one of {', '.join(statuses)}")
+    return query.where(column.in_(wanted)) if wanted else query
+
+
 def _encode(created_at: datetime, ident: str) -> str:
     raw = json.dumps([created_at.isoformat(), ident]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")

@@ -22,7 +22,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.wrappers import Response
 
 from app import jobs, ratelimit
-from app.api.common import BadRequest, Schema, body, found, invalid, page
+from app.api.common import Schema, body, found, invalid, page, with_status
 from app.auth import current_principal, policy
 from app.extensions import db
 from app.gateway import Gateway
@@ -217,13 +217,7 @@ def index() -> Response:
     ``?status=running,notStarted`` filters by status."""
     principal = current_principal()
     assert principal is not None
-    query = select(Job).where(Job.consumer_id == principal.consumer_id)
-    wanted = [status for status in request.args.get("status", "").split(",") if status]
-    unknown = sorted(set(wanted) - set(STATUSES))
-    if unknown:
-        raise BadRequest(f"status {', '.join(unknown)} is not one of {', '.join(STATUSES)}")
-    if wanted:
-        query = query.where(Job.status.in_(wanted))
+    query = with_status(select(Job).where(Job.consumer_id == principal.consumer_id), Job.status, STATUSES)
     rows, next_cursor = page(query, Job, db.session)
     return jsonify(data=[jobs.job_json(row) for row in rows], next_cursor=next_cursor)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from flask import Blueprint, g, jsonify, request, url_for
+from flask import Blueprint, g, jsonify, url_for
 from pydantic import AfterValidator, Field
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import undefer
@@ -16,13 +16,13 @@ from werkzeug.wrappers import Response
 
 from app import webhooks
 from app.api.common import (
-    BadRequest,
     ConflictProblem,
     Schema,
     body,
     found,
     invalid,
     page,
+    with_status,
 )
 from app.auth import Principal, current_principal
 from app.extensions import db
@@ -197,12 +197,7 @@ def list_deliveries(endpoint_id: str) -> Response:
     (id, type) and its latest 20 attempts, oldest first; ``?status=failed,pending`` filters."""
     endpoint = _own(endpoint_id)
     query = select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint.id)
-    wanted = [status for status in request.args.get("status", "").split(",") if status]
-    unknown = sorted(set(wanted) - set(DELIVERY_STATUSES))
-    if unknown:
-        raise BadRequest(f"status {', '.join(unknown)} is not one of {', '.join(DELIVERY_STATUSES)}")
-    if wanted:
-        query = query.where(WebhookDelivery.status.in_(wanted))
+    query = with_status(query, WebhookDelivery.status, DELIVERY_STATUSES)
     rows, next_cursor = page(query, WebhookDelivery, db.session)
     return jsonify(data=_with_attempts(rows), next_cursor=next_cursor)
 

@@ -129,26 +129,6 @@ def start_gateway(tmp_path_factory):
         services.stop(process)
 
 
-@pytest.fixture
-def postgres_database(postgres_url):
-    """A database of this test's own, created on the server of ``postgres_url`` and dropped
-    afterwards (with any connection still open to it): yields its ``postgresql://`` URL."""
-    import uuid
-
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    admin = postgres_url.replace("postgresql+psycopg://", "postgresql://", 1).replace("postgres://", "postgresql://", 1)
-    name = f"frontdoor_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as connection:
-        connection.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(admin).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as connection:
-            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @dataclass
 class CountingUpstream:
     """An HTTP server in the test process that answers 200 to anything and keeps each request's

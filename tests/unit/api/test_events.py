@@ -33,16 +33,6 @@ def app(events_app):
     return events_app()
 
 
-@pytest.fixture
-def alice(identity) -> dict[str, str]:
-    return auth(identity.key(identity.consumer("alice")))
-
-
-@pytest.fixture
-def bob(identity) -> dict[str, str]:
-    return auth(identity.key(identity.consumer("bob")))
-
-
 @pytest.fixture(autouse=True)
 def fanned_out(monkeypatch) -> list[list[str]]:
     """The message ids of each fan-out the API asked for (instead of a Celery message)."""

@@ -135,16 +135,6 @@ def app(webhooks_app):
     return webhooks_app()
 
 
-@pytest.fixture
-def alice(identity) -> dict[str, str]:
-    return auth(identity.key(identity.consumer("alice")))
-
-
-@pytest.fixture
-def bob(identity) -> dict[str, str]:
-    return auth(identity.key(identity.consumer("bob")))
-
-
 @dataclass
 class Enqueued:
     """What would have gone to Celery: fan-out message ids and delivery ids, call by call."""
