@@ -11,7 +11,7 @@ WEB_CONCURRENCY ?= 1
 export FLASK_APP := app
 
 .DEFAULT_GOAL := help
-.PHONY: help install run migrate test test-fast lint bench bench-jobs bench-cache clean
+.PHONY: help install run migrate test test-fast lint bench bench-jobs bench-cache bench-webhooks clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,8 +27,12 @@ install: $(STAMP) ## create the virtualenv and install the gateway with its dev 
 migrate: $(STAMP) ## apply database migrations (SQLite under instance/ unless DATABASE_URL is set)
 	$(BIN)/flask db upgrade
 
+# The demo lets webhook receivers be http:// on this machine (httpbin plays one); the SSRF guard
+# refuses both by default.
 run: migrate ## start web, worker, beat and an httpbin demo upstream on the embedded default (port $(PORT))
-	HOST=127.0.0.1 WEB_CONCURRENCY=$(WEB_CONCURRENCY) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile.dev -p $(PORT)
+	HOST=127.0.0.1 WEB_CONCURRENCY=$(WEB_CONCURRENCY) PATH="$(CURDIR)/$(BIN):$$PATH" \
+	GATEWAY_WEBHOOK_ALLOW_HTTP=true GATEWAY_WEBHOOK_ALLOWED_NETWORKS='["127.0.0.0/8"]' \
+	$(BIN)/honcho start -f Procfile.dev -p $(PORT)
 
 test: $(STAMP) ## run the whole suite (integration tests included; they need Redis/Postgres or local binaries)
 	$(BIN)/pytest
@@ -47,6 +51,9 @@ bench-jobs: $(STAMP) ## async jobs benchmark: a mode: async route against celery
 
 bench-cache: $(STAMP) ## cache and aggregate benchmark: a cache hit against a Flask hello-world, three 50 ms backends merged (needs wrk; Redis optional)
 	$(BIN)/python bench/cache.py
+
+bench-webhooks: $(STAMP) ## webhook deliveries/s to a local receiver, one worker: the gateway against a naive requests.post task (needs Redis)
+	$(BIN)/python bench/webhooks.py
 
 clean: ## remove the virtualenv and local state
 	rm -rf $(VENV) instance .pytest_cache .coverage

@@ -321,7 +321,7 @@ def deliver(delivery_id: str) -> str | None:
         result, url, address, request_id = Result(None, int(soft * 1000), error=f"the attempt took longer than {soft:g} s"), _url(work.endpoint_id), None, None
     row = record(work, result, url, address, request_id)
     enqueue(_waiting(work.endpoint_id, limit=1))
-    return None if row is None else ("succeeded" if row.succeeded else "failed")
+    return None if row is None else ("succeeded" if result.succeeded else "failed")  # not row.succeeded: a re-read
 
 
 def _waiting(endpoint_id: str, limit: int) -> list[str]:
