@@ -204,7 +204,7 @@ def _lookup(store: CacheStore, base: str, headers: Headers) -> tuple[list[str], 
     """The Vary names stored for ``base`` and the entry for these request headers. One round
     trip for answers without Vary (most): the Vary record and the plain entry come together."""
     raw_vary, raw = _safe(lambda: store.get_many([base + "|vary", _variant(base, [], headers)]), [None, None])
-    vary = json.loads(raw_vary) if raw_vary else []
+    vary = json.loads(raw_vary) if raw_vary and raw_vary != b"[]" else []  # most answers vary on nothing
     if vary:
         raw = _safe(lambda: store.get(_variant(base, vary, headers)), None)
     return vary, (Entry.decode(raw) if raw else None)
@@ -241,14 +241,21 @@ def _age(entry: Entry, now: float) -> int:
 
 
 def _respond(entry: Entry, now: float, req: GatewayRequest, status: str) -> GatewayResponse:
-    headers = Headers(entry.headers)
-    headers["Age"] = str(_age(entry, now))  # RFC 9111 section 5.1
-    # The stored member of this cache is from when it was fetched: replace it with this one.
-    earlier = [part.strip() for value in headers.getlist("Cache-Status") for part in value.split(",")]
-    del headers["Cache-Status"]
-    _add_status(headers, ", ".join([*(p for p in earlier if p and not p.startswith(NAME + ";")), status]))
+    # One pass over the stored fields and one Headers built from them: this runs for every hit.
+    fields, earlier = [], []
+    for name, value in entry.headers:
+        lower = name.lower()
+        if lower == "cache-status":
+            earlier.extend(part.strip() for part in value.split(","))
+        elif lower != "age":
+            fields.append((name, value))
+    fields.append(("Age", str(_age(entry, now))))  # RFC 9111 section 5.1
+    # The stored member of this cache is from when it was fetched: replace it with this one,
+    # after any upstream cache's (RFC 9211 section 2).
+    members = [part for part in earlier if part and not part.startswith(NAME + ";")]
+    fields.append(("Cache-Status", ", ".join([*members, status])))
     body = [] if req.method == "HEAD" else [entry.body]
-    return GatewayResponse(status=entry.status, headers=headers, body=body)
+    return GatewayResponse(status=entry.status, headers=Headers(fields), body=body)
 
 
 def _hit(entry: Entry, now: float, req: GatewayRequest, collapsed: bool = False) -> GatewayResponse:

@@ -14,6 +14,7 @@ from functools import partial
 
 from flask import Flask
 from werkzeug.exceptions import HTTPException
+from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.wsgi import ClosingIterator
 
 from app.gateway import Gateway, _raw_path, to_flask
@@ -21,7 +22,7 @@ from app.gateway.cache import fresh_hit, route_key
 from app.gateway.pipeline import cache_rules
 from app.gateway.request_id import HEADER, accept_or_generate
 from app.gateway.router import has_dot_segment
-from app.gateway.types import GatewayRequest
+from app.gateway.types import GatewayRequest, GatewayResponse
 from app.observability.logging import access
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
@@ -50,17 +51,17 @@ class CacheFastPath:
             return self.wsgi_app(environ, start_response)
         response, route, request_id, method, path = answer
         response.headers[HEADER] = request_id
-        fields = {
+        log_fields = {
             "request_id": request_id,
             "method": method,
             "path": path,
             "route": route,
             "consumer": None,
             "target": None,
-            "status": response.status_code,
+            "status": response.status,
             "upstream_ms": None,
         }
-        return ClosingIterator(response(environ, start_response), partial(_log, fields, started))
+        return ClosingIterator(_send(response, environ, start_response), [response.close, partial(_log, log_fields, started)])
 
     def _hit(self, environ: dict):
         """``(response, route label, request id, method, path)`` for a fresh hit, else None."""
@@ -92,7 +93,20 @@ class CacheFastPath:
         hit = lookup(req)
         if hit is None:
             return None
-        return to_flask(hit), match.route.label, request_id, client.method, path
+        return hit, match.route.label, request_id, client.method, path
+
+
+def _send(response: GatewayResponse, environ: dict, start_response: Callable) -> Iterable[bytes]:
+    """Start ``response`` as werkzeug would for the app (``Response.get_wsgi_headers``): the
+    common case directly, the rest (1xx, 204, 304, Location fields to rewrite) through it."""
+    status, headers = response.status, response.headers
+    if status < 200 or status in (204, 304) or "Location" in headers or "Content-Location" in headers:
+        return to_flask(response)(environ, start_response)
+    fields = headers.to_wsgi_list()
+    if "Content-Length" not in headers:
+        fields.append(("Content-Length", str(sum(len(chunk) for chunk in response.body))))
+    start_response(f"{status} {HTTP_STATUS_CODES.get(status, 'unknown').upper()}", fields)
+    return response.body
 
 
 def _log(fields: dict, started: float) -> None:
