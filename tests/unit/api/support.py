@@ -19,3 +19,16 @@ def all_pages(client, url: str, headers: dict[str, str], limit: int) -> list[lis
         if cursor is None:
             return pages
         assert len(pages) < 50, "pagination does not end"
+
+
+def problem(response, status: int, field: str | None = None) -> dict:
+    """Assert ``response`` is a problem+json with ``status`` (naming ``field`` when given); return its body."""
+    assert response.status_code == status, response.data
+    assert response.headers["Content-Type"] == "application/problem+json"
+    body = response.json
+    assert body["status"] == status
+    assert body["title"] and body["detail"]
+    if field is not None:
+        assert [error["field"] for error in body["errors"]] == [field]
+        assert body["detail"].startswith(f"{field}: ")
+    return body

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from app import webhooks
 from app.extensions import db
 from app.models import WebhookMessage
-from tests.unit.api.support import auth
+from tests.unit.api.support import auth, problem
 
 EVENTS = "/_gateway/events"
 SECRET_KEYS = "frontdoor-test-webhook-secret-key-0123456"  # a passphrase of 40 characters
@@ -39,19 +39,6 @@ def fanned_out(monkeypatch) -> list[list[str]]:
     calls: list[list[str]] = []
     monkeypatch.setattr(webhooks, "fan_out_later", lambda ids: calls.append(list(ids)))
     return calls
-
-
-def problem(response, status: int, field: str | None = None) -> dict:
-    """Assert ``response`` is a problem+json with ``status`` (naming ``field`` when given); return its body."""
-    assert response.status_code == status, response.data
-    assert response.headers["Content-Type"] == "application/problem+json"
-    body = response.json
-    assert body["status"] == status
-    assert body["title"] and body["detail"]
-    if field is not None:
-        assert [error["field"] for error in body["errors"]] == [field]
-        assert body["detail"].startswith(f"{field}: ")
-    return body
 
 
 def messages(app, consumer: str | None = None) -> list[tuple[str, str, str | None]]:

@@ -23,7 +23,7 @@ from app.models import WebhookEndpoint, WebhookMessage
 from app.observability.logging import JSONFormatter
 from app.webhooks import delivery
 from tests.factories import Identity
-from tests.unit.api.support import all_pages, auth
+from tests.unit.api.support import all_pages, auth, problem
 
 ENDPOINTS = "/_gateway/webhooks/endpoints"
 DELIVERIES = "/_gateway/webhooks/deliveries"
@@ -155,19 +155,6 @@ def enqueued(monkeypatch) -> Enqueued:
 
     monkeypatch.setattr(delivery, "enqueue", enqueue)
     return calls
-
-
-def problem(response, status: int, field: str | None = None) -> dict:
-    """Assert ``response`` is a problem+json with ``status`` (naming ``field`` when given); return its body."""
-    assert response.status_code == status, response.data
-    assert response.headers["Content-Type"] == "application/problem+json"
-    body = response.json
-    assert body["status"] == status
-    assert body["title"] and body["detail"]
-    if field is not None:
-        assert [error["field"] for error in body["errors"]] == [field]
-        assert body["detail"].startswith(f"{field}: ")
-    return body
 
 
 def create(client, headers: dict[str, str], url: str, **fields: object) -> dict:
