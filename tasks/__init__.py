@@ -1,6 +1,7 @@
 """Celery wiring: ``celery_init_app`` binds a Celery app whose tasks run inside the Flask app context."""
 from __future__ import annotations
 
+import logging
 import time
 
 from celery import Celery, Task
@@ -78,6 +79,24 @@ def celery_init_app(app: Flask) -> Celery:
     import tasks.webhooks  # noqa: F401
 
     return celery_app
+
+
+# A broker that blips gets two more tries, 0.1 then 0.3 s later, before a send counts as failed.
+SEND_RETRY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2}
+
+
+def send_each(task: Task, ids: list[str], what: str) -> list[str]:
+    """Send one ``task`` message per id (its only argument); return the ids whose message
+    could not be sent, each logged as ``{what} enqueue failed``. Rows name their own work, so
+    the caller marks those for beat to send again rather than losing them."""
+    failed = []
+    for ident in ids:
+        try:
+            task.apply_async((ident,), retry_policy=SEND_RETRY)
+        except Exception:
+            logging.getLogger("frontdoor.tasks").warning("%s enqueue failed; beat will send it again", what, extra={"id": ident}, exc_info=True)
+            failed.append(ident)
+    return failed
 
 
 def declare_embedded_queues(celery_app: Celery, attempts: int = 5) -> None:

@@ -290,15 +290,10 @@ def enqueue(job_ids: list[str]) -> list[str]:
 
     Those are marked as never enqueued, so the sweeper sends them on its next pass.
     """
+    from tasks import send_each
     from tasks.jobs import run_job
 
-    failed = []
-    for job_id in job_ids:
-        try:
-            run_job.apply_async((job_id,), retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2})
-        except Exception:
-            log.warning("job enqueue failed; the sweeper will retry", extra={"job_id": job_id}, exc_info=True)
-            failed.append(job_id)
+    failed = send_each(run_job, job_ids, "job")
     if failed:
         db.session.execute(update(Job).where(Job.id.in_(failed), Job.status == NOT_STARTED).values(enqueued_at=None))
         db.session.commit()

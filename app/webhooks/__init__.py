@@ -328,13 +328,10 @@ def _same(earlier: WebhookMessage, digest: str) -> WebhookMessage:
 
 def fan_out_later(message_ids: list[str]) -> None:
     """Send a fan-out message per message id; a lost one is redone by the dispatcher."""
+    from tasks import send_each
     from tasks.webhooks import fan_out_task
 
-    for message_id in message_ids:
-        try:
-            fan_out_task.apply_async((message_id,), retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2})
-        except Exception:
-            log.warning("fan-out enqueue failed; the dispatcher will retry", extra={"message_id": message_id}, exc_info=True)
+    send_each(fan_out_task, message_ids, "fan-out")
 
 
 def fan_out(message_id: str) -> list[str]:

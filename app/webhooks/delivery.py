@@ -353,15 +353,10 @@ def _waiting(endpoint_id: str, limit: int) -> list[str]:
 def enqueue(delivery_ids: list[str]) -> list[str]:
     """Send a ``deliver`` message per delivery; return the ids whose message could not be sent
     (marked undispatched, so the dispatcher sends them on its next pass)."""
+    from tasks import send_each
     from tasks.webhooks import deliver_task
 
-    failed = []
-    for delivery_id in delivery_ids:
-        try:
-            deliver_task.apply_async((delivery_id,), retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2})
-        except Exception:
-            log.warning("delivery enqueue failed; the dispatcher will retry", extra={"delivery_id": delivery_id}, exc_info=True)
-            failed.append(delivery_id)
+    failed = send_each(deliver_task, delivery_ids, "delivery")
     if failed:
         db.session.execute(
             update(WebhookDelivery).where(WebhookDelivery.id.in_(failed), WebhookDelivery.status == PENDING).values(dispatched_at=None)
