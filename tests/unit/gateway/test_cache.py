@@ -488,23 +488,24 @@ def test_a_store_that_fails_adds_no_wait():
 
 
 class CountingLocks(MemoryStore):
-    """A MemoryStore that counts lock attempts, so a test knows when every request has asked."""
+    """A MemoryStore that counts the threads that have asked for a lock, so a test knows when
+    every request has asked (a waiting request asks again while it polls: threads, not calls)."""
 
     def __init__(self, max_bytes: int):
         super().__init__(max_bytes)
-        self.attempts = 0
+        self.askers: set[int] = set()
         self.counted = threading.Condition()
 
     def lock(self, key: str, ttl: float) -> bool:
         taken = super().lock(key, ttl)
         with self.counted:
-            self.attempts += 1
+            self.askers.add(threading.get_ident())
             self.counted.notify_all()
         return taken
 
-    def wait_for(self, attempts: int, timeout: float = 5.0) -> None:
+    def wait_for(self, askers: int, timeout: float = 5.0) -> None:
         with self.counted:
-            assert self.counted.wait_for(lambda: self.attempts >= attempts, timeout), f"{self.attempts} lock attempts"
+            assert self.counted.wait_for(lambda: len(self.askers) >= askers, timeout), f"{len(self.askers)} requests asked for a lock"
 
 
 def run_together(handle, count: int) -> tuple[list[threading.Thread], list]:
