@@ -15,6 +15,9 @@ from app.gateway.cachestore import MemoryStore, RedisStore
 from app.gateway.router import Router, has_dot_segment
 from app.gateway.types import GatewayRequest, GatewayResponse, Handler
 
+# The environ key of a route match the cache fast path made (a server never sets it, and a
+# client's headers arrive as HTTP_* keys, so none can forge it).
+MATCHED = "frontdoor.match"
 # Every method a client may proxy; TRACE and CONNECT are not forwarded.
 PROXIED_METHODS = list(routefile.METHODS)
 
@@ -85,7 +88,9 @@ def route_request() -> None:
         raise BadRequest("The path must not contain '.' or '..' segments")
     ctx = g._get_current_object()
     ctx.raw_path = raw_path = _raw_path(client.environ, path)
-    ctx.match = match = gateway.router.match(client.method, path, raw_path, client.headers)
+    # The cache fast path may have matched this request already (same environ, same request).
+    match = client.environ.get(MATCHED) or gateway.router.match(client.method, path, raw_path, client.headers)
+    ctx.match = match
     ctx.route = match.route.label
 
 

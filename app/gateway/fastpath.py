@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.wsgi import ClosingIterator
 
-from app.gateway import Gateway, _raw_path, to_flask
+from app.gateway import MATCHED, Gateway, _raw_path, to_flask
 from app.gateway.cache import fresh_hit, route_key
 from app.gateway.pipeline import cache_rules
 from app.gateway.request_id import HEADER, accept_or_generate
@@ -75,6 +75,7 @@ class CacheFastPath:
             match = gateway.router.match(client.method, path, raw_path, client.headers)
         except HTTPException:
             return None  # 404, 405: the app answers them
+        environ[MATCHED] = match  # a miss goes on to the app, which need not match it again
         lookup = self.lookups.get(id(match.route))
         if lookup is None:
             return None

@@ -160,3 +160,17 @@ def test_behind_trusted_proxies_the_forwarded_host_keys_the_hit(gateway):
     assert "hit" in same.headers["Cache-Status"]
     body = json.loads(same.data)
     assert body["headers"]["X-Forwarded-Host"] == "one.example"
+
+
+def test_a_miss_is_matched_to_its_route_once_not_again_by_the_app(gateway, monkeypatch):
+    app, client = gateway()
+    router = app.extensions["gateway"].router
+    matched = []
+    original = router.match
+    monkeypatch.setattr(router, "match", lambda *args: matched.append(args[1]) or original(*args))
+
+    miss = client.get("/public/anything/once")
+    hit = client.get("/public/anything/once")
+
+    assert "fwd=miss" in miss.headers["Cache-Status"] and "hit" in hit.headers["Cache-Status"]
+    assert matched == ["/public/anything/once", "/public/anything/once"]  # one match per request
