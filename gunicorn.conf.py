@@ -34,7 +34,8 @@ def on_starting(server):
 
 
 def post_worker_init(worker):
-    """Move what the app built at start-up out of the cyclic GC's sight, and collect less often.
+    """Move what the app built at start-up out of the cyclic GC's sight, and collect less often;
+    write log lines from a thread of their own.
 
     A proxy allocates many short-lived objects per request; with the default threshold (700)
     the young generation is collected every few requests, each time walking objects that live
@@ -44,3 +45,14 @@ def post_worker_init(worker):
 
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
+    # Every request writes an access line: format and write them in a thread of their own.
+    from app.observability import logging as gateway_logging
+
+    gateway_logging.write_in_background()
+
+
+def worker_exit(server, worker):
+    """Write the log lines still queued before the worker goes."""
+    from app.observability import logging as gateway_logging
+
+    gateway_logging.stop_background()

@@ -270,6 +270,40 @@ def test_a_100_mb_upload_streams_without_being_held_in_memory(gateway):
     assert watch.growth_mib < 40, f"a worker grew by {watch.growth_mib:.0f} MiB"
 
 
+def test_every_access_line_is_written_when_the_workers_stop_under_load(start_gateway, routes, shared):
+    # The workers write their log lines from a thread of their own; a graceful stop must not
+    # lose the lines still queued. 16 clients keep sending until SIGTERM stops the gateway:
+    # every request answered has its line.
+    gateway = start_gateway(routes, workers=2, **shared)
+    answered: list[str] = []
+    stopping = threading.Event()
+
+    def client(n: int) -> None:
+        with requests.Session() as session:
+            for k in range(10_000):
+                request_id = f"burst-{n}-{k}"
+                try:
+                    response = session.get(f"{gateway.url}/healthz", headers={"X-Request-ID": request_id}, timeout=5)
+                except requests.RequestException:
+                    if stopping.is_set():
+                        return
+                    raise
+                if response.status_code == 200:
+                    answered.append(request_id)
+
+    with ThreadPoolExecutor(16) as pool:
+        clients = [pool.submit(client, n) for n in range(16)]
+        time.sleep(1.0)
+        stopping.set()
+        assert services.stop(gateway.process) == 0
+        for done in clients:
+            done.result()
+
+    logged = [line["request_id"] for line in gateway.log_lines() if line.get("request_id", "").startswith("burst-")]
+    assert len(answered) > 100
+    assert set(answered) <= set(logged) and len(logged) == len(set(logged))
+
+
 def test_breaker_state_is_shared_by_workers_and_gateways_and_closes_after_a_probe(gateway, second_gateway):
     for _ in range(3):  # fail_max: 3 consecutive failure statuses open the breaker
         assert requests.get(f"{gateway.url}/breakable/status/503").status_code == 503
