@@ -1,7 +1,9 @@
 """Request id: a sane client X-Request-ID is kept, anything else replaced, and it is echoed back."""
 from __future__ import annotations
 
+import os
 import re
+import uuid
 
 import pytest
 from flask import Flask, g
@@ -89,3 +91,25 @@ def test_each_request_gets_its_own_id(app):
     ids = {client.get("/echo").headers["X-Request-ID"] for _ in range(3)}
 
     assert len(ids) == 3
+
+
+def test_a_generated_id_is_a_version_4_uuid():
+    for _ in range(100):
+        generated = uuid.UUID(hex=accept_or_generate(None))
+        assert generated.version == 4 and generated.variant == uuid.RFC_4122
+
+
+def test_a_forked_worker_makes_ids_of_its_own():
+    # gunicorn forks its workers from one master: their ids must not repeat each other's.
+    accept_or_generate(None)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, then out without running pytest's teardown
+        os.write(write_end, " ".join(accept_or_generate(None) for _ in range(5)).encode())
+        os._exit(0)
+    os.close(write_end)
+    ours = [accept_or_generate(None) for _ in range(5)]
+    with os.fdopen(read_end) as pipe:
+        theirs = pipe.read().split()
+    os.waitpid(pid, 0)
+    assert len(theirs) == 5 and not set(theirs) & set(ours)
