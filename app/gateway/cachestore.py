@@ -65,7 +65,10 @@ class CacheStore(Protocol):
 
 
 class MemoryStore:
-    """An LRU of at most ``max_bytes`` bytes of values, per process (the embedded default)."""
+    """An LRU of at most ``max_bytes`` bytes of values, per process (the embedded default).
+
+    Thread-safe for gthread workers: writes hold a mutex, reads do not (each OrderedDict
+    operation they make is atomic under CPython's GIL)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -75,16 +78,23 @@ class MemoryStore:
         self._mutex = threading.Lock()
 
     def get(self, key: str) -> bytes | None:
-        with self._mutex:
-            found = self._entries.get(key)
-            if found is None:
-                return None
-            value, expires = found
-            if expires <= time.time():
-                self._drop(key)
-                return None
+        # Without the mutex: OrderedDict's get and move_to_end are each atomic under the GIL,
+        # and a hit is the hot path. With many request threads a lock here convoys (a thread
+        # holding it is switched out and the others block on it): bench/README.md.
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        value, expires = found
+        if expires <= time.time():
+            with self._mutex:
+                if self._entries.get(key) is found:
+                    self._drop(key)
+            return None
+        try:
             self._entries.move_to_end(key)
-            return value
+        except KeyError:  # dropped by another thread since: the value read is still the answer
+            pass
+        return value
 
     def get_many(self, keys: list[str]) -> list[bytes | None]:
         return [self.get(key) for key in keys]
@@ -97,8 +107,9 @@ class MemoryStore:
                 self._drop(key)
             self._entries[key] = (value, time.time() + ttl)
             self.size += len(value)
-            while self.size > self.max_bytes:
-                self._drop(next(iter(self._entries)))
+            while self.size > self.max_bytes:  # the least recently used go first
+                _, (dropped, _) = self._entries.popitem(last=False)
+                self.size -= len(dropped)
         return True
 
     def _drop(self, key: str) -> None:
@@ -119,7 +130,8 @@ class MemoryStore:
 
     def delete(self, pattern: str) -> int:
         with self._mutex:
-            doomed = [key for key in self._entries if fnmatch.fnmatchcase(key, pattern)]
+            # A snapshot of the keys (one C call): ``get`` reorders them without the mutex.
+            doomed = [key for key in list(self._entries) if fnmatch.fnmatchcase(key, pattern)]
             for key in doomed:
                 self._drop(key)
             return len(doomed)

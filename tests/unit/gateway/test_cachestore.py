@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import fnmatch
+import sys
+import threading
 import time
 
 import pytest
@@ -276,3 +278,58 @@ def test_redis_delete_counts_every_key_across_scan_batches(redis_store):
     assert store.delete(f"{prefix}:cache:r:*") == 1_234
     assert list(client.scan_iter(f"{prefix}:cache:r:*")) == []
     assert store.get(f"{prefix}:cache:other:GET:/keep?:anonymous|") == b"x"
+
+
+def test_memory_stays_consistent_under_many_threads_reading_writing_and_deleting():
+    # Reads take no lock: threads switched every few microseconds interleave them with the
+    # writers' eviction and the purge's scan. None may raise, the bytes counted must be the
+    # bytes kept, and every value read must be one that was written under its key.
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    store = MemoryStore(4096)
+    keys = [f"k{i}" for i in range(40)]
+    failures: list[BaseException] = []
+    wrong: list[tuple[str, bytes]] = []
+    stop = time.monotonic() + 1.0
+
+    def reader() -> None:
+        while time.monotonic() < stop:
+            for key in keys:
+                value = store.get(key)
+                if value is not None and not value.startswith(key.encode() + b"="):
+                    wrong.append((key, value))
+
+    def writer(seed: int) -> None:
+        n = seed
+        while time.monotonic() < stop:
+            n += 1
+            key = keys[n % len(keys)]
+            store.set(key, f"{key}=".encode() + b"x" * (n % 300), ttl=0.001 if n % 7 == 0 else 60)
+
+    def purger() -> None:
+        while time.monotonic() < stop:
+            store.delete("k1*")
+            time.sleep(0.001)
+
+    def guarded(work, *args):
+        def run():
+            try:
+                work(*args)
+            except BaseException as exc:  # noqa: BLE001 (collected for the assertion below)
+                failures.append(exc)
+        return threading.Thread(target=run)
+
+    threads = [guarded(reader) for _ in range(4)] + [guarded(writer, s) for s in range(3)] + [guarded(purger)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(previous)
+
+    assert failures == [] and wrong == []
+    assert store.size <= store.max_bytes
+    store.delete("*")
+    assert store.size == 0  # what was counted was exactly what was kept
+    assert store.set("whole", b"x" * store.max_bytes, ttl=60) and store.get("whole") == b"x" * store.max_bytes
