@@ -1,6 +1,8 @@
 """Where a cache hit's time goes, in one process: CPU per request of the Flask hello-world, the
 gateway's /healthz, and a hit on a ``cache: {ttl: 600, public: true}`` route, whole and with
-pieces left out; and wall time per request of each before/after/teardown hook and of the view.
+pieces left out, and alone and in ``--threads`` threads at once; with ``--redis`` also the
+store's MGET through redis-py and over a plain socket; and wall time per request of each
+before/after/teardown hook and of the view.
 
 Each app is called as a WSGI callable with a prebuilt environ (no server, no socket), so the
 numbers leave out what gunicorn adds per request. Best of five batches of ``--requests``.
@@ -18,6 +20,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -82,6 +85,44 @@ def cpu_us(fn, n: int) -> float:
     return best
 
 
+def threaded_cpu_us(fn, n: int, threads: int) -> float:
+    """CPU microseconds of the whole process per call of ``fn`` when ``threads`` threads call it
+    ``n`` times each at once, as a gthread worker's threads do: the best of three rounds."""
+    def work() -> None:
+        for _ in range(n):
+            fn()
+
+    best = float("inf")
+    for _ in range(3):
+        pool = [threading.Thread(target=work) for _ in range(threads)]
+        started = time.process_time()
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join()
+        best = min(best, (time.process_time() - started) / (n * threads) * 1e6)
+    return best
+
+
+def raw_mget(redis_url: str, keys: list[str]):
+    """The MGET the Redis store sends, written and read over a plain socket (RESP by hand): the
+    round trip without the client library, to tell the library's cost from the exchange's."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(redis_url)
+    sock = socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    words = [b"MGET", *(key.encode() for key in keys)]
+    command = b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(word), word) for word in words)
+    buffer = bytearray(1 << 16)
+
+    def mget() -> None:
+        sock.sendall(command)
+        sock.recv_into(buffer)  # the answer is small: one read holds it
+
+    return mget, sock
+
+
 def hook_name(fn) -> str:
     """``module.qualname`` of a hook, through a functools.partial."""
     inner = getattr(fn, "func", fn)
@@ -135,6 +176,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=4000, help="requests per batch (default 4000)")
     parser.add_argument("--redis", action="store_true", help="the Redis store instead of the in-process LRU")
+    parser.add_argument("--threads", type=int, default=8, help="threads for the rows run concurrently (default 8, as WEB_THREADS)")
     args = parser.parse_args()
     n = args.requests
 
@@ -155,6 +197,7 @@ def main() -> int:
     )
     os.environ.pop("GATEWAY_REDIS_URL", None)
     from app import create_app
+    from app.observability import logging as gateway_logging
 
     app = create_app()
     devnull = open(os.devnull, "w")  # noqa: SIM115 - open for the whole run
@@ -199,11 +242,24 @@ def main() -> int:
             ("    store.get of the |vary key and of the entry", cpu_us(lambda: (store.get(vary_key), store.get(entry_key)), n)),
             ("    Entry.decode", cpu_us(lambda: Entry.decode(raw), n)),
         ]
+        if args.redis:
+            mget, sock = raw_mget(redis_url, [vary_key, entry_key])
+            rows.append(("    redis-py MGET of both keys, as the cache's lookup", cpu_us(lambda: store.get_many([vary_key, entry_key]), n)))
+            rows.append(("    the same MGET over a plain socket", cpu_us(mget, n)))
+            sock.close()
         access = logging.getLogger("frontdoor.access")
         level = access.level
         access.setLevel(logging.WARNING)
         rows.append(("gateway cache hit, access log off", cpu_us(lambda: call(app, "/cached"), n)))
         access.setLevel(level)
+        # What the web workers do (gunicorn.conf.py): log lines written from a thread of their own.
+        gateway_logging.write_in_background()
+        threads = args.threads
+        rows += [
+            (f"Flask hello-world, {threads} threads at once", threaded_cpu_us(lambda: call(cache_hello.app, "/"), n // threads, threads)),
+            (f"gateway cache hit, whole, {threads} threads at once", threaded_cpu_us(lambda: call(app, "/cached"), n // threads, threads)),
+        ]
+        gateway_logging.stop_background()
         hooks = hook_times(app, n)
     finally:
         upstream.shutdown()
@@ -217,6 +273,8 @@ def main() -> int:
     print("wall time per cache hit in each request hook and the view:")
     for value, name in hooks:
         print(f"  {value:8.1f} us  {name}")
+    if not hooks:
+        print("  none: the hit is answered in front of the app (app/gateway/fastpath.py)")
     return 0
 
 
