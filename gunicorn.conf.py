@@ -1,6 +1,17 @@
 """gunicorn settings for the gateway, from the environment the platform sets (Heroku-style)."""
 import os
 import sys
+import tempfile
+
+# prometheus-client's multiprocess mode: every worker writes its metrics to files in this
+# directory and /metrics adds them up. Set here, before anything imports prometheus_client
+# (which picks file-backed values when it is imported). A directory given in the environment
+# is used as it is (whoever sets it empties it first; Heroku dynos start with a fresh disk).
+_own_metrics_dir = None
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+else:
+    _own_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="frontdoor-metrics-web-")
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
 worker_class = "gthread"
@@ -45,14 +56,33 @@ def post_worker_init(worker):
 
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
-    # Every request writes an access line: format and write them in a thread of their own.
+    # Every request writes an access line and updates metrics: both from threads of their own.
     from app.observability import logging as gateway_logging
+    from app.observability import metrics
 
     gateway_logging.write_in_background()
+    metrics.update_in_background()
 
 
 def worker_exit(server, worker):
-    """Write the log lines still queued before the worker goes."""
+    """Apply the metric updates and write the log lines still queued before the worker goes."""
     from app.observability import logging as gateway_logging
+    from app.observability import metrics
 
+    metrics.stop_background()
     gateway_logging.stop_background()
+
+
+def child_exit(server, worker):
+    """A worker is gone (stopped, recycled or killed): its live gauges no longer count."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove the metrics directory made above for this server (not one given in the environment)."""
+    if _own_metrics_dir:
+        import shutil
+
+        shutil.rmtree(_own_metrics_dir, ignore_errors=True)

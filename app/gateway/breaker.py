@@ -13,6 +13,7 @@ import redis
 
 from app.gateway.routefile import Breaker
 from app.gateway.types import UpstreamUnreachable
+from app.observability import metrics
 
 log = logging.getLogger("frontdoor.breaker")
 
@@ -57,11 +58,18 @@ class _SharedStorage(pybreaker.CircuitRedisStorage):
 
 
 class _LogTransitions(pybreaker.CircuitBreakerListener):
+    """Logs each state change this process makes and counts it in the metrics."""
+
+    def __init__(self, upstream: str, target: str):
+        self.labels = (upstream, target)
+
     def state_change(self, cb, old_state, new_state) -> None:
         log.warning(
             "breaker state change",
             extra={"breaker": cb.name, "from_state": getattr(old_state, "name", None), "to_state": new_state.name},
         )
+        metrics.BREAKER_TRANSITIONS.labels(*self.labels, new_state.name).inc()
+        metrics.BREAKER_STATE.labels(*self.labels).set(metrics.BREAKER_STATES.get(new_state.name, 0))
 
 
 class TargetBreakers:
@@ -117,7 +125,7 @@ class TargetBreakers:
                 fail_max=config.fail_max,
                 reset_timeout=config.reset_timeout,
                 state_storage=storage,
-                listeners=[_LogTransitions()],
+                listeners=[_LogTransitions(upstream, target)],
                 name=name,
                 throw_new_error_on_trip=False,
             )

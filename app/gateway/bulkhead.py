@@ -10,6 +10,7 @@ from app.gateway.types import (
     Handler,
     Middleware,
 )
+from app.observability import metrics
 
 
 def new_slots(max_concurrency: int | None) -> threading.BoundedSemaphore | None:
@@ -28,6 +29,7 @@ def bulkhead(upstream: str, slots: threading.BoundedSemaphore | None) -> Middlew
     def middleware(next_handler: Handler) -> Handler:
         def handle(req: GatewayRequest) -> GatewayResponse:
             if not slots.acquire(blocking=False):
+                metrics.BULKHEAD_REJECTED.labels(upstream).inc()
                 raise BulkheadFull(
                     f"Upstream {upstream!r} has reached its max_concurrency", headers={"Retry-After": "1"}
                 )

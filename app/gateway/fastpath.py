@@ -23,6 +23,7 @@ from app.gateway.pipeline import cache_rules
 from app.gateway.request_id import HEADER, accept_or_generate
 from app.gateway.router import has_dot_segment
 from app.gateway.types import GatewayRequest, GatewayResponse
+from app.observability import metrics
 from app.observability.logging import access
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
@@ -61,7 +62,7 @@ class CacheFastPath:
             "status": response.status,
             "upstream_ms": None,
         }
-        return ClosingIterator(_send(response, environ, start_response), [response.close, partial(_log, log_fields, started)])
+        return ClosingIterator(_send(response, environ, start_response), [response.close, partial(_log, log_fields, started, response.headers.get("Cache-Status"))])
 
     def _hit(self, environ: dict):
         """``(response, route label, request id, method, path)`` for a fresh hit, else None."""
@@ -110,9 +111,11 @@ def _send(response: GatewayResponse, environ: dict, start_response: Callable) ->
     return response.body
 
 
-def _log(fields: dict, started: float) -> None:
-    # The access line the app writes, once the body has been sent.
-    fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
+def _log(fields: dict, started: float, cache_status: str | None) -> None:
+    # The metrics and the access line the app writes, once the body has been sent.
+    seconds = time.perf_counter() - started
+    fields["duration_ms"] = round(seconds * 1000, 3)
+    metrics.request_done(fields["route"], fields["method"], fields["status"], seconds, None, cache_status)
     access.info("request", extra=fields)
 
 

@@ -28,6 +28,7 @@ from app.jobs.calls import Call, call_from_request, principal_json
 from app.models import Job, JobEvent, JobItem
 from app.models.base import isoformat, utcnow
 from app.models.jobs import BATCH, CANCELED, FINAL, NOT_STARTED, REQUEST, RUNNING
+from app.observability import metrics
 
 log = logging.getLogger("frontdoor.jobs")
 
@@ -374,6 +375,7 @@ def cancel(job: Job) -> Job:
     db.session.refresh(job)
     record_event(job)
     db.session.commit()
+    metrics.JOBS.labels(CANCELED).inc()
     if job.consumer_id is not None:
         from app import webhooks
 

@@ -34,6 +34,7 @@ from app.models.jobs import (
     RUNNING,
     SUCCEEDED,
 )
+from app.observability import metrics
 
 log = logging.getLogger("frontdoor.jobs")
 
@@ -133,6 +134,8 @@ def run(job_id: str) -> str | None:
         log.info("job not claimed", extra={"job_id": job_id})
         return None
     attempt = job.attempts
+    if attempt == 1 and job.started_at is not None and job.created_at is not None:
+        metrics.JOB_QUEUE_SECONDS.observe(max((job.started_at - job.created_at).total_seconds(), 0.0))
     if attempt > config.max_attempts:
         error = JobAbandoned(f"The job's worker was lost on each of {config.max_attempts} attempts")
         return _finish(job_id, attempt, FAILED, error=problem_json(error))
@@ -294,6 +297,7 @@ def _finish(
         )
     record_event(job)
     db.session.commit()
+    metrics.JOBS.labels(status).inc()
     if job.consumer_id is not None:  # an anonymous job's event has no subscriber
         webhooks.publish_job_events_later()
     return status

@@ -12,6 +12,8 @@ from logging.handlers import QueueHandler, QueueListener
 from flask import Flask, g, request
 from werkzeug.wrappers import Response
 
+from app.observability import metrics
+
 # Attributes every LogRecord has; anything else passed through ``extra=`` is a field.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -192,10 +194,17 @@ def _log_when_done(response: Response) -> Response:
         "upstream_ms": round(ctx.get("upstream_seconds", 0.0) * 1000, 3) if target else None,
     }
 
+    rule = client.url_rule
+    # Metrics name the gateway's own endpoints by their URL rule; a proxied path by its route.
+    route = fields["route"] or (rule.rule if rule is not None and client.endpoint != "proxy" else None)
+    cache_status = response.headers.get("Cache-Status")
+
     def emit() -> None:
         # Logged when the body has been sent, so a streamed download's whole time is counted.
-        if started is not None:
-            fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        seconds = None if started is None else time.perf_counter() - started
+        if seconds is not None:
+            fields["duration_ms"] = round(seconds * 1000, 3)
+        metrics.request_done(route, fields["method"], fields["status"], seconds, ctx.get("upstream_seconds") if target else None, cache_status)
         access.info("request", extra=fields)
 
     response.call_on_close(emit)

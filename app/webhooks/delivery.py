@@ -32,6 +32,7 @@ from app.models.webhooks import (
     SUCCEEDED,
     TEST,
 )
+from app.observability import metrics
 from app.webhooks import secrets
 from app.webhooks.guard import UnsafeURL
 from app.webhooks.sender import Result, send
@@ -52,6 +53,7 @@ class Claim:
     number: int
     tries: int
     trigger: str
+    created_at: datetime | None = None  # the delivery's: its lag is counted from here
 
 
 def _mine(claim: Claim):
@@ -115,12 +117,12 @@ def claim(delivery_id: str, now: datetime | None = None) -> Claim | None:
             lease_expires_at=now + timedelta(seconds=config.lease),
             last_attempt_at=now,
         )
-        .returning(WebhookDelivery.attempts, WebhookDelivery.tries, WebhookDelivery.trigger)
+        .returning(WebhookDelivery.attempts, WebhookDelivery.tries, WebhookDelivery.trigger, WebhookDelivery.created_at)
     ).one_or_none()
     db.session.commit()
     if row is None:
         return None
-    return Claim(delivery_id, endpoint_id, row.attempts, row.tries, row.trigger)
+    return Claim(delivery_id, endpoint_id, row.attempts, row.tries, row.trigger, row.created_at)
 
 
 def attempt(work: Claim) -> tuple[Result, str, str | None, str | None]:
@@ -223,6 +225,9 @@ def record(work: Claim, result: Result, url: str, address: str | None, request_i
     if work.trigger != TEST and result.error != LOST:
         disabled = _track_health(work.endpoint_id, result, now, config.disable_after)
     db.session.commit()
+    metrics.WEBHOOK_ATTEMPTS.labels("succeeded" if result.succeeded else "failed").inc()
+    if result.succeeded and work.trigger != TEST and work.created_at is not None:
+        metrics.WEBHOOK_LAG_SECONDS.observe(max((now - work.created_at).total_seconds(), 0.0))
     if disabled is not None:
         webhooks.fan_out_later([disabled])
     log.info(

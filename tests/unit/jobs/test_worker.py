@@ -5,6 +5,7 @@ import time
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
+from prometheus_client import REGISTRY
 
 from app.jobs import worker
 from app.models.jobs import FAILED
@@ -347,3 +348,21 @@ def test_canceling_a_final_job_is_a_409(app, client, upstream, run_first):
     assert run_first in response.json["detail"]
     assert job_row(app, job_id).status == run_first
     assert [event.type for event in events(app, job_id)] == [f"job.{run_first}"]
+
+
+def test_final_statuses_and_queue_waits_are_counted(app, client, upstream):
+    def counted(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    succeeded, canceled = counted("frontdoor_jobs_total", status="succeeded"), counted("frontdoor_jobs_total", status="canceled")
+    waits = counted("frontdoor_job_queue_wait_seconds_count")
+    done = client.post("/async/anything", data=b"x").json["id"]
+    dropped = client.post("/async/anything", data=b"y").json["id"]
+
+    assert run(app, done) == "succeeded"
+    assert client.delete(f"{PREFIX}/{dropped}").status_code in (200, 202)
+    assert run(app, dropped) is None  # a canceled job never starts
+
+    assert counted("frontdoor_jobs_total", status="succeeded") == succeeded + 1
+    assert counted("frontdoor_jobs_total", status="canceled") == canceled + 1
+    assert counted("frontdoor_job_queue_wait_seconds_count") == waits + 1  # only the job that started

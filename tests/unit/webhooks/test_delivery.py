@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 from standardwebhooks import Webhook
 
@@ -738,3 +739,24 @@ def test_delivery_json_lists_the_attempts_a_consumer_sees(hooks, receiver):
     assert found["last_status_code"] == 502
     (attempt,) = found["attempts"]
     assert (attempt["number"], attempt["status_code"], attempt["response"], attempt["succeeded"]) == (1, 502, "bad gateway", False)
+
+
+def test_attempts_are_counted_by_outcome_and_a_success_times_the_delivery_lag(hooks, receiver, clock, enqueued):
+    def counted(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    failed, succeeded = counted("frontdoor_webhook_attempts_total", outcome="failed"), counted("frontdoor_webhook_attempts_total", outcome="succeeded")
+    lags, lag_sum = counted("frontdoor_webhook_delivery_lag_seconds_count"), counted("frontdoor_webhook_delivery_lag_seconds_sum")
+    consumer = hooks.consumer()
+    hooks.endpoint(consumer, receiver.url)
+    (delivery_id,) = hooks.publish(consumer)
+    receiver.reply(500, 200)
+
+    assert hooks.deliver(delivery_id) == "failed"
+    assert retry(hooks, clock, enqueued, delivery_id) == "succeeded"
+
+    assert counted("frontdoor_webhook_attempts_total", outcome="failed") == failed + 1
+    assert counted("frontdoor_webhook_attempts_total", outcome="succeeded") == succeeded + 1
+    assert counted("frontdoor_webhook_delivery_lag_seconds_count") == lags + 1
+    # Delivered after the first retry's wait (5 s on the schedule, with jitter).
+    assert SCHEDULE[0] * 0.9 <= counted("frontdoor_webhook_delivery_lag_seconds_sum") - lag_sum <= SCHEDULE[0] * 1.1 + 1

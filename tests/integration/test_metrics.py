@@ -1,0 +1,72 @@
+"""/metrics under gunicorn with two workers: every worker's counts added up, with bounded labels."""
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = [pytest.mark.slow]
+
+ROUTES = """
+upstreams:
+  httpbin:
+    targets: ["{httpbin}"]
+    timeout: {{connect: 1.0, read: 3.0}}
+routes:
+  - {{path: /httpbin, upstream: httpbin, strip_prefix: true, auth: none, rate_limit: none}}
+  - {{path: /cached, upstream: httpbin, strip_prefix: true, auth: none, rate_limit: none, cache: {{ttl: 60, public: true}}}}
+"""
+
+
+def samples(url: str) -> dict[tuple[str, frozenset], float]:
+    text = requests.get(f"{url}/metrics", timeout=5).text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample(found: dict, name: str, **labels: str) -> float:
+    return found.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_metrics_add_up_every_workers_requests_with_route_labels(start_gateway, httpbin_url):
+    # No PROMETHEUS_MULTIPROC_DIR given: gunicorn.conf.py makes one for the workers.
+    gateway = start_gateway(ROUTES.format(httpbin=httpbin_url), workers=2)
+    ids = []
+    # New connections until both workers have answered (each connection stays with one worker).
+    deadline = time.monotonic() + 20
+    while True:
+        for _ in range(10):
+            request_id = f"m-{uuid.uuid4().hex}"
+            assert requests.get(f"{gateway.url}/httpbin/get?n=1", headers={"X-Request-ID": request_id}, timeout=5).status_code == 200
+            ids.append(request_id)
+        time.sleep(0.2)
+        pids = {line["pid"] for line in gateway.log_lines() if line.get("request_id") in ids}
+        if len(pids) == 2 or time.monotonic() > deadline:
+            break
+    assert len(pids) == 2, "both workers answered"
+    for _ in range(3):
+        assert requests.get(f"{gateway.url}/cached/get", timeout=5).status_code == 200
+    assert requests.get(f"{gateway.url}/httpbin/status/503", timeout=5).status_code == 503
+    assert requests.get(f"{gateway.url}/not/a/route", timeout=5).status_code == 404
+    time.sleep(0.3)  # the workers' metric updaters apply what they queued
+
+    # Any worker may answer the scrape: it reports both workers' counts.
+    for _ in range(4):
+        found = samples(gateway.url)
+        assert sample(found, "frontdoor_http_requests_total", route="/httpbin", method="GET", status="200") == len(ids)
+        assert sample(found, "frontdoor_http_requests_total", route="/httpbin", method="GET", status="503") == 1
+        assert sample(found, "frontdoor_http_requests_total", route="unmatched", method="GET", status="404") == 1
+        assert sample(found, "frontdoor_http_request_duration_seconds_count", route="/httpbin") == len(ids) + 1
+        assert sample(found, "frontdoor_upstream_duration_seconds_count", route="/httpbin") == len(ids) + 1
+        assert sample(found, "frontdoor_cache_responses_total", route="/cached", result="hit") + sample(
+            found, "frontdoor_cache_responses_total", route="/cached", result="miss"
+        ) == 3
+        assert sample(found, "frontdoor_cache_responses_total", route="/cached", result="miss") >= 1
+    routes = {dict(labels).get("route") for (name, labels) in found if name == "frontdoor_http_requests_total"}
+    assert routes <= {"/httpbin", "/cached", "unmatched", "/metrics", "/healthz"}  # route labels, never raw paths
