@@ -8,6 +8,8 @@ from celery import Celery, Task
 from flask import Flask
 from kombu import Queue
 
+from app.observability import tasks as observed_tasks
+
 # Not "from app import webhooks": importing tasks.webhooks below would rebind that name here.
 from app.webhooks import time_limits
 from tasks.schedule import beat_schedule
@@ -71,6 +73,7 @@ def celery_init_app(app: Flask) -> Celery:
         }
     celery_app.conf.update(config.get("CELERY", {}))
     celery_app.set_default()
+    observed_tasks.connect()
     app.extensions["celery"] = celery_app
     if broker_url.startswith("sqla+"):
         declare_embedded_queues(celery_app)

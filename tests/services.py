@@ -1,6 +1,7 @@
 """Helpers for tests that run real processes: free ports, waiting, process groups, services."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -47,6 +48,18 @@ def logged(name: str):
         yield records
     finally:
         logger.removeHandler(records)
+
+
+def json_lines(text: str) -> list[dict]:
+    """The JSON objects among a process's output lines (gunicorn's and Celery's own are not)."""
+    lines = []
+    for raw in text.splitlines():
+        if raw.startswith("{"):
+            try:
+                lines.append(json.loads(raw))
+            except json.JSONDecodeError:
+                continue
+    return lines
 
 
 def unavailable(reason: str):

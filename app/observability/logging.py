@@ -7,9 +7,10 @@ import logging
 import queue
 import sys
 import time
+from contextvars import ContextVar
 from logging.handlers import QueueHandler, QueueListener
 
-from flask import Flask, g, request
+from flask import Flask, g, has_request_context, request
 from werkzeug.wrappers import Response
 
 from app.observability import metrics
@@ -107,6 +108,25 @@ _LOGGERS = ("frontdoor", "pybreaker")
 _background: QueueListener | None = None
 
 
+# The request id of the work this thread is doing outside a request: a Celery task's, from
+# its message headers (app/observability/tasks.py).
+task_request_id: ContextVar[str | None] = ContextVar("frontdoor_request_id", default=None)
+
+
+def current_request_id() -> str | None:
+    """The id of the request this thread serves, or of the request that started the task it runs."""
+    if has_request_context():
+        return g.get("request_id")
+    return task_request_id.get()
+
+
+def _with_request_id(record: logging.LogRecord) -> bool:
+    # Every line of one piece of work carries its request id, whoever logged it.
+    if getattr(record, "request_id", None) is None:
+        record.request_id = current_request_id()
+    return True
+
+
 def _ours(logger: logging.Logger) -> list[logging.Handler]:
     return [h for h in logger.handlers if getattr(h, "_frontdoor", False)]
 
@@ -114,6 +134,7 @@ def _ours(logger: logging.Logger) -> list[logging.Handler]:
 def _install(handler: logging.Handler) -> None:
     """Make ``handler`` the one the ``frontdoor`` and ``pybreaker`` loggers write through."""
     handler._frontdoor = True
+    handler.addFilter(_with_request_id)
     for name in _LOGGERS:
         logger = logging.getLogger(name)
         for old in _ours(logger):

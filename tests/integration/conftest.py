@@ -86,14 +86,7 @@ class Gateway:
     extra: list = field(default_factory=list)
 
     def log_lines(self) -> list[dict]:
-        lines = []
-        for raw in self.log.read_text().splitlines():
-            if raw.startswith("{"):
-                try:
-                    lines.append(json.loads(raw))
-                except json.JSONDecodeError:
-                    continue
-        return lines
+        return services.json_lines(self.log.read_text())
 
     def worker_pids(self) -> list[int]:
         return [pid for pid, _, parent, _ in services.processes() if parent == self.process.pid]

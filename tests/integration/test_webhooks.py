@@ -755,6 +755,37 @@ def test_a_finished_job_is_delivered_as_a_signed_job_succeeded_event(stack, rece
 
 
 
+def test_one_request_id_finds_the_access_line_the_task_lines_and_the_attempt(stack, receiver):
+    stack.beat()
+    worker = stack.worker()
+    api = stack.api()
+    endpoint = api.create_endpoint(receiver.url("/traced"))
+    receiver.secrets["/traced"] = [endpoint["secret"]]
+    request_id = f"trace-{services.unique('rid')}"
+
+    published = requests.post(
+        f"{stack.gateway.url}/_gateway/events",
+        json={"type": "order.created", "data": {"order": 7}},
+        headers={"X-API-Key": api.key, "X-Request-ID": request_id},
+        timeout=10,
+    )
+    assert published.status_code == 202 and published.headers["X-Request-ID"] == request_id
+    delivery = stack.until(lambda: next((d for d in api.deliveries(endpoint["id"]) if d["status"] == "succeeded"), None), 30, "the delivery")
+
+    assert [a["request_id"] for a in delivery["attempts"]] == [request_id]
+    access = [line for line in stack.gateway.log_lines() if line.get("request_id") == request_id]
+    assert [(line["logger"], line["path"], line["status"]) for line in access] == [("frontdoor.access", "/_gateway/events", 202)]
+    # The fan-out task was sent by the request, the delivery by the fan-out: both carry its id.
+    def task_lines() -> dict[str, dict]:
+        return {line["task"]: line for line in services.json_lines(worker.text()) if line.get("msg") == "task" and line.get("request_id") == request_id}
+
+    tasks = stack.until(lambda: found if len(found := task_lines()) >= 2 else None, 10, "the task lines")
+    assert {"frontdoor.webhooks.fan_out", "frontdoor.webhooks.deliver"} <= set(tasks)
+    assert all(line["outcome"] == "succeeded" and line["duration_ms"] >= 0 for line in tasks.values())
+    attempt_lines = [line for line in services.json_lines(worker.text()) if line.get("msg") == "webhook attempt"]
+    assert [line["request_id"] for line in attempt_lines] == [request_id]
+
+
 # Found while writing these tests ---------------------------------------------------------------
 
 

@@ -1,0 +1,70 @@
+"""A Celery task carries the request id of the request that sent it: in its message headers, on
+every line it logs, on its own task line; and each run is counted by task and outcome."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+from celery.contrib.testing.worker import start_worker
+from flask import g
+from prometheus_client import REGISTRY
+
+from app.observability.logging import current_request_id
+from tests import services
+from tests.services import logged
+
+inside = logging.getLogger("frontdoor.test.inside")
+
+
+@pytest.fixture
+def worked(app):
+    """``(celery_app, run)``: run(sender) sends the test tasks from ``sender`` and serves them
+    with an in-process worker until both have ended; the task lines and the lines logged inside."""
+    celery_app = app.extensions["celery"]
+    name = services.unique("test.task")
+
+    @celery_app.task(name=f"{name}.echo")
+    def echo(n: int) -> int:
+        inside.info("inside the task", extra={"n": n})
+        if n == 2:
+            raise ValueError("a failing task")
+        return n
+
+    def run(sender) -> tuple[list[logging.LogRecord], list[logging.LogRecord]]:
+        with logged("frontdoor.tasks") as task_lines, logged("frontdoor.test.inside") as inner:
+            sender(echo)
+            with start_worker(celery_app, pool="solo", perform_ping_check=False, loglevel="WARNING", shutdown_timeout=10):
+                services.wait_until(lambda: len([r for r in task_lines.records if r.task.startswith(name)]) >= 2, 10, "two task lines")
+        return [r for r in task_lines.records if r.task.startswith(name)], list(inner.records)
+
+    return name, run
+
+
+def test_a_task_sent_during_a_request_logs_that_requests_id_on_every_line(app, worked):
+    name, run = worked
+    succeeded = REGISTRY.get_sample_value("frontdoor_celery_tasks_total", {"task": f"{name}.echo", "outcome": "succeeded"}) or 0.0
+
+    def send(echo) -> None:
+        with app.test_request_context("/anything"):
+            g.request_id = "req-from-the-client"
+            echo.delay(1)
+            echo.delay(2)
+
+    task_lines, inner = run(send)
+
+    assert {r.request_id for r in task_lines} == {"req-from-the-client"}
+    assert {r.request_id for r in inner} == {"req-from-the-client"}
+    assert sorted(r.outcome for r in task_lines) == ["failed", "succeeded"]
+    assert all(r.duration_ms >= 0 for r in task_lines)
+    assert REGISTRY.get_sample_value("frontdoor_celery_tasks_total", {"task": f"{name}.echo", "outcome": "succeeded"}) == succeeded + 1
+    assert REGISTRY.get_sample_value("frontdoor_celery_tasks_total", {"task": f"{name}.echo", "outcome": "failed"}) >= 1
+
+
+def test_a_task_sent_outside_a_request_has_no_request_id_and_leaves_none_behind(app, worked):
+    _, run = worked
+
+    task_lines, inner = run(lambda echo: (echo.delay(1), echo.delay(3)))
+
+    assert [r.request_id for r in task_lines] == [None, None]
+    assert [r.request_id for r in inner] == [None, None]
+    assert current_request_id() is None  # nothing of a task's context is left behind
