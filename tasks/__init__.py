@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 
 from celery import Celery, Task
@@ -71,6 +72,10 @@ def celery_init_app(app: Flask) -> Celery:
             # Queues live under the gateway's namespace, like every other key it writes.
             "global_keyprefix": f"{config['KEY_PREFIX']}:celery:",
         }
+    if broker_url.startswith("rediss://") and "ssl_cert_reqs" not in broker_url:
+        # As for the app's own Redis client (app.extensions.new_redis): Heroku Redis presents a
+        # self-signed certificate; a URL with ?ssl_cert_reqs=required verifies it.
+        celery_app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_NONE}
     celery_app.conf.update(config.get("CELERY", {}))
     celery_app.set_default()
     observed_tasks.connect()
