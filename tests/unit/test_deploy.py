@@ -1,0 +1,56 @@
+"""The Heroku-style deploy files agree with each other and with the code: the Procfile's
+process types are app.json's formation, the add-ons are the ones the config reads, and every
+setting app.json names is one the gateway has."""
+from __future__ import annotations
+
+import json
+import sys
+
+from app.config import defaults
+from tests import services
+
+ROOT = services.ROOT
+
+
+def procfile() -> dict[str, str]:
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    return dict(line.split(": ", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+def app_json() -> dict:
+    return json.loads((ROOT / "app.json").read_text())
+
+
+def test_the_procfile_migrates_on_release_and_runs_web_worker_and_beat():
+    processes = procfile()
+
+    assert processes["release"] == "flask --app app db upgrade"
+    assert processes["web"].startswith("gunicorn --config gunicorn.conf.py ")  # which binds 0.0.0.0:$PORT
+    assert processes["worker"].startswith("celery -A tasks worker")
+    assert processes["beat"].startswith("celery -A tasks beat")
+
+
+def test_app_json_runs_every_process_type_with_one_beat():
+    formation = app_json()["formation"]
+
+    assert set(formation) == set(procfile()) - {"release"}
+    assert formation["beat"]["quantity"] == 1  # two schedulers would send every periodic task twice
+
+
+def test_app_json_provisions_the_postgres_and_redis_the_config_reads():
+    attached = {addon["plan"].split(":")[0]: addon.get("as") for addon in app_json()["addons"]}
+
+    # Attached as DATABASE and REDIS, the add-ons set DATABASE_URL and REDIS_URL.
+    assert attached == {"heroku-postgresql": "DATABASE", "heroku-redis": "REDIS"}
+
+
+def test_every_setting_app_json_names_exists(app):
+    platform = {"WEB_CONCURRENCY", "WEB_THREADS", "WORKER_CONCURRENCY"}  # read by gunicorn.conf.py and the Procfile
+    known = set(defaults(app))
+    for name, spec in app_json()["env"].items():
+        assert spec["description"], name
+        assert name in platform or name.removeprefix("GATEWAY_") in known, name
+
+
+def test_python_version_names_the_interpreter_the_suite_runs_on():
+    assert (ROOT / ".python-version").read_text().strip() == f"{sys.version_info.major}.{sys.version_info.minor}"
