@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from flask import Flask
 
-from app.api import admin_cache, consumers, events, jobs, keys, webhooks
+from app.api import admin_cache, consumers, events, jobs, keys, openapi, webhooks
 
 
 def init_app(app: Flask) -> None:
     prefix = app.config["API_PREFIX"].rstrip("/")
-    for module in (consumers, keys, jobs, webhooks, events, admin_cache):
+    for module in (consumers, keys, jobs, webhooks, events, admin_cache, openapi):
         app.register_blueprint(module.bp, url_prefix=prefix)

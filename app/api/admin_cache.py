@@ -1,10 +1,10 @@
 """``DELETE /_gateway/admin/cache``: purge cached responses by key, by route, or by path prefix (admin scope)."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, request
-from werkzeug.wrappers import Response
+from flask import Blueprint, current_app, request
 
-from app.api.common import BadRequest
+from app.api import schemas
+from app.api.common import BadRequest, Param, Reply, operation, reply
 from app.auth import ADMIN_SCOPE, policy
 from app.gateway.cache import glob_escape
 
@@ -13,7 +13,17 @@ bp = Blueprint("admin_cache", __name__)
 
 @bp.delete("/admin/cache")
 @policy("required", (ADMIN_SCOPE,))
-def purge() -> Response:
+@operation(
+    "Purge cached responses",
+    {200: Reply(schemas.Purged, "What was removed")},
+    errors=(400,),
+    params=(
+        Param("key", "query", {"type": "string"}, "One URL, ``/path?a=1&b=2``: every consumer's and variant's entry"),
+        Param("route", "query", {"type": "string"}, "Every entry of a route, by its name or path"),
+        Param("prefix", "query", {"type": "string"}, "Every URL on or under a path, ``/users``"),
+    ),
+)
+def purge() -> tuple:
     """Purge with exactly one of ``?key=/path?a=1&b=2`` (one URL: every consumer's and every
     variant's entry; the query as cached, its parameters sorted), ``?route=<route name or
     path>``, or ``?prefix=/path`` (every URL under it). Answers ``{"deleted": n}``: the number
@@ -40,4 +50,4 @@ def purge() -> Response:
             below = path.rstrip("/")
             patterns = [f"{namespace}*:GET:{glob_escape(below + '?')}*", f"{namespace}*:GET:{glob_escape(below)}/*"]
     store = gateway.settings.cache_store
-    return jsonify(deleted=sum(store.delete(pattern) for pattern in patterns))
+    return reply(schemas.Purged, {"deleted": sum(store.delete(pattern) for pattern in patterns)})

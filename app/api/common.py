@@ -1,13 +1,17 @@
-"""What every resource handler shares: body validation, cursor pagination, scoped lookups."""
+"""What every resource handler shares: its OpenAPI declaration, body validation, replies
+validated by their models, cursor pagination, scoped lookups."""
 from __future__ import annotations
 
 import base64
 import binascii
+import inspect
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, Literal, TypeVar
 
-from flask import request
+from flask import current_app, jsonify, request
 from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy import Select, and_, or_
 from werkzeug.exceptions import NotFound
@@ -15,6 +19,7 @@ from werkzeug.exceptions import NotFound
 from app.errors import ProblemError
 
 M = TypeVar("M", bound=BaseModel)
+F = TypeVar("F", bound=Callable)
 
 DEFAULT_PAGE = 20
 MAX_PAGE = 100
@@ -40,8 +45,100 @@ class ConflictProblem(ProblemError):
     status, title, slug = 409, "Conflict", "conflict"
 
 
+class Undocumented(RuntimeError):
+    """A view validated or answered with a model its ``@operation`` does not declare: a
+    programming error, found by the tests (the OpenAPI document would otherwise lie)."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A documented answer: its body's model (None: no body), what it means, and the response
+    headers it carries (names from ``openapi.HEADERS``; a trailing ``?``: not always sent).
+    ``media`` other than application/json marks a body the handler builds itself."""
+
+    model: type[BaseModel] | None
+    description: str
+    headers: tuple[str, ...] = ()
+    media: str = "application/json"
+    schema: dict[str, Any] | None = None  # the body's JSON Schema when no model describes it
+    location: str | None = None  # the endpoint its Location names: linked by the body's ``id``
+
+
+@dataclass(frozen=True)
+class Param:
+    """A query or header parameter: its JSON Schema, and form style without explode for a
+    comma-separated list (``?status=a,b``)."""
+
+    name: str
+    where: Literal["query", "header"]
+    schema: dict[str, Any]
+    description: str
+    explode: bool = True
+
+
+@dataclass(frozen=True)
+class Operation:
+    """What a view accepts and answers, for the OpenAPI document and for ``body`` and ``reply``.
+
+    ``errors`` are the problem statuses the handler itself raises; those that follow from the
+    view's auth policy (401, 403), its body (400, 422) and the rate limiter (429, 503) are
+    added by the document builder.
+    """
+
+    summary: str
+    description: str
+    replies: dict[int | str, Reply]
+    body: type[BaseModel] | None = None
+    errors: tuple[int, ...] = ()
+    params: tuple[Param, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def operation(
+    summary: str,
+    replies: dict[int | str, Reply],
+    body: type[BaseModel] | None = None,
+    errors: tuple[int, ...] = (),
+    params: tuple[Param, ...] = (),
+) -> Callable[[F], F]:
+    """Declare a view's request body, answers, errors and parameters; its docstring becomes
+    the operation's description."""
+
+    def mark(view: F) -> F:
+        view.operation = Operation(summary, inspect.cleandoc(view.__doc__ or ""), replies, body, errors, params)
+        return view
+
+    return mark
+
+
+def declared() -> Operation:
+    """The current view's Operation; raises Undocumented for a view without one."""
+    view = current_app.view_functions.get(request.endpoint or "")
+    declaration = getattr(view, "operation", None)
+    if declaration is None:
+        raise Undocumented(f"view {request.endpoint} has no @operation")
+    return declaration
+
+
+def reply(model: type[BaseModel], data: object, status: int = 200, headers: object = None) -> tuple:
+    """``data`` validated as ``model`` and sent as JSON with ``status`` and ``headers``.
+
+    Raises Undocumented unless the view declares ``model`` for ``status``, and
+    pydantic.ValidationError when ``data`` does not fit it (a key it lacks or one it does
+    not name): a 500, found by the tests, rather than a response the document does not describe.
+    """
+    documented = declared().replies.get(status)
+    if documented is None or documented.model is not model:
+        raise Undocumented(f"view {request.endpoint} answers {status} with {model.__name__}, which its @operation does not declare")
+    content = model.model_validate(data).model_dump(mode="json", exclude_unset=True)
+    return jsonify(content), status, headers or {}
+
+
 def body(schema: type[M]) -> M:
-    """The JSON request body validated as ``schema``; raises BadRequest or Unprocessable."""
+    """The JSON request body validated as ``schema``; raises BadRequest or Unprocessable, and
+    Undocumented unless ``schema`` is the body the view's ``@operation`` declares."""
+    if declared().body is not schema:
+        raise Undocumented(f"view {request.endpoint} validates its body with {schema.__name__}, which its @operation does not declare")
     data = request.get_json(silent=True)
     if data is None:
         if request.content_length or request.data:
@@ -69,6 +166,18 @@ def found(row: object | None, what: str, ident: str) -> object:
     if row is None:
         raise NotFound(f"No {what} {ident!r}")
     return row
+
+
+PAGE = (
+    Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": DEFAULT_PAGE}, "Items per page"),
+    Param("cursor", "query", {"type": "string"}, "The ``next_cursor`` of the previous page (opaque)"),
+)
+
+
+def status_filter(statuses: tuple[str, ...]) -> Param:
+    """``?status=a,b``: items in any of these statuses (``with_status``)."""
+    schema = {"type": "array", "items": {"type": "string", "enum": list(statuses)}}
+    return Param("status", "query", schema, "Only items in one of these statuses, comma-separated", explode=False)
 
 
 def with_status(query: Select, column, statuses: tuple[str, ...]) -> Select:

@@ -3,12 +3,23 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from flask import Blueprint, jsonify, url_for
+from flask import Blueprint, url_for
 from pydantic import Field
 from sqlalchemy import select
-from werkzeug.wrappers import Response
 
-from app.api.common import ConflictProblem, Schema, body, found, invalid, page
+from app.api import schemas
+from app.api.common import (
+    PAGE,
+    ConflictProblem,
+    Reply,
+    Schema,
+    body,
+    found,
+    invalid,
+    operation,
+    page,
+    reply,
+)
 from app.auth import ADMIN_SCOPE, manage, policy
 from app.extensions import db
 from app.models import Consumer
@@ -29,8 +40,15 @@ class ConsumerUpdate(Schema):
 
 @bp.post("/consumers")
 @admin
-def create() -> tuple[Response, int, dict]:
-    """Create a consumer: ``{"name": "acme", "plan": "pro"}`` → 201 with the consumer."""
+@operation(
+    "Create a consumer",
+    {201: Reply(schemas.Consumer, "The consumer", ("Location",), location="consumers.read")},
+    body=ConsumerCreate,
+    errors=(409,),
+)
+def create() -> tuple:
+    """Create a consumer: ``{"name": "acme", "plan": "pro"}`` → 201 with the consumer; 409
+    when the name is taken."""
     data = body(ConsumerCreate)
     for field, check, value in (("name", manage.check_name, data.name), ("plan", manage.check_plan, data.plan)):
         try:
@@ -42,26 +60,29 @@ def create() -> tuple[Response, int, dict]:
     except manage.Conflict as exc:
         raise ConflictProblem(str(exc)) from exc
     location = url_for("consumers.read", consumer_id=consumer.id)
-    return jsonify(manage.consumer_json(consumer)), 201, {"Location": location}
+    return reply(schemas.Consumer, manage.consumer_json(consumer), 201, {"Location": location})
 
 
 @bp.get("/consumers")
 @admin
-def index() -> Response:
+@operation("List consumers", {200: Reply(schemas.Page[schemas.Consumer], "One page of consumers")}, params=PAGE)
+def index() -> tuple:
     """``{"data": [consumer, ...], "next_cursor": str | null}``, newest first."""
     rows, next_cursor = page(select(Consumer), Consumer, db.session)
-    return jsonify(data=[manage.consumer_json(row) for row in rows], next_cursor=next_cursor)
+    return reply(schemas.Page[schemas.Consumer], {"data": [manage.consumer_json(row) for row in rows], "next_cursor": next_cursor})
 
 
 @bp.get("/consumers/<consumer_id>")
 @admin
-def read(consumer_id: str) -> Response:
-    return jsonify(manage.consumer_json(found(db.session.get(Consumer, consumer_id), "consumer", consumer_id)))
+@operation("Read a consumer", {200: Reply(schemas.Consumer, "The consumer")}, errors=(404,))
+def read(consumer_id: str) -> tuple:
+    return reply(schemas.Consumer, manage.consumer_json(found(db.session.get(Consumer, consumer_id), "consumer", consumer_id)))
 
 
 @bp.patch("/consumers/<consumer_id>")
 @admin
-def update(consumer_id: str) -> Response:
+@operation("Change a consumer", {200: Reply(schemas.Consumer, "The consumer")}, body=ConsumerUpdate, errors=(404,))
+def update(consumer_id: str) -> tuple:
     """Change ``plan`` and/or ``disabled``; a disabled consumer's credentials stop working
     everywhere within AUTH_CACHE_TTL seconds."""
     consumer = found(db.session.get(Consumer, consumer_id), "consumer", consumer_id)
@@ -70,4 +91,4 @@ def update(consumer_id: str) -> Response:
         manage.update_consumer(consumer, data.plan, data.disabled, set_plan="plan" in data.model_fields_set)
     except manage.Invalid as exc:
         raise invalid("plan", str(exc)) from exc
-    return jsonify(manage.consumer_json(consumer))
+    return reply(schemas.Consumer, manage.consumer_json(consumer))

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from flask import Blueprint, g, jsonify, url_for
+from flask import Blueprint, g, url_for
 from pydantic import AfterValidator, Field
-from werkzeug.wrappers import Response
 
 from app import webhooks
-from app.api.common import Schema, body, found, invalid
+from app.api import schemas
+from app.api.common import Reply, Schema, body, found, invalid, operation, reply
 from app.auth import InsufficientScope, current_principal, manage
 
 bp = Blueprint("events", __name__)
@@ -28,7 +28,16 @@ class EventCreate(Schema):
 
 
 @bp.post("/events")
-def publish() -> tuple[Response, int, dict]:
+@operation(
+    "Publish an event",
+    {
+        202: Reply(schemas.Message, "The message, recorded; its deliveries are being made", ("Location",), location="events.read"),
+        200: Reply(schemas.Message, "The earlier message with the same ``id``", ("Location", "Idempotent-Replayed"), location="events.read"),
+    },
+    body=EventCreate,
+    errors=(403, 409),
+)
+def publish() -> tuple:
     """Record an event ``{"type", "data", "id"?}`` for the caller's endpoints: 202 with the
     message. A repeat of an ``id`` with the same type and data answers 200 with the earlier
     message and ``Idempotent-Replayed: true``; the same id for another event is 409. Types
@@ -60,16 +69,17 @@ def publish() -> tuple[Response, int, dict]:
     headers = {"Location": url_for("events.read", message_id=message.id)}
     if not created:
         headers["Idempotent-Replayed"] = "true"
-    return jsonify(webhooks.message_json(message)), 202 if created else 200, headers
+    return reply(schemas.Message, webhooks.message_json(message), 202 if created else 200, headers)
 
 
 @bp.get("/events/<message_id>")
-def read(message_id: str) -> Response:
+@operation("Read an event", {200: Reply(schemas.MessageWithData, "The message with its data")}, errors=(404,))
+def read(message_id: str) -> tuple:
     """The message with its ``data``: the caller's own (404 otherwise)."""
     principal = current_principal()
     assert principal is not None
     message = webhooks.with_data(message_id)
     if message is not None and message.consumer_id != principal.consumer_id:
         message = None
-    return jsonify(webhooks.message_json(found(message, "event", message_id), data=True))
+    return reply(schemas.MessageWithData, webhooks.message_json(found(message, "event", message_id), data=True))
 

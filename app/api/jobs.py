@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, unquote, urlencode
 
-from flask import Blueprint, current_app, g, jsonify, request, stream_with_context
+from flask import Blueprint, current_app, g, request, stream_with_context
 from pydantic import Field, field_validator, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import undefer
@@ -22,7 +22,21 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.wrappers import Response
 
 from app import jobs, ratelimit
-from app.api.common import Schema, body, found, invalid, page, with_status
+from app.api import schemas
+from app.api.common import (
+    PAGE,
+    Param,
+    Reply,
+    Schema,
+    body,
+    found,
+    invalid,
+    operation,
+    page,
+    reply,
+    status_filter,
+    with_status,
+)
 from app.auth import current_principal, policy
 from app.extensions import db
 from app.gateway import Gateway
@@ -163,9 +177,23 @@ def _client() -> dict:
     return {"addr": request.remote_addr or "", "scheme": request.scheme, "host": request.host}
 
 
+IDEMPOTENCY_KEY = Param(
+    "Idempotency-Key", "header", {"type": "string", "minLength": 1, "maxLength": 255},
+    "The same key with the same body answers the same job; with another body, 422",
+)
+JOB = Reply(schemas.Job, "The job", ("Retry-After?",))
+
+
 @bp.post("/jobs")
 @policy("optional")
-def create() -> tuple[Response, int, Headers]:
+@operation(
+    "Submit a job",
+    {202: Reply(schemas.Job, "The job, accepted", ("Location", "Operation-Location", "Retry-After?", "Idempotent-Replayed?"), location="jobs.read")},
+    body=JobCreate,
+    errors=(400, 403, 413),
+    params=(IDEMPOTENCY_KEY,),
+)
+def create() -> tuple:
     """Submit a job: 202 with the job resource, ``Location``/``Operation-Location`` (its status
     URL) and ``Retry-After``. Honours ``Idempotency-Key`` (same key and body: the same job;
     same key, other body: 422). A batch takes up to JOB_BATCH_MAX requests."""
@@ -192,7 +220,7 @@ def create() -> tuple[Response, int, Headers]:
     if created:
         jobs.enqueue([job.id])
     resource, headers = jobs.accepted(job, created)
-    return jsonify(resource), 202, headers
+    return reply(schemas.Job, resource, 202, headers)
 
 
 def _own(job_id: str, payload: bool = False) -> Job:
@@ -212,34 +240,51 @@ def _retry_after(job: Job) -> dict[str, str]:
 
 @bp.get("/jobs")
 @policy("required")
-def index() -> Response:
+@operation(
+    "List jobs", {200: Reply(schemas.Page[schemas.Job], "One page of the caller's jobs")}, params=(*PAGE, status_filter(STATUSES))
+)
+def index() -> tuple:
     """``{"data": [job, ...], "next_cursor": ...}``: the caller's jobs, newest first;
     ``?status=running,notStarted`` filters by status."""
     principal = current_principal()
     assert principal is not None
     query = with_status(select(Job).where(Job.consumer_id == principal.consumer_id), Job.status, STATUSES)
     rows, next_cursor = page(query, Job, db.session)
-    return jsonify(data=[jobs.job_json(row) for row in rows], next_cursor=next_cursor)
+    return reply(schemas.Page[schemas.Job], {"data": [jobs.job_json(row) for row in rows], "next_cursor": next_cursor})
 
 
 @bp.get("/jobs/<job_id>")
 @policy("optional")
-def read(job_id: str) -> tuple[Response, int, dict]:
-    """The job resource; ``Retry-After`` (seconds) while it is not final."""
+@operation("Read a job", {200: JOB}, errors=(404, 410))
+def read(job_id: str) -> tuple:
+    """The job resource; ``Retry-After`` (seconds) while it is not final. 410 once its result
+    has expired."""
     job = _own(job_id)
-    return jsonify(jobs.job_json(job, items=jobs.item_counts(job))), 200, _retry_after(job)
+    return reply(schemas.Job, jobs.job_json(job, items=jobs.item_counts(job)), 200, _retry_after(job))
 
 
 @bp.delete("/jobs/<job_id>")
 @policy("optional")
-def cancel(job_id: str) -> Response:
+@operation("Cancel a job", {200: Reply(schemas.Job, "The job, canceled")}, errors=(404, 409, 410))
+def cancel(job_id: str) -> tuple:
     """Cancel a job not yet final (200 with the job); 409 when it has already ended."""
     job = jobs.cancel(_own(job_id))
-    return jsonify(jobs.job_json(job, items=jobs.item_counts(job)))
+    return reply(schemas.Job, jobs.job_json(job, items=jobs.item_counts(job)))
+
+
+UPSTREAM_ANSWER = "A request job: the upstream's response as it was, with its status, headers and body"
 
 
 @bp.get("/jobs/<job_id>/result")
 @policy("optional")
+@operation(
+    "Read a job's result",
+    {
+        200: Reply(schemas.BatchResult, f"A batch job: a BatchResult. {UPSTREAM_ANSWER}", media="*/*"),
+        "default": Reply(None, f"{UPSTREAM_ANSWER}, when the upstream answered another status than 200", media="*/*"),
+    },
+    errors=(404, 409, 410),
+)
 def result(job_id: str) -> Response:
     """The upstream's response as it was (status, headers, body) once the job succeeded; for a
     batch, ``{"items": [...]}`` with each sub-request's response. 409 before that."""
@@ -276,7 +321,8 @@ def _batch_result(job_id: str) -> Iterator[bytes]:
         db.session.close()
         if item is None:
             break  # the job expired while it was being read: the items sent so far stand
-        yield (b", " if index else b"") + json.dumps(_item_json(item)).encode()
+        content = schemas.BatchItem.model_validate(_item_json(item)).model_dump(mode="json", exclude_unset=True)
+        yield (b", " if index else b"") + json.dumps(content).encode()
     yield b"]}"
 
 

@@ -9,27 +9,43 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from flask import Blueprint, jsonify, request, url_for
+from flask import Blueprint, request, url_for
 from pydantic import Field
 from sqlalchemy import select
-from werkzeug.wrappers import Response
 
-from app.api.common import ConflictProblem, Schema, body, found, invalid, page
+from app.api import schemas
+from app.api.common import (
+    PAGE,
+    ConflictProblem,
+    Param,
+    Reply,
+    Schema,
+    body,
+    found,
+    invalid,
+    operation,
+    page,
+    reply,
+)
 from app.auth import InsufficientScope, Principal, current_principal, manage
 from app.extensions import db
 from app.models import ApiKey
 
 bp = Blueprint("keys", __name__)
 
+# A hundred years: beyond it a lifetime is a typo, and datetime arithmetic overflows well
+# before float does (a 500, found by schemathesis).
+MAX_SECONDS = 100 * 365 * 86400
+
 
 class KeyCreate(Schema):
     consumer: str | None = None  # id or name; only with the admin scope (default: the caller)
     scopes: list[str] = Field(default_factory=list)
-    expires_in: Annotated[float, Field(gt=0)] | None = None  # seconds
+    expires_in: Annotated[float, Field(gt=0, le=MAX_SECONDS)] | None = None  # seconds
 
 
 class KeyRotate(Schema):
-    expire_old_in: Annotated[float, Field(ge=0)] | None = None  # seconds; default: until revoked
+    expire_old_in: Annotated[float, Field(ge=0, le=MAX_SECONDS)] | None = None  # seconds; default: until revoked
 
 
 def _caller() -> Principal:
@@ -65,13 +81,17 @@ def _expiry_cap(principal: Principal) -> datetime | None:
     return datetime.fromtimestamp(principal.expires_at, UTC)
 
 
-def _created(minted) -> tuple[Response, int, dict]:
+def _created(minted) -> tuple:
     location = url_for("keys.read", key_id=minted.row.id)
-    return jsonify(manage.key_json(minted.row, minted.key)), 201, {"Location": location}
+    return reply(schemas.NewApiKey, manage.key_json(minted.row, minted.key), 201, {"Location": location})
+
+
+CREATED = {201: Reply(schemas.NewApiKey, "The new key, with ``key`` shown this once", ("Location",), location="keys.read")}
 
 
 @bp.post("/keys")
-def create() -> tuple[Response, int, dict]:
+@operation("Create an API key", CREATED, body=KeyCreate, errors=(403,))
+def create() -> tuple:
     """Create a key: ``{"scopes": [...], "expires_in": seconds, "consumer": id-or-name}``.
 
     Without the admin scope a caller creates keys for itself only, with scopes it holds.
@@ -95,7 +115,12 @@ def create() -> tuple[Response, int, dict]:
 
 
 @bp.get("/keys")
-def index() -> Response:
+@operation(
+    "List API keys",
+    {200: Reply(schemas.Page[schemas.ApiKey], "One page of keys")},
+    params=(*PAGE, Param("consumer", "query", {"type": "string"}, "With the admin scope: one consumer's keys (its id)")),
+)
+def index() -> tuple:
     """``{"data": [key, ...], "next_cursor": ...}``: the caller's keys, newest first; with the
     admin scope every consumer's, or one consumer's with ``?consumer=<id>``."""
     principal = _caller()
@@ -105,22 +130,26 @@ def index() -> Response:
     elif request.args.get("consumer"):
         query = query.where(ApiKey.consumer_id == request.args["consumer"])
     rows, next_cursor = page(query, ApiKey, db.session)
-    return jsonify(data=[manage.key_json(row) for row in rows], next_cursor=next_cursor)
+    return reply(schemas.Page[schemas.ApiKey], {"data": [manage.key_json(row) for row in rows], "next_cursor": next_cursor})
 
 
 @bp.get("/keys/<key_id>")
-def read(key_id: str) -> Response:
-    return jsonify(manage.key_json(_own(key_id)))
+@operation("Read an API key", {200: Reply(schemas.ApiKey, "The key (never the key itself)")}, errors=(404,))
+def read(key_id: str) -> tuple:
+    return reply(schemas.ApiKey, manage.key_json(_own(key_id)))
 
 
 @bp.delete("/keys/<key_id>")
-def revoke(key_id: str) -> Response:
-    """Revoke the key (idempotent); every gateway process refuses it within AUTH_CACHE_TTL seconds."""
-    return jsonify(manage.key_json(manage.revoke_key(_own(key_id, change=True))))
+@operation("Revoke an API key", {200: Reply(schemas.ApiKey, "The revoked key")}, errors=(403, 404))
+def revoke(key_id: str) -> tuple:
+    """Revoke the key (idempotent); every gateway process refuses it within AUTH_CACHE_TTL seconds.
+    403 when the key holds scopes the caller lacks (and the caller is not an admin)."""
+    return reply(schemas.ApiKey, manage.key_json(manage.revoke_key(_own(key_id, change=True))))
 
 
 @bp.post("/keys/<key_id>/rotate")
-def rotate(key_id: str) -> tuple[Response, int, dict]:
+@operation("Rotate an API key", CREATED, body=KeyRotate, errors=(403, 404, 409))
+def rotate(key_id: str) -> tuple:
     """A new key with the same consumer and scopes (201, shown once); the old one stays valid
     until revoked, or for ``expire_old_in`` seconds. 409 for a revoked or expired key."""
     key = _own(key_id, change=True)

@@ -8,20 +8,25 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from flask import Blueprint, g, jsonify, url_for
+from flask import Blueprint, g, url_for
 from pydantic import AfterValidator, Field
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import undefer
-from werkzeug.wrappers import Response
 
 from app import webhooks
+from app.api import schemas
 from app.api.common import (
+    PAGE,
     ConflictProblem,
+    Reply,
     Schema,
     body,
     found,
     invalid,
+    operation,
     page,
+    reply,
+    status_filter,
     with_status,
 )
 from app.auth import Principal, current_principal
@@ -90,8 +95,16 @@ def _own(endpoint_id: str, secret: bool = False) -> WebhookEndpoint:
     return found(endpoint, "webhook endpoint", endpoint_id)
 
 
+ENDPOINT = Reply(schemas.Endpoint, "The endpoint")
+
+
 @bp.post("/webhooks/endpoints")
-def create_endpoint() -> tuple[Response, int, dict]:
+@operation(
+    "Register a webhook endpoint",
+    {201: Reply(schemas.NewEndpoint, "The endpoint with its secret", ("Location",), location="webhooks.read_endpoint")},
+    body=EndpointCreate,
+)
+def create_endpoint() -> tuple:
     """Register an endpoint: ``{"url", "description", "event_types", "secret", "disabled"}``;
     201 with the endpoint and its ``secret`` (generated unless given). The URL must pass the
     SSRF guard (https, every resolved address public or allow-listed): 422 names why not."""
@@ -106,24 +119,27 @@ def create_endpoint() -> tuple[Response, int, dict]:
         raise invalid("url", f"a consumer may have {config.max_endpoints} endpoints (WEBHOOK_MAX_ENDPOINTS); delete one first")
     endpoint, plain = webhooks.create_endpoint(principal.consumer_id, url, data.description, data.event_types, data.secret, data.disabled)
     location = url_for("webhooks.read_endpoint", endpoint_id=endpoint.id)
-    return jsonify({**webhooks.endpoint_json(endpoint), "secret": plain}), 201, {"Location": location}
+    return reply(schemas.NewEndpoint, {**webhooks.endpoint_json(endpoint), "secret": plain}, 201, {"Location": location})
 
 
 @bp.get("/webhooks/endpoints")
-def list_endpoints() -> Response:
+@operation("List webhook endpoints", {200: Reply(schemas.Page[schemas.Endpoint], "One page of the caller's endpoints")}, params=PAGE)
+def list_endpoints() -> tuple:
     """``{"data": [endpoint, ...], "next_cursor": ...}``: the caller's endpoints, newest first."""
     query = select(WebhookEndpoint).where(WebhookEndpoint.consumer_id == _caller().consumer_id)
     rows, next_cursor = page(query, WebhookEndpoint, db.session)
-    return jsonify(data=[webhooks.endpoint_json(row) for row in rows], next_cursor=next_cursor)
+    return reply(schemas.Page[schemas.Endpoint], {"data": [webhooks.endpoint_json(row) for row in rows], "next_cursor": next_cursor})
 
 
 @bp.get("/webhooks/endpoints/<endpoint_id>")
-def read_endpoint(endpoint_id: str) -> Response:
-    return jsonify(webhooks.endpoint_json(_own(endpoint_id)))
+@operation("Read a webhook endpoint", {200: ENDPOINT}, errors=(404,))
+def read_endpoint(endpoint_id: str) -> tuple:
+    return reply(schemas.Endpoint, webhooks.endpoint_json(_own(endpoint_id)))
 
 
 @bp.patch("/webhooks/endpoints/<endpoint_id>")
-def update_endpoint(endpoint_id: str) -> Response:
+@operation("Change a webhook endpoint", {200: ENDPOINT}, body=EndpointUpdate, errors=(404,))
+def update_endpoint(endpoint_id: str) -> tuple:
     """Change ``url``, ``description``, ``event_types`` or ``disabled``. Enabling an endpoint
     clears its failure record; a new URL passes the SSRF guard first (422)."""
     endpoint = _own(endpoint_id)
@@ -138,10 +154,11 @@ def update_endpoint(endpoint_id: str) -> Response:
         webhooks.set_disabled(endpoint, data.disabled, "disabled by its consumer")
     endpoint.updated_at = utcnow()
     db.session.commit()
-    return jsonify(webhooks.endpoint_json(endpoint))
+    return reply(schemas.Endpoint, webhooks.endpoint_json(endpoint))
 
 
 @bp.delete("/webhooks/endpoints/<endpoint_id>")
+@operation("Delete a webhook endpoint", {204: Reply(None, "Deleted, with its deliveries and their attempts")}, errors=(404,))
 def delete_endpoint(endpoint_id: str) -> tuple[str, int]:
     """Delete the endpoint with its deliveries and their attempts (204)."""
     endpoint = _own(endpoint_id)
@@ -156,24 +173,33 @@ def delete_endpoint(endpoint_id: str) -> tuple[str, int]:
 
 
 @bp.get("/webhooks/endpoints/<endpoint_id>/secret")
-def read_secret(endpoint_id: str) -> Response:
+@operation("Read a webhook endpoint's secret", {200: Reply(schemas.EndpointSecret, "The secret")}, errors=(404,))
+def read_secret(endpoint_id: str) -> tuple:
     """``{"secret": "whsec_..."}``: the secret deliveries are signed with now."""
     endpoint = _own(endpoint_id, secret=True)
-    return jsonify(secret=webhooks.box().decrypt(endpoint.secret_encrypted))
+    return reply(schemas.EndpointSecret, {"secret": webhooks.box().decrypt(endpoint.secret_encrypted)})
 
 
 @bp.post("/webhooks/endpoints/<endpoint_id>/rotate-secret")
-def rotate_secret(endpoint_id: str) -> Response:
+@operation(
+    "Rotate a webhook endpoint's secret",
+    {200: Reply(schemas.RotatedSecret, "The new secret")},
+    body=SecretRotate,
+    errors=(404,),
+)
+def rotate_secret(endpoint_id: str) -> tuple:
     """Make a new secret (or the ``secret`` given) current: ``{"secret", "previous_valid_until"}``.
     For WEBHOOK_SECRET_OVERLAP seconds deliveries carry both signatures, new and old."""
     endpoint = _own(endpoint_id, secret=True)
     data = body(SecretRotate)
     plain = webhooks.rotate_secret(endpoint, data.secret)
-    return jsonify(secret=plain, previous_valid_until=webhooks.endpoint_json(endpoint)["secret_rotating_until"])
+    rotating_until = webhooks.endpoint_json(endpoint)["secret_rotating_until"]
+    return reply(schemas.RotatedSecret, {"secret": plain, "previous_valid_until": rotating_until})
 
 
 @bp.post("/webhooks/endpoints/<endpoint_id>/test")
-def test_endpoint(endpoint_id: str) -> Response:
+@operation("Send a test event", {200: Reply(schemas.Attempt, "The attempt, accepted or not")}, errors=(404, 409))
+def test_endpoint(endpoint_id: str) -> tuple:
     """Send a ``webhook.test`` event to the endpoint now and answer with the attempt (200),
     whether the receiver accepted it or not; a test is never retried. 409 with Retry-After
     while the endpoint's WEBHOOK_ENDPOINT_CONCURRENCY attempts are all in flight."""
@@ -188,18 +214,24 @@ def test_endpoint(endpoint_id: str) -> Response:
         ) from None
     if row is None:  # the endpoint was deleted while the test was in flight
         raise found(None, "webhook endpoint", endpoint_id)
-    return jsonify(delivery.attempt_json(row))
+    return reply(schemas.Attempt, delivery.attempt_json(row))
 
 
 @bp.get("/webhooks/endpoints/<endpoint_id>/deliveries")
-def list_deliveries(endpoint_id: str) -> Response:
+@operation(
+    "List an endpoint's deliveries",
+    {200: Reply(schemas.Page[schemas.Delivery], "One page of deliveries")},
+    errors=(404,),
+    params=(*PAGE, status_filter(DELIVERY_STATUSES)),
+)
+def list_deliveries(endpoint_id: str) -> tuple:
     """``{"data": [delivery, ...], "next_cursor": ...}``, newest first, each with its message
     (id, type) and its latest 20 attempts, oldest first; ``?status=failed,pending`` filters."""
     endpoint = _own(endpoint_id)
     query = select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint.id)
     query = with_status(query, WebhookDelivery.status, DELIVERY_STATUSES)
     rows, next_cursor = page(query, WebhookDelivery, db.session)
-    return jsonify(data=_with_attempts(rows), next_cursor=next_cursor)
+    return reply(schemas.Page[schemas.Delivery], {"data": _with_attempts(rows), "next_cursor": next_cursor})
 
 
 def _with_attempts(rows: list[WebhookDelivery]) -> list[dict]:
@@ -239,12 +271,18 @@ def _own_delivery(delivery_id: str) -> WebhookDelivery:
 
 
 @bp.get("/webhooks/deliveries/<delivery_id>")
-def read_delivery(delivery_id: str) -> Response:
-    return jsonify(_with_attempts([_own_delivery(delivery_id)])[0])
+@operation("Read a delivery", {200: Reply(schemas.Delivery, "The delivery with its latest attempts")}, errors=(404,))
+def read_delivery(delivery_id: str) -> tuple:
+    return reply(schemas.Delivery, _with_attempts([_own_delivery(delivery_id)])[0])
 
 
 @bp.post("/webhooks/deliveries/<delivery_id>/redeliver")
-def redeliver(delivery_id: str) -> tuple[Response, int, dict]:
+@operation(
+    "Redeliver a delivery",
+    {202: Reply(schemas.Delivery, "The delivery, due now", ("Location",), location="webhooks.read_delivery")},
+    errors=(404, 409),
+)
+def redeliver(delivery_id: str) -> tuple:
     """Send the delivery again with the same ``webhook-id`` (202 with the delivery), starting
     its retry schedule over. 409 while an attempt is in flight or the endpoint is disabled."""
     row = _own_delivery(delivery_id)
@@ -256,4 +294,4 @@ def redeliver(delivery_id: str) -> tuple[Response, int, dict]:
     except delivery.DeliveryBusy:
         raise ConflictProblem(f"Delivery {delivery_id} is being sent right now; try again when the attempt has ended") from None
     location = url_for("webhooks.read_delivery", delivery_id=row.id)
-    return jsonify(_with_attempts([row])[0]), 202, {"Location": location}
+    return reply(schemas.Delivery, _with_attempts([row])[0], 202, {"Location": location})
