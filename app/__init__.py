@@ -7,7 +7,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from app import auth, config, errors, extensions, health, jobs, ratelimit, webhooks
 from app.gateway import fastpath, request_id
 from app.observability import logging as logs
-from app.observability import metrics
+from app.observability import metrics, tracing
 
 
 def create_app(test_config: dict | None = None) -> Flask:
@@ -25,6 +25,7 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     logs.init_app(app)
     request_id.init_app(app)
+    tracing.init_app(app)
     errors.init_app(app)
     extensions.init_app(app)
     health.init_app(app)
@@ -44,8 +45,10 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     celery_init_app(app)
     # Outermost first: ProxyFix sets the client's scheme, host and address that everything
-    # behind it sees, the cache fast path included (they are part of a cache key).
-    app.wsgi_app = fastpath.wrap(app, app.wsgi_app)
+    # behind it sees, the cache fast path included (they are part of a cache key). With
+    # tracing on, every request goes through the app, where its span is made.
+    if not tracing.enabled():
+        app.wsgi_app = fastpath.wrap(app, app.wsgi_app)
     hops = int(app.config["TRUSTED_PROXY_HOPS"])
     if hops:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)

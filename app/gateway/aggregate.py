@@ -247,6 +247,7 @@ def _call(part: Part, client: GatewayRequest, target: str) -> tuple[object, bool
         upstream_path=path,
         request_id=client.request_id,
         principal=client.principal,
+        trace=client.trace,  # this runs on the pool's thread, outside the request
     )
     try:
         response = part.handler(req)

@@ -34,6 +34,7 @@ _REQUEST_DROP = (
 _RESPONSE_DROP = HOP_BY_HOP | _RESPONSE_DROPPED
 # The credentials the gateway consumes: not passed on unless a route forwards them.
 CREDENTIALS = frozenset({"authorization", "x-api-key"})
+TRACE_FIELDS = frozenset({"traceparent", "tracestate"})  # replaced by the gateway's hop when it has one
 # Identity the gateway asserts to upstreams; a client's own X-Consumer-* fields are never trusted.
 CONSUMER_PREFIX = "x-consumer-"
 
@@ -91,16 +92,19 @@ def forwarding_headers(via_name: str, drop_credentials: bool = False) -> Middlew
     ``X-Consumer-Username`` and ``X-Consumer-Scopes`` (space-separated) added, as Kong does;
     ``X-Forwarded-For`` gets the peer address appended; ``X-Forwarded-Proto`` and
     ``X-Forwarded-Host`` carry the client's scheme and host; ``Via`` gets ``1.1 <via_name>``
-    appended (RFC 9110 section 7.6.3); ``X-Request-ID`` carries the request id.
-    Client-bound: hop-by-hop fields removed and ``Via`` appended likewise.
+    appended (RFC 9110 section 7.6.3); ``X-Request-ID`` carries the request id; with a trace
+    context, ``traceparent`` names the gateway's hop and ``tracestate`` goes on as it came (W3C
+    Trace Context). Client-bound: hop-by-hop fields removed and ``Via`` appended likewise.
     """
     via = f"1.1 {via_name}"
     request_drop = _REQUEST_DROP | CREDENTIALS if drop_credentials else _REQUEST_DROP
+    traced_drop = request_drop | TRACE_FIELDS
 
     def middleware(next_handler: Handler) -> Handler:
         def handle(req: GatewayRequest) -> GatewayResponse:
+            trace = req.trace
             kept, seen = _partition(
-                list(req.headers.items()), request_drop, ("x-forwarded-for", "via"), CONSUMER_PREFIX
+                list(req.headers.items()), request_drop if trace is None else traced_drop, ("x-forwarded-for", "via"), CONSUMER_PREFIX
             )
             kept += [
                 ("X-Forwarded-For", _append(seen["x-forwarded-for"], req.client_addr)),
@@ -109,6 +113,8 @@ def forwarding_headers(via_name: str, drop_credentials: bool = False) -> Middlew
                 ("Via", _append(seen["via"], via)),
                 ("X-Request-ID", req.request_id),
             ]
+            if trace is not None:
+                kept += trace.fields()
             principal = req.principal
             if principal is not None:
                 kept += [

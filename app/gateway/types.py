@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 from werkzeug.datastructures import Headers
 
 from app.errors import ProblemError
+from app.observability import tracing
+from app.observability.tracing import TraceContext
 
 if TYPE_CHECKING:
     from app.auth import Principal
@@ -40,6 +42,8 @@ class GatewayRequest:
     target: str | None = None
     upstream_seconds: float = 0.0  # time spent waiting for upstream response headers, all attempts
     tried_targets: set[str] = field(default_factory=set)  # targets attempted so far
+    # The gateway's hop of the request's W3C trace: the serving request's, or the running task's.
+    trace: TraceContext | None = field(default_factory=tracing.current)
 
     @property
     def idempotent(self) -> bool:

@@ -1,8 +1,10 @@
-"""Celery tasks observed like requests: the request id travels in each task message's headers,
-every log line of a task carries it, and each task run writes one line and is counted.
+"""Celery tasks observed like requests: the request id and the W3C trace context travel in each
+task message's headers, every log line of a task carries the id, and each task run writes one
+line and is counted.
 
-``before_task_publish`` adds the ``request_id`` header (the HTTP request's, or the running
-task's for a task it sends); ``task_prerun`` makes it the task's; ``task_postrun`` logs
+``before_task_publish`` adds the ``request_id``, ``traceparent`` and ``tracestate`` headers (the
+HTTP request's, or the running task's for a task it sends); ``task_prerun`` makes them the
+task's (the trace as a hop of its own); ``task_postrun`` logs
 ``{"msg": "task", "task", "task_id", "outcome", "duration_ms", "request_id"}`` and counts
 ``frontdoor_celery_tasks_total{task, outcome}``.
 """
@@ -13,7 +15,7 @@ import time
 
 from celery.signals import before_task_publish, task_postrun, task_prerun
 
-from app.observability import metrics
+from app.observability import metrics, tracing
 from app.observability.logging import current_request_id, task_request_id
 
 log = logging.getLogger("frontdoor.tasks")
@@ -21,22 +23,32 @@ HEADER = "request_id"
 # Celery's final states as words for the log and the metric's label.
 OUTCOMES = {"SUCCESS": "succeeded", "FAILURE": "failed", "RETRY": "retried", "REJECTED": "rejected", "IGNORED": "ignored"}
 
-_running: dict[str, tuple[float, object]] = {}  # task id -> (started, context token)
+_running: dict[str, tuple[float, object, object]] = {}  # task id -> (started, context tokens)
 
 
 def _publishing(headers: dict | None = None, **_: object) -> None:
+    if headers is None:
+        return
     request_id = current_request_id()
-    if headers is not None and request_id and HEADER not in headers:
+    if request_id and HEADER not in headers:
         headers[HEADER] = request_id
+    trace = tracing.current()
+    if trace is not None and tracing.TRACEPARENT not in headers:
+        headers.update(trace.fields())
+
+
+def _header(task, name: str) -> str | None:
+    value = getattr(task.request, name, None) if task is not None else None
+    return value if isinstance(value, str) else None
 
 
 def _starting(task_id: str | None = None, task=None, **_: object) -> None:
-    request_id = getattr(task.request, HEADER, None) if task is not None else None
-    _running[task_id] = (time.perf_counter(), task_request_id.set(request_id if isinstance(request_id, str) else None))
+    trace = tracing.continued(_header(task, tracing.TRACEPARENT), _header(task, tracing.TRACESTATE))
+    _running[task_id] = (time.perf_counter(), task_request_id.set(_header(task, HEADER)), tracing.task_trace.set(trace))
 
 
 def _ended(task_id: str | None = None, task=None, state: str | None = None, **_: object) -> None:
-    started, token = _running.pop(task_id, (None, None))
+    started, token, trace_token = _running.pop(task_id, (None, None, None))
     outcome = OUTCOMES.get(state or "", (state or "unknown").lower())
     name = getattr(task, "name", "unknown")
     metrics.TASKS.labels(name, outcome).inc()
@@ -46,6 +58,7 @@ def _ended(task_id: str | None = None, task=None, state: str | None = None, **_:
     log.info("task", extra=fields)
     if token is not None:
         task_request_id.reset(token)
+        tracing.task_trace.reset(trace_token)
 
 
 def connect() -> None:

@@ -32,7 +32,7 @@ from app.models.webhooks import (
     SUCCEEDED,
     TEST,
 )
-from app.observability import metrics
+from app.observability import metrics, tracing
 from app.webhooks import secrets
 from app.webhooks.guard import UnsafeURL
 from app.webhooks.sender import Result, send
@@ -164,6 +164,9 @@ def attempt(work: Claim) -> tuple[Result, str, str | None, str | None]:
         "user-agent": USER_AGENT,
         "accept-encoding": "identity",  # the excerpt is the body's first bytes as sent
     }
+    trace = tracing.current()  # the trace of the request that published the event, when it is known
+    if trace is not None:
+        headers.update(trace.fields())
     return send(target, headers, body, config.timeout, config.verify), url, target.address, request_id
 
 

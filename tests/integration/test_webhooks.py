@@ -755,6 +755,9 @@ def test_a_finished_job_is_delivered_as_a_signed_job_succeeded_event(stack, rece
 
 
 
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
 def test_one_request_id_finds_the_access_line_the_task_lines_and_the_attempt(stack, receiver):
     stack.beat()
     worker = stack.worker()
@@ -766,7 +769,7 @@ def test_one_request_id_finds_the_access_line_the_task_lines_and_the_attempt(sta
     published = requests.post(
         f"{stack.gateway.url}/_gateway/events",
         json={"type": "order.created", "data": {"order": 7}},
-        headers={"X-API-Key": api.key, "X-Request-ID": request_id},
+        headers={"X-API-Key": api.key, "X-Request-ID": request_id, "traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"},
         timeout=10,
     )
     assert published.status_code == 202 and published.headers["X-Request-ID"] == request_id
@@ -784,6 +787,9 @@ def test_one_request_id_finds_the_access_line_the_task_lines_and_the_attempt(sta
     assert all(line["outcome"] == "succeeded" and line["duration_ms"] >= 0 for line in tasks.values())
     attempt_lines = [line for line in services.json_lines(worker.text()) if line.get("msg") == "webhook attempt"]
     assert [line["request_id"] for line in attempt_lines] == [request_id]
+    # The delivery is a hop of the publishing request's W3C trace (through the fan-out task).
+    [received] = receiver.on("/traced")
+    assert received.headers["traceparent"].startswith(f"00-{TRACE_ID}-") and received.headers["traceparent"] != f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
 
 # Found while writing these tests ---------------------------------------------------------------

@@ -9,11 +9,13 @@ from celery.contrib.testing.worker import start_worker
 from flask import g
 from prometheus_client import REGISTRY
 
+from app.observability import tracing
 from app.observability.logging import current_request_id
 from tests import services
 from tests.services import logged
 
 inside = logging.getLogger("frontdoor.test.inside")
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 @pytest.fixture
@@ -25,7 +27,8 @@ def worked(app):
 
     @celery_app.task(name=f"{name}.echo")
     def echo(n: int) -> int:
-        inside.info("inside the task", extra={"n": n})
+        trace = tracing.current()
+        inside.info("inside the task", extra={"n": n, "trace": None if trace is None else (trace.trace_id, trace.span_id)})
         if n == 2:
             raise ValueError("a failing task")
         return n
@@ -47,6 +50,7 @@ def test_a_task_sent_during_a_request_logs_that_requests_id_on_every_line(app, w
     def send(echo) -> None:
         with app.test_request_context("/anything"):
             g.request_id = "req-from-the-client"
+            g.trace = tracing.accept_or_start(f"00-{TRACE_ID}-00f067aa0ba902b7-01", None)
             echo.delay(1)
             echo.delay(2)
 
@@ -54,6 +58,8 @@ def test_a_task_sent_during_a_request_logs_that_requests_id_on_every_line(app, w
 
     assert {r.request_id for r in task_lines} == {"req-from-the-client"}
     assert {r.request_id for r in inner} == {"req-from-the-client"}
+    # Each task is a hop of the request's trace: the trace id goes on, each with a span id of its own.
+    assert {r.trace[0] for r in inner} == {TRACE_ID} and len({r.trace[1] for r in inner}) == 2
     assert sorted(r.outcome for r in task_lines) == ["failed", "succeeded"]
     assert all(r.duration_ms >= 0 for r in task_lines)
     assert REGISTRY.get_sample_value("frontdoor_celery_tasks_total", {"task": f"{name}.echo", "outcome": "succeeded"}) == succeeded + 1
@@ -67,4 +73,5 @@ def test_a_task_sent_outside_a_request_has_no_request_id_and_leaves_none_behind(
 
     assert [r.request_id for r in task_lines] == [None, None]
     assert [r.request_id for r in inner] == [None, None]
+    assert [r.trace for r in inner] == [None, None]
     assert current_request_id() is None  # nothing of a task's context is left behind
