@@ -15,6 +15,14 @@ from app.observability import tasks as observed_tasks
 from app.webhooks import time_limits
 from tasks.schedule import beat_schedule
 
+# Heroku sends SIGTERM to every process of a dyno at once and SIGKILL 30 s later. Running tasks
+# get this long to finish; then the worker cancels them and puts their messages back on the
+# queue at once, well before the SIGKILL that would leave them unacknowledged in Redis until
+# the visibility timeout. Needs REMAP_SIGTERM=SIGQUIT (the Procfile sets it): Celery's default
+# SIGTERM is a warm shutdown that waits for tasks without limit, and the pool's processes,
+# which get the same SIGTERM, die at once.
+SOFT_SHUTDOWN_TIMEOUT = 25.0
+
 
 def celery_init_app(app: Flask) -> Celery:
     """Create the Celery app for ``app`` and store it in ``app.extensions["celery"]``.
@@ -24,7 +32,10 @@ def celery_init_app(app: Flask) -> Celery:
     rules in DESIGN: late acks, re-queue on a lost worker, prefetch 1, results ignored
     (job state lives in SQL, never in a result backend). Jobs run on the ``jobs`` queue
     with JOB_SOFT_TIME_LIMIT / JOB_TIME_LIMIT, webhook fan-outs and attempts on ``webhooks``;
-    a worker started without ``-Q`` consumes every queue.
+    a worker started without ``-Q`` consumes every queue. On SIGTERM (with
+    ``REMAP_SIGTERM=SIGQUIT``, as the Procfile runs it) running tasks get
+    WORKER_SOFT_SHUTDOWN_TIMEOUT seconds (25) to finish; the messages of those still running
+    then go back on the queue at once.
     """
 
     class FlaskTask(Task):
@@ -60,6 +71,9 @@ def celery_init_app(app: Flask) -> Celery:
             "frontdoor.webhooks.deliver": {"soft_time_limit": attempt_soft, "time_limit": attempt_hard},
         },
         broker_connection_retry_on_startup=True,
+        # Only when tasks are running: an idle worker has nothing to wait for (no ETA tasks here).
+        worker_soft_shutdown_timeout=float(config.get("WORKER_SOFT_SHUTDOWN_TIMEOUT", SOFT_SHUTDOWN_TIMEOUT)),
+        worker_enable_soft_shutdown_on_idle=bool(config.get("WORKER_SOFT_SHUTDOWN_ON_IDLE", False)),
         worker_hijack_root_logger=False,
         beat_schedule=beat_schedule(config),
         timezone="UTC",

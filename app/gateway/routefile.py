@@ -1,6 +1,7 @@
 """The route file: YAML with ``${VAR:-default}`` interpolation, validated into typed config."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -25,6 +26,11 @@ from app.auth import Policy
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 RESERVED_PATHS = ("/healthz", "/readyz", "/metrics")
+# Seconds a synchronous route may keep its client waiting: Heroku's router answers 503 (H12)
+# after 30 s, and a web process stopping gives in-flight requests 25 s (gunicorn.conf.py).
+SYNC_TIME_LIMIT = 30.0
+
+log = logging.getLogger("frontdoor.routefile")
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
@@ -45,7 +51,7 @@ class Timeout(_Strict):
     """Seconds to wait for a connection, and between bytes of the upstream's answer."""
 
     connect: Annotated[float, Field(gt=0)] = 1.0
-    read: Annotated[float, Field(gt=0)] = 30.0
+    read: Annotated[float, Field(gt=0)] = 25.0  # with connect, inside Heroku's 30 s router limit
 
 
 class Retries(_Strict):
@@ -340,6 +346,33 @@ def reject_reserved(route_file: RouteFile, api_prefix: str) -> None:
                 )
 
 
+def sync_budget(route: Route, upstreams: Mapping[str, Upstream]) -> float | None:
+    """The longest a client of ``route`` may wait for an answer, in seconds, or None for a
+    ``mode: async`` route (its client is answered 202 at once).
+
+    An aggregate route ends at its ``timeout``. A route to one upstream waits, per attempt, up
+    to the connect and then the read timeout (the read timeout bounds each wait between bytes;
+    this counts the wait for the answer's headers), for ``retries.attempts`` attempts, plus the
+    largest backoff before each retry. Any request may be tried that often: a failed connect
+    is retried for every method, and a client's ``Idempotency-Key`` makes a POST retryable.
+    """
+    if route.mode == "async":
+        return None
+    if route.aggregate is not None:
+        return route.timeout
+    upstream = upstreams[route.upstream]
+    timeout, retries = upstream.timeout, upstream.retries
+    backoffs = sum(min(retries.max_backoff, retries.backoff * 2 ** (retry - 1)) for retry in range(1, retries.attempts))
+    return retries.attempts * (timeout.connect + timeout.read) + backoffs
+
+
+def over_budget(route_file: RouteFile, limit: float = SYNC_TIME_LIMIT) -> list[tuple[Route, float]]:
+    """The synchronous routes that may keep a client waiting longer than ``limit`` seconds,
+    each with its budget (seconds, from ``sync_budget``), in file order."""
+    budgets = [(route, sync_budget(route, route_file.upstreams)) for route in route_file.routes]
+    return [(route, budget) for route, budget in budgets if budget is not None and budget > limit]
+
+
 def interpolate(value: object, env: Mapping[str, str], where: str = "") -> object:
     """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of a loaded YAML tree.
 
@@ -363,12 +396,15 @@ def interpolate(value: object, env: Mapping[str, str], where: str = "") -> objec
     return value
 
 
-def load(path: str | Path, env: Mapping[str, str] | None = None, api_prefix: str = "/_gateway") -> RouteFile:
+def load(
+    path: str | Path, env: Mapping[str, str] | None = None, api_prefix: str = "/_gateway", sync_limit: float = SYNC_TIME_LIMIT
+) -> RouteFile:
     """Read, interpolate and validate the route file at ``path``.
 
     Returns a frozen RouteFile. Raises RouteFileError with a message that names the file,
     the offending key (``routes[1].upstream``), its line when the key is in the file, and
-    what is wrong.
+    what is wrong. Logs a warning (``frontdoor.routefile``) for each synchronous route that
+    may take longer than ``sync_limit`` seconds (``over_budget``); those do not stop the load.
     """
     path = Path(path)
     try:
@@ -392,6 +428,15 @@ def load(path: str | Path, env: Mapping[str, str] | None = None, api_prefix: str
         raise RouteFileError(f"{path}: {exc}") from exc
     except ValidationError as exc:
         raise RouteFileError(f"{path}: {_describe(exc, root)}") from exc
+    for route, budget in over_budget(route_file, sync_limit):
+        # A warning, not an error: the file still works, but a client behind Heroku's router
+        # is cut off at 30 s while the gateway keeps waiting (and a stopping dyno cuts it at 25 s).
+        log.warning(
+            "%s: route %r may take %g s (timeouts x attempts + backoff), over the %g s a synchronous "
+            "request may take; lower its upstream's timeout or retries, or use mode: async",
+            path, route.label, budget, sync_limit,
+            extra={"route": route.label, "budget": budget, "limit": sync_limit},
+        )
     return route_file
 
 

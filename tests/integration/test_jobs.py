@@ -71,7 +71,7 @@ routes:
 
 # The request fields the gateway adds or rewrites on the way upstream (README, "What the proxy
 # does"), and the hop-by-hop Connection it drops.
-GATEWAY_FIELDS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via", "x-request-id", "connection"})
+GATEWAY_FIELDS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via", "x-request-id", "connection", "traceparent", "tracestate"})
 
 
 @dataclass

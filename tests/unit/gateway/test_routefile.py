@@ -83,7 +83,7 @@ def test_omitted_settings_take_their_defaults(write):
     route_file = load(write(one_route()), env={})
 
     svc = route_file.upstreams["svc"]
-    assert (svc.timeout.connect, svc.timeout.read) == (1.0, 30.0)
+    assert (svc.timeout.connect, svc.timeout.read) == (1.0, 25.0)
     assert svc.retries.attempts == 1
     assert (svc.breaker.fail_max, svc.breaker.reset_timeout) == (5, 30.0)
     assert svc.max_concurrency is None
