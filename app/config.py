@@ -29,6 +29,10 @@ def defaults(app: Flask) -> dict:
         # With Redis, a process acts on a breaker reading up to this old (seconds) when its
         # calls succeed; failures always read and write the shared state at once.
         "BREAKER_SYNC_INTERVAL": 0.2,
+        # A route file reload or a breaker an operator holds open or closes (the admin API) in
+        # one process is applied by every other process within this many seconds: each one
+        # reads the shared record (Redis, else the database) at most this often, on a request.
+        "CONTROL_SYNC_INTERVAL": 1.0,
         "VIA_NAME": "frontdoor",  # the pseudonym in the Via header (RFC 9110 section 7.6.3)
         "REDIS_URL": None,
         "SQLALCHEMY_DATABASE_URI": f"sqlite:///{instance / 'frontdoor.sqlite'}",
@@ -61,6 +65,10 @@ def defaults(app: Flask) -> dict:
         "CACHE_MAX_BYTES": 64 * MiB,  # the in-process LRU's size
         "CACHE_LOCK_WAIT": 5.0,  # seconds concurrent misses for one key wait for the first
         "AGGREGATE_THREADS": 32,  # each process's pool for the backend calls of aggregate routes
+        # Celery worker on SIGTERM (REMAP_SIGTERM=SIGQUIT in the Procfile): running tasks get this
+        # many seconds, then the messages of those still running go back on the queue at once.
+        "WORKER_SOFT_SHUTDOWN_TIMEOUT": 25.0,
+        "WORKER_SOFT_SHUTDOWN_ON_IDLE": False,  # wait out the timeout even with no task running
         # Async jobs. Times are seconds, sizes bytes.
         "JOB_RETRY_AFTER": 1,  # the Retry-After a client is told while a job is not final
         "JOB_RESULT_TTL": 24 * 3600.0,  # a final job's result is kept this long, then 410

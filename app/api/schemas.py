@@ -236,3 +236,94 @@ class Delivery(Resource):
 
 class Purged(Resource):
     deleted: int = Field(description="Stored items removed (an entry and its Vary record count apart)")
+
+
+class RouteFileInfo(Resource):
+    """The route file a process is serving."""
+
+    path: str = Field(description="GATEWAY_CONFIG, as this process reads it")
+    digest: str = Field(description="SHA-256 of the file's bytes as validated (hex)")
+    loaded_at: Timestamp = Field(description="When this process built it")
+    routes: int
+    upstreams: int
+
+
+class Reloaded(RouteFileInfo):
+    changed: bool = Field(description="false: the file is the one running; it is published to every process anyway")
+
+
+class GatewayRoute(Resource):
+    """A route of the running route file, as loaded (header rule values are not shown)."""
+
+    index: int = Field(description="Its position in the route file's ``routes``")
+    name: str | None
+    label: str = Field(description="Its name, else its path: the route in logs, metrics and cache keys")
+    path: str
+    methods: list[str] | None = Field(description="null: every method")
+    upstream: str | None = Field(description="null on an aggregate route")
+    aggregate: dict[str, str] | None = Field(description="An aggregate route's calls: call name to upstream")
+    mode: Literal["sync", "async"]
+    auth: Literal["required", "optional", "none"]
+    scopes: list[str]
+    strip_prefix: bool
+    match_headers: dict[str, str]
+    rate_limit: str | None
+    cache_ttl: float | None = Field(description="Seconds; null: no cache")
+
+
+class GatewayRoutes(Resource):
+    route_file: RouteFileInfo
+    data: list[GatewayRoute]
+
+
+class BreakerReading(Resource):
+    """A target's circuit breaker now (shared by every process with Redis, else this process's)."""
+
+    state: Literal["closed", "open", "half-open"]
+    held_open: bool = Field(description="Held open by an operator until closed through this API")
+    failures: int = Field(description="Consecutive failures counted")
+    opened_at: Timestamp | None
+    retry_in: float | None = Field(
+        description="Seconds until a half-open probe is let through (0: the next request may be it); null when closed or held open"
+    )
+
+
+class GatewayTarget(Resource):
+    id: str = Field(description="Names the target in URLs: derived from its URL, so it survives reloads")
+    index: int = Field(description="Its position in ``targets`` (also accepted in URLs)")
+    url: str
+    breaker: BreakerReading
+
+
+class Bulkhead(Resource):
+    """An upstream's bulkhead in the process that answered (bulkheads are per process)."""
+
+    in_flight: int
+    max_concurrency: int
+
+
+class BreakerSettings(Resource):
+    fail_max: int
+    reset_timeout: float = Field(description="Seconds")
+    failure_statuses: list[int]
+
+
+class GatewayUpstream(Resource):
+    name: str
+    targets: list[GatewayTarget]
+    bulkhead: Bulkhead | None = Field(description="null: no max_concurrency")
+    breaker: BreakerSettings
+    timeout: dict[str, float] = Field(description="connect and read, seconds")
+    retries: int = Field(description="Attempts in all (1: no retry)")
+    routes: list[str] = Field(description="Labels of the routes that call it")
+
+
+class GatewayProcess(Resource):
+    pid: int = Field(description="The process that answered: bulkheads (and breakers without Redis) are its own")
+    breakers_shared: bool = Field(description="true: breaker state lives in Redis, the same for every process")
+
+
+class GatewayUpstreams(Resource):
+    process: GatewayProcess
+    data: list[GatewayUpstream]
+

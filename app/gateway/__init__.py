@@ -1,15 +1,20 @@
 """The proxy: loads the route file, builds every route's pipeline, and serves non-reserved paths."""
 from __future__ import annotations
 
+import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from urllib.parse import quote, urlsplit
 
-from flask import Flask, current_app, g, request
+from celery.signals import worker_init
+from flask import Flask, appcontext_pushed, current_app, g, request
 from werkzeug.exceptions import BadRequest, NotFound
 from werkzeug.wrappers import Response
 
 from app.extensions import redis_client
-from app.gateway import pipeline, routefile
+from app.gateway import control, pipeline, routefile
 from app.gateway.body import ClientBody
 from app.gateway.cachestore import MemoryStore, RedisStore
 from app.gateway.router import Router, has_dot_segment
@@ -18,6 +23,8 @@ from app.gateway.types import GatewayRequest, GatewayResponse, Handler
 # The environ key of a route match the cache fast path made (a server never sets it, and a
 # client's headers arrive as HTTP_* keys, so none can forge it).
 MATCHED = "frontdoor.match"
+# The environ key of the Gateway a request started on: it finishes on it, reload or not.
+GATEWAY = "frontdoor.gateway"
 # Every method a client may proxy; TRACE and CONNECT are not forwarded.
 PROXIED_METHODS = list(routefile.METHODS)
 
@@ -32,7 +39,11 @@ class Gateway:
     reserved: frozenset[str]  # the gateway's own paths (/_gateway, /healthz, ...)
     reserved_below: tuple[str, ...]  # the same with a trailing "/", for str.startswith
     settings: pipeline.Settings
+    digest: str = ""  # SHA-256 of the route file's bytes, as validated
+    loaded_at: float = field(default_factory=time.time)  # epoch seconds
     job_handlers: dict[int, Handler] = field(default_factory=dict)  # by id(route), built on first use
+    # The cache fast path's hit lookups by id(route) (app.gateway.fastpath), made on first use.
+    fast_lookups: dict[int, Callable] | None = None
 
     def job_handler(self, route: routefile.Route) -> Handler:
         """``route``'s pipeline as a job's worker runs it (``job_timeout``, no submission)."""
@@ -66,12 +77,34 @@ def settings_from(app: Flask) -> pipeline.Settings:
 
 def load_gateway(app: Flask) -> Gateway:
     """Load and validate ``GATEWAY_CONFIG`` and build the pipelines; raises RouteFileError."""
-    route_file = routefile.load(app.config["CONFIG"], api_prefix=app.config["API_PREFIX"])
-    settings = settings_from(app)
-    upstreams = pipeline.build_upstreams(route_file, settings, redis_client(app))
+    route_file, digest = control.read_route_file(app.config["CONFIG"], app.config["API_PREFIX"])
+    return build_gateway(app, route_file, digest)
+
+
+def build_gateway(app: Flask, route_file: routefile.RouteFile, digest: str, running: Gateway | None = None) -> Gateway:
+    """Build every pipeline of a validated route file.
+
+    On a reload (``running``: the Gateway serving now) the process-wide settings (the cache
+    store, the breakers held open) are kept, and so is each upstream whose settings did not
+    change (pool, bulkhead, breakers): see ``pipeline.build_upstreams``.
+    """
+    settings = running.settings if running is not None else settings_from(app)
+    upstreams = pipeline.build_upstreams(route_file, settings, redis_client(app), running.upstreams if running else None)
     reserved = (app.config["API_PREFIX"].rstrip("/"), *routefile.RESERVED_PATHS)
     router = pipeline.build_router(route_file, upstreams, settings)
-    return Gateway(route_file, upstreams, router, frozenset(reserved), tuple(path + "/" for path in reserved), settings)
+    return Gateway(route_file, upstreams, router, frozenset(reserved), tuple(path + "/" for path in reserved), settings, digest)
+
+
+def current(app: Flask) -> Gateway:
+    """The Gateway a request should use now: ``app.extensions["gateway"]``, after applying a
+    reload or a breaker change made in another process when one is due to be looked for
+    (every CONTROL_SYNC_INTERVAL seconds; in between this costs a clock read)."""
+    return app.extensions["gateway_control"].current()
+
+
+def request_gateway() -> Gateway:
+    """The Gateway the current request started on (taken by the outermost WSGI layer)."""
+    return request.environ.get(GATEWAY) or current(current_app)
 
 
 def route_request() -> None:
@@ -80,7 +113,7 @@ def route_request() -> None:
     client = request._get_current_object()
     if client.endpoint != "proxy":
         return
-    gateway: Gateway = current_app.extensions["gateway"]
+    gateway: Gateway = client.environ.get(GATEWAY) or current(current_app)
     path = client.path
     if gateway.is_reserved(path):
         raise NotFound()  # the gateway's own space: never proxied to a broad route such as "/"
@@ -152,8 +185,29 @@ def init_app(app: Flask) -> None:
     """Build the gateway from the route file and route every other path to it.
 
     Raises RouteFileError when the file is invalid: a gateway never serves half a config.
+    ``app.extensions["gateway_control"]`` applies reloads and breaker holds made anywhere
+    (``app.gateway.control``); the cache fast path, the outermost layer, asks it first.
     """
     app.extensions["gateway"] = load_gateway(app)
+    store = control.store_for(app, redis_client(app))
+    app.extensions["gateway_control"] = control.Control(
+        app, store, float(app.config["CONTROL_SYNC_INTERVAL"]), lambda route_file, digest, running: build_gateway(app, route_file, digest, running)
+    )
+    # A Celery worker runs jobs through the gateway too: it looks for changes as each task
+    # pushes the app context (web processes look on each request, in the outermost layer).
+    worker_init.connect(partial(_follow_in_worker, weakref.ref(app)), weak=False)
     app.before_request(route_request)
     app.add_url_rule("/", "proxy", proxy, methods=PROXIED_METHODS, provide_automatic_options=False)
     app.add_url_rule("/<path:path>", "proxy", proxy, methods=PROXIED_METHODS, provide_automatic_options=False)
+
+
+def _follow_in_worker(app_ref: weakref.ref, **_: object) -> None:
+    """worker_init: in a Celery worker, look for reloads and breaker holds made elsewhere
+    whenever a task pushes the app context (at most every CONTROL_SYNC_INTERVAL seconds)."""
+    app = app_ref()
+    if app is not None:
+        appcontext_pushed.connect(_look_for_changes, app)
+
+
+def _look_for_changes(sender: Flask, **_: object) -> None:
+    sender.extensions["gateway_control"].current()

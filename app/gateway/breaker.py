@@ -29,9 +29,11 @@ class Reading:
     state: str
     failures: int
     opened_at: float | None
+    forced: bool = False  # held open by an operator (the admin API) until they close it
 
 
 _FALLBACK = Reading(pybreaker.STATE_CLOSED, 0, None)  # what a breaker reads as without its store
+_HELD_OPEN = Reading(pybreaker.STATE_OPEN, 0, None, forced=True)  # what the balancer sees of a held breaker
 
 
 class _SharedStorage(pybreaker.CircuitRedisStorage):
@@ -91,6 +93,10 @@ class TargetBreakers:
     ``probe_ttl`` seconds (the upstream's connect plus read timeout) if its owner never
     reports. When Redis does not answer, breakers read as closed for ``REDIS_BACKOFF``
     seconds without asking again, and outcomes are not recorded: requests keep flowing.
+
+    ``held_open`` is the process's set of breaker names (``upstream:target``) an operator
+    holds open through the admin API (``app.gateway.control`` keeps it in step in every
+    process): such a target reads as open, with no half-open probe, until it is closed again.
     """
 
     REDIS_BACKOFF = 1.0  # seconds
@@ -104,8 +110,10 @@ class TargetBreakers:
         key_prefix: str = "frontdoor",
         sync_interval: float = 0.0,
         probe_ttl: float = 30.0,
+        held_open: set[str] | frozenset[str] = frozenset(),
     ):
         self.config = config
+        self.held_open = held_open
         self.sync_interval = sync_interval if redis_client is not None else 0.0
         self.probe_ttl = probe_ttl
         self._redis = redis_client
@@ -135,7 +143,10 @@ class TargetBreakers:
 
         pybreaker reads state, counter and opening time with a command each; on the hot path
         the three come in one MGET. A Redis error reads as closed, as pybreaker falls back.
+        A breaker held open by an operator reads as open, and ``forced``.
         """
+        if self.held_open and self.breakers[target].name in self.held_open:
+            return _HELD_OPEN
         if self._redis is None:
             return self._fetch(target)
         if self._redis_unreachable():
@@ -180,6 +191,8 @@ class TargetBreakers:
         ``reading`` is a ``read(target)`` already made for this request, to save a round trip.
         """
         reading = reading or self.read(target)
+        if reading.forced:
+            return max(self.config.reset_timeout, 1.0)  # no end is known: the time to a probe, as a hint
         if reading.state != pybreaker.STATE_OPEN or reading.opened_at is None:
             return 0.0
         return max(reading.opened_at + self.config.reset_timeout - time.time(), 0.0)
@@ -215,6 +228,35 @@ class TargetBreakers:
     def state(self, target: str) -> str:
         """``closed``, ``open`` or ``half-open``, as the shared store says."""
         return self.breakers[target].current_state
+
+    def describe(self, target: str) -> Reading:
+        """``target``'s breaker as its store has it now (no kept reading), ``forced`` when an
+        operator holds it open: what the admin API shows."""
+        reading = self._fetch(target)
+        if self.held_open and self.name(target) in self.held_open:
+            return Reading(pybreaker.STATE_OPEN, reading.failures, reading.opened_at, forced=True)
+        return reading
+
+    @property
+    def shared(self) -> bool:
+        """True when the state lives in Redis, the same for every process."""
+        return self._redis is not None
+
+    def name(self, target: str) -> str:
+        """``upstream:target``: the breaker's name in logs, Redis keys and ``held_open``."""
+        return self.breakers[target].name
+
+    def set_state(self, target: str, state: str) -> None:
+        """Move ``target``'s breaker to ``open`` (its opening time now) or ``closed`` (failures
+        reset) in its store, as a trip or a recovery would: the transition is logged and
+        counted in the metrics. Redis errors are raised (redis.RedisError)."""
+        breaker = self.breakers[target]
+        if state == pybreaker.STATE_OPEN:
+            breaker.open()
+        else:
+            breaker.close()
+            self._release_probe(target)
+        self._kept.pop(target, None)
 
     def record(self, target: str, failure: Exception | None, reading: Reading | None = None) -> None:
         """Feed one attempt's outcome to ``target``'s breaker (None: success).

@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.wsgi import ClosingIterator
 
-from app.gateway import MATCHED, Gateway, _raw_path, to_flask
+from app.gateway import GATEWAY, MATCHED, Gateway, _raw_path, to_flask
 from app.gateway.cache import fresh_hit, route_key
 from app.gateway.pipeline import cache_rules
 from app.gateway.request_id import HEADER, accept_or_generate
@@ -29,17 +29,33 @@ from app.observability.logging import access
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 
 
-class CacheFastPath:
-    """WSGI middleware: ``lookups`` maps ``id(route)`` to that route's hit lookup (routes not
-    eligible are absent); anything it does not answer goes to ``wsgi_app``."""
+class TakeGateway:
+    """WSGI middleware, the outermost layer of the app: takes the running Gateway for the
+    request (``environ[GATEWAY]``), so that the request finishes on it even if a reload swaps
+    another in meanwhile, and looks for changes made in other processes when one is due."""
 
-    def __init__(self, app: Flask, wsgi_app: WSGIApp, lookups: dict[int, Callable]):
-        self.app, self.wsgi_app, self.lookups = app, wsgi_app, lookups
-        self.gateway: Gateway = app.extensions["gateway"]
+    def __init__(self, app: Flask, wsgi_app: WSGIApp):
+        self.app, self.wsgi_app = app, wsgi_app
+        self.control = app.extensions["gateway_control"]
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        environ[GATEWAY] = self.control.current()
+        return self.wsgi_app(environ, start_response)
+
+
+class CacheFastPath(TakeGateway):
+    """TakeGateway, and fresh public hits answered from the Gateway's ``fast_lookups``
+    (``id(route)`` to the route's hit lookup, eligible routes only); anything it does not
+    answer goes to ``wsgi_app``."""
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        environ[GATEWAY] = gateway = self.control.current()
+        lookups = gateway.fast_lookups
+        if lookups is None:
+            lookups = gateway.fast_lookups = lookups_for(self.app, gateway)
         if (
-            environ["REQUEST_METHOD"] not in ("GET", "HEAD")
+            not lookups
+            or environ["REQUEST_METHOD"] not in ("GET", "HEAD")
             or environ.get("CONTENT_LENGTH") not in (None, "", "0")
             or "HTTP_TRANSFER_ENCODING" in environ
             or "HTTP_AUTHORIZATION" in environ
@@ -47,7 +63,7 @@ class CacheFastPath:
         ):
             return self.wsgi_app(environ, start_response)
         started = time.perf_counter()
-        answer = self._hit(environ)
+        answer = self._hit(environ, gateway, lookups)
         if answer is None:
             return self.wsgi_app(environ, start_response)
         response, route, request_id, method, path = answer
@@ -64,11 +80,10 @@ class CacheFastPath:
         }
         return ClosingIterator(_send(response, environ, start_response), [response.close, partial(_log, log_fields, started, response.headers.get("Cache-Status"))])
 
-    def _hit(self, environ: dict):
+    def _hit(self, environ: dict, gateway: Gateway, lookups: dict[int, Callable]):
         """``(response, route label, request id, method, path)`` for a fresh hit, else None."""
         client = self.app.request_class(environ)
         path = client.path
-        gateway = self.gateway
         if gateway.is_reserved(path) or has_dot_segment(path):
             return None
         raw_path = _raw_path(environ, path)
@@ -77,7 +92,7 @@ class CacheFastPath:
         except HTTPException:
             return None  # 404, 405: the app answers them
         environ[MATCHED] = match  # a miss goes on to the app, which need not match it again
-        lookup = self.lookups.get(id(match.route))
+        lookup = lookups.get(id(match.route))
         if lookup is None:
             return None
         request_id = accept_or_generate(environ.get("HTTP_X_REQUEST_ID"))
@@ -120,13 +135,21 @@ def _log(fields: dict, started: float, cache_status: str | None) -> None:
 
 
 def wrap(app: Flask, wsgi_app: WSGIApp) -> WSGIApp:
-    """``wsgi_app`` behind the fast path, or as it is when no route qualifies.
+    """``wsgi_app`` behind the fast path, or behind TakeGateway alone when no route of the
+    start-up route file qualifies. (A reload that brings the first qualifying route serves its
+    hits through the app until a restart: the same answers, at the app's cost.)"""
+    gateway: Gateway = app.extensions["gateway"]
+    gateway.fast_lookups = lookups_for(app, gateway)
+    return (CacheFastPath if gateway.fast_lookups else TakeGateway)(app, wsgi_app)
+
+
+def lookups_for(app: Flask, gateway: Gateway) -> dict[int, Callable]:
+    """The hit lookups of ``gateway``'s routes that qualify for the fast path, by ``id(route)``.
 
     A route qualifies with a public ``cache:``, ``auth: none`` or ``optional``, not async, and
     no rate limit for an anonymous caller (its own ``rate_limit``, the ``anonymous`` plan or
     RATELIMIT_DEFAULT).
     """
-    gateway: Gateway = app.extensions["gateway"]
     policies = app.extensions["ratelimit"]
     settings = gateway.settings
     lookups: dict[int, Callable] = {}
@@ -141,4 +164,4 @@ def wrap(app: Flask, wsgi_app: WSGIApp) -> WSGIApp:
         ):
             continue
         lookups[id(route)] = partial(fresh_hit, route_key(route.label, route.match_headers), rules, settings.cache_store, settings.key_prefix)
-    return CacheFastPath(app, wsgi_app, lookups) if lookups else wsgi_app
+    return lookups

@@ -1,8 +1,7 @@
 """Assembly: one place that builds each route's pipeline from its stages, in order."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from threading import BoundedSemaphore
+from dataclasses import dataclass, field
 
 import redis
 from requests.adapters import HTTPAdapter
@@ -11,7 +10,7 @@ from app.gateway.aggregate import Part, aggregate, shared_pool
 from app.gateway.balancer import balance
 from app.gateway.body import request_body
 from app.gateway.breaker import TargetBreakers
-from app.gateway.bulkhead import bulkhead, new_slots
+from app.gateway.bulkhead import Slots, bulkhead, new_slots
 from app.gateway.cache import CacheRules, cache, route_key
 from app.gateway.cachestore import CacheStore
 from app.gateway.fields import FieldRules
@@ -33,7 +32,7 @@ class UpstreamRuntime:
     config: Upstream
     adapter: HTTPAdapter
     breakers: TargetBreakers
-    slots: BoundedSemaphore | None
+    slots: Slots | None
 
     def close(self) -> None:
         self.adapter.close()
@@ -52,28 +51,47 @@ class Settings:
     cache_store: CacheStore | None = None  # where routes with ``cache:`` keep answers
     cache_lock_wait: float = 5.0  # seconds concurrent misses wait for the first one
     aggregate_threads: int = 32  # the process's pool for aggregate routes' backend calls
+    # Breakers (``upstream:target``) an operator holds open; one set per process, kept across
+    # reloads and brought in step with the other processes by app.gateway.control.
+    held_open: set[str] = field(default_factory=set)
 
 
-def build_upstreams(route_file: RouteFile, settings: Settings, redis_client: redis.Redis | None) -> dict[str, UpstreamRuntime]:
-    """Create each upstream's shared runtime once, at start-up."""
+def build_upstreams(
+    route_file: RouteFile,
+    settings: Settings,
+    redis_client: redis.Redis | None,
+    previous: dict[str, UpstreamRuntime] | None = None,
+) -> dict[str, UpstreamRuntime]:
+    """Create each upstream's shared runtime: at start-up, and on a reload.
+
+    On a reload (``previous``: the running ones) an upstream whose settings are unchanged
+    keeps its runtime: its pooled connections, its bulkhead's slots (in-flight requests of
+    the old config count against the new one) and, without Redis, its breakers' state.
+    """
+    previous = previous or {}
     return {
-        name: UpstreamRuntime(
-            name=name,
-            config=config,
-            adapter=new_adapter(len(config.targets), settings.pool_size),
-            breakers=TargetBreakers(
-                name,
-                config.targets,
-                config.breaker,
-                redis_client,
-                settings.key_prefix,
-                settings.breaker_sync_interval,
-                probe_ttl=config.timeout.connect + config.timeout.read,
-            ),
-            slots=new_slots(config.max_concurrency),
-        )
+        name: previous[name] if name in previous and previous[name].config == config else _new_upstream(name, config, settings, redis_client)
         for name, config in route_file.upstreams.items()
     }
+
+
+def _new_upstream(name: str, config: Upstream, settings: Settings, redis_client: redis.Redis | None) -> UpstreamRuntime:
+    return UpstreamRuntime(
+        name=name,
+        config=config,
+        adapter=new_adapter(len(config.targets), settings.pool_size),
+        breakers=TargetBreakers(
+            name,
+            config.targets,
+            config.breaker,
+            redis_client,
+            settings.key_prefix,
+            settings.breaker_sync_interval,
+            probe_ttl=config.timeout.connect + config.timeout.read,
+            held_open=settings.held_open,
+        ),
+        slots=new_slots(config.max_concurrency),
+    )
 
 
 def assemble(route: Route, upstream: UpstreamRuntime, settings: Settings, for_job: bool = False) -> Handler:

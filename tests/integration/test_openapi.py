@@ -2,6 +2,7 @@
 with an admin's key, answers no 5xx and nothing the document does not describe."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -88,7 +89,10 @@ def test_schemathesis_finds_no_server_error_and_no_response_outside_the_document
     elapsed = time.monotonic() - started
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-12000:]
-    assert "29 selected / 29 total" in output  # every operation of the document was tested
+    # Nothing filtered out: every operation schemathesis read from the document was tested
+    # (tests/unit/api/test_openapi.py checks that every endpoint is in the document).
+    selected, total = map(int, re.search(r"Operations:\s+(\d+) selected / (\d+) total", output).groups())
+    assert selected == total > 0, output[-3000:]
     assert elapsed < 60, f"schemathesis took {elapsed:.0f} s"
     answered = [line for line in gateway.log_lines() if line.get("path", "").startswith("/_gateway/")]
     errors = [line for line in answered if line.get("status", 0) >= 500]
