@@ -15,14 +15,6 @@ from app.observability import tasks as observed_tasks
 from app.webhooks import time_limits
 from tasks.schedule import beat_schedule
 
-# Heroku sends SIGTERM to every process of a dyno at once and SIGKILL 30 s later. Running tasks
-# get this long to finish; then the worker cancels them and puts their messages back on the
-# queue at once, well before the SIGKILL that would leave them unacknowledged in Redis until
-# the visibility timeout. Needs REMAP_SIGTERM=SIGQUIT (the Procfile sets it): Celery's default
-# SIGTERM is a warm shutdown that waits for tasks without limit, and the pool's processes,
-# which get the same SIGTERM, die at once.
-SOFT_SHUTDOWN_TIMEOUT = 25.0
-
 
 def celery_init_app(app: Flask) -> Celery:
     """Create the Celery app for ``app`` and store it in ``app.extensions["celery"]``.
@@ -71,9 +63,14 @@ def celery_init_app(app: Flask) -> Celery:
             "frontdoor.webhooks.deliver": {"soft_time_limit": attempt_soft, "time_limit": attempt_hard},
         },
         broker_connection_retry_on_startup=True,
-        # Only when tasks are running: an idle worker has nothing to wait for (no ETA tasks here).
-        worker_soft_shutdown_timeout=float(config.get("WORKER_SOFT_SHUTDOWN_TIMEOUT", SOFT_SHUTDOWN_TIMEOUT)),
-        worker_enable_soft_shutdown_on_idle=bool(config.get("WORKER_SOFT_SHUTDOWN_ON_IDLE", False)),
+        # Heroku sends SIGTERM to every process of a dyno, SIGKILL 30 s later. With
+        # REMAP_SIGTERM=SIGQUIT (the Procfile) the SIGTERM starts this soft shutdown, then a cold
+        # one that puts unfinished messages back on the queue at once, not after the Redis
+        # visibility timeout; Celery's default warm shutdown would wait without limit while the
+        # pool's processes, which get the same SIGTERM, die. Only when tasks are running: an
+        # idle worker has nothing to wait for (no ETA tasks here).
+        worker_soft_shutdown_timeout=float(config["WORKER_SOFT_SHUTDOWN_TIMEOUT"]),
+        worker_enable_soft_shutdown_on_idle=bool(config["WORKER_SOFT_SHUTDOWN_ON_IDLE"]),
         worker_hijack_root_logger=False,
         beat_schedule=beat_schedule(config),
         timezone="UTC",
