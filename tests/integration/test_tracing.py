@@ -65,6 +65,7 @@ def collector():
     made = Collector()
     yield made
     made.server.shutdown()
+    made.server.server_close()
 
 
 def test_spans_of_a_request_are_exported_in_the_clients_trace(start_gateway, httpbin_url, collector):
