@@ -23,8 +23,7 @@ from app.gateway.pipeline import cache_rules
 from app.gateway.request_id import HEADER, accept_or_generate
 from app.gateway.router import has_dot_segment
 from app.gateway.types import GatewayRequest, GatewayResponse
-from app.observability import metrics
-from app.observability.logging import access
+from app.observability.logging import request_done
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 
@@ -78,7 +77,7 @@ class CacheFastPath(TakeGateway):
             "status": response.status,
             "upstream_ms": None,
         }
-        return ClosingIterator(_send(response, environ, start_response), [response.close, partial(_log, log_fields, started, response.headers.get("Cache-Status"))])
+        return ClosingIterator(_send(response, environ, start_response), [response.close, partial(request_done, log_fields, started, route, None, response.headers.get("Cache-Status"))])
 
     def _hit(self, environ: dict, gateway: Gateway, lookups: dict[int, Callable]):
         """``(response, route label, request id, method, path)`` for a fresh hit, else None."""
@@ -124,14 +123,6 @@ def _send(response: GatewayResponse, environ: dict, start_response: Callable) ->
         fields.append(("Content-Length", str(sum(len(chunk) for chunk in response.body))))
     start_response(f"{status} {HTTP_STATUS_CODES.get(status, 'unknown').upper()}", fields)
     return response.body
-
-
-def _log(fields: dict, started: float, cache_status: str | None) -> None:
-    # The metrics and the access line the app writes, once the body has been sent.
-    seconds = time.perf_counter() - started
-    fields["duration_ms"] = round(seconds * 1000, 3)
-    metrics.request_done(fields["route"], fields["method"], fields["status"], seconds, None, cache_status)
-    access.info("request", extra=fields)
 
 
 def wrap(app: Flask, wsgi_app: WSGIApp) -> WSGIApp:

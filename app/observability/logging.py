@@ -8,6 +8,7 @@ import queue
 import sys
 import time
 from contextvars import ContextVar
+from functools import partial
 from logging.handlers import QueueHandler, QueueListener
 
 from flask import Flask, g, has_request_context, request
@@ -218,18 +219,21 @@ def _log_when_done(response: Response) -> Response:
     rule = client.url_rule
     # Metrics name the gateway's own endpoints by their URL rule; a proxied path by its route.
     route = fields["route"] or (rule.rule if rule is not None and client.endpoint != "proxy" else None)
-    cache_status = response.headers.get("Cache-Status")
-
-    def emit() -> None:
-        # Logged when the body has been sent, so a streamed download's whole time is counted.
-        seconds = None if started is None else time.perf_counter() - started
-        if seconds is not None:
-            fields["duration_ms"] = round(seconds * 1000, 3)
-        metrics.request_done(route, fields["method"], fields["status"], seconds, ctx.get("upstream_seconds") if target else None, cache_status)
-        access.info("request", extra=fields)
-
-    response.call_on_close(emit)
+    upstream_seconds = ctx.get("upstream_seconds") if target else None
+    response.call_on_close(partial(request_done, fields, started, route, upstream_seconds, response.headers.get("Cache-Status")))
     return response
+
+
+def request_done(fields: dict, started: float | None, route: str | None, upstream_seconds: float | None, cache_status: str | None) -> None:
+    """Once a request's body has been sent (so a streamed download's whole time counts): its
+    metrics (``metrics.request_done``) and its access line, ``fields`` with ``duration_ms``
+    (milliseconds since ``started``, a ``time.perf_counter()`` reading; None: not timed).
+    The app's hook and the cache fast path both end a request here."""
+    seconds = None if started is None else time.perf_counter() - started
+    if seconds is not None:
+        fields["duration_ms"] = round(seconds * 1000, 3)
+    metrics.request_done(route, fields["method"], fields["status"], seconds, upstream_seconds, cache_status)
+    access.info("request", extra=fields)
 
 
 def init_app(app: Flask) -> None:
