@@ -147,6 +147,13 @@ def cache(
                 waited, leader = _wait(store, base, variant, req.headers, lock_wait, clock)
                 if waited is not None:
                     return _hit(waited, clock(), req, collapsed=True)
+            if leader and "no-cache" not in asked:
+                # Between the lookup above and the lock, another request may have stored the
+                # entry and let go of the lock: look once more before going upstream.
+                stored_meanwhile = _fresh(store, base, req.headers, clock)
+                if stored_meanwhile is not None:
+                    _safe(lambda: store.unlock(variant), None)
+                    return _hit(stored_meanwhile, clock(), req, collapsed=True)
             try:
                 try:
                     response = next_handler(req)
@@ -222,12 +229,20 @@ def _wait(store: CacheStore, base: str, variant: str, headers: Headers, limit: f
     while time.monotonic() < deadline:
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
-        _, entry = _lookup(store, base, headers)
-        if entry is not None and clock() - entry.stored_at < entry.fresh_for:
+        entry = _fresh(store, base, headers, clock)
+        if entry is not None:
             return entry, False
         if _safe(lambda: store.lock(variant, limit), True):
             return None, True
     return None, False
+
+
+def _fresh(store: CacheStore, base: str, headers: Headers, clock) -> Entry | None:
+    """The stored entry for these request headers if it is still fresh, else None."""
+    _, entry = _lookup(store, base, headers)
+    if entry is not None and clock() - entry.stored_at < entry.fresh_for:
+        return entry
+    return None
 
 
 def _usable_stale(entry: Entry | None, now: float, rules: CacheRules) -> Entry | None:

@@ -591,6 +591,32 @@ def test_requests_waiting_on_an_answer_that_is_not_stored_are_not_held_for_lock_
     assert time.monotonic() - released < 1.0  # not the 2 s of lock_wait
 
 
+def test_an_entry_stored_between_a_lookup_and_its_lock_is_served_not_fetched_again():
+    class LeaderFinishesFirst(MemoryStore):
+        """The first lock asked for waits until a whole other request has stored the entry and
+        let go of the lock: the moment between one request's miss and its lock."""
+
+        other: object = None
+
+        def lock(self, key: str, ttl: float) -> bool:
+            other, self.other = self.other, None
+            if other is not None:
+                other()
+            return super().lock(key, ttl)
+
+    store = LeaderFinishesFirst(1 << 20)
+    upstream = origin()
+    handle = stage(upstream, store=store)
+    others: list = []
+    store.other = lambda: others.append(fetch(handle))
+
+    status, headers, body = fetch(handle)
+
+    assert [(other[2], other[1]["Cache-Status"]) for other in others] == [(b"answer 1", "frontdoor; fwd=miss; stored")]
+    assert (status, body, headers["Cache-Status"]) == (200, b"answer 1", f"frontdoor; hit; ttl={TTL}; collapsed")
+    assert len(upstream.calls) == 1
+
+
 # --- RFC 9111 requirements the stage does not meet -------------------------------------
 
 
