@@ -10,7 +10,7 @@ from urllib.parse import quote, urlsplit
 
 from celery.signals import worker_init
 from flask import Flask, appcontext_pushed, current_app, g, request
-from werkzeug.exceptions import BadRequest, NotFound
+from werkzeug.exceptions import BadRequest, HTTPException, MethodNotAllowed, NotFound
 from werkzeug.wrappers import Response
 
 from app.extensions import redis_client
@@ -116,7 +116,12 @@ def route_request() -> None:
     gateway: Gateway = client.environ.get(GATEWAY) or current(current_app)
     path = client.path
     if gateway.is_reserved(path):
-        raise NotFound()  # the gateway's own space: never proxied to a broad route such as "/"
+        # The gateway's own space: never proxied to a broad route such as "/". A path of its own
+        # asked with a method it does not take is a 405 naming those it does (RFC 9110 15.5.6).
+        allowed = own_methods(path)
+        if allowed:
+            raise MethodNotAllowed(valid_methods=allowed)
+        raise NotFound()
     if has_dot_segment(path):
         raise BadRequest("The path must not contain '.' or '..' segments")
     ctx = g._get_current_object()
@@ -125,6 +130,20 @@ def route_request() -> None:
     match = client.environ.get(MATCHED) or gateway.router.match(client.method, path, raw_path, client.headers)
     ctx.match = match
     ctx.route = match.route.label
+
+
+def own_methods(path: str) -> list[str]:
+    """The methods the gateway's own URL rules (not the proxy's catch-all) take on ``path``."""
+    adapter = current_app.url_map.bind("", url_scheme=request.scheme)
+    allowed = []
+    for method in PROXIED_METHODS:
+        try:
+            endpoint, _ = adapter.match(path, method=method)
+        except HTTPException:
+            continue
+        if endpoint != "proxy":
+            allowed.append(method)
+    return allowed
 
 
 def proxy(path: str = "") -> Response:

@@ -32,11 +32,13 @@ routes:
     mode: async
 """
 # What "violates the document" means: a 5xx, or a status, content type, header or body the
-# document does not give that operation. Not the checks of how strict the document is about
-# inputs (positive/negative data, ignored auth) nor those of methods it does not list.
+# document does not give that operation, or a method it does not list answered other than 405
+# with Allow. Not the checks of how strict the document is about inputs (positive/negative
+# data, ignored auth).
 SEED = "20240601"
 CHECKS = [
     "not_a_server_error",
+    "unsupported_method",
     "status_code_conformance",
     "content_type_conformance",
     "response_headers_conformance",

@@ -41,6 +41,26 @@ def test_the_gateway_keeps_its_own_paths_even_with_a_catch_all_route(client, ups
     assert len(upstream.calls) == 0
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("PUT", "/_gateway/jobs/job_x", "DELETE, GET, HEAD, OPTIONS"),
+        ("PATCH", "/healthz", "GET, HEAD, OPTIONS"),
+        ("DELETE", "/metrics", "GET, HEAD, OPTIONS"),
+        ("POST", "/_gateway/admin/routes", "GET, HEAD, OPTIONS"),
+    ],
+)
+def test_a_method_the_gateways_own_path_does_not_take_is_a_405_naming_those_it_does(client, upstream, method, path, allowed):
+    # Not proxied to the catch-all route, and not a 404: the resource is there (RFC 9110 15.5.6).
+    response = client.open(path, method=method)
+    assert response.status_code == 405
+    assert response.headers["Allow"] == allowed
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert len(upstream.calls) == 0
+
+    assert client.open("/_gateway/nothing", method=method).status_code == 404
+
+
 def test_paths_that_only_start_like_a_reserved_one_are_proxied(client, upstream):
     response = client.get("/healthzx")
     assert response.status_code == 200 and response.data == b"up"
