@@ -36,7 +36,9 @@ def defaults(app: Flask) -> dict:
         "VIA_NAME": "frontdoor",  # the pseudonym in the Via header (RFC 9110 section 7.6.3)
         "REDIS_URL": None,
         "SQLALCHEMY_DATABASE_URI": f"sqlite:///{instance / 'frontdoor.sqlite'}",
-        "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
+        # hide_parameters: a failed statement's error (logged with its traceback) leaves out the
+        # bound values, which may be a job's stored request or a key's hash.
+        "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True, "hide_parameters": True},
         "CELERY_BROKER_URL": None,  # derived from REDIS_URL, else SQLite under instance/
         # Identity. A verified key (or a JWT's consumer) is kept in each process this many
         # seconds: revoking a key or disabling a consumer takes effect everywhere within it.

@@ -43,8 +43,22 @@ class RouteFileError(Exception):
     """The route file cannot be used; the message names the file, the key and, where known, the line."""
 
 
+def shown(url: str) -> str:
+    """``url`` as an error message may show it: userinfo, query and fragment replaced by ``***``
+    (they may hold a credential, put there directly or by ${VAR})."""
+    scheme, sep, rest = url.partition("://")
+    prefix, rest = (scheme + sep, rest) if sep else ("", url)
+    rest = re.sub(r"[?#].*", "?***", rest, flags=re.DOTALL)
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rpartition("@")[2]
+    return prefix + authority + slash + path
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Errors never repeat the input: a value may hold a secret put there by ${VAR}, and a
+    # ValidationError's text reaches tracebacks (the release phase, a worker's start).
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class Timeout(_Strict):
@@ -177,9 +191,13 @@ class Upstream(_Strict):
         for target in targets:
             parts = urlsplit(target)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"target {target!r} is not an http(s) URL with a host")
+                raise ValueError(f"target {shown(target)!r} is not an http(s) URL with a host")
+            if parts.username is not None or parts.password is not None:
+                # The gateway would not send them, and a target URL is shown in logs, metrics
+                # and the admin API.
+                raise ValueError(f"target {shown(target)!r} must not carry credentials (user:password@)")
             if parts.query or parts.fragment:
-                raise ValueError(f"target {target!r} must not carry a query or fragment")
+                raise ValueError(f"target {shown(target)!r} must not carry a query or fragment")
             cleaned.append(target.rstrip("/"))
         return tuple(cleaned)
 

@@ -9,7 +9,8 @@ with a valid ``traceparent`` unchanged, and is dropped with an invalid one (sect
 
 With ``OTEL_EXPORTER_OTLP_ENDPOINT``: the OpenTelemetry SDK exports spans with the OTLP/HTTP
 exporter (configured by the standard ``OTEL_*`` variables), and Flask, requests and Celery are
-instrumented; the context above is then the current span's. Without it nothing is
+instrumented; the context above is then the current span's. Query values in span URLs are
+exported as ``REDACTED`` (a query may carry a key or token). Without it nothing is
 instrumented or exported: instrumenting with a no-op provider still cost about 110 us of CPU per
 request (measured with Flask's and requests' instrumentations), so it is not done at all.
 """
@@ -110,6 +111,38 @@ def _begin() -> None:
     g.trace = accept_or_start(headers.get(TRACEPARENT), headers.get(TRACESTATE))
 
 
+# Span attributes that carry a request's URL or query (old and stable HTTP semantic conventions).
+_URL_ATTRIBUTES = ("http.target", "http.url", "url.full")
+
+
+def _redacted_query(query: str) -> str:
+    """``a=1&api_key=x`` as ``a=REDACTED&api_key=REDACTED``: names kept, values never exported
+    (a query may carry a key or token; the access line leaves the query out altogether)."""
+    return "&".join(f"{part.partition('=')[0]}=REDACTED" if part else part for part in query.split("&"))
+
+
+def redact_span(span, *_: object) -> None:
+    """Replace the query values in a recording span's URL attributes. The instrumentations only
+    redact a few cloud-storage signature parameters (opentelemetry-util-http's ``redact_url``)."""
+    if not span.is_recording():
+        return
+    attributes = getattr(span, "attributes", None) or {}
+    for key in _URL_ATTRIBUTES:
+        value = attributes.get(key)
+        if isinstance(value, str) and "?" in value:
+            base, _, query = value.partition("?")
+            span.set_attribute(key, f"{base}?{_redacted_query(query.partition('#')[0])}")
+    query = attributes.get("url.query")
+    if isinstance(query, str) and query:
+        span.set_attribute("url.query", _redacted_query(query))
+
+
+def _redact_server_span() -> None:
+    from opentelemetry import trace
+
+    redact_span(trace.get_current_span())
+
+
 def enabled() -> bool:
     """Whether OpenTelemetry spans are recorded and exported in this process."""
     return _enabled
@@ -134,10 +167,13 @@ def _set_up_opentelemetry(app: Flask) -> None:
         # The batch processor's thread is restarted in forked children (Celery's prefork pool).
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         trace.set_tracer_provider(provider)
-        RequestsInstrumentor().instrument()
+        RequestsInstrumentor().instrument(request_hook=redact_span)
         CeleryInstrumentor().instrument()
         _enabled = True
     FlaskInstrumentor().instrument_app(app)
+    # The server span's URL attributes are set after its request hook runs: redact them in a
+    # before_request of our own, which Flask runs after the instrumentation's.
+    app.before_request(_redact_server_span)
 
 
 def init_app(app: Flask) -> None:

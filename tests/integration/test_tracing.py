@@ -1,6 +1,6 @@
 """OpenTelemetry on: with OTEL_EXPORTER_OTLP_ENDPOINT set, a gateway under gunicorn exports the
 span of a request (Flask's server span) over OTLP/HTTP, in the trace the client's traceparent
-names, and the upstream is told that span as its parent."""
+names, and the upstream is told that span as its parent; query values are redacted."""
 from __future__ import annotations
 
 import threading
@@ -77,7 +77,9 @@ def test_spans_of_a_request_are_exported_in_the_clients_trace(start_gateway, htt
         OTEL_SERVICE_NAME="frontdoor-under-test",
     )
 
-    response = requests.get(f"{gateway.url}/httpbin/headers", headers={"traceparent": f"00-{TRACE_ID}-{CLIENT_PARENT}-01"}, timeout=10)
+    response = requests.get(
+        f"{gateway.url}/httpbin/headers?api_key=q-secret-41&n=1", headers={"traceparent": f"00-{TRACE_ID}-{CLIENT_PARENT}-01"}, timeout=10
+    )
     assert response.status_code == 200
     deadline = time.monotonic() + 15
     while not collector.in_trace(TRACE_ID) and time.monotonic() < deadline:
@@ -90,3 +92,7 @@ def test_spans_of_a_request_are_exported_in_the_clients_trace(start_gateway, htt
     # The upstream (httpbin echoes what it got) was told the gateway's span as its parent.
     assert response.json()["headers"]["Traceparent"] == f"00-{TRACE_ID}-{server.span_id.hex()}-01"
     assert {resource.get("service.name") for resource in collector.resources} == {"frontdoor-under-test"}
+    # A query may carry a key or token: its values are never exported.
+    attributes = {a.key: a.value.string_value for a in server.attributes}
+    assert attributes["http.target"] == "/httpbin/headers?api_key=REDACTED&n=REDACTED"
+    assert not [key for key, value in attributes.items() if "q-secret-41" in value]

@@ -5,9 +5,12 @@ import os
 
 import pytest
 from flask import Flask
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from app import config
 from app.config import normalise_database_url
+from app.extensions import db
 
 PLATFORM = ("DATABASE_URL", "REDIS_URL", "PORT", "WEB_THREADS")
 
@@ -134,3 +137,13 @@ def test_empty_platform_variables_are_ignored(env, app):
     assert app.config["REDIS_URL"] is None
     assert app.config["CELERY_BROKER_URL"].startswith("sqla+sqlite:///")
     assert app.config["WEB_THREADS"] == 8
+
+
+def test_a_failed_statement_does_not_repeat_its_bound_values(make_app):
+    # Errors are logged with their tracebacks; a statement's values may be a job's stored request.
+    app = make_app()
+    with app.app_context(), pytest.raises(OperationalError) as caught:
+        db.session.execute(text("INSERT INTO no_such_table (value) VALUES (:value)"), {"value": "tok-5e1f2a"})
+
+    assert "no_such_table" in str(caught.value)
+    assert "tok-5e1f2a" not in str(caught.value)

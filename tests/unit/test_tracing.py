@@ -116,3 +116,25 @@ def test_without_an_otlp_endpoint_nothing_is_instrumented(make_app, monkeypatch)
     assert not isinstance(otel_trace.get_tracer_provider(), TracerProvider)  # the API's no-op proxy
     assert not getattr(app, "_is_instrumented_by_opentelemetry", False)
     assert app.wsgi_app.__class__.__name__ != "OpenTelemetryMiddleware"
+
+
+def test_a_spans_url_attributes_keep_query_names_but_never_their_values():
+    # The requests instrumentation's hook and the server span's before_request both do this.
+    span = TracerProvider().get_tracer("test").start_span(
+        "GET",
+        attributes={
+            "http.url": "https://hooks.example/in?token=t-81&x=1#frag",
+            "http.target": "/p?api_key=k-93",
+            "url.query": "access_token=a-12&flag",
+            "http.method": "GET",
+        },
+    )
+    tracing.redact_span(span)
+    span.end()
+
+    assert dict(span.attributes) == {
+        "http.url": "https://hooks.example/in?token=REDACTED&x=REDACTED",
+        "http.target": "/p?api_key=REDACTED",
+        "url.query": "access_token=REDACTED&flag=REDACTED",
+        "http.method": "GET",
+    }

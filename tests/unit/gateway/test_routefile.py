@@ -220,17 +220,50 @@ def test_the_reserved_prefix_follows_api_prefix(write):
 
 
 @pytest.mark.parametrize(
-    "target",
-    ["ftp://files.internal", "127.0.0.1:5001", "http://", "http://svc.internal/?debug=1", "http://svc.internal/#top"],
+    ("target", "shown"),
+    [
+        ("ftp://files.internal", "ftp://files.internal"),
+        ("127.0.0.1:5001", "127.0.0.1:5001"),
+        ("http://", "http://"),
+        # A query or fragment may hold a token: the message names the target without it.
+        ("http://svc.internal/?debug=1", "http://svc.internal/?***"),
+        ("http://svc.internal/#top", "http://svc.internal/?***"),
+    ],
 )
-def test_a_target_that_is_not_a_plain_http_url_is_rejected(write, target):
+def test_a_target_that_is_not_a_plain_http_url_is_rejected(write, target, shown):
     text = one_route().replace('"http://127.0.0.1:5001"', f'"{target}"')
 
     with pytest.raises(RouteFileError) as caught:
         load(write(text), env={})
 
     assert "upstreams.svc.targets (line 3)" in str(caught.value)
-    assert repr(target) in str(caught.value)
+    assert repr(shown) in str(caught.value)
+
+
+def test_a_target_with_credentials_is_refused_without_repeating_them(write):
+    # The gateway would not send them, and a target is shown in logs, metrics and the admin API.
+    path = write(one_route().replace('"http://127.0.0.1:5001"', '"${SVC_URL}"'))
+
+    with pytest.raises(RouteFileError) as caught:
+        load(path, env={"SVC_URL": "https://svc-user:s3cret-pw@svc.internal:8443/v1"})
+
+    message = str(caught.value)
+    assert "must not carry credentials" in message
+    assert "'https://***@svc.internal:8443/v1'" in message
+    chain = [caught.value, *(e for e in (caught.value.__cause__, caught.value.__context__) if e)]
+    assert not any("s3cret-pw" in str(error) or "svc-user" in str(error) for error in chain)
+
+
+def test_an_invalid_value_from_the_environment_is_not_repeated_in_the_error(write):
+    # A ValidationError's text reaches tracebacks (the release phase, a worker's start).
+    path = write(one_route(max_body_size="${MAX}"))
+
+    with pytest.raises(RouteFileError) as caught:
+        load(path, env={"MAX": "tok-9f8e7d"})
+
+    assert "routes[0].max_body_size (line 7)" in str(caught.value)
+    assert "tok-9f8e7d" not in str(caught.value)
+    assert "tok-9f8e7d" not in str(caught.value.__cause__)
 
 
 def test_an_upstream_needs_a_target(write):
