@@ -28,9 +28,12 @@ migrate: $(STAMP) ## apply database migrations (SQLite under instance/ unless DA
 	$(BIN)/flask db upgrade
 
 # The demo lets webhook receivers be http:// on this machine (httpbin plays one); the SSRF guard
-# refuses both by default.
+# refuses both by default. Web and worker count metrics into one fresh directory, so the web's
+# /metrics shows the jobs and webhooks too.
 run: migrate ## start web, worker, beat and an httpbin demo upstream on the embedded default (port $(PORT))
+	rm -rf instance/metrics && mkdir -p instance/metrics
 	HOST=127.0.0.1 WEB_CONCURRENCY=$(WEB_CONCURRENCY) PATH="$(CURDIR)/$(BIN):$$PATH" \
+	PROMETHEUS_MULTIPROC_DIR="$(CURDIR)/instance/metrics" \
 	GATEWAY_WEBHOOK_ALLOW_HTTP=true GATEWAY_WEBHOOK_ALLOWED_NETWORKS='["127.0.0.0/8"]' \
 	$(BIN)/honcho start -f Procfile.dev -p $(PORT)
 

@@ -22,6 +22,17 @@ timeout = int(os.environ.get("GUNICORN_TIMEOUT", "35"))
 graceful_timeout = 25  # SIGTERM: in-flight requests get this long, inside Heroku's 30 s
 keepalive = 75  # longer than a load balancer's idle timeout, so it is never the one to close first
 accesslog = None  # the gateway logs one JSON line per request itself
+# gunicorn's own lines (start, workers booted and exiting, timeouts, errors) are JSON on stdout
+# like the gateway's; the root logger is left to the app (app.observability.logging).
+logconfig_dict = {
+    "root": {"level": "WARNING", "handlers": []},
+    "loggers": {
+        "gunicorn.error": {"level": "INFO", "handlers": ["json"], "propagate": False},
+        "gunicorn.access": {"level": "INFO", "handlers": [], "propagate": False},
+    },
+    "handlers": {"json": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
+    "formatters": {"json": {"()": "app.observability.logging.JSONFormatter"}},
+}
 # gunicorn's control socket defaults to one path per user (~/.gunicorn/gunicorn.ctl): two
 # servers on a machine (web and the demo httpbin, or two dynos' worth in tests) take it from
 # each other, and the first to stop deletes it. The gateway does not use it.

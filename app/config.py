@@ -71,6 +71,7 @@ def defaults(app: Flask) -> dict:
         # many seconds, then the messages of those still running go back on the queue at once.
         "WORKER_SOFT_SHUTDOWN_TIMEOUT": 25.0,
         "WORKER_SOFT_SHUTDOWN_ON_IDLE": False,  # wait out the timeout even with no task running
+        "WORKER_METRICS_PORT": None,  # a Celery worker serves its metrics on this port (on HOST)
         # Async jobs. Times are seconds, sizes bytes.
         "JOB_RETRY_AFTER": 1,  # the Retry-After a client is told while a job is not final
         "JOB_RESULT_TTL": 24 * 3600.0,  # a final job's result is kept this long, then 410

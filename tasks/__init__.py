@@ -9,11 +9,10 @@ from celery import Celery, Task
 from flask import Flask
 from kombu import Queue
 
-from app.observability import tasks as observed_tasks
-
-# Not "from app import webhooks": importing tasks.webhooks below would rebind that name here.
-from app.webhooks import time_limits
 from tasks.schedule import beat_schedule
+
+# Nothing from ``app`` at module level: ``celery -A tasks`` imports this package before
+# tasks/celery.py, which must set PROMETHEUS_MULTIPROC_DIR before prometheus_client is imported.
 
 
 def celery_init_app(app: Flask) -> Celery:
@@ -29,6 +28,11 @@ def celery_init_app(app: Flask) -> Celery:
     WORKER_SOFT_SHUTDOWN_TIMEOUT seconds (25) to finish; the messages of those still running
     then go back on the queue at once.
     """
+
+    from app.observability import tasks as observed_tasks
+
+    # Not "from app import webhooks": importing tasks.webhooks below would rebind that name here.
+    from app.webhooks import time_limits
 
     class FlaskTask(Task):
         def __call__(self, *args: object, **kwargs: object) -> object:
@@ -89,7 +93,7 @@ def celery_init_app(app: Flask) -> Celery:
         celery_app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_NONE}
     celery_app.conf.update(config.get("CELERY", {}))
     celery_app.set_default()
-    observed_tasks.connect()
+    observed_tasks.connect(config)
     app.extensions["celery"] = celery_app
     if broker_url.startswith("sqla+"):
         declare_embedded_queues(celery_app)

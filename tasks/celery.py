@@ -1,4 +1,30 @@
-"""Entry point for ``celery -A tasks``: the Celery app of a freshly created gateway app."""
-from app import create_app
+"""Entry point for ``celery -A tasks``: the Celery app of a freshly created gateway app.
+
+A worker's tasks run in the prefork pool's child processes, so its metrics use
+prometheus-client's multiprocess mode: every process writes its values to files in
+``PROMETHEUS_MULTIPROC_DIR``, and the worker's metrics port (``GATEWAY_WORKER_METRICS_PORT``)
+or a web server given the same directory adds them up. prometheus-client chooses file-backed
+values when it is imported, so the directory is set here, before ``app`` is imported. A
+directory given in the environment is used as it is; else a fresh one is made and removed
+when the process exits.
+"""
+import atexit
+import logging
+import os
+import shutil
+import tempfile
+
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+else:
+    _own_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="frontdoor-metrics-celery-")
+    _maker = os.getpid()
+    # Only the process that made it: the pool's children inherit this hook and leave first.
+    atexit.register(lambda: os.getpid() == _maker and shutil.rmtree(_own_metrics_dir, ignore_errors=True))
+
+from app import create_app  # after the directory is set
 
 app = create_app().extensions["celery"]
+# Python warnings a worker or beat meets from here on (Celery's own at start) are log lines too:
+# JSON on stdout, like every other (app.observability.logging).
+logging.captureWarnings(True)

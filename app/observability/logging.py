@@ -133,15 +133,16 @@ def _ours(logger: logging.Logger) -> list[logging.Handler]:
 
 
 def _install(handler: logging.Handler) -> None:
-    """Make ``handler`` the one the ``frontdoor`` and ``pybreaker`` loggers write through."""
+    """Make ``handler`` the one the ``frontdoor`` and ``pybreaker`` loggers write through, and
+    the root logger's (what other libraries log: Celery's own lines, a driver's warnings)."""
     handler._frontdoor = True
     handler.addFilter(_with_request_id)
-    for name in _LOGGERS:
-        logger = logging.getLogger(name)
+    for logger in (*map(logging.getLogger, _LOGGERS), logging.getLogger()):
         for old in _ours(logger):
             logger.removeHandler(old)
         logger.addHandler(handler)
-        logger.propagate = False
+        if logger is not logging.root:
+            logger.propagate = False
 
 
 def _stdout_handler(stream) -> logging.Handler:
@@ -151,7 +152,9 @@ def _stdout_handler(stream) -> logging.Handler:
 
 
 def configure(level: str = "INFO") -> None:
-    """Send the ``frontdoor`` loggers to stdout as JSON, once per process."""
+    """Send the ``frontdoor`` loggers, and whatever reaches the root logger (at its level:
+    WARNING unless a Celery worker's ``--loglevel`` says otherwise), to stdout as JSON, once per
+    process."""
     # What the logging HOWTO's "Optimization" section lists as not worth collecting per record:
     # the caller's file and line (a stack walk), thread and multiprocessing names. The access
     # line is written for every request; these cost a sixth of a pass-through request's CPU.

@@ -5,7 +5,8 @@ raw paths), upstreams and targets come from the route file, outcomes are fixed w
 
 Under gunicorn with several workers, and in Celery's prefork pool, each process writes its
 values to files in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode) and
-``/metrics`` sums them: ``gunicorn.conf.py`` and ``tasks/celery.py`` set that up.
+``/metrics`` sums them: ``gunicorn.conf.py`` and ``tasks/celery.py`` set that up. A Celery
+worker serves its processes' sum on a port of its own (``app.observability.tasks``).
 """
 from __future__ import annotations
 

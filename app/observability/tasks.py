@@ -7,13 +7,29 @@ HTTP request's, or the running task's for a task it sends); ``task_prerun`` make
 task's (the trace as a hop of its own); ``task_postrun`` logs
 ``{"msg": "task", "task", "task_id", "outcome", "duration_ms", "request_id"}`` and counts
 ``frontdoor_celery_tasks_total{task, outcome}``.
+
+A worker's and beat's own lines (Celery's) are JSON on stdout too; Celery's per-task INFO lines
+are left out. A worker with ``WORKER_METRICS_PORT`` set serves every one of its processes'
+metrics (the pool's children write them to files: tasks/celery.py) on that port, on ``HOST``
+(0.0.0.0), from the main process once the pool is up; a child that exits is marked dead for the
+live gauges.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 
-from celery.signals import before_task_publish, task_postrun, task_prerun
+from celery.signals import (
+    before_task_publish,
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
+from prometheus_client import multiprocess, start_http_server
 
 from app.observability import metrics, tracing
 from app.observability.logging import current_request_id, task_request_id
@@ -61,8 +77,58 @@ def _ended(task_id: str | None = None, task=None, state: str | None = None, **_:
         tracing.task_trace.reset(trace_token)
 
 
-def connect() -> None:
-    """Observe the tasks of every Celery app in this process (the signals are global; once)."""
+class MetricsPort:
+    """The worker's metrics port: Prometheus text on any path of ``host:port``, read from
+    ``metrics.registry()`` at each scrape (every process's files in multiprocess mode)."""
+
+    def __init__(self, port: int, host: str) -> None:
+        self.port, self.host = port, host
+        self.server = None
+
+    def start(self, **_: object) -> None:
+        if self.server is not None:
+            return
+        self.server, _thread = start_http_server(self.port, self.host, registry=metrics.registry())
+        log.info("metrics port open", extra={"address": f"{self.host}:{self.server.server_port}"})
+
+    def stop(self, **_: object) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+def _child_exit(pid: int | None = None, **_: object) -> None:
+    if pid and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)
+
+
+# Celery's own line for every task received and every task that succeeded: the ``task`` line
+# says both, so only their warnings and errors (a task that raised, a lost worker) are kept.
+_PER_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+
+
+def _log_as_json(loglevel: int | str | None = None, **_: object) -> bool:
+    """Celery's ``setup_logging``: with a receiver connected Celery configures no logging of its
+    own, so its lines reach the root logger, which writes JSON on stdout
+    (``app.observability.logging``) at the worker's or beat's ``--loglevel``."""
+    logging.getLogger().setLevel(loglevel or logging.WARNING)
+    for name in _PER_TASK_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return True
+
+
+def connect(config: dict) -> None:
+    """Observe the tasks of every Celery app in this process (the signals are global; once);
+    in a worker, serve its metrics on ``config["WORKER_METRICS_PORT"]`` when that is set."""
     before_task_publish.connect(_publishing, dispatch_uid="frontdoor-request-id", weak=False)
     task_prerun.connect(_starting, dispatch_uid="frontdoor-task-start", weak=False)
     task_postrun.connect(_ended, dispatch_uid="frontdoor-task-end", weak=False)
+    worker_process_shutdown.connect(_child_exit, dispatch_uid="frontdoor-child-exit", weak=False)
+    setup_logging.connect(_log_as_json, dispatch_uid="frontdoor-json-logs", weak=False)
+    port = config.get("WORKER_METRICS_PORT")
+    if port is not None:
+        # The first app created in the process decides (a worker creates one: tasks/celery.py).
+        served = MetricsPort(int(port), os.environ.get("HOST", "0.0.0.0"))
+        worker_ready.connect(served.start, dispatch_uid="frontdoor-metrics-port", weak=False)
+        worker_shutdown.connect(served.stop, dispatch_uid="frontdoor-metrics-port-stop", weak=False)

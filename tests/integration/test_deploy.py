@@ -320,7 +320,10 @@ def test_a_clean_checkout_deploys_serves_and_stops_on_sigterm_without_losing_wor
     assert restored is not None and (killed < 0 or killed > restored.start()), output[-3000:]
     assert stopped_after < 5 + 1, output[-3000:]
     # (honcho reports the exit code of the shell running each line, which the SIGTERM ends too.)
-    assert "Shutting down: Master" in "\n".join(first.lines("web")), output[-3000:]
+    web_lines = first.lines("web")
+    assert "Shutting down: Master" in "\n".join(web_lines), output[-3000:]
+    # The web dyno's every line is JSON, gunicorn's own included.
+    assert web_lines and len(services.json_lines("\n".join(web_lines))) == len(web_lines), web_lines[-20:]
     worker_lines = "\n".join(first.lines("worker"))
     assert f"Initiating Soft Shutdown, terminating in {SOFT_SHUTDOWN}" in worker_lines, worker_lines[-3000:]
     assert re.search(r"Restoring \d+ unacknowledged message", worker_lines), worker_lines[-3000:]

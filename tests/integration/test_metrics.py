@@ -1,4 +1,5 @@
-"""/metrics under gunicorn with two workers: every worker's counts added up, with bounded labels."""
+"""/metrics under gunicorn with two workers: every worker's counts added up, with bounded labels;
+and a Celery worker's, on its own port or through the web server's directory."""
 from __future__ import annotations
 
 import time
@@ -7,6 +8,12 @@ import uuid
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests import services
+from tests.integration import test_jobs
+from tests.integration.test_jobs import BACKENDS
+
+stack = test_jobs.stack  # the fixture: a gateway with its database and broker, workers started here
 
 pytestmark = [pytest.mark.slow]
 
@@ -70,3 +77,58 @@ def test_metrics_add_up_every_workers_requests_with_route_labels(start_gateway, 
         assert sample(found, "frontdoor_cache_responses_total", route="/cached", result="miss") >= 1
     routes = {dict(labels).get("route") for (name, labels) in found if name == "frontdoor_http_requests_total"}
     assert routes <= {"/httpbin", "/cached", "unmatched", "/metrics", "/healthz"}  # route labels, never raw paths
+
+
+# A Celery worker's metrics: its pool's children count jobs and tasks, each in a process of its own.
+
+
+def submit_jobs(stack, count: int) -> list[str]:
+    """``count`` jobs of one second each on the async route, sent before any worker listens."""
+    return [stack.submit(f"/async/delay/1?n={n}").headers["Location"] for n in range(count)]
+
+
+def wait_succeeded(stack, locations: list[str]) -> None:
+    for location in locations:
+        job, _ = stack.follow(location, timeout=30)
+        assert job["status"] == "succeeded", job
+
+
+def job_pids(worker) -> set[int]:
+    """The pool processes whose ``task`` lines show a job run."""
+    lines = services.json_lines(worker.text())
+    return {line["pid"] for line in lines if line.get("msg") == "task" and line.get("task") == "frontdoor.jobs.run"}
+
+
+@pytest.mark.parametrize("stack", [BACKENDS["redis"]], indirect=True)
+def test_a_workers_metrics_port_adds_up_every_pool_process(stack):
+    # No PROMETHEUS_MULTIPROC_DIR given: tasks/celery.py makes one for the worker's processes.
+    port = services.free_port()
+    stack.env["GATEWAY_WORKER_METRICS_PORT"] = str(port)
+    locations = submit_jobs(stack, 4)
+    worker = stack.worker(concurrency=2)
+    wait_succeeded(stack, locations)
+    assert len(job_pids(worker)) == 2, f"both pool processes ran jobs:\n{stack.logs()}"
+
+    found = samples(f"http://127.0.0.1:{port}")
+    assert sample(found, "frontdoor_jobs_total", status="succeeded") == 4
+    assert sample(found, "frontdoor_celery_tasks_total", task="frontdoor.jobs.run", outcome="succeeded") == 4
+    assert sample(found, "frontdoor_job_queue_wait_seconds_count") == 4
+    # The web server's own directory is another: its /metrics counts requests, not these jobs.
+    web = samples(stack.gateway.url)
+    assert sample(web, "frontdoor_jobs_total", status="succeeded") == 0
+    assert sample(web, "frontdoor_http_requests_total", route="async", method="GET", status="202") == 4
+
+
+@pytest.mark.parametrize("stack", [BACKENDS["sqlite"]], indirect=True)
+def test_a_worker_given_the_web_servers_directory_shows_in_its_metrics(stack, tmp_path):
+    # One machine (make run, honcho): web and worker share PROMETHEUS_MULTIPROC_DIR.
+    stack.env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
+    locations = submit_jobs(stack, 2)
+    stack.worker(concurrency=2)
+    wait_succeeded(stack, locations)
+
+    time.sleep(0.3)  # the web workers' metric updaters apply what they queued
+    found = samples(stack.gateway.url)
+    assert sample(found, "frontdoor_jobs_total", status="succeeded") == 2
+    assert sample(found, "frontdoor_celery_tasks_total", task="frontdoor.jobs.run", outcome="succeeded") == 2
+    assert sample(found, "frontdoor_http_requests_total", route="async", method="GET", status="202") == 2

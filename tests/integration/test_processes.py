@@ -72,7 +72,11 @@ def _run_worker_and_beat(tmp_path: Path, env: dict[str, str]) -> None:
     try:
         _send_task(env)
         deadline = time.monotonic() + 30
-        while "Task celery.backend_cleanup" not in worker_log.read_text() or " succeeded " not in worker_log.read_text():
+        def ran() -> bool:  # the worker's one JSON line for the task
+            lines = services.json_lines(worker_log.read_text())
+            return any(line.get("msg") == "task" and line.get("task") == "celery.backend_cleanup" and line.get("outcome") == "succeeded" for line in lines)
+
+        while not ran():
             assert time.monotonic() < deadline, worker_log.read_text()
             assert worker.poll() is None, worker_log.read_text()
             time.sleep(0.2)

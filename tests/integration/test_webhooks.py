@@ -759,7 +759,7 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 def test_one_request_id_finds_the_access_line_the_task_lines_and_the_attempt(stack, receiver):
-    stack.beat()
+    beat = stack.beat()
     worker = stack.worker()
     api = stack.api()
     endpoint = api.create_endpoint(receiver.url("/traced"))
@@ -790,6 +790,16 @@ def test_one_request_id_finds_the_access_line_the_task_lines_and_the_attempt(sta
     # The delivery is a hop of the publishing request's W3C trace (through the fan-out task).
     [received] = receiver.on("/traced")
     assert received.headers["traceparent"].startswith(f"00-{TRACE_ID}-") and received.headers["traceparent"] != f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+    # Every line the worker and beat write is JSON, Celery's own and Python warnings included,
+    # but for the banner Celery prints at start; its per-task "received" and "succeeded" lines
+    # are left out.
+    for process in (worker, beat):
+        lines = [line for line in process.text().splitlines() if line.strip()]
+        start = next(n for n, line in enumerate(lines) if "-------------- " in line or line.startswith("celery beat v"))
+        end = next(n for n in range(start, len(lines)) if lines[n].startswith("{"))
+        rest = lines[:start] + lines[end:]
+        assert len(services.json_lines("\n".join(rest))) == len(rest), "\n".join(rest[-40:])
+        assert not [line for line in lines if "celery.worker.strategy" in line or "celery.app.trace" in line]
 
 
 # Found while writing these tests ---------------------------------------------------------------

@@ -1,16 +1,23 @@
 """A Celery task carries the request id of the request that sent it: in its message headers, on
-every line it logs, on its own task line; and each run is counted by task and outcome."""
+every line it logs, on its own task line; and each run is counted by task and outcome. A worker
+counts in multiprocess mode and can serve its metrics on a port."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import tempfile
 
 import pytest
+import requests
 from celery.contrib.testing.worker import start_worker
 from flask import g
 from prometheus_client import REGISTRY
 
-from app.observability import tracing
+from app.observability import metrics, tracing
 from app.observability.logging import current_request_id
+from app.observability.tasks import MetricsPort
 from tests import services
 from tests.services import logged
 
@@ -75,3 +82,57 @@ def test_a_task_sent_outside_a_request_has_no_request_id_and_leaves_none_behind(
     assert [r.request_id for r in inner] == [None, None]
     assert [r.trace for r in inner] == [None, None]
     assert current_request_id() is None  # nothing of a task's context is left behind
+
+
+# A worker's metrics: multiprocess mode from the entry module on, and a port of its own.
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    return subprocess.run([sys.executable, "-c", code], cwd=services.ROOT, env={**environ, **env}, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_the_tasks_package_imports_no_metrics_before_its_entry_module_sets_their_directory():
+    # celery -A tasks imports the package first: were prometheus_client imported by then, the
+    # pool's processes would keep their counts to themselves.
+    result = run_python("import sys, tasks; print(sorted(m for m in ('app', 'prometheus_client') if m in sys.modules))")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_worker_entry_module_counts_into_a_directory_of_its_own_and_removes_it_on_exit(tmp_path):
+    code = (
+        "import os, tasks.celery, prometheus_client.values as v; "
+        "from app.observability import metrics; metrics.TASKS.labels('t', 'succeeded').inc(); "
+        "print(os.environ['PROMETHEUS_MULTIPROC_DIR']); print(v.ValueClass.__name__)"
+    )
+    result = run_python(code, DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite'}", REDIS_URL="",
+                        GATEWAY_CELERY_BROKER_URL=f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}")
+    assert result.returncode == 0, result.stderr
+    made, value_class = result.stdout.split()
+    assert value_class == "MmapedValue"  # prometheus-client's file-backed values
+    assert made.startswith(tempfile.gettempdir())
+    assert not os.path.exists(made)
+
+    given = tmp_path / "given"
+    result = run_python(code, PROMETHEUS_MULTIPROC_DIR=str(given), DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                        REDIS_URL="", GATEWAY_CELERY_BROKER_URL=f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(given), "MmapedValue"]
+    # A directory given is left to whoever gave it, with the counts in it.
+    assert [name for name in os.listdir(given) if name.startswith("counter_")]
+
+
+def test_the_metrics_port_serves_the_counts_until_it_is_stopped(app):
+    port = MetricsPort(0, "127.0.0.1")
+    port.start()
+    try:
+        url = f"http://127.0.0.1:{port.server.server_port}/metrics"
+        name = services.unique("test.port")
+        metrics.TASKS.labels(name, "succeeded").inc(3)
+        text = requests.get(url, timeout=5).text
+        assert f'frontdoor_celery_tasks_total{{outcome="succeeded",task="{name}"}} 3.0' in text
+    finally:
+        port.stop()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url, timeout=5)
