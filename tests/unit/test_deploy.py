@@ -1,10 +1,12 @@
 """The Heroku-style deploy files agree with each other and with the code: the Procfile's
 process types are app.json's formation, the add-ons are the ones the config reads, and every
-setting app.json names is one the gateway has."""
+setting app.json names is one the gateway has; the README documents every setting."""
 from __future__ import annotations
 
 import json
 import sys
+
+from flask import Flask
 
 from app.config import defaults
 from tests import services
@@ -55,3 +57,13 @@ def test_every_setting_app_json_names_exists(app):
 
 def test_python_version_names_the_interpreter_the_suite_runs_on():
     assert (ROOT / ".python-version").read_text().strip() == f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def test_the_readme_documents_every_setting():
+    # The configuration reference: every GATEWAY_* setting, or the platform variable it comes from.
+    settings = defaults(Flask("readme-check"))
+    readme = (ROOT / "README.md").read_text()
+    platform = {"REDIS_URL": "REDIS_URL", "WEB_THREADS": "WEB_THREADS", "SQLALCHEMY_DATABASE_URI": "DATABASE_URL"}
+    internal = {"SQLALCHEMY_ENGINE_OPTIONS"}  # set by the gateway, not an operator's setting
+    undocumented = [name for name in settings if name not in internal and f"`{platform.get(name, 'GATEWAY_' + name)}`" not in readme]
+    assert undocumented == []
