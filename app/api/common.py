@@ -26,9 +26,11 @@ MAX_PAGE = 100
 
 
 class Schema(BaseModel):
-    """A request body: unknown fields are errors, not silently ignored."""
+    """A request body: unknown fields are errors, not silently ignored, and a value must have
+    its field's JSON type (strict mode: ``0`` or ``"yes"`` is not a boolean, ``"60"`` not a
+    number), as the OpenAPI document says."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class BadRequest(ProblemError):

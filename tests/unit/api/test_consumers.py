@@ -141,6 +141,20 @@ def test_a_disabled_consumers_key_is_refused_at_once_and_enabled_again(client, i
     assert client.get("/_gateway/keys", headers=auth(key)).status_code == 200
 
 
+@pytest.mark.parametrize("value", [0, 1, "true", "yes", None])
+def test_disabled_must_be_a_json_boolean(client, identity, admin, value):
+    consumer = identity.consumer("acme")
+
+    response = client.patch(f"/_gateway/consumers/{consumer}", json={"disabled": value}, headers=admin)
+
+    if value is None:  # null: the field is left as it is
+        assert response.status_code == 200
+    else:
+        assert response.status_code == 422
+        assert response.json["errors"][0] == {"field": "disabled", "message": "Input should be a valid boolean"}
+    assert client.get(f"/_gateway/consumers/{consumer}", headers=admin).json["disabled"] is False
+
+
 def test_an_unknown_consumer_is_a_404(client, admin):
     assert client.get("/_gateway/consumers/con_nothing", headers=admin).status_code == 404
     assert client.patch("/_gateway/consumers/con_nothing", json={"plan": "pro"}, headers=admin).status_code == 404

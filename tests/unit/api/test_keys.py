@@ -246,7 +246,12 @@ def test_an_unknown_field_is_a_422_that_names_it(client, admin):
 
 @pytest.mark.parametrize(
     ("body", "field"),
-    [({"expires_in": 0}, "expires_in"), ({"scopes": "admin"}, "scopes"), ({"scopes": ["bad scope"]}, "scopes")],
+    [
+        ({"expires_in": 0}, "expires_in"),
+        ({"expires_in": "3600"}, "expires_in"),  # a number, not a string of one
+        ({"scopes": "admin"}, "scopes"),
+        ({"scopes": ["bad scope"]}, "scopes"),
+    ],
 )
 def test_a_wrong_field_is_a_422_that_names_it(client, admin, body, field):
     response = client.post("/_gateway/keys", json=body, headers=admin)
