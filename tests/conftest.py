@@ -25,6 +25,26 @@ routes:
 """
 
 
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Under pytest-xdist's ``--dist load`` (``make test`` runs ``-n 2``) the integration tests
+    run one after another on one worker, as they would alone: each starts gunicorn and Celery
+    processes, and some time a shutdown or a retry. The unit tests' modules share out the rest.
+
+    A scheduler of our own rather than ``xdist_group`` marks: ``--dist loadgroup`` reads them
+    from a node id that pytest 9.2 no longer lets a plugin change (pytest-xdist issue #1386).
+    """
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class EndToEndApart(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "tests/integration" if nodeid.startswith("tests/integration/") else super()._split_scope(nodeid)
+
+    return EndToEndApart(config, log)
+
+
 @pytest.fixture
 def route_file(tmp_path: Path):
     """Write a route file and return its path: ``route_file(yaml_text)``."""
