@@ -231,4 +231,4 @@ def test_an_unresponsive_redis_is_asked_once_per_backoff_not_per_request():
         client.close()
         silent.close()
     assert first >= 0.2
-    assert rest < 0.1
+    assert rest < 0.2  # not one more socket timeout in 20 rounds
