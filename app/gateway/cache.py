@@ -138,7 +138,7 @@ def cache(
             vary, entry = _lookup(store, base, req.headers)
             variant = _variant(base, vary, req.headers)
             now = clock()
-            if entry is not None and "no-cache" not in asked and now - entry.stored_at < entry.fresh_for:
+            if entry is not None and "no-cache" not in asked and entry.is_fresh(now):
                 return _hit(entry, now, req)
             fwd = "request" if "no-cache" in asked else ("stale" if entry is not None else "miss")
             # A store that fails makes every request its own leader: no waiting on a dead store.
@@ -194,7 +194,7 @@ def fresh_hit(
         return None
     _, entry = _lookup(store, base_key(key_prefix, label, req, rules.public), req.headers)
     now = clock()
-    if entry is None or now - entry.stored_at >= entry.fresh_for:
+    if entry is None or not entry.is_fresh(now):
         return None
     return _hit(entry, now, req)
 
@@ -240,9 +240,7 @@ def _wait(store: CacheStore, base: str, variant: str, headers: Headers, limit: f
 def _fresh(store: CacheStore, base: str, headers: Headers, clock) -> Entry | None:
     """The stored entry for these request headers if it is still fresh, else None."""
     _, entry = _lookup(store, base, headers)
-    if entry is not None and clock() - entry.stored_at < entry.fresh_for:
-        return entry
-    return None
+    return entry if entry is not None and entry.is_fresh(clock()) else None
 
 
 def _usable_stale(entry: Entry | None, now: float, rules: CacheRules) -> Entry | None:

@@ -38,6 +38,11 @@ class Entry:
         }
         return json.dumps(meta).encode() + b"\n" + self.body
 
+    def is_fresh(self, now: float) -> bool:
+        """Whether its age at ``now`` (epoch seconds) is below its freshness lifetime (RFC 9111
+        section 4.2)."""
+        return now - self.stored_at < self.fresh_for
+
     @classmethod
     def decode(cls, data: bytes) -> Entry:
         meta, _, body = data.partition(b"\n")
