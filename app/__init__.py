@@ -1,20 +1,32 @@
-"""Frontdoor: an API gateway. ``create_app()`` wires it, one ``init_app`` per module."""
+"""Frontdoor: an API gateway. ``create_app()`` wires it, one ``init_app`` per module.
+
+Imports happen inside ``create_app``: importing a light module of the package (the route file's
+models, ``python -m app.gateway.check``) must not load Flask's extensions, SQLAlchemy or Celery.
+"""
 from __future__ import annotations
 
-from flask import Flask
-from werkzeug.middleware.proxy_fix import ProxyFix
+from typing import TYPE_CHECKING
 
-from app import auth, config, errors, extensions, health, jobs, ratelimit, webhooks
-from app.gateway import fastpath, request_id
-from app.observability import logging as logs
-from app.observability import metrics, tracing
+if TYPE_CHECKING:
+    from flask import Flask
 
 
 def create_app(test_config: dict | None = None) -> Flask:
     """Build the gateway app: defaults, then the environment (or ``test_config`` instead).
 
-    Raises RouteFileError when the route file is invalid.
+    The app's WSGI entry splits by path: the gateway's own surface (``API_PREFIX``, /healthz,
+    /readyz, /metrics) is this Flask app; every other path is the proxy app
+    (``app.gateway.proxy``). Raises RouteFileError when the route file is invalid.
     """
+    from flask import Flask
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    from app import api, auth, config, errors, extensions, gateway, health, jobs, ratelimit, webhooks
+    from app.gateway import request_id
+    from app.observability import logging as logs
+    from app.observability import metrics, tracing
+    from tasks import celery_init_app
+
     app = Flask(__name__, instance_relative_config=True)
     app.config.from_mapping(config.defaults(app))
     if test_config is None:
@@ -30,25 +42,19 @@ def create_app(test_config: dict | None = None) -> Flask:
     extensions.init_app(app)
     health.init_app(app)
     metrics.init_app(app)
-    from app import api, gateway
-
-    # The order of these three is the order of their before_request hooks: match the route,
-    # then authenticate by its policy, then count the request against the consumer's limit.
-    gateway.init_app(app)
+    # The order of these two is the order of their before_request hooks on the gateway's own
+    # API: authenticate, then count the request against the consumer's limit.
     auth.init_app(app)
     ratelimit.init_app(app)
+    gateway.init_app(app)  # after ratelimit: every route's limit is parsed as the file loads
     jobs.init_app(app)  # after the gateway: it checks the upstreams' job timeouts
     webhooks.init_app(app)
     api.init_app(app)
-
-    from tasks import celery_init_app
-
     celery_init_app(app)
-    # Outermost first: ProxyFix sets the client's scheme, host and address that everything
-    # behind it sees, the cache fast path included (they are part of a cache key). With
-    # tracing on, every request goes through the app, where its span is made.
-    if not tracing.enabled():
-        app.wsgi_app = fastpath.wrap(app, app.wsgi_app)
+
+    gateway.wrap(app)  # the entry: own paths to the Flask app, the rest to the proxy app
+    # Outermost: ProxyFix sets the client's scheme, host and address that everything behind it
+    # sees, the proxy's rate limits and cache keys included.
     hops = int(app.config["TRUSTED_PROXY_HOPS"])
     if hops:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)

@@ -59,7 +59,7 @@ def defaults(app: Flask) -> dict:
         # Off unless set, as in Kong and KrakenD: a gateway should not answer 429s nobody asked for.
         "RATELIMIT_DEFAULT": "",
         "RATELIMIT_PLANS": {},  # {"free": "60/minute", "pro": "600/minute;20/second"}
-        "RATELIMIT_STRATEGY": "moving-window",  # exact; or "sliding-window-counter" (O(1) memory)
+        "RATELIMIT_STRATEGY": "sliding-window-counter",  # two counters per limit and key; or "moving-window" (exact, an entry per hit)
         "RATELIMIT_STORAGE_URI": None,  # default: REDIS_URL, else memory:// (one process's own)
         "RATELIMIT_FAIL_OPEN": True,  # storage unreachable: let requests through (False: 503)
         "RATELIMIT_OUTAGE_LOG_INTERVAL": 60.0,  # seconds between log lines about an outage

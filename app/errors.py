@@ -44,15 +44,22 @@ def problem_response(
     ``status`` is the HTTP status; ``type_`` a URI reference naming the problem type
     (``about:blank`` when the status says it all); ``extra`` become extension members.
     """
-    body = {"type": type_, "title": title, "status": status, "detail": detail}
-    request_id = g.get("request_id")
-    if request_id:
-        body["request_id"] = request_id
-    body.update(extra)
-    response = Response(json.dumps(body), status=status, content_type=PROBLEM_JSON)
+    body = problem_document(status, title, detail, type_, g.get("request_id"), **extra)
+    response = Response(body, status=status, content_type=PROBLEM_JSON)
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response
+
+
+def problem_document(status: int, title: str, detail: str, type_: str, request_id: str | None, **extra: object) -> bytes:
+    """The problem+json body (RFC 9457 section 3): ``type``, ``title``, ``status``, ``detail``,
+    ``request_id`` when there is one, then the extension members ``extra``. The Flask app's
+    answers and the proxy's are both made here."""
+    body = {"type": type_, "title": title, "status": status, "detail": detail}
+    if request_id:
+        body["request_id"] = request_id
+    body.update(extra)
+    return json.dumps(body).encode()
 
 
 def problem_type(slug: str) -> str:

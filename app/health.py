@@ -6,7 +6,7 @@ import sqlalchemy
 from flask import Blueprint, Flask, current_app, jsonify
 from werkzeug.wrappers import Response
 
-from app.auth import policy
+from app.auth.views import policy
 from app.errors import problem_response
 from app.extensions import db, redis_client
 

@@ -1,4 +1,5 @@
-"""Rate limits per consumer with flask-limiter on the limits library's storage, and their headers.
+"""Rate limits per consumer: which limit applies, the proxy's counting (``RateLimits``, through
+``app.gateway.ratelimit``), and flask-limiter for the gateway's own API, on one storage.
 
 The limit that applies to a request is, most specific first: its route's ``rate_limit``; its
 consumer's plan (``RATELIMIT_PLANS``); the ``anonymous`` plan for callers without credentials;
@@ -6,25 +7,18 @@ consumer's plan (``RATELIMIT_PLANS``); the ``anonymous`` plan for callers withou
 consumer across every route. Anonymous callers are counted by client IP, as ProxyFix reports it
 after ``TRUSTED_PROXY_HOPS`` (Heroku's router is one hop).
 
-Headers, on every response that a limit applied to (draft-ietf-httpapi-ratelimit-headers-08,
-sections 3 and 4, and the older de facto ``X-RateLimit-*``)::
-
-    RateLimit-Policy: "pro";q=600;w=60
-    RateLimit: "pro";r=599;t=60
-    X-RateLimit-Limit: 600
-    X-RateLimit-Remaining: 599
-    X-RateLimit-Reset: 1795000000      (epoch seconds)
-
-and ``Retry-After`` (seconds) on a 429.
+The strategy is ``RATELIMIT_STRATEGY``: the sliding window counter by default (two counters
+per limit and consumer, whatever the rate), or the moving window (exact, one list entry per hit
+in the window). The headers are those of ``app.gateway.ratelimit.Counted``, on every response
+a limit applied to, 429s included.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import redis
@@ -33,16 +27,17 @@ from flask_limiter import Limit, Limiter
 from flask_limiter.errors import RateLimitExceeded
 from limits import RateLimitItem, WindowStats, parse_many
 from limits.errors import StorageError
-from limits.storage import RedisStorage, Storage
-from limits.strategies import MovingWindowRateLimiter, RateLimiter
+from limits.storage import Storage
+from limits.strategies import RateLimiter
 from werkzeug.wrappers import Response
 
 from app.errors import ProblemError, problem_response, problem_type
 from app.extensions import REDIS_SOCKET_TIMEOUT, redis_client
+from app.gateway.ratelimit import Counted, Counter, Quota
 from app.observability.metrics import RATELIMIT_REJECTED, RATELIMIT_STORAGE_UNAVAILABLE
 
 if TYPE_CHECKING:
-    from app.auth import Principal
+    from app.identity import Principal
     from app.gateway.routefile import Route
 
 log = logging.getLogger("frontdoor.ratelimit")
@@ -124,62 +119,19 @@ class StorageOutage:
         log.warning("rate-limit storage reachable again: limits apply", extra={"requests_unlimited": unlimited})
 
 
-# The moving window of limits' acquire_moving_window.lua (a list of hit timestamps, newest
-# first), extended to answer in the same round trip how many hits the window holds and when its
-# oldest one leaves: the RateLimit fields then describe this request's own hit, even while other
-# processes hit the same key, and cost no second round trip.
-ACQUIRE_AND_COUNT = """
-local timestamp = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
-local expiry = tonumber(ARGV[3])
-local amount = tonumber(ARGV[4])
-local acquired = 0
-if amount <= limit then
-    local entry = redis.call('lindex', KEYS[1], limit - amount)
-    if not (entry and tonumber(entry) >= timestamp - expiry) then
-        for i = 1, amount do
-            redis.call('lpush', KEYS[1], timestamp)
-        end
-        redis.call('ltrim', KEYS[1], 0, limit - 1)
-        redis.call('expire', KEYS[1], expiry)
-        acquired = 1
-    end
-end
--- binary search for the oldest entry still in the window, as limits' moving_window.lua does
-local low, high, found = 0, math.min(redis.call('llen', KEYS[1]), limit) - 1, nil
-while low <= high do
-    local mid = math.floor((low + high) / 2)
-    local value = tonumber(redis.call('lindex', KEYS[1], mid))
-    if value and value >= timestamp - expiry then
-        found = mid
-        low = mid + 1
-    else
-        high = mid - 1
-    end
-end
-if found == nil then
-    return {acquired, tostring(timestamp), 0}
-end
-return {acquired, tostring(redis.call('lindex', KEYS[1], found)), found + 1}
-"""
-
-
 class CountingStrategy:
     """The configured limits strategy, remembering what each hit left of its window.
 
     flask-limiter asks the strategy for ``hit`` while checking the request and for
     ``get_window_stats`` when headers are written, two storage round trips, the second after
-    the upstream has answered, when concurrent requests have moved the count on. This answers
-    ``get_window_stats`` with the numbers taken at the hit: for the moving window on Redis from
-    the same Lua call (ACQUIRE_AND_COUNT, atomic), otherwise read right after the hit.
+    the upstream has answered, when concurrent requests have moved the count on. This counts
+    through the proxy's ``Counter`` (one round trip that also returns the window) and answers
+    ``get_window_stats`` with the numbers taken at the hit.
     """
 
     def __init__(self, strategy: RateLimiter, storage: Storage):
         self.strategy = strategy
-        self.storage = storage
-        self.script = None
-        if isinstance(strategy, MovingWindowRateLimiter) and isinstance(storage, RedisStorage):
-            self.script = storage.get_connection().register_script(ACQUIRE_AND_COUNT)
+        self.counter = Counter(strategy, storage)
 
     @staticmethod
     def _taken() -> dict[str, WindowStats]:
@@ -190,16 +142,8 @@ class CountingStrategy:
         return taken
 
     def hit(self, item: RateLimitItem, *identifiers: str, cost: int = 1) -> bool:
-        key = item.key_for(*identifiers)
-        if self.script is not None:
-            now = time.time()
-            acquired, oldest, count = self.script(
-                [self.storage.prefixed_key(key)], [now, item.amount, item.get_expiry(), cost]
-            )
-            self._taken()[key] = WindowStats(float(oldest) + item.get_expiry(), item.amount - int(count))
-            return bool(acquired)
-        acquired = self.strategy.hit(item, *identifiers, cost=cost)
-        self._taken()[key] = self.strategy.get_window_stats(item, *identifiers)
+        ((window, acquired),) = self.counter.hit((item,), identifiers, cost)
+        self._taken()[item.key_for(*identifiers)] = window
         return acquired
 
     def test(self, item: RateLimitItem, *identifiers: str, cost: int = 1) -> bool:
@@ -250,20 +194,37 @@ class GatewayLimiter(Limiter):
 
 
 class Policies:
-    """The configured limit strings, validated once; picks the one for the current request."""
+    """The configured limit strings, validated and parsed once; picks the one for a request."""
 
     def __init__(self, default: str, plans: dict[str, str]):
         self.default = _checked("RATELIMIT_DEFAULT", default)
         self.plans = {name: _checked(f"RATELIMIT_PLANS[{name!r}]", value) for name, value in plans.items()}
+        self._quotas: dict[tuple[str, str], Quota] = {}
+        for name, limit in [("default", self.default), ("anonymous", self.plans.get("anonymous", "")), *self.plans.items()]:
+            self.quota(name, limit)
+
+    def prepare(self, routes: Iterable[Route]) -> None:
+        """Parse the routes' own limits now (at load), not on their first request."""
+        for route in routes:
+            if route.rate_limit and route.rate_limit != "none":
+                self.quota("route", route.rate_limit)
+
+    def quota(self, name: str, limit: str) -> Quota | None:
+        """The parsed ``limit`` under the policy ``name``; None for "" (no limit)."""
+        if not limit:
+            return None
+        quota = self._quotas.get((name, limit))
+        if quota is None:
+            quota = self._quotas[(name, limit)] = Quota.parse(name, limit)
+        return quota
 
     def current(self) -> tuple[str, str, str]:
-        """(policy name, limit string, counting scope) for this request; "" means no limit."""
+        """(policy name, limit string, counting scope) for this request of the gateway's own
+        API; "" means no limit."""
         ctx = g._get_current_object()
         chosen = ctx.get("rate_policy")
-        if chosen is not None:
-            return chosen
-        match = ctx.get("match")
-        chosen = ctx.rate_policy = self.choose(match.route if match is not None else None, ctx.get("principal"))
+        if chosen is None:
+            chosen = ctx.rate_policy = self.choose(None, ctx.get("principal"))
         return chosen
 
     def choose(self, route: Route | None, principal: Principal | None) -> tuple[str, str, str]:
@@ -277,6 +238,45 @@ class Policies:
         if principal is None and "anonymous" in self.plans:
             return ("anonymous", self.plans["anonymous"], "consumer")
         return ("default", self.default, "consumer")
+
+
+class RateLimits:
+    """Counts a proxied request against its policy's limits: one storage round trip, through
+    the same storage, keys and strategy as flask-limiter's counting of the gateway's own API."""
+
+    def __init__(self, policies: Policies, counter: Counter, outage: StorageOutage, key_prefix: str):
+        self.policies = policies
+        self.counter = counter
+        self.outage = outage
+        self.prefix = (key_prefix,) if key_prefix else ()  # as flask-limiter keys its counters
+
+    def count(self, route: Route, principal: Principal | None, client_ip: str) -> Counted | None:
+        """Count one call by ``principal`` (None: anonymous, counted by ``client_ip``) to
+        ``route``. Returns what it left (``Counted.breached`` when a limit is used up), or None
+        when no limit applies or the storage is down and the limiter fails open. Raises
+        RateLimitUnavailable (503) when the storage is down and the limiter fails closed."""
+        name, limit, scope = self.policies.choose(route, principal)
+        quota = self.policies.quota(name, limit)
+        if quota is None:
+            return None
+        if self.outage.skipping():
+            self.outage.failed(None)
+            return None
+        key = principal.consumer_id if principal is not None else "ip:" + (client_ip or "unknown")
+        try:
+            tried = self.counter.hit(quota.items, (*self.prefix, key, scope))
+        except STORAGE_ERRORS as exc:
+            self.outage.failed(exc)
+            return None
+        self.outage.recovered()
+        return Counted(quota, [(label, item, window, acquired) for label, item, (window, acquired) in zip(quota.labels, quota.items, tried, strict=False)])
+
+
+def rejection(counted: Counted, route_label: str) -> RateLimited:
+    """The 429 for a request whose ``counted`` limit is used up (RATELIMIT_REJECTED counts it)."""
+    RATELIMIT_REJECTED.labels(route_label).inc()
+    _, item, _, _ = counted.breached
+    return RateLimited(f"The rate limit {item} ({counted.quota.name!r} policy) is used up; retry after Retry-After seconds")
 
 
 def _checked(key: str, value: str) -> str:
@@ -378,16 +378,6 @@ def _exempt() -> bool:
     return request.endpoint in EXEMPT_ENDPOINTS or not _policies().current()[1]
 
 
-@functools.lru_cache(maxsize=256)
-def _policy_items(limit: str, name: str) -> tuple[tuple[str, int, int], ...]:
-    """(policy name, quota, window seconds) for each limit in ``limit``; several are told apart
-    by their window: ``"pro-1s"``, ``"pro-60s"``. The same on every response, 429s included."""
-    items = parse_many(limit)
-    if len(items) == 1:
-        return ((name, items[0].amount, items[0].get_expiry()),)
-    return tuple((f"{name}-{item.get_expiry()}s", item.amount, item.get_expiry()) for item in items)
-
-
 def _headers(response: Response) -> Response:
     """after_request: the RateLimit fields for every limit this request was counted against."""
     limiter: GatewayLimiter = current_app.extensions["ratelimit_limiter"]
@@ -395,34 +385,22 @@ def _headers(response: Response) -> Response:
     if not limits:
         return response
     try:
-        windows = [(limit, limit.window) for limit in limits]  # as counted at the hit
+        windows = [limit.window for limit in limits]  # as counted at the hit
     except STORAGE_ERRORS:
         return response  # the request was counted; only its headers are lost
-    now = time.time()
     name, limit_string, _ = _policies().current()
-    items = _policy_items(limit_string, name)
-    label_of = {(amount, window): label for label, amount, window in items}
-    states = []
+    quota = _policies().quota(name, limit_string)
+    label_of = dict(zip(quota.items, quota.labels, strict=True))
     # flask-limiter stops at the first limit a request exceeds: a 429 reports the limits it
     # evaluated, while the policy field always lists them all.
-    for limit, (reset, remaining) in windows:
-        label = label_of.get((limit.limit.amount, limit.limit.get_expiry()), name)
-        states.append(f'"{label}";r={max(remaining, 0)};t={max(math.ceil(reset - now), 0)}')
-    headers = response.headers
-    headers["RateLimit-Policy"] = ", ".join(f'"{label}";q={amount};w={window}' for label, amount, window in items)
-    headers["RateLimit"] = ", ".join(states)
-    shown = limiter.current_limit or limits[0]
-    reset, remaining = shown.window
-    headers["X-RateLimit-Limit"] = str(shown.limit.amount)
-    headers["X-RateLimit-Remaining"] = str(max(remaining, 0))
-    headers["X-RateLimit-Reset"] = str(math.ceil(reset))
-    if shown.breached:
-        headers["Retry-After"] = str(max(math.ceil(reset - now), 1))
+    counted = Counted(quota, [(label_of.get(limit.limit, name), limit.limit, window, not limit.breached) for limit, window in zip(limits, windows, strict=True)])
+    for field, value in counted.headers():
+        response.headers[field] = value
     return response
 
 
 def _too_many_requests(error: RateLimitExceeded) -> Response:
-    RATELIMIT_REJECTED.labels(g.get("route") or request.endpoint or "").inc()
+    RATELIMIT_REJECTED.labels(request.endpoint or "").inc()
     name = _policies().current()[0]
     return problem_response(
         429,
@@ -468,5 +446,7 @@ def init_app(app: Flask) -> None:
     limiter.outage = StorageOutage(bool(config["RATELIMIT_FAIL_OPEN"]), float(config["RATELIMIT_OUTAGE_LOG_INTERVAL"]))
     limiter.init_app(app)
     app.extensions["ratelimit_limiter"] = limiter
+    # The proxy counts through the same storage, strategy, keys and outage policy.
+    app.extensions["ratelimit_proxy"] = RateLimits(app.extensions["ratelimit"], limiter.limiter.counter, limiter.outage, limiter._key_prefix)
     app.after_request(_headers)
     app.register_error_handler(RateLimitExceeded, _too_many_requests)

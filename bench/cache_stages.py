@@ -1,8 +1,8 @@
 """Where a cache hit's time goes, in one process: CPU per request of the Flask hello-world, the
 gateway's /healthz, and a hit on a ``cache: {ttl: 600, public: true}`` route, whole and with
 pieces left out, and alone and in ``--threads`` threads at once; with ``--redis`` also the
-store's MGET through redis-py and over a plain socket; and wall time per request of each
-before/after/teardown hook and of the view.
+store's MGET through redis-py and over a plain socket. (A hit is served by the proxy app, which
+has no framework hooks to time.)
 
 Each app is called as a WSGI callable with a prebuilt environ (no server, no socket), so the
 numbers leave out what gunicorn adds per request. Best of five batches of ``--requests``.
@@ -13,7 +13,6 @@ goes to /dev/null. Used for the findings in bench/README.md; ``python bench/cach
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import io
 import logging
@@ -123,47 +122,6 @@ def raw_mget(redis_url: str, keys: list[str]):
     return mget, sock
 
 
-def hook_name(fn) -> str:
-    """``module.qualname`` of a hook, through a functools.partial."""
-    inner = getattr(fn, "func", fn)
-    return f"{inner.__module__}.{inner.__qualname__}"
-
-
-def hook_times(app, n: int) -> list[tuple[float, str]]:
-    """Wall microseconds per request spent in each request hook and in the proxy view."""
-    spent: dict[str, int] = {}
-
-    def timed(name: str, fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            started = time.perf_counter_ns()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[name] = spent.get(name, 0) + time.perf_counter_ns() - started
-        return wrapper
-
-    tables = {"before": app.before_request_funcs, "after": app.after_request_funcs, "teardown": app.teardown_request_funcs}
-    saved = {kind: {key: list(funcs) for key, funcs in table.items()} for kind, table in tables.items()}
-    view = app.view_functions["proxy"]
-    try:
-        for kind, table in tables.items():
-            for key, funcs in table.items():
-                table[key] = [timed(f"{kind}: {hook_name(f)}", f) for f in funcs]
-        app.view_functions["proxy"] = timed("view: proxy (the route's pipeline, GatewayRequest, to_flask)", view)
-        for _ in range(n):
-            call(app, "/cached")
-        spent.clear()
-        for _ in range(n):
-            call(app, "/cached")
-    finally:
-        for kind, table in tables.items():
-            table.clear()
-            table.update(saved[kind])
-        app.view_functions["proxy"] = view
-    return sorted(((ns / n / 1000, name) for name, ns in spent.items()), reverse=True)
-
-
 def stored_keys(store, prefix: str) -> list[str]:
     """The cache's keys under ``prefix``: Redis's, or the in-process LRU's (the key format is
     the cache stage's own business, so it is read back rather than rebuilt here)."""
@@ -260,7 +218,6 @@ def main() -> int:
             (f"gateway cache hit, whole, {threads} threads at once", threaded_cpu_us(lambda: call(app, "/cached"), n // threads, threads)),
         ]
         gateway_logging.stop_background()
-        hooks = hook_times(app, n)
     finally:
         upstream.shutdown()
         devnull.close()
@@ -270,11 +227,6 @@ def main() -> int:
     print(f"CPU per request in one process, {'Redis at ' + redis_url if args.redis else 'in-process LRU'}, best of 5 x {n}:")
     for name, value in rows:
         print(f"  {value:8.1f} us  {name}")
-    print("wall time per cache hit in each request hook and the view:")
-    for value, name in hooks:
-        print(f"  {value:8.1f} us  {name}")
-    if not hooks:
-        print("  none: the hit is answered in front of the app (app/gateway/fastpath.py)")
     return 0
 
 

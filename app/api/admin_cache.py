@@ -5,7 +5,8 @@ from flask import Blueprint, current_app, request
 
 from app.api import schemas
 from app.api.common import BadRequest, Param, Reply, operation, reply
-from app.auth import ADMIN_SCOPE, policy
+from app.auth.views import policy
+from app.identity import ADMIN_SCOPE
 from app.gateway.cache import glob_escape
 
 bp = Blueprint("admin_cache", __name__)

@@ -13,9 +13,10 @@ from werkzeug.exceptions import NotFound
 
 from app.api import schemas
 from app.api.common import Reply, operation, reply
-from app.auth import ADMIN_SCOPE, policy
+from app.auth.views import policy
+from app.identity import ADMIN_SCOPE
 from app.errors import ProblemError
-from app.gateway import Gateway, request_gateway
+from app.gateway.runtime import Gateway, request_gateway
 from app.gateway.control import CLOSED, OPEN, StoreUnavailable
 from app.gateway.pipeline import UpstreamRuntime
 from app.gateway.routefile import RouteFileError

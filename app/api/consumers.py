@@ -20,7 +20,9 @@ from app.api.common import (
     page,
     reply,
 )
-from app.auth import ADMIN_SCOPE, manage, policy
+from app.auth import manage
+from app.auth.views import policy
+from app.identity import ADMIN_SCOPE
 from app.extensions import db
 from app.models import Consumer
 

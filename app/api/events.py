@@ -15,7 +15,9 @@ from pydantic import AfterValidator, Field
 from app import webhooks
 from app.api import schemas
 from app.api.common import Reply, Schema, body, found, invalid, operation, reply
-from app.auth import InsufficientScope, current_principal, manage
+from app.auth import manage
+from app.auth.authenticate import InsufficientScope
+from app.auth.views import current_principal
 
 bp = Blueprint("events", __name__)
 

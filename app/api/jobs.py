@@ -37,9 +37,9 @@ from app.api.common import (
     status_filter,
     with_status,
 )
-from app.auth import current_principal, policy
+from app.auth.views import current_principal, policy
 from app.extensions import db
-from app.gateway import Gateway
+from app.gateway.runtime import Gateway
 from app.gateway.router import has_dot_segment
 from app.gateway.types import PayloadTooLarge
 from app.jobs.calls import Call, kept_headers

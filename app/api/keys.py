@@ -27,7 +27,10 @@ from app.api.common import (
     page,
     reply,
 )
-from app.auth import InsufficientScope, Principal, current_principal, manage
+from app.auth import manage
+from app.auth.authenticate import InsufficientScope
+from app.auth.views import current_principal
+from app.identity import Principal
 from app.extensions import db
 from app.models import ApiKey
 

@@ -14,7 +14,8 @@ from werkzeug.wrappers import Response
 
 from app.api import schemas
 from app.api.common import Operation, Reply, operation
-from app.auth import AUTHENTICATED, Policy, policy
+from app.auth.views import policy
+from app.identity import AUTHENTICATED, Policy
 from app.errors import PROBLEM_JSON
 
 bp = Blueprint("openapi", __name__)

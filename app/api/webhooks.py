@@ -29,7 +29,8 @@ from app.api.common import (
     status_filter,
     with_status,
 )
-from app.auth import Principal, current_principal
+from app.auth.views import current_principal
+from app.identity import Principal
 from app.extensions import db
 from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookMessage
 from app.models.base import utcnow

@@ -9,12 +9,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 from urllib.parse import parse_qs, quote
 
+from pydantic import Field, field_validator
 from werkzeug.datastructures import Headers
 
 from app.errors import ProblemError
 from app.gateway.fields import FieldRules
+from app.gateway.schema import Method, Strict
 from app.gateway.transform import is_json
 from app.gateway.types import (
     GatewayRequest,
@@ -29,6 +32,30 @@ MAX_PART = 10 * 1024 * 1024  # bytes read of one backend answer
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+
+
+class AggregateCall(Strict):
+    """One named backend call of an aggregate route. ``path`` is a template: ``{param}`` from
+    the route's path, ``{query.name}`` from the client's query, ``{call.body.field}`` from an
+    earlier call named in ``depends_on``. ``allow``/``deny``/``rename`` filter its JSON."""
+
+    upstream: str
+    path: str
+    method: Method = "GET"
+    required: bool = False
+    depends_on: tuple[str, ...] = ()
+    timeout: Annotated[float, Field(gt=0)] | None = None  # read timeout, seconds; default: the upstream's
+    list_format: Literal["csv", "repeat"] = "csv"
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    rename: dict[str, str] = {}
+
+    @field_validator("path")
+    @classmethod
+    def _starts_with_slash(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError("must start with '/'")
+        return path
 
 
 def shared_pool(size: int) -> ThreadPoolExecutor:

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import itertools
+from typing import TYPE_CHECKING
 
-import pybreaker
-
-from app.gateway.breaker import Reading, TargetBreakers, TargetFailure, retry_after
+from app.gateway.breaker import (
+    CLOSED,
+    Reading,
+    TargetBreakers,
+    TargetFailure,
+    retry_after,
+)
 from app.gateway.types import (
     BreakerOpen,
     GatewayRequest,
@@ -14,6 +19,9 @@ from app.gateway.types import (
     Middleware,
     UpstreamUnreachable,
 )
+
+if TYPE_CHECKING:
+    from app.gateway.pipeline import Context
 
 
 def balance(upstream: str, targets: tuple[str, ...], breakers: TargetBreakers) -> Middleware:
@@ -41,7 +49,7 @@ def balance(upstream: str, targets: tuple[str, ...], breakers: TargetBreakers) -
             wait = breakers.open_for(target, reading)
             if wait > 0:
                 waits.append(wait)
-            elif reading.state == pybreaker.STATE_CLOSED or breakers.claim_probe(target):
+            elif reading.state == CLOSED or breakers.claim_probe(target):
                 return target, reading
             else:
                 waits.append(1.0)  # another request is the half-open probe: ask again shortly
@@ -69,3 +77,9 @@ def balance(upstream: str, targets: tuple[str, ...], breakers: TargetBreakers) -
         return handle
 
     return middleware
+
+
+def build(ctx: Context) -> Middleware:
+    """Round robin over the upstream's targets, through their breakers."""
+    upstream = ctx.upstream
+    return balance(upstream.name, upstream.config.targets, upstream.breakers)

@@ -5,7 +5,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from app.errors import ProblemError
 from app.gateway.types import (
@@ -15,6 +15,9 @@ from app.gateway.types import (
     Middleware,
     PayloadTooLarge,
 )
+
+if TYPE_CHECKING:
+    from app.gateway.pipeline import Context
 
 CHUNK = 64 * 1024  # bytes per read from the client and write to the upstream
 
@@ -131,3 +134,16 @@ def _copy(source: BinaryIO, sink: BinaryIO, limit: int | None) -> int:
         sink.write(chunk)
         copied += len(chunk)
     return copied
+
+
+def build(ctx: Context) -> Middleware:
+    """The route's body stage: its ``max_body_size`` (else MAX_BODY_SIZE). A route whose
+    requests become jobs, or that keeps answers by request (``idempotency:``), holds the whole
+    body: the job stores it, and a repeat is compared with it."""
+    route, settings = ctx.route, ctx.settings
+    max_body = settings.max_body_size if route.max_body_size is None else route.max_body_size
+    if route.mode == "async" and not ctx.for_job:
+        return request_body(max_body, max_body or settings.max_body_size)
+    if route.idempotency is not None:
+        return request_body(max_body, max_body or settings.max_body_size or 10 * 1024 * 1024)
+    return request_body(max_body, settings.buffer_body_size)

@@ -2,20 +2,33 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
 
-import pybreaker
-import redis
+from pydantic import Field
 
-from app.gateway.routefile import Breaker
+from app.gateway.schema import Strict
 from app.gateway.types import UpstreamUnreachable
 from app.observability import metrics
 
+if TYPE_CHECKING:
+    import pybreaker
+    import redis
+
 log = logging.getLogger("frontdoor.breaker")
+
+
+class Breaker(Strict):
+    """Circuit breaker per target: opens after ``fail_max`` consecutive failures."""
+
+    fail_max: Annotated[int, Field(ge=1)] = 5
+    reset_timeout: Annotated[float, Field(gt=0)] = 30.0  # seconds open before a half-open probe
+    failure_statuses: tuple[Annotated[int, Field(ge=500, le=599)], ...] = (500, 502, 503, 504)
 
 
 class TargetFailure(Exception):
@@ -32,46 +45,57 @@ class Reading:
     forced: bool = False  # held open by an operator (the admin API) until they close it
 
 
-_FALLBACK = Reading(pybreaker.STATE_CLOSED, 0, None)  # what a breaker reads as without its store
-_HELD_OPEN = Reading(pybreaker.STATE_OPEN, 0, None, forced=True)  # what the balancer sees of a held breaker
+# pybreaker's state names (pybreaker.STATE_*): this module imports pybreaker, and so redis, only
+# when breakers are built, so that loading a route file (``python -m app.gateway.check``) does not.
+CLOSED, OPEN = "closed", "open"
+_FALLBACK = Reading(CLOSED, 0, None)  # what a breaker reads as without its store
+_HELD_OPEN = Reading(OPEN, 0, None, forced=True)  # what the balancer sees of a held breaker
 
 
-class _SharedStorage(pybreaker.CircuitRedisStorage):
-    """pybreaker's Redis storage that also survives Redis being down at start-up.
+@functools.cache
+def _pybreaker_parts() -> tuple[type, type]:
+    """pybreaker's Redis storage and listener as the gateway extends them (imported on first use)."""
+    import pybreaker
+    import redis
 
-    pybreaker falls back to ``closed`` when Redis errors during reads, but its constructor
-    (SETNX of the initial keys) raises; a gateway must start, and report Redis in /readyz.
-    """
+    class _SharedStorage(pybreaker.CircuitRedisStorage):
+        """pybreaker's Redis storage that also survives Redis being down at start-up.
 
-    @property
-    def probe_key(self) -> str:
-        return self._namespace("probe")
+        pybreaker falls back to ``closed`` when Redis errors during reads, but its constructor
+        (SETNX of the initial keys) raises; a gateway must start, and report Redis in /readyz.
+        """
 
-    @property
-    def keys(self) -> tuple[str, str, str]:
-        """The Redis keys of state, failure counter and opening time, as pybreaker names them."""
-        return (self._namespace("state"), self._namespace("fail_counter"), self._namespace("opened_at"))
+        @property
+        def probe_key(self) -> str:
+            return self._namespace("probe")
 
-    def _initialize_redis_state(self, state: str) -> None:
-        try:
-            super()._initialize_redis_state(state)
-        except redis.RedisError:
-            log.warning("breaker state store unreachable; falling back to closed", extra={"breaker": self._namespace_name})
+        @property
+        def keys(self) -> tuple[str, str, str]:
+            """The Redis keys of state, failure counter and opening time, as pybreaker names them."""
+            return (self._namespace("state"), self._namespace("fail_counter"), self._namespace("opened_at"))
+
+        def _initialize_redis_state(self, state: str) -> None:
+            try:
+                super()._initialize_redis_state(state)
+            except redis.RedisError:
+                log.warning("breaker state store unreachable; falling back to closed", extra={"breaker": self._namespace_name})
 
 
-class _LogTransitions(pybreaker.CircuitBreakerListener):
-    """Logs each state change this process makes and counts it in the metrics."""
+    class _LogTransitions(pybreaker.CircuitBreakerListener):
+        """Logs each state change this process makes and counts it in the metrics."""
 
-    def __init__(self, upstream: str, target: str):
-        self.labels = (upstream, target)
+        def __init__(self, upstream: str, target: str):
+            self.labels = (upstream, target)
 
-    def state_change(self, cb, old_state, new_state) -> None:
-        log.warning(
-            "breaker state change",
-            extra={"breaker": cb.name, "from_state": getattr(old_state, "name", None), "to_state": new_state.name},
-        )
-        metrics.BREAKER_TRANSITIONS.labels(*self.labels, new_state.name).inc()
-        metrics.BREAKER_STATE.labels(*self.labels).set(metrics.BREAKER_STATES.get(new_state.name, 0))
+        def state_change(self, cb, old_state, new_state) -> None:
+            log.warning(
+                "breaker state change",
+                extra={"breaker": cb.name, "from_state": getattr(old_state, "name", None), "to_state": new_state.name},
+            )
+            metrics.BREAKER_TRANSITIONS.labels(*self.labels, new_state.name).inc()
+            metrics.BREAKER_STATE.labels(*self.labels).set(metrics.BREAKER_STATES.get(new_state.name, 0))
+
+    return _SharedStorage, _LogTransitions
 
 
 class TargetBreakers:
@@ -112,7 +136,13 @@ class TargetBreakers:
         probe_ttl: float = 30.0,
         held_open: set[str] | frozenset[str] = frozenset(),
     ):
+        import pybreaker
+        import redis
+
         self.config = config
+        self._shared, listener = _pybreaker_parts()
+        self._store_errors = redis.RedisError
+        self._tripped = pybreaker.CircuitBreakerError
         self.held_open = held_open
         self.sync_interval = sync_interval if redis_client is not None else 0.0
         self.probe_ttl = probe_ttl
@@ -125,15 +155,15 @@ class TargetBreakers:
         for target in targets:
             name = f"{upstream}:{target}"
             storage = (
-                _SharedStorage(pybreaker.STATE_CLOSED, redis_client, namespace=f"{key_prefix}:breaker:{name}")
+                self._shared(CLOSED, redis_client, namespace=f"{key_prefix}:breaker:{name}")
                 if redis_client is not None
-                else pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
+                else pybreaker.CircuitMemoryStorage(CLOSED)
             )
             self.breakers[target] = pybreaker.CircuitBreaker(
                 fail_max=config.fail_max,
                 reset_timeout=config.reset_timeout,
                 state_storage=storage,
-                listeners=[_LogTransitions(upstream, target)],
+                listeners=[listener(upstream, target)],
                 name=name,
                 throw_new_error_on_trip=False,
             )
@@ -171,16 +201,16 @@ class TargetBreakers:
 
     def _fetch(self, target: str) -> Reading:
         storage = self.breakers[target]._state_storage
-        if not isinstance(storage, _SharedStorage):
+        if not isinstance(storage, self._shared):
             opened_at = storage.opened_at
             return Reading(storage.state, storage.counter, opened_at.timestamp() if opened_at else None)
         try:
             state, failures, opened_at = storage._redis.mget(storage.keys)
-        except redis.RedisError as exc:
+        except self._store_errors as exc:
             self._mark_redis_down(exc)
             return _FALLBACK
         return Reading(
-            state.decode() if state else pybreaker.STATE_CLOSED,
+            state.decode() if state else CLOSED,
             int(failures or 0),
             float(opened_at) if opened_at else None,
         )
@@ -193,7 +223,7 @@ class TargetBreakers:
         reading = reading or self.read(target)
         if reading.forced:
             return max(self.config.reset_timeout, 1.0)  # no end is known: the time to a probe, as a hint
-        if reading.state != pybreaker.STATE_OPEN or reading.opened_at is None:
+        if reading.state != OPEN or reading.opened_at is None:
             return 0.0
         return max(reading.opened_at + self.config.reset_timeout - time.time(), 0.0)
 
@@ -204,10 +234,10 @@ class TargetBreakers:
         in this process. Released by ``record`` once the probe's outcome is known.
         """
         storage = self.breakers[target]._state_storage
-        if isinstance(storage, _SharedStorage):
+        if isinstance(storage, self._shared):
             try:
                 return bool(storage._redis.set(storage.probe_key, 1, nx=True, px=int(self.probe_ttl * 1000)))
-            except redis.RedisError as exc:
+            except self._store_errors as exc:
                 self._mark_redis_down(exc)
                 return True  # as if closed: requests keep flowing while Redis is away
         now = time.monotonic()
@@ -219,8 +249,8 @@ class TargetBreakers:
 
     def _release_probe(self, target: str) -> None:
         storage = self.breakers[target]._state_storage
-        if isinstance(storage, _SharedStorage):
-            with contextlib.suppress(redis.RedisError):
+        if isinstance(storage, self._shared):
+            with contextlib.suppress(self._store_errors):
                 storage._redis.delete(storage.probe_key)
         else:
             self._probes.pop(target, None)
@@ -234,7 +264,7 @@ class TargetBreakers:
         operator holds it open: what the admin API shows."""
         reading = self._fetch(target)
         if self.held_open and self.name(target) in self.held_open:
-            return Reading(pybreaker.STATE_OPEN, reading.failures, reading.opened_at, forced=True)
+            return Reading(OPEN, reading.failures, reading.opened_at, forced=True)
         return reading
 
     @property
@@ -251,7 +281,7 @@ class TargetBreakers:
         reset) in its store, as a trip or a recovery would: the transition is logged and
         counted in the metrics. Redis errors are raised (redis.RedisError)."""
         breaker = self.breakers[target]
-        if state == pybreaker.STATE_OPEN:
+        if state == OPEN:
             breaker.open()
         else:
             breaker.close()
@@ -266,7 +296,7 @@ class TargetBreakers:
         a breaker that ``reading`` saw closed with no failures counted changes nothing, so it
         is not written (pybreaker would reset the counter to the 0 it already is).
         """
-        closed = reading is not None and reading.state == pybreaker.STATE_CLOSED
+        closed = reading is not None and reading.state == CLOSED
         if failure is None and closed and not reading.failures:
             return
         if self._redis is not None and self._redis_unreachable():
@@ -274,7 +304,7 @@ class TargetBreakers:
         self._kept.pop(target, None)
         # pybreaker re-raises the failure it was fed (or CircuitBreakerError as it trips);
         # the caller already has the outcome, so both are expected here.
-        with contextlib.suppress(TargetFailure, UpstreamUnreachable, pybreaker.CircuitBreakerError):
+        with contextlib.suppress(TargetFailure, UpstreamUnreachable, self._tripped):
             self.breakers[target].call(_outcome, failure)
         if reading is not None and not closed:
             self._release_probe(target)  # this attempt was the half-open probe

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 from app.gateway.types import (
     BulkheadFull,
@@ -11,6 +12,9 @@ from app.gateway.types import (
     Middleware,
 )
 from app.observability import metrics
+
+if TYPE_CHECKING:
+    from app.gateway.pipeline import Context
 
 
 class Slots:
@@ -74,3 +78,8 @@ def bulkhead(upstream: str, slots: Slots | None) -> Middleware:
         return handle
 
     return middleware
+
+
+def build(ctx: Context) -> Middleware:
+    """The upstream's bulkhead (no stage without ``max_concurrency``)."""
+    return bulkhead(ctx.upstream.name, ctx.upstream.slots)

@@ -8,20 +8,25 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
 
-import redis
+from pydantic import Field
 from werkzeug.datastructures import Headers
 
 from app.errors import ProblemError
 from app.gateway.cachestore import CacheStore, Entry
+from app.gateway.schema import Strict
 from app.gateway.types import (
     GatewayRequest,
     GatewayResponse,
     Handler,
     Middleware,
     UpstreamUnreachable,
+    unchanged,
 )
+
+if TYPE_CHECKING:
+    from app.gateway.pipeline import Context
 
 log = logging.getLogger("frontdoor.cache")
 
@@ -35,16 +40,16 @@ _DIRECTIVE = re.compile(r"\s*([a-zA-Z-]+)\s*(?:=\s*\"?([^\",]*)\"?)?\s*(?:,|$)")
 _GLOB = re.compile(r"([*?\[])")
 
 
-@dataclass(frozen=True)
-class CacheRules:
-    """A route's ``cache:``: seconds fresh unless the upstream says otherwise (``ttl``), whether
-    one entry serves every consumer (``public``), seconds a stale entry may stand in for an
-    error (``stale_if_error``), and the largest body stored (``max_size`` bytes)."""
+class Cache(Strict):
+    """A route's response cache (GET and HEAD): ``ttl`` seconds fresh unless the upstream's
+    Cache-Control says otherwise; ``public`` shares entries between consumers;
+    ``stale_if_error`` seconds past freshness an entry may stand in for a failed upstream;
+    bodies over ``max_size`` bytes are not stored."""
 
-    ttl: float
-    public: bool
-    stale_if_error: float
-    max_size: int
+    ttl: Annotated[float, Field(gt=0)]
+    public: bool = False
+    stale_if_error: Annotated[float, Field(ge=0)] = 0.0
+    max_size: Annotated[int, Field(gt=0)] = 1024 * 1024
 
 
 def directives(value: str | None) -> dict[str, str | None]:
@@ -103,7 +108,7 @@ def _variant(base: str, vary: list[str], headers: Headers) -> str:
 
 def cache(
     label: str,
-    rules: CacheRules | None,
+    rules: Cache | None,
     store: CacheStore | None,
     key_prefix: str,
     lock_wait: float,
@@ -184,22 +189,9 @@ def cache(
     return middleware
 
 
-def fresh_hit(
-    label: str, rules: CacheRules, store: CacheStore, key_prefix: str, req: GatewayRequest, clock: Callable[[], float] = time.time
-) -> GatewayResponse | None:
-    """The stored answer for ``req`` (GET or HEAD) when it is fresh and the client did not ask
-    to revalidate (``no-cache``), as the cache stage would answer it; else None. For the
-    fast path in front of the app (``app.gateway.fastpath``): what it answers is exactly a hit."""
-    if "no-cache" in directives(req.headers.get("Cache-Control")):
-        return None
-    _, entry = _lookup(store, base_key(key_prefix, label, req, rules.public), req.headers)
-    now = clock()
-    if entry is None or not entry.is_fresh(now):
-        return None
-    return _hit(entry, now, req)
-
-
 def _safe(action: Callable, default):
+    import redis  # here, not at the top: the route file loads this module for its model
+
     try:
         return action()
     except (redis.RedisError, OSError, ValueError) as exc:
@@ -243,7 +235,7 @@ def _fresh(store: CacheStore, base: str, headers: Headers, clock) -> Entry | Non
     return entry if entry is not None and entry.is_fresh(clock()) else None
 
 
-def _usable_stale(entry: Entry | None, now: float, rules: CacheRules) -> Entry | None:
+def _usable_stale(entry: Entry | None, now: float, rules: Cache) -> Entry | None:
     if entry is None or now - entry.stored_at > entry.fresh_for + rules.stale_if_error:
         return None
     return entry
@@ -292,7 +284,7 @@ def _add_status(headers: Headers, member: str) -> None:
     headers["Cache-Status"] = ", ".join([*earlier, member])
 
 
-def _lifetime(response: GatewayResponse, rules: CacheRules, credentials: bool = False) -> float:
+def _lifetime(response: GatewayResponse, rules: Cache, credentials: bool = False) -> float:
     """Seconds ``response`` may be served from this (shared) cache; 0: not to be stored.
 
     An answer to a request carrying a credential the gateway did not check is stored only
@@ -317,7 +309,7 @@ def _lifetime(response: GatewayResponse, rules: CacheRules, credentials: bool = 
     return rules.ttl
 
 
-def _store(store: CacheStore, base: str, request_headers: Headers, response: GatewayResponse, fresh_for: float, rules: CacheRules, clock) -> bool:
+def _store(store: CacheStore, base: str, request_headers: Headers, response: GatewayResponse, fresh_for: float, rules: Cache, clock) -> bool:
     """Read ``response``'s body (up to ``rules.max_size`` bytes) and store it; the response's
     body is replaced by what was read, followed by the rest when it was too large to store.
     The upstream's ``Age`` counts as time already spent (RFC 9111 section 4.2.3)."""
@@ -380,3 +372,12 @@ def read_at_most(response: GatewayResponse, limit: int) -> tuple[list[bytes], bo
         raise UpstreamUnreachable("The upstream closed the connection before its body was complete") from exc
     response.body = [b"".join(chunks)]
     return chunks, True
+
+
+def build(ctx: Context) -> Middleware:
+    """The route's response cache (no stage without ``cache:``, nor in a job's worker: a job's
+    answer is its own stored result)."""
+    if ctx.for_job or ctx.route.cache is None:
+        return unchanged
+    settings = ctx.settings
+    return cache(route_key(ctx.route.label, ctx.route.match_headers), ctx.route.cache, settings.cache_store, settings.key_prefix, settings.cache_lock_wait)

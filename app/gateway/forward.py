@@ -1,18 +1,33 @@
-"""Forward stage: the HTTP call to the chosen target over a pooled connection."""
+"""Forward stage: the HTTP call to the chosen target over urllib3's connection pools.
+
+Its route-file settings live here too: an upstream's ``timeout`` and ``tls``.
+"""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Annotated
+from urllib.parse import urlsplit
 
-import requests
-from requests.adapters import HTTPAdapter
-from requests.structures import CaseInsensitiveDict
-from urllib3.exceptions import NameResolutionError, NewConnectionError
+import certifi
+from pydantic import Field, model_validator
+from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+    SSLError,
+)
+from urllib3.util import Timeout as PoolTimeout
 from werkzeug.datastructures import Headers
 
-from app.gateway.routefile import Timeout
+from app.gateway.schema import Strict
 from app.gateway.types import (
     GatewayRequest,
     GatewayResponse,
@@ -21,39 +36,112 @@ from app.gateway.types import (
     UpstreamUnreachable,
 )
 
+if TYPE_CHECKING:
+    from app.gateway.pipeline import Context
+
 log = logging.getLogger("frontdoor.forward")
 
 CHUNK = 64 * 1024  # bytes per read of the upstream's body
 
 
-class ProxyAdapter(HTTPAdapter):
-    """requests' pooled adapter without the client conveniences a proxy would throw away.
+class Timeout(Strict):
+    """Seconds to wait for a connection, and between bytes of the upstream's answer."""
 
-    ``build_response`` is the documented hook for subclasses. The stock one copies the
-    headers into a case-insensitive dict and parses every ``Set-Cookie`` into a cookie jar;
-    the gateway reads the raw urllib3 response and passes cookies on untouched.
+    connect: Annotated[float, Field(gt=0)] = 1.0
+    read: Annotated[float, Field(gt=0)] = 25.0  # with connect, inside Heroku's 30 s router limit
+
+
+class TLS(Strict):
+    """How an upstream's ``https://`` targets are checked, and the gateway's own certificate.
+
+    ``verify`` false accepts any certificate (logged when the upstream is built). ``ca_file``
+    is a PEM bundle of the CAs to trust; without it, as requests does: ``REQUESTS_CA_BUNDLE``,
+    then ``CURL_CA_BUNDLE``, then ``SSL_CERT_FILE``, then certifi's bundle. ``client_cert`` and
+    ``client_key`` (PEM files) are sent when the upstream asks for a client certificate
+    (mutual TLS); the key may sit in the certificate's file.
     """
 
-    def build_response(self, req: requests.PreparedRequest, resp) -> requests.Response:
-        response = requests.Response()
-        response.status_code = resp.status
-        response.reason = resp.reason
-        response.raw = resp
-        response.url = req.url
-        response.request = req
-        response.connection = self
-        return response
+    verify: bool = True
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+
+    @model_validator(mode="after")
+    def _files(self) -> TLS:
+        if self.client_key and not self.client_cert:
+            raise ValueError("client_key needs client_cert")
+        for name in ("ca_file", "client_cert", "client_key"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ValueError(f"{name}: no such file: {path}")
+        return self
+
+    def ca_bundle(self, environ: dict | os._Environ = os.environ) -> str:
+        """The CA bundle to verify targets with (a file or a directory), in the order above."""
+        return self.ca_file or environ.get("REQUESTS_CA_BUNDLE") or environ.get("CURL_CA_BUNDLE") or environ.get("SSL_CERT_FILE") or certifi.where()
 
 
-def new_adapter(targets: int, pool_size: int) -> HTTPAdapter:
-    """Return a pooled adapter for one upstream: a pool per target host, each holding up to
-    ``pool_size`` keep-alive connections (the worker's thread count, so no thread waits and
-    none is opened only to be thrown away). urllib3's own retries are off; the retry stage decides.
-    """
-    return ProxyAdapter(pool_connections=max(targets, 1), pool_maxsize=pool_size, max_retries=0)
+class _TLSPool(HTTPSConnectionPool):
+    """urllib3's HTTPS pool with two changes. A TLS handshake that runs out of the connect
+    timeout is a ConnectTimeoutError (urllib3 reports a ReadTimeoutError, as if the request had
+    been sent). With ``verify: false`` there is no InsecureRequestWarning per request: the
+    gateway logged it once, when the upstream was built."""
+
+    def __init__(self, *args, warn_unverified: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.warn_unverified = warn_unverified
+
+    def _validate_conn(self, conn) -> None:
+        try:
+            if self.warn_unverified:
+                super()._validate_conn(conn)
+            elif conn.is_closed:
+                conn.connect()
+        except TimeoutError as exc:  # the builtin (socket.timeout), raised by the handshake
+            raise ConnectTimeoutError(conn, f"TLS handshake with {self.host}:{self.port} timed out") from exc
 
 
-def forward(adapter: HTTPAdapter, timeout: Timeout) -> Handler:
+class TargetPools:
+    """One urllib3 connection pool per target of an upstream, each keeping up to ``size``
+    keep-alive connections (the worker's thread count, so no thread waits and none is opened
+    only to be thrown away). urllib3's own retries and redirects are off: the retry stage decides,
+    and a redirect is the client's to follow."""
+
+    def __init__(self, upstream: str, targets: tuple[str, ...], size: int, tls: TLS | None = None):
+        tls = tls or TLS()
+        self.pools: dict[str, tuple[HTTPConnectionPool, str]] = {}
+        for target in targets:
+            parts = urlsplit(target)
+            base = parts.path.rstrip("/")
+            if parts.scheme == "https":
+                if not tls.verify:
+                    log.warning("upstream %s: TLS certificates of %s are not verified (tls.verify: false)", upstream, parts.netloc)
+                bundle = tls.ca_bundle() if tls.verify else None
+                as_dir = bundle is not None and os.path.isdir(bundle)  # a c_rehash'd directory, as requests takes
+                pool = _TLSPool(
+                    parts.hostname,
+                    parts.port,
+                    maxsize=size,
+                    block=False,
+                    retries=False,
+                    cert_reqs="CERT_REQUIRED" if tls.verify else "CERT_NONE",
+                    assert_hostname=None if tls.verify else False,
+                    ca_certs=None if as_dir else bundle,
+                    ca_cert_dir=bundle if as_dir else None,
+                    cert_file=tls.client_cert,
+                    key_file=tls.client_key,
+                    warn_unverified=tls.verify,
+                )
+            else:
+                pool = HTTPConnectionPool(parts.hostname, parts.port, maxsize=size, block=False, retries=False)
+            self.pools[target] = (pool, base)
+
+    def close(self) -> None:
+        for pool, _ in self.pools.values():
+            pool.close()
+
+
+def forward(pools: TargetPools, timeout: Timeout) -> Handler:
     """Build the forward handler: send ``req`` to ``req.target`` and stream the answer back.
 
     The response body is not read here: it is an iterator of ``CHUNK``-byte pieces, passed
@@ -61,38 +149,53 @@ def forward(adapter: HTTPAdapter, timeout: Timeout) -> Handler:
     Raises UpstreamUnreachable (502; ``sent=False`` when the connection was never made) and
     UpstreamTimeout (504) for connect and read timeouts (``timeout``, seconds).
     """
-    timeouts = (timeout.connect, timeout.read)
+    timeouts = PoolTimeout(connect=timeout.connect, read=timeout.read)
 
     def handle(req: GatewayRequest) -> GatewayResponse:
-        prepared = _prepare(req)
+        pool, base = pools.pools[req.target]
+        url = base + req.upstream_path + ("?" + req.query if req.query else "")
+        headers = _request_headers(req)
         started = time.perf_counter()
         try:
-            response = adapter.send(prepared, stream=True, timeout=timeouts)
-        except requests.exceptions.ConnectTimeout as exc:
+            raw = pool.urlopen(
+                req.method,
+                url,
+                body=req.body,
+                headers=headers,
+                retries=False,
+                redirect=False,
+                assert_same_host=False,
+                timeout=timeouts,
+                preload_content=False,
+                decode_content=False,
+                release_conn=False,
+            )
+        except (NewConnectionError, NameResolutionError) as exc:
+            # Before ConnectTimeoutError: urllib3 makes these subclasses of it.
+            raise UpstreamUnreachable("Could not connect to the upstream", sent=False) from exc
+        except ConnectTimeoutError as exc:
             raise UpstreamTimeout(f"Connecting to the upstream timed out after {timeout.connect} s", sent=False) from exc
-        except requests.exceptions.ReadTimeout as exc:
+        except ReadTimeoutError as exc:
             raise UpstreamTimeout(f"The upstream did not answer within {timeout.read} s") from exc
-        except requests.exceptions.ConnectionError as exc:
-            never_sent = _connect_failed(exc)
-            what = "Could not connect to the upstream" if never_sent else "The upstream closed the connection"
-            raise UpstreamUnreachable(what, sent=not never_sent) from exc
-        except requests.exceptions.RequestException as exc:
+        except SSLError as exc:
+            raise UpstreamUnreachable("The TLS handshake with the upstream failed", sent=False) from exc
+        except ProtocolError as exc:
+            raise UpstreamUnreachable("The upstream closed the connection") from exc
+        except (HTTPError, OSError) as exc:
             raise UpstreamUnreachable(f"The upstream request failed: {type(exc).__name__}") from exc
         finally:
             req.upstream_seconds += time.perf_counter() - started
-        raw = response.raw
         try:
-            headers = _response_headers(raw.headers.items(), req)
+            fields = _response_headers(raw.headers.items(), req)
         except UpstreamUnreachable:
-            response.close()
+            _close(raw, consumed=False)
             raise
-        status = response.status_code
+        status = raw.status
         if req.method == "HEAD" or status in _BODYLESS:
-            # Nothing will be read, and requests would close an unread connection: hand it back.
-            finish = raw.release_conn
-        else:
-            finish = response.close  # back to the pool once read, closed if abandoned midway
-        return GatewayResponse(status=status, headers=headers, body=_stream(raw, req), on_close=[finish])
+            # Nothing will be read: the connection goes back to the pool at once.
+            return GatewayResponse(status=status, headers=fields, body=(), on_close=[raw.release_conn])
+        body = _Body(raw, req)
+        return GatewayResponse(status=status, headers=fields, body=body, on_close=[body.close])
 
     return handle
 
@@ -102,6 +205,27 @@ def forward(adapter: HTTPAdapter, timeout: Timeout) -> Handler:
 _FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _FIELD_VALUE = re.compile(r"[ \t\x21-\x7e\x80-\xff]*")
 _BODYLESS = frozenset({204, 304})
+
+
+def _request_headers(req: GatewayRequest) -> dict[str, str]:
+    """The fields to send: repeated ones combined, as RFC 9110 section 5.3 allows, and
+    ``Content-Length`` from the body (bytes or a RequestBody: never chunked upstream)."""
+    headers: dict[str, str] = {}
+    lower: dict[str, str] = {}  # lowercased name -> the name as first sent
+    for name, value in req.headers.items():
+        key = name.lower()
+        first = lower.get(key)
+        if first is None:
+            lower[key] = name
+            headers[name] = value
+        else:
+            headers[first] = f"{headers[first]}, {value}"
+    body = req.body
+    if body is not None:
+        for name in [name for name in headers if name.lower() == "content-length"]:
+            del headers[name]
+        headers["Content-Length"] = str(len(body))
+    return headers
 
 
 def _response_headers(fields, req: GatewayRequest) -> Headers:
@@ -128,43 +252,36 @@ def _response_headers(fields, req: GatewayRequest) -> Headers:
     return Headers(kept)
 
 
-def _prepare(req: GatewayRequest) -> requests.PreparedRequest:
-    """The request for the adapter, with the client's path sent as it came (still percent-encoded).
-
-    ``PreparedRequest.prepare`` is skipped: it re-parses and re-quotes the URL and sniffs the
-    body type, which the earlier stages have settled, and it cost about 15% of a pass-through
-    request's time. Repeated fields are combined, as RFC 9110 section 5.3 allows, since
-    requests takes one value per name.
-    """
-    headers = CaseInsensitiveDict()
-    for name, value in req.headers.items():
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    body = req.body
-    if body is not None:
-        headers["Content-Length"] = str(len(body))  # bytes or RequestBody: never chunked upstream
-    prepared = requests.PreparedRequest()
-    prepared.method = req.method
-    prepared.url = req.target + req.upstream_path + ("?" + req.query if req.query else "")
-    prepared.headers = headers
-    prepared.body = body
-    return prepared
+def _close(raw, consumed: bool) -> None:
+    """Hand the connection back: to the pool once its answer was read whole, else closed (a
+    half-read answer would be the next request's garbage), as requests' ``Response.close``."""
+    if not consumed:
+        raw.close()
+    raw.release_conn()
 
 
-def _connect_failed(exc: requests.exceptions.ConnectionError) -> bool:
-    """True when the failure came before the request was sent: refused, unresolvable, unreachable."""
-    reason = getattr(exc.args[0], "reason", None) if exc.args else None
-    return isinstance(reason, NewConnectionError | NameResolutionError)
+class _Body:
+    """The upstream's body as ``CHUNK``-byte pieces; ``close`` returns the connection."""
+
+    __slots__ = ("raw", "req", "consumed")
+
+    def __init__(self, raw, req: GatewayRequest):
+        self.raw, self.req, self.consumed = raw, req, False
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self.raw.stream(CHUNK, decode_content=False)
+        except Exception:
+            # Too late for an error status: re-raise so the server aborts the connection and
+            # the client sees a truncated response instead of a complete-looking one.
+            log.warning("upstream body failed", extra={"request_id": self.req.request_id, "target": self.req.target}, exc_info=True)
+            raise
+        self.consumed = True
+
+    def close(self) -> None:
+        _close(self.raw, self.consumed)
 
 
-def _stream(raw, req: GatewayRequest) -> Iterator[bytes]:
-    try:
-        yield from raw.stream(CHUNK, decode_content=False)
-    except Exception:
-        # Too late for an error status: re-raise so the server aborts the connection and
-        # the client sees a truncated response instead of a complete-looking one.
-        log.warning(
-            "upstream body failed",
-            extra={"request_id": req.request_id, "target": req.target},
-            exc_info=True,
-        )
-        raise
+def build(ctx: Context) -> Handler:
+    """The innermost handler: the call over the upstream's pools with ``ctx.timeout``."""
+    return forward(ctx.upstream.pools, ctx.timeout)

@@ -1,9 +1,14 @@
 """Header stage: drop hop-by-hop fields both ways, set X-Forwarded-* and Via (RFC 9110)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from werkzeug.datastructures import Headers
 
 from app.gateway.types import GatewayRequest, GatewayResponse, Handler, Middleware
+
+if TYPE_CHECKING:
+    from app.gateway.pipeline import Context
 
 # RFC 9110 section 7.6.1 (Connection) and the fields it names as hop-by-hop; Proxy-Connection
 # and Keep-Alive are the non-standard ones clients still send.
@@ -132,3 +137,11 @@ def forwarding_headers(via_name: str, drop_credentials: bool = False) -> Middlew
         return handle
 
     return middleware
+
+
+def build(ctx: Context) -> Middleware:
+    """Forwarding fields for one upstream call. Credentials the gateway checked are dropped
+    unless the route forwards them; an aggregate's calls never pass them on."""
+    route = ctx.route
+    drop_credentials = ctx.call is not None or (route.auth != "none" and not route.forward_credentials)
+    return forwarding_headers(ctx.settings.via_name, drop_credentials)

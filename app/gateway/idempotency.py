@@ -6,16 +6,36 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
 
+from pydantic import Field
 from werkzeug.datastructures import Headers
 
 from app.errors import ProblemError
-from app.gateway.cache import _safe, read_at_most
+from app.gateway.cache import _safe, read_at_most, route_key
 from app.gateway.cachestore import CacheStore, Entry
-from app.gateway.types import GatewayRequest, GatewayResponse, Handler, Middleware
+from app.gateway.schema import Strict
+from app.gateway.types import (
+    GatewayRequest,
+    GatewayResponse,
+    Handler,
+    Middleware,
+    unchanged,
+)
+
+if TYPE_CHECKING:
+    from app.gateway.pipeline import Context
 
 SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class Idempotency(Strict):
+    """A route's idempotent replays: the first answer to a consumer's ``Idempotency-Key`` on an
+    unsafe method is kept ``ttl`` seconds (bodies up to ``max_size`` bytes) and replayed."""
+
+    ttl: Annotated[float, Field(gt=0)] = 24 * 3600.0
+    max_size: Annotated[int, Field(gt=0)] = 1024 * 1024
+    in_flight: Annotated[float, Field(gt=0)] = 60.0  # seconds the first request holds the key at most
 
 
 class BadIdempotencyKey(ProblemError):
@@ -32,16 +52,6 @@ class IdempotentRequestInFlight(ProblemError):
     """409: the first request with this key has not been answered yet."""
 
     status, title, slug = 409, "Conflict", "idempotency-key-in-flight"
-
-
-@dataclass(frozen=True)
-class IdempotencyRules:
-    """A route's ``idempotency:``: answers kept ``ttl`` seconds, bodies up to ``max_size`` bytes;
-    the first request holds its key for at most ``in_flight`` seconds."""
-
-    ttl: float
-    max_size: int
-    in_flight: float
 
 
 def valid_key(value: str) -> str:
@@ -61,7 +71,7 @@ def digest(req: GatewayRequest) -> str:
 
 def idempotency(
     label: str,
-    rules: IdempotencyRules | None,
+    rules: Idempotency | None,
     store: CacheStore | None,
     key_prefix: str,
     clock: Callable[[], float] = time.time,
@@ -121,10 +131,19 @@ def _replay(entry: Entry, asked: str) -> GatewayResponse:
     return GatewayResponse(status=entry.status, headers=headers, body=[entry.body])
 
 
-def _keep(store: CacheStore, slot: str, response: GatewayResponse, asked: str, rules: IdempotencyRules, clock) -> None:
+def _keep(store: CacheStore, slot: str, response: GatewayResponse, asked: str, rules: Idempotency, clock) -> None:
     chunks, complete = read_at_most(response, rules.max_size)
     if not complete:
         return  # delivered, not kept: a repeat would act again
     body = b"".join(chunks)
     entry = Entry(response.status, list(response.headers.items()), body, clock(), rules.ttl, asked)
     _safe(lambda: store.set(slot, entry.encode(), rules.ttl), None)
+
+
+def build(ctx: Context) -> Middleware:
+    """The route's idempotent replays (no stage without ``idempotency:``, nor in a job's
+    worker: jobs have their own keys)."""
+    if ctx.for_job or ctx.route.idempotency is None:
+        return unchanged
+    settings = ctx.settings
+    return idempotency(route_key(ctx.route.label, ctx.route.match_headers), ctx.route.idempotency, settings.cache_store, settings.key_prefix)

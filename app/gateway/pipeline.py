@@ -1,26 +1,19 @@
 """Assembly: one place that builds each route's pipeline from its stages, in order."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
-from requests.adapters import HTTPAdapter
 
-from app.gateway.aggregate import Part, aggregate, shared_pool
-from app.gateway.balancer import balance
-from app.gateway.body import request_body
+from app.gateway import balancer, body, bulkhead, cache, forward, headers, idempotency, retry, transform
+from app.gateway.aggregate import AggregateCall, Part, aggregate, shared_pool
 from app.gateway.breaker import TargetBreakers
-from app.gateway.bulkhead import Slots, bulkhead, new_slots
-from app.gateway.cache import CacheRules, cache, route_key
 from app.gateway.cachestore import CacheStore
 from app.gateway.fields import FieldRules
-from app.gateway.forward import forward, new_adapter
-from app.gateway.headers import forwarding_headers
-from app.gateway.idempotency import IdempotencyRules, idempotency
-from app.gateway.retry import retry
-from app.gateway.routefile import BodyRules, Cache, Route, RouteFile, Timeout, Upstream
+from app.gateway.forward import TargetPools, Timeout
+from app.gateway.routefile import Route, RouteFile, Upstream
 from app.gateway.router import Router
-from app.gateway.transform import transform
 from app.gateway.types import Handler, Middleware
 
 
@@ -30,12 +23,12 @@ class UpstreamRuntime:
 
     name: str
     config: Upstream
-    adapter: HTTPAdapter
+    pools: TargetPools
     breakers: TargetBreakers
-    slots: Slots | None
+    slots: bulkhead.Slots | None
 
     def close(self) -> None:
-        self.adapter.close()
+        self.pools.close()
 
 
 @dataclass(frozen=True)
@@ -54,6 +47,8 @@ class Settings:
     # Breakers (``upstream:target``) an operator holds open; one set per process, kept across
     # reloads and brought in step with the other processes by app.gateway.control.
     held_open: set[str] = field(default_factory=set)
+    # A ``mode: async`` route's handler: the jobs domain's submission (202), which it registers.
+    submit_job: Handler | None = None
 
 
 def build_upstreams(
@@ -79,7 +74,7 @@ def _new_upstream(name: str, config: Upstream, settings: Settings, redis_client:
     return UpstreamRuntime(
         name=name,
         config=config,
-        adapter=new_adapter(len(config.targets), settings.pool_size),
+        pools=TargetPools(name, config.targets, settings.pool_size, config.tls),
         breakers=TargetBreakers(
             name,
             config.targets,
@@ -90,96 +85,74 @@ def _new_upstream(name: str, config: Upstream, settings: Settings, redis_client:
             probe_ttl=config.timeout.connect + config.timeout.read,
             held_open=settings.held_open,
         ),
-        slots=new_slots(config.max_concurrency),
+        slots=bulkhead.new_slots(config.max_concurrency),
     )
 
 
-def assemble(route: Route, upstream: UpstreamRuntime, settings: Settings, for_job: bool = False) -> Handler:
-    """Build ``route``'s handler, outermost stage first:
+@dataclass(frozen=True)
+class Context:
+    """What a stage's ``build`` reads: the route, the process's settings, and for the upstream
+    stages the upstream's runtime and the timeout of this call (``call``: the aggregate call
+    being built, None for a plain route). ``for_job``: the pipeline a job's worker runs."""
 
-    0. a ``mode: async`` route served to a client is only the body stage (the whole body,
-       up to the limit, is kept with the job) and then the job's submission (202). The
-       worker later calls the handler built with ``for_job``: the stages below, with the
-       upstream's ``job_timeout`` in place of its ``timeout``.
+    route: Route
+    settings: Settings
+    upstream: UpstreamRuntime | None = None
+    timeout: Timeout | None = None
+    for_job: bool = False
+    call: AggregateCall | None = None
 
-    1. body: a too-large body is refused (413) before any other work is spent on it, and a
-       small one is buffered so the retry stage can resend it.
-    2. idempotency and cache: a replay or a hit is answered before anything else is spent on it; what is stored is
-       what the client gets (after the transform and header stages), and a stale entry can
-       stand in for any failure below.
-    3. transform: the route's own header rules act on what the client sent, before the
-       gateway's forwarding fields are added; on the way back it sees the response after
-       hop-by-hop removal, and filters JSON fields once, not per attempt.
-    4. headers: hop-by-hop removal and X-Forwarded-*/Via happen once per client request,
-       not once per attempt.
-    5. bulkhead: one slot per client request, held across its retries, so retries cannot
-       push an upstream past ``max_concurrency``.
-    6. retry: outside the balancer, so each attempt goes to the next target whose breaker
-       allows it, and each attempt's outcome feeds that target's breaker.
-    7. balancer + breaker: pick the target, record the outcome.
-    8. forward: the pooled HTTP call.
-    Stages a route does not use (no bulkhead, one attempt) are not in its pipeline.
-    """
-    config = upstream.config
-    max_body = settings.max_body_size if route.max_body_size is None else route.max_body_size
-    if route.mode == "async" and not for_job:
-        from app.jobs import (
-            accept,  # the jobs domain needs the app's models; the pipeline does not
-        )
 
-        return request_body(max_body, max_body or settings.max_body_size)(accept)
-    drop_credentials = route.auth != "none" and not route.forward_credentials
-    timeout = config.job_timeout if for_job else config.timeout
-    handler = upstream_call(upstream, timeout, settings.via_name, drop_credentials)
-    handler = route_transform(route)(handler)
-    if not for_job:  # a job's answer is its own stored result, and jobs have their own keys
-        handler = route_cache(route, settings)(handler)
-        keep = route.idempotency
-        rules = IdempotencyRules(keep.ttl, keep.max_size, keep.in_flight) if keep else None
-        handler = idempotency(route_key(route.label, route.match_headers), rules, settings.cache_store, settings.key_prefix)(handler)
-    # A route that keeps answers by request holds the whole body, to compare repeats with it.
-    buffer = (max_body or settings.max_body_size or 10 * 1024 * 1024) if route.idempotency else settings.buffer_body_size
-    handler = request_body(max_body, buffer)(handler)
+# A route's stages, outermost first; each module's ``build(ctx)`` returns its Middleware, or
+# ``unchanged`` when the route does not use it. Why this order:
+# - body: a too-large body is refused (413) before any other work is spent on it, and a small
+#   one is buffered so that a retry can resend it.
+# - idempotency, cache: a replay or a hit is answered before anything else is spent on it;
+#   what is stored is what the client gets (after transform and headers), and a stale entry
+#   can stand in for any failure below.
+# - transform: the route's own header rules act on what the client sent, before the gateway's
+#   forwarding fields are added; on the way back it sees the answer after hop-by-hop removal,
+#   and filters JSON fields once, not per attempt.
+ROUTE_STAGES = (body.build, idempotency.build, cache.build, transform.build)
+# An aggregate route's: its calls' answers are merged, then filtered and cached as one.
+AGGREGATE_STAGES = (body.build, cache.build, transform.build)
+# One upstream call's stages, outermost first, then forward (the pooled HTTP call):
+# - headers: hop-by-hop removal and X-Forwarded-*/Via happen once per client request, not
+#   once per attempt.
+# - bulkhead: one slot per client request, held across its retries, so retries cannot push an
+#   upstream past ``max_concurrency``.
+# - retry: outside the balancer, so each attempt goes to the next target whose breaker allows
+#   it, and each attempt's outcome feeds that target's breaker.
+# - balancer + breaker: pick the target, record the outcome.
+UPSTREAM_STAGES = (headers.build, bulkhead.build, retry.build, balancer.build)
+
+
+def wrapped(handler: Handler, stages: tuple[Callable[[Context], Middleware], ...], ctx: Context) -> Handler:
+    """``handler`` inside ``stages`` (outermost first), each built from ``ctx``."""
+    for build in reversed(stages):
+        handler = build(ctx)(handler)
     return handler
 
 
-def upstream_call(upstream: UpstreamRuntime, timeout: Timeout, via_name: str, drop_credentials: bool) -> Handler:
-    """Stages 4-8 for one upstream: headers, bulkhead, retry, balancer + breaker, forward.
-    A plain route and each call of an aggregate route go through the same ones."""
+def assemble(route: Route, upstream: UpstreamRuntime, settings: Settings, for_job: bool = False) -> Handler:
+    """``route``'s handler: ROUTE_STAGES around UPSTREAM_STAGES around forward.
+
+    A ``mode: async`` route served to a client is only the body stage (the whole body, up to
+    the limit, is kept with the job) and then the job's submission (202). The worker later
+    runs the pipeline built with ``for_job``: the stages above, with the upstream's
+    ``job_timeout`` in place of its ``timeout``, and no cache or idempotency stage.
+    """
+    if route.mode == "async" and not for_job:
+        return body.build(Context(route, settings))(settings.submit_job)
     config = upstream.config
-    handler = forward(upstream.adapter, timeout)
-    handler = balance(upstream.name, config.targets, upstream.breakers)(handler)
-    handler = retry(config.retries)(handler)
-    handler = bulkhead(upstream.name, upstream.slots)(handler)
-    return forwarding_headers(via_name, drop_credentials)(handler)
+    ctx = Context(route, settings, upstream, config.job_timeout if for_job else config.timeout, for_job)
+    return wrapped(upstream_call(ctx), ROUTE_STAGES, ctx)
 
 
-def route_transform(route: Route) -> Middleware:
-    """The route's header and JSON field rules (no stage when it has none)."""
-    return transform(
-        route.request_headers.as_rules() if route.request_headers else None,
-        route.response_headers.as_rules() if route.response_headers else None,
-        field_rules(route.response_body),
-        route.response_body.max_size if route.response_body else 0,
-    )
-
-
-def route_cache(route: Route, settings: Settings) -> Middleware:
-    """The route's response cache (no stage without ``cache:``)."""
-    return cache(route_key(route.label, route.match_headers), cache_rules(route.cache), settings.cache_store, settings.key_prefix, settings.cache_lock_wait)
-
-
-def cache_rules(config: Cache | None) -> CacheRules | None:
-    if config is None:
-        return None
-    return CacheRules(config.ttl, config.public, config.stale_if_error, config.max_size)
-
-
-def field_rules(rules: BodyRules | None) -> FieldRules:
-    """The JSON field rules of a route file's ``response_body`` (none: no rules)."""
-    if rules is None:
-        return FieldRules()
-    return FieldRules(rules.allow, rules.deny, tuple(rules.rename.items()))
+def upstream_call(ctx: Context) -> Handler:
+    """UPSTREAM_STAGES around forward, for one upstream: a plain route and each call of an
+    aggregate route go through the same ones."""
+    return wrapped(forward.build(ctx), UPSTREAM_STAGES, ctx)
 
 
 def handler_for(route: Route, upstreams: dict[str, UpstreamRuntime], settings: Settings, for_job: bool = False) -> Handler:
@@ -190,9 +163,9 @@ def handler_for(route: Route, upstreams: dict[str, UpstreamRuntime], settings: S
 
 
 def assemble_aggregate(route: Route, upstreams: dict[str, UpstreamRuntime], settings: Settings) -> Handler:
-    """An aggregate route: each call gets its upstream's header, bulkhead, retry, breaker and
-    forward stages (the call's ``timeout`` as the read timeout), and the merge runs them on
-    the process's shared pool. The route's transform and cache wrap the merged answer."""
+    """An aggregate route: each call gets its upstream's UPSTREAM_STAGES and forward (the
+    call's ``timeout`` as the read timeout), and the merge runs them on the process's shared
+    pool, inside AGGREGATE_STAGES."""
     parts = []
     for name, call in (route.aggregate or {}).items():
         upstream = upstreams[call.upstream]
@@ -200,13 +173,11 @@ def assemble_aggregate(route: Route, upstreams: dict[str, UpstreamRuntime], sett
         # No call waits longer than the whole route may: an abandoned call holds a pool thread.
         read = min(config.timeout.read if call.timeout is None else call.timeout, route.timeout)
         timeout = Timeout(connect=min(config.timeout.connect, route.timeout), read=read)
-        handler = upstream_call(upstream, timeout, settings.via_name, drop_credentials=True)
+        handler = upstream_call(Context(route, settings, upstream, timeout, call=call))
         rules = FieldRules(call.allow, call.deny, tuple(call.rename.items()))
         parts.append(Part(name, call.method, call.path, handler, call.required, call.depends_on, call.timeout, call.list_format, rules))
-    handler = aggregate(parts, route.aggregate_mode == "all", route.timeout, lambda: shared_pool(settings.aggregate_threads))
-    handler = route_transform(route)(handler)
-    handler = route_cache(route, settings)(handler)
-    return request_body(settings.max_body_size, settings.buffer_body_size)(handler)
+    merged = aggregate(parts, route.aggregate_mode == "all", route.timeout, lambda: shared_pool(settings.aggregate_threads))
+    return wrapped(merged, AGGREGATE_STAGES, Context(route, settings))
 
 
 def build_router(route_file: RouteFile, upstreams: dict[str, UpstreamRuntime], settings: Settings) -> Router:

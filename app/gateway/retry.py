@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import random
 import time
+from typing import TYPE_CHECKING, Annotated
+
+from pydantic import Field
 
 from app.gateway.body import replayable
-from app.gateway.routefile import Retries
+from app.gateway.schema import Strict
 from app.gateway.types import (
     GatewayRequest,
     GatewayResponse,
@@ -14,6 +17,22 @@ from app.gateway.types import (
     ServiceUnavailable,
     UpstreamUnreachable,
 )
+
+if TYPE_CHECKING:
+    from app.gateway.pipeline import Context
+
+
+class Retries(Strict):
+    """Tries per request (1 means no retry), with exponential backoff and full jitter.
+
+    Only idempotent methods and requests carrying ``Idempotency-Key`` are retried after the
+    upstream may have seen them; a failed connect is retried for any method.
+    """
+
+    attempts: Annotated[int, Field(ge=1, le=10)] = 1
+    backoff: Annotated[float, Field(ge=0)] = 0.05  # seconds, doubled per retry
+    max_backoff: Annotated[float, Field(ge=0)] = 1.0  # seconds
+    statuses: tuple[Annotated[int, Field(ge=500, le=599)], ...] = (502, 503, 504)
 
 
 def backoff_delay(retry: int, base: float, cap: float) -> float:
@@ -58,3 +77,8 @@ def retry(config: Retries, sleep=time.sleep) -> Middleware:
         return handle
 
     return middleware
+
+
+def build(ctx: Context) -> Middleware:
+    """The upstream's ``retries`` (no stage for one attempt)."""
+    return retry(ctx.upstream.config.retries)

@@ -13,18 +13,23 @@ from urllib.parse import urlsplit
 import yaml
 from limits import parse_many
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from app.auth import Policy
+from app.gateway.aggregate import AggregateCall
+from app.gateway.breaker import Breaker
+from app.gateway.cache import Cache
+from app.gateway.forward import TLS, Timeout
+from app.gateway.idempotency import Idempotency
+from app.gateway.retry import Retries
+from app.gateway.schema import METHODS, Method
+from app.gateway.schema import Strict as _Strict
+from app.gateway.transform import BodyRules, HeaderRules
+from app.identity import Policy
 
-METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
-Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 RESERVED_PATHS = ("/healthz", "/readyz", "/metrics")
 # Seconds a synchronous route may keep its client waiting: Heroku's router answers 503 (H12)
 # after 30 s, and a web process stopping gives in-flight requests 25 s (gunicorn.conf.py).
@@ -55,123 +60,6 @@ def shown(url: str) -> str:
     return prefix + authority + slash + path
 
 
-class _Strict(BaseModel):
-    # Errors never repeat the input: a value may hold a secret put there by ${VAR}, and a
-    # ValidationError's text reaches tracebacks (the release phase, a worker's start).
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
-
-
-class Timeout(_Strict):
-    """Seconds to wait for a connection, and between bytes of the upstream's answer."""
-
-    connect: Annotated[float, Field(gt=0)] = 1.0
-    read: Annotated[float, Field(gt=0)] = 25.0  # with connect, inside Heroku's 30 s router limit
-
-
-class Retries(_Strict):
-    """Tries per request (1 means no retry), with exponential backoff and full jitter.
-
-    Only idempotent methods and requests carrying ``Idempotency-Key`` are retried after the
-    upstream may have seen them; a failed connect is retried for any method.
-    """
-
-    attempts: Annotated[int, Field(ge=1, le=10)] = 1
-    backoff: Annotated[float, Field(ge=0)] = 0.05  # seconds, doubled per retry
-    max_backoff: Annotated[float, Field(ge=0)] = 1.0  # seconds
-    statuses: tuple[Annotated[int, Field(ge=500, le=599)], ...] = (502, 503, 504)
-
-
-class Breaker(_Strict):
-    """Circuit breaker per target: opens after ``fail_max`` consecutive failures."""
-
-    fail_max: Annotated[int, Field(ge=1)] = 5
-    reset_timeout: Annotated[float, Field(gt=0)] = 30.0  # seconds open before a half-open probe
-    failure_statuses: tuple[Annotated[int, Field(ge=500, le=599)], ...] = (500, 502, 503, 504)
-
-
-class HeaderRules(_Strict):
-    """Header changes, applied in this order: ``remove`` (names), ``rename`` (``{old: new}``),
-    ``add`` (``{name: value}``, replacing a field of that name)."""
-
-    remove: tuple[str, ...] = ()
-    rename: dict[str, str] = {}
-    add: dict[str, str] = {}
-
-    @model_validator(mode="after")
-    def _fields(self) -> HeaderRules:
-        for name in (*self.remove, *self.rename, *self.rename.values(), *self.add):
-            if not _FIELD_NAME.fullmatch(name):
-                raise ValueError(f"{name!r} is not a header field name")
-        for name, value in self.add.items():
-            if not _FIELD_VALUE.fullmatch(value):
-                raise ValueError(f"the value of {name} has characters a header field cannot carry")
-        return self
-
-    def owned(self) -> list[str]:
-        """The fields these rules name that belong to the gateway: credentials and the fields
-        it sets itself (rules on them would do nothing, or pass on a client's key)."""
-        named = [*self.remove, *self.rename, *self.rename.values(), *self.add]
-        return [name for name in named if name.lower() in _OWNED or name.lower().startswith(("x-consumer-", "x-forwarded-"))]
-
-    def as_rules(self) -> tuple:
-        return (self.remove, tuple(self.rename.items()), tuple(self.add.items()))
-
-
-class BodyRules(_Strict):
-    """JSON response fields: ``allow`` (dotted paths kept), ``deny`` (dotted paths removed),
-    ``rename`` (top-level ``{old: new}``); ``max_size`` bytes of body are read to apply them."""
-
-    allow: tuple[str, ...] = ()
-    deny: tuple[str, ...] = ()
-    rename: dict[str, str] = {}
-    max_size: Annotated[int, Field(gt=0)] = 10 * 1024 * 1024
-
-
-class Cache(_Strict):
-    """A route's response cache (GET and HEAD): ``ttl`` seconds fresh unless the upstream's
-    Cache-Control says otherwise; ``public`` shares entries between consumers;
-    ``stale_if_error`` seconds past freshness an entry may stand in for a failed upstream;
-    bodies over ``max_size`` bytes are not stored."""
-
-    ttl: Annotated[float, Field(gt=0)]
-    public: bool = False
-    stale_if_error: Annotated[float, Field(ge=0)] = 0.0
-    max_size: Annotated[int, Field(gt=0)] = 1024 * 1024
-
-
-class Idempotency(_Strict):
-    """A route's idempotent replays: the first answer to a consumer's ``Idempotency-Key`` on an
-    unsafe method is kept ``ttl`` seconds (bodies up to ``max_size`` bytes) and replayed."""
-
-    ttl: Annotated[float, Field(gt=0)] = 24 * 3600.0
-    max_size: Annotated[int, Field(gt=0)] = 1024 * 1024
-    in_flight: Annotated[float, Field(gt=0)] = 60.0  # seconds the first request holds the key at most
-
-
-class AggregateCall(_Strict):
-    """One named backend call of an aggregate route. ``path`` is a template: ``{param}`` from
-    the route's path, ``{query.name}`` from the client's query, ``{call.body.field}`` from an
-    earlier call named in ``depends_on``. ``allow``/``deny``/``rename`` filter its JSON."""
-
-    upstream: str
-    path: str
-    method: Method = "GET"
-    required: bool = False
-    depends_on: tuple[str, ...] = ()
-    timeout: Annotated[float, Field(gt=0)] | None = None  # read timeout, seconds; default: the upstream's
-    list_format: Literal["csv", "repeat"] = "csv"
-    allow: tuple[str, ...] = ()
-    deny: tuple[str, ...] = ()
-    rename: dict[str, str] = {}
-
-    @field_validator("path")
-    @classmethod
-    def _starts_with_slash(cls, path: str) -> str:
-        if not path.startswith("/"):
-            raise ValueError("must start with '/'")
-        return path
-
-
 class Upstream(_Strict):
     """A backend service: one or more targets (base URLs) with shared resilience settings."""
 
@@ -183,6 +71,7 @@ class Upstream(_Strict):
     retries: Retries = Retries()
     breaker: Breaker = Breaker()
     max_concurrency: Annotated[int, Field(ge=1)] | None = None  # bulkhead, per worker process
+    tls: TLS = TLS()  # for https:// targets: verification and a client certificate
 
     @field_validator("targets")
     @classmethod

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Annotated
 
+from pydantic import Field, model_validator
 from werkzeug.datastructures import Headers
 
 from app.gateway.fields import FieldRules
+from app.gateway.schema import Strict
 from app.gateway.types import (
     GatewayRequest,
     GatewayResponse,
@@ -15,7 +19,53 @@ from app.gateway.types import (
     UpstreamUnreachable,
 )
 
+if TYPE_CHECKING:
+    from app.gateway.pipeline import Context
+
 _BODYLESS = frozenset({204, 304})
+
+
+_FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a token (RFC 9110 section 5.1)
+_OWNED = frozenset({"authorization", "x-api-key", "via", "x-request-id", "host", "content-length"})
+_FIELD_VALUE = re.compile(r"[ \t\x21-\x7e]*")  # visible ASCII, spaces and tabs (section 5.5)
+
+
+class HeaderRules(Strict):
+    """Header changes, applied in this order: ``remove`` (names), ``rename`` (``{old: new}``),
+    ``add`` (``{name: value}``, replacing a field of that name)."""
+
+    remove: tuple[str, ...] = ()
+    rename: dict[str, str] = {}
+    add: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _fields(self) -> HeaderRules:
+        for name in (*self.remove, *self.rename, *self.rename.values(), *self.add):
+            if not _FIELD_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a header field name")
+        for name, value in self.add.items():
+            if not _FIELD_VALUE.fullmatch(value):
+                raise ValueError(f"the value of {name} has characters a header field cannot carry")
+        return self
+
+    def owned(self) -> list[str]:
+        """The fields these rules name that belong to the gateway: credentials and the fields
+        it sets itself (rules on them would do nothing, or pass on a client's key)."""
+        named = [*self.remove, *self.rename, *self.rename.values(), *self.add]
+        return [name for name in named if name.lower() in _OWNED or name.lower().startswith(("x-consumer-", "x-forwarded-"))]
+
+    def as_rules(self) -> tuple:
+        return (self.remove, tuple(self.rename.items()), tuple(self.add.items()))
+
+
+class BodyRules(Strict):
+    """JSON response fields: ``allow`` (dotted paths kept), ``deny`` (dotted paths removed),
+    ``rename`` (top-level ``{old: new}``); ``max_size`` bytes of body are read to apply them."""
+
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    rename: dict[str, str] = {}
+    max_size: Annotated[int, Field(gt=0)] = 10 * 1024 * 1024
 
 
 class UnfilterableBody(UpstreamUnreachable):
@@ -127,3 +177,15 @@ def _read(chunks: Iterable[bytes], limit: int) -> bytes:
     except Exception as exc:
         raise UnfilterableBody("The upstream closed the connection before its JSON body was complete") from exc
     return b"".join(out)
+
+
+def build(ctx: Context) -> Middleware:
+    """The route's header and JSON field rules (no stage when it has none)."""
+    route = ctx.route
+    body = route.response_body
+    return transform(
+        route.request_headers.as_rules() if route.request_headers else None,
+        route.response_headers.as_rules() if route.response_headers else None,
+        FieldRules(body.allow, body.deny, tuple(body.rename.items())) if body else FieldRules(),
+        body.max_size if body else 0,
+    )

@@ -12,8 +12,8 @@ from app.observability import tracing
 from app.observability.tracing import TraceContext
 
 if TYPE_CHECKING:
-    from app.auth import Principal
     from app.gateway.routefile import Route
+    from app.identity import Principal
 
 
 @dataclass(slots=True)
@@ -30,7 +30,8 @@ class GatewayRequest:
     query: str
     headers: Headers
     body: object = None
-    client_addr: str = ""  # the peer's address as seen on the socket (or by a trusted proxy)
+    client_addr: str = ""  # the peer's address as seen on the socket, for X-Forwarded-For
+    client_ip: str = ""  # the client's address as the trusted proxies report it (limits, job scopes)
     scheme: str = "http"  # the client's scheme and host, for X-Forwarded-Proto/-Host
     host: str = ""
     route: Route | None = None
@@ -82,6 +83,11 @@ class GatewayResponse:
 
 Handler = Callable[[GatewayRequest], GatewayResponse]
 Middleware = Callable[[Handler], Handler]
+
+
+def unchanged(handler: Handler) -> Handler:
+    """The Middleware of a stage a route does not use: it is not in the pipeline at all."""
+    return handler
 
 
 class UpstreamUnreachable(ProblemError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from functools import partial
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -18,8 +19,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import undefer
 from werkzeug.datastructures import Headers
+from werkzeug.routing import MapAdapter
 
-from app.auth import Principal
+from app.identity import Principal
 from app.errors import ProblemError, problem_type
 from app.extensions import db
 from app.gateway.idempotency import IdempotencyKeyReused, valid_key
@@ -107,7 +109,7 @@ def is_expired(job: Job, now: datetime | None = None) -> bool:
     return job.purged_at is not None or (job.expires_at is not None and job.expires_at <= (now or utcnow()))
 
 
-def job_json(job: Job, urls: bool = True, items: dict[str, int] | None = None) -> dict:
+def job_json(job: Job, urls: bool | MapAdapter = True, items: dict[str, int] | None = None) -> dict:
     """The job resource: ``{"id", "kind", "status", "progress": {"percent", "message"}, ...}``.
 
     Timestamps are RFC 3339 UTC. ``error`` is a problem object (RFC 9457) or None; ``result``
@@ -135,7 +137,7 @@ def job_json(job: Job, urls: bool = True, items: dict[str, int] | None = None) -
     elif items is not None:
         data["items"] = items
     if urls and job.status == "succeeded":
-        data["resourceLocation"] = result_url(job.id)
+        data["resourceLocation"] = result_url(job.id, None if urls is True else urls)
     return data
 
 
@@ -151,14 +153,20 @@ def item_counts(job: Job) -> dict[str, int] | None:
     return {"total": sum(counts.values()), **counts}
 
 
-def status_url(job_id: str) -> str:
+def status_url(job_id: str, urls: MapAdapter | None = None) -> str:
     """The job's absolute status URL, from the public scheme and host (ProxyFix applies any
-    trusted X-Forwarded-Proto/-Host first)."""
-    return url_for("jobs.read", job_id=job_id, _external=True)
+    trusted X-Forwarded-Proto/-Host first): the current request's, or those ``urls`` is bound to."""
+    return _external("jobs.read", job_id, urls)
 
 
-def result_url(job_id: str) -> str:
-    return url_for("jobs.result", job_id=job_id, _external=True)
+def result_url(job_id: str, urls: MapAdapter | None = None) -> str:
+    return _external("jobs.result", job_id, urls)
+
+
+def _external(endpoint: str, job_id: str, urls: MapAdapter | None) -> str:
+    if urls is None:
+        return url_for(endpoint, job_id=job_id, _external=True)
+    return urls.build(endpoint, {"job_id": job_id}, force_external=True)
 
 
 def owned(job_id: str, principal: Principal | None, payload: bool = False) -> Job | None:
@@ -179,17 +187,18 @@ def create(
     client: dict,
     request_id: str,
     idempotency_key: str | None,
+    client_ip: str | None = None,
 ) -> tuple[Job, bool]:
     """Write a job (and its batch items) and commit; return ``(job, created)``.
 
     With ``idempotency_key`` a submission repeating an earlier one (same key, same requests)
     returns the earlier job with ``created`` False. Raises IdempotencyMismatch (422) when the
     key was used for different requests. Keys are scoped to the consumer, or for anonymous
-    callers to the client address (after TRUSTED_PROXY_HOPS). Call in a request context;
-    enqueueing is the caller's job, after this commit.
+    callers to the client address (after TRUSTED_PROXY_HOPS): ``client_ip``, else the current
+    request's. Call in an app context; enqueueing is the caller's job, after this commit.
     """
     digest = _digest(kind, calls)
-    scope = _scope(principal) if idempotency_key else None
+    scope = _scope(principal, client_ip) if idempotency_key else None
     if idempotency_key:
         earlier = _by_key(scope, idempotency_key)
         if earlier is not None:
@@ -252,9 +261,11 @@ def replay_of(key: str, principal: Principal | None) -> bool:
     return _by_key(_scope(principal), key) is not None
 
 
-def _scope(principal: Principal | None) -> str:
+def _scope(principal: Principal | None, client_ip: str | None = None) -> str:
     """Whose Idempotency-Keys these are: the consumer's, or an anonymous client address's."""
-    return principal.consumer_id if principal else f"ip:{request.remote_addr or ''}"
+    if principal:
+        return principal.consumer_id
+    return f"ip:{(request.remote_addr if client_ip is None else client_ip) or ''}"
 
 
 def _commit_keeping(job: Job) -> None:
@@ -301,29 +312,33 @@ def enqueue(job_ids: list[str]) -> list[str]:
     return failed
 
 
-def accepted(job: Job, created: bool) -> tuple[dict, Headers]:
+def accepted(job: Job, created: bool, urls: MapAdapter | None = None) -> tuple[dict, Headers]:
     """The 202's body (the job resource) and headers: ``Location`` and ``Operation-Location``
     (the absolute status URL), ``Retry-After`` (seconds), and ``Idempotent-Replayed: true``
-    when an ``Idempotency-Key`` matched an earlier submission."""
-    url = status_url(job.id)
+    when an ``Idempotency-Key`` matched an earlier submission. URLs are built with ``urls``,
+    else from the current request."""
+    url = status_url(job.id, urls)
     headers = Headers([("Location", url), ("Operation-Location", url)])
     if not job.final:
         headers["Retry-After"] = str(settings().retry_after)
     if not created:
         headers["Idempotent-Replayed"] = "true"
-    return job_json(job, items=item_counts(job)), headers
+    return job_json(job, urls=urls if urls is not None else True, items=item_counts(job)), headers
 
 
-def accept(req: GatewayRequest) -> GatewayResponse:
-    """The handler of a ``mode: async`` route: the request becomes a job (202), and a worker
-    makes the upstream call. Raises IdempotencyMismatch (422)."""
+def accept(app: Flask, req: GatewayRequest) -> GatewayResponse:
+    """The handler of a ``mode: async`` route, registered as ``app.extensions["job_submit"]``:
+    the request becomes a job (202), and a worker makes the upstream call. The proxy calls it
+    outside any Flask context: it enters ``app``'s for the database. Raises IdempotencyMismatch
+    (422)."""
     call = call_from_request(req)
     client = {"addr": req.client_addr, "scheme": req.scheme, "host": req.host}
     key = idempotency_key(req.headers.get("Idempotency-Key"))
-    job, created = create(REQUEST, [call], req.principal, client, req.request_id, key)
-    if created:
-        enqueue([job.id])
-    body, headers = accepted(job, created)
+    with app.app_context():
+        job, created = create(REQUEST, [call], req.principal, client, req.request_id, key, client_ip=req.client_ip)
+        if created:
+            enqueue([job.id])
+        body, headers = accepted(job, created, app.url_map.bind(req.host, url_scheme=req.scheme))
     headers["Content-Type"] = "application/json"
     return GatewayResponse(status=202, headers=headers, body=[json.dumps(body).encode()])
 
@@ -388,6 +403,7 @@ def init_app(app: Flask) -> None:
     time limit (every attempt waiting its full ``job_timeout``), since such a job would fail
     with ``job-timeout`` rather than with the upstream's own timeout."""
     app.extensions["jobs"] = config = Settings.from_config(app.config)
+    app.extensions["job_submit"] = partial(accept, app)
     gateway = app.extensions.get("gateway")
     if gateway is None:
         return

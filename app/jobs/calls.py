@@ -11,7 +11,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, NotFound
 
-from app.auth import Principal
+from app.identity import Principal
 from app.errors import ProblemError
 from app.gateway.body import RequestBody
 from app.gateway.headers import CREDENTIALS, HOP_BY_HOP, end_to_end

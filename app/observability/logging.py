@@ -109,16 +109,17 @@ _LOGGERS = ("frontdoor", "pybreaker")
 _background: QueueListener | None = None
 
 
-# The request id of the work this thread is doing outside a request: a Celery task's, from
-# its message headers (app/observability/tasks.py).
-task_request_id: ContextVar[str | None] = ContextVar("frontdoor_request_id", default=None)
+# The request id of the work this thread is doing outside a Flask request: a proxied request's
+# (app/gateway/proxy.py), or a Celery task's, from its message headers (app/observability/tasks.py).
+work_request_id: ContextVar[str | None] = ContextVar("frontdoor_request_id", default=None)
 
 
 def current_request_id() -> str | None:
-    """The id of the request this thread serves, or of the request that started the task it runs."""
+    """The id of the request this thread serves (the gateway's API or the proxy), or of the
+    request that started the task it runs."""
     if has_request_context():
         return g.get("request_id")
-    return task_request_id.get()
+    return work_request_id.get()
 
 
 def _with_request_id(record: logging.LogRecord) -> bool:

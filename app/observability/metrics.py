@@ -27,7 +27,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from app.auth import policy
+from app.auth.views import policy
 
 # Seconds. Requests: from a cache hit (well under a millisecond) to Heroku's 30 s router limit.
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

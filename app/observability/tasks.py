@@ -32,7 +32,7 @@ from celery.signals import (
 from prometheus_client import multiprocess, start_http_server
 
 from app.observability import metrics, tracing
-from app.observability.logging import current_request_id, task_request_id
+from app.observability.logging import current_request_id, work_request_id
 
 log = logging.getLogger("frontdoor.tasks")
 HEADER = "request_id"
@@ -60,7 +60,7 @@ def _header(task, name: str) -> str | None:
 
 def _starting(task_id: str | None = None, task=None, **_: object) -> None:
     trace = tracing.continued(_header(task, tracing.TRACEPARENT), _header(task, tracing.TRACESTATE))
-    _running[task_id] = (time.perf_counter(), task_request_id.set(_header(task, HEADER)), tracing.task_trace.set(trace))
+    _running[task_id] = (time.perf_counter(), work_request_id.set(_header(task, HEADER)), tracing.work_trace.set(trace))
 
 
 def _ended(task_id: str | None = None, task=None, state: str | None = None, **_: object) -> None:
@@ -73,8 +73,8 @@ def _ended(task_id: str | None = None, task=None, state: str | None = None, **_:
         fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
     log.info("task", extra=fields)
     if token is not None:
-        task_request_id.reset(token)
-        tracing.task_trace.reset(trace_token)
+        work_request_id.reset(token)
+        tracing.work_trace.reset(trace_token)
 
 
 class MetricsPort:

@@ -31,8 +31,9 @@ _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f
 _ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 _enabled = False
 
-# The trace of the task this thread runs (app/observability/tasks.py sets it from the message).
-task_trace: ContextVar[TraceContext | None] = ContextVar("frontdoor_trace", default=None)
+# The trace of the proxied request this thread serves (app/gateway/proxy.py), or of the task it
+# runs (app/observability/tasks.py sets it from the message).
+work_trace: ContextVar[TraceContext | None] = ContextVar("frontdoor_trace", default=None)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def current() -> TraceContext | None:
     """The context of the request this thread serves, or of the task it runs; None outside both."""
     if has_request_context():
         return g.get("trace")
-    return task_trace.get()
+    return work_trace.get()
 
 
 def _new_trace_id() -> str:
@@ -141,6 +142,23 @@ def _redact_server_span() -> None:
     from opentelemetry import trace
 
     redact_span(trace.get_current_span())
+
+
+def name_server_span(name: str) -> None:
+    """Name the current server span (``"GET /users"``: the method and the matched route)."""
+    from opentelemetry import trace
+
+    trace.get_current_span().update_name(name)
+
+
+def instrument_wsgi(wsgi_app):
+    """``wsgi_app`` (the proxy, outside Flask) inside OpenTelemetry's WSGI middleware when spans
+    are exported, its URL attributes redacted as the Flask app's are; else ``wsgi_app`` itself."""
+    if not _enabled:
+        return wsgi_app
+    from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
+
+    return OpenTelemetryMiddleware(wsgi_app, request_hook=redact_span)
 
 
 def enabled() -> bool:

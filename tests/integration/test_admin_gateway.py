@@ -69,6 +69,9 @@ def stack(request, tmp_path, start_gateway, httpbin_url):
         GATEWAY_CELERY_BROKER_URL=f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
         **env,
     )
+    # /healthz answers as soon as one worker has booted; a worker still booting when a test
+    # rewrites the file would read the new file (a bad one stops gunicorn).
+    per_worker(gateway, key)
     return gateway, path, key, httpbin_url
 
 

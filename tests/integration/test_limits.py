@@ -6,6 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import redis
 import requests
 
 from app import create_app
@@ -24,6 +25,7 @@ routes:
   - {{path: /limited, upstream: httpbin, strip_prefix: true, auth: required, rate_limit: "40/minute"}}
   - {{path: /burst, upstream: httpbin, strip_prefix: true, auth: optional, rate_limit: "3/2second"}}
   - {{path: /open, upstream: httpbin, strip_prefix: true, auth: optional, rate_limit: "5/minute"}}
+  - {{path: /fast, upstream: httpbin, strip_prefix: true, auth: required, rate_limit: "1000/second"}}
 """
 UNAVAILABLE = "frontdoor_ratelimit_storage_unavailable_total"
 
@@ -58,9 +60,12 @@ def shared(redis_url, identity):
     delete_keys(redis_url, prefix)
 
 
-@pytest.fixture(scope="module")
-def gateways(routes, start_gateway, shared):
-    return [start_gateway(routes, workers=2, **shared) for _ in range(2)]
+@pytest.fixture(scope="module", params=["sliding-window-counter", "moving-window"])
+def gateways(request, routes, start_gateway, shared):
+    """Two gateway processes on one Redis and one database, counting with each strategy."""
+    prefix = f"{shared['GATEWAY_KEY_PREFIX']}-{request.param}"  # each strategy's counters apart
+    env = {**shared, "GATEWAY_KEY_PREFIX": prefix, "GATEWAY_RATELIMIT_STRATEGY": request.param}
+    return [start_gateway(routes, workers=2, **env) for _ in range(2)]
 
 
 def spread(gateways, path: str, key: str, count: int = 100) -> list[requests.Response]:
@@ -105,6 +110,47 @@ def test_a_429s_retry_after_is_followed_by_success(gateways):
     again = requests.get(f"{gateways[1].url}/burst/get", timeout=5)  # the other process, same budget
     assert again.status_code == 200
     assert again.headers["RateLimit-Policy"] == '"route";q=3;w=2'
+
+
+def ratelimit_keys(client: redis.Redis, prefix: str, consumer_id: str) -> dict[bytes, int]:
+    """The consumer's rate-limit keys under ``prefix``, with the bytes Redis holds for each."""
+    keys = client.scan_iter(f"{prefix}:ratelimit:*{consumer_id}*", count=1000)
+    return {key: client.memory_usage(key) or 0 for key in keys}
+
+
+def test_a_high_rate_limit_keeps_two_small_counters_per_consumer_under_load(start_gateway, routes, shared, identity):
+    # The default strategy, the sliding window counter: a previous and a current count per
+    # limit and consumer, however many requests the window holds (the moving window keeps a
+    # list entry per hit: up to 1,000 here).
+    gateway = start_gateway(routes, workers=2, **shared)
+    key = identity.key()
+    consumer_id = requests.get(f"{gateway.url}/fast/headers", headers={"X-API-Key": key}, timeout=5).json()["headers"]["X-Consumer-Id"]
+    client = redis.Redis.from_url(shared["REDIS_URL"])
+    seen: list[dict[bytes, int]] = []
+    stop = time.monotonic() + 3.0  # bounded: 3 s of load, at most 6,000 requests
+
+    def load(_: int) -> int:
+        sent = 0
+        while time.monotonic() < stop and sent < 375:
+            assert requests.get(f"{gateway.url}/fast/get", headers={"X-API-Key": key}, timeout=5).status_code in (200, 429)
+            sent += 1
+        return sent
+
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            sent = pool.map(load, range(16))
+            while time.monotonic() < stop:
+                seen.append(ratelimit_keys(client, shared["GATEWAY_KEY_PREFIX"], consumer_id))
+                time.sleep(0.25)
+            total = sum(sent)
+    finally:
+        client.close()
+    assert total > 500, "the load reached the gateway"
+    assert len(seen) >= 8
+    for keys in seen:
+        assert 1 <= len(keys) <= 2, keys  # the current window's counter, and the previous one's
+        assert sum(keys.values()) < 1024  # bytes, whatever the rate
+    assert max(len(keys) for keys in seen) == 2
 
 
 def unavailable_allowed(url: str) -> float:

@@ -6,7 +6,6 @@ import re
 import threading
 
 import pytest
-import responses
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from werkzeug.datastructures import Headers
@@ -17,12 +16,14 @@ from app.gateway.routefile import Breaker
 from app.gateway.types import BulkheadFull, GatewayResponse, UpstreamTimeout
 from app.observability import metrics
 from tests import services
+from tests.stub_upstream import StubUpstream
 
-UPSTREAM = "http://metrics-upstream.test"
-ROUTES = f"""
+
+def routes(upstream_url: str) -> str:
+    return f"""
 upstreams:
   up:
-    targets: ["{UPSTREAM}"]
+    targets: ["{upstream_url}"]
 routes:
   - {{path: /plain, upstream: up, auth: none, rate_limit: none}}
   - {{path: /cached, upstream: up, auth: none, rate_limit: none, cache: {{ttl: 60, public: true}}}}
@@ -31,10 +32,10 @@ routes:
 
 @pytest.fixture
 def client(make_app):
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        mock.add(responses.GET, re.compile(f"{UPSTREAM}/.*"), body=b"up")
-        mock.add(responses.POST, re.compile(f"{UPSTREAM}/.*"), body=b"made", status=201)
-        yield make_app(routes=ROUTES, KEY_PREFIX=services.unique("metrics")).test_client()
+    with StubUpstream() as upstream:
+        upstream.add("GET", re.compile("/.*"), body=b"up")
+        upstream.add("POST", re.compile("/.*"), body=b"made", status=201)
+        yield make_app(routes=routes(upstream.url), KEY_PREFIX=services.unique("metrics")).test_client()
 
 
 def answered(client, method: str, path: str, **kwargs):

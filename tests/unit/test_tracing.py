@@ -6,18 +6,24 @@ import json
 import re
 
 import pytest
-import responses
 from opentelemetry import trace as otel_trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from app.observability import tracing
 from tests import services
+from tests.stub_upstream import StubUpstream
 
-UPSTREAM = "http://traced-upstream.test"
-ROUTES = f"""
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_PARENT = "00f067aa0ba902b7"
+VALID = f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01"
+FIELD = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+def routes(upstream_url: str) -> str:
+    return f"""
 upstreams:
   up:
-    targets: ["{UPSTREAM}"]
+    targets: ["{upstream_url}"]
 routes:
   - {{path: /plain, upstream: up, auth: none, rate_limit: none}}
   - path: /screen
@@ -27,14 +33,16 @@ routes:
       a: {{upstream: up, path: /a}}
       b: {{upstream: up, path: /b}}
 """
-CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
-CLIENT_PARENT = "00f067aa0ba902b7"
-VALID = f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01"
-FIELD = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
 
 @pytest.fixture
-def upstream_seen():
+def upstream():
+    with StubUpstream() as stub:
+        yield stub
+
+
+@pytest.fixture
+def upstream_seen(upstream):
     """What the upstream was sent: a list of each request's headers (lower-case names)."""
     seen: list[dict[str, str]] = []
 
@@ -42,14 +50,13 @@ def upstream_seen():
         seen.append({name.lower(): value for name, value in request.headers.items()})
         return 200, {"Content-Type": "application/json"}, json.dumps({"ok": True})
 
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        mock.add_callback(responses.GET, re.compile(f"{UPSTREAM}/.*"), callback=answer)
-        yield seen
+    upstream.add_callback("GET", re.compile("/.*"), answer)
+    return seen
 
 
 @pytest.fixture
-def client(make_app):
-    return make_app(routes=ROUTES, KEY_PREFIX=services.unique("trace")).test_client()
+def client(make_app, upstream):
+    return make_app(routes=routes(upstream.url), KEY_PREFIX=services.unique("trace")).test_client()
 
 
 @pytest.mark.parametrize(
@@ -110,12 +117,13 @@ def test_every_call_of_an_aggregate_is_a_hop_of_the_requests_trace(client, upstr
 
 def test_without_an_otlp_endpoint_nothing_is_instrumented(make_app, monkeypatch):
     monkeypatch.delenv(tracing.ENDPOINT, raising=False)
-    app = make_app(routes=ROUTES)
+    app = make_app(routes=routes("http://traced-upstream.test"))
 
     assert not tracing.enabled()
     assert not isinstance(otel_trace.get_tracer_provider(), TracerProvider)  # the API's no-op proxy
     assert not getattr(app, "_is_instrumented_by_opentelemetry", False)
     assert app.wsgi_app.__class__.__name__ != "OpenTelemetryMiddleware"
+    assert app.wsgi_app.proxy.__class__.__name__ != "OpenTelemetryMiddleware"  # the proxy app behind the entry
 
 
 def test_a_spans_url_attributes_keep_query_names_but_never_their_values():

@@ -13,7 +13,7 @@ from app.api import schemas
 from app.api.common import Reply, Undocumented, body, operation, reply
 from app.api.consumers import ConsumerCreate, ConsumerUpdate
 from app.api.openapi import REF
-from app.auth import policy
+from app.auth.views import policy
 from tests.services import logged
 from tests.unit.api.support import problem
 

@@ -1,22 +1,32 @@
-"""Fixtures: an app with a route per auth mode (``app``, so ``client``/``identity``/``runner`` use it) and a mocked upstream."""
+"""Fixtures: an app with a route per auth mode (``app``, so ``client``/``identity``/``runner`` use it) and a stub upstream."""
 from __future__ import annotations
 
 import re
 
 import pytest
-import responses
 
+from tests.stub_upstream import StubUpstream
 from tests.unit.auth.support import ROUTES, UPSTREAM
+
+
+@pytest.fixture
+def upstream():
+    """Answers 200 ``up`` to any GET; ``upstream.calls`` records what it received."""
+    with StubUpstream() as stub:
+        stub.add("GET", re.compile("/.*"), body=b"up")
+        yield stub
+
+
+@pytest.fixture
+def make_app(make_app, upstream):
+    """The shared ``make_app``, with the route file's UPSTREAM (support.py) pointed at the stub upstream."""
+
+    def build(routes: str = ROUTES, **config):
+        return make_app(routes=routes.replace(UPSTREAM, upstream.url), **config)
+
+    return build
 
 
 @pytest.fixture
 def app(make_app):
     return make_app(routes=ROUTES)
-
-
-@pytest.fixture
-def upstream():
-    """Answers 200 ``up`` to any GET under UPSTREAM; ``upstream.calls`` records what it received."""
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        mock.get(re.compile(re.escape(UPSTREAM) + "/.*"), body=b"up")
-        yield mock

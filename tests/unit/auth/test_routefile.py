@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from app.auth import Policy
+from app.identity import Policy
 from app.gateway.routefile import RouteFileError, load
 
 

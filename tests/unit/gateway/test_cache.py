@@ -10,9 +10,9 @@ import pytest
 import redis
 from werkzeug.datastructures import Headers
 
-from app.auth import Principal
+from app.identity import Principal
 from app.errors import ProblemError
-from app.gateway.cache import CacheRules, cache
+from app.gateway.cache import Cache, cache
 from app.gateway.cachestore import MemoryStore
 from app.gateway.routefile import RouteFileError
 from app.gateway.types import (
@@ -54,7 +54,7 @@ def origin(*headers: tuple[str, str], status: int = 200, body=None) -> Answers:
 
 
 def stage(upstream, clock=None, store=None, *, ttl: float = TTL, public=False, stale_if_error: float = 0, max_size=1024, lock_wait=1.0, label="users"):
-    rules = CacheRules(ttl=ttl, public=public, stale_if_error=stale_if_error, max_size=max_size)
+    rules = Cache(ttl=ttl, public=public, stale_if_error=stale_if_error, max_size=max_size)
     store = MemoryStore(1 << 20) if store is None else store
     return cache(label, rules, store, "test", lock_wait, clock or Clock())(upstream)
 
@@ -77,7 +77,7 @@ def principal(consumer_id: str) -> Principal:
 
 def test_without_rules_or_a_store_the_stage_is_absent():
     upstream = Answers(200)
-    rules = CacheRules(ttl=TTL, public=False, stale_if_error=0, max_size=1024)
+    rules = Cache(ttl=TTL, public=False, stale_if_error=0, max_size=1024)
 
     assert cache("users", None, MemoryStore(1024), "test", 1.0)(upstream) is upstream
     assert cache("users", rules, None, "test", 1.0)(upstream) is upstream

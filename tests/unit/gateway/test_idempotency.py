@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from app.auth import Principal
+from app.identity import Principal
 from app.gateway.cachestore import MemoryStore
-from app.gateway.idempotency import IdempotencyRules, idempotency
+from app.gateway.idempotency import Idempotency, idempotency
 from app.gateway.types import GatewayResponse, UpstreamUnreachable
 from tests.factories import Identity
 from tests.unit.gateway.stand_ins import Answers, make_request
@@ -105,7 +105,7 @@ def test_a_bad_key_is_a_400(app, key):
 
 def test_a_gateway_error_is_not_kept_so_the_client_may_retry():
     upstream = Answers(UpstreamUnreachable("refused", sent=False), 201)
-    handler = idempotency("r", IdempotencyRules(60, 1024, 5), MemoryStore(10_000), "t", clock=time.time)(upstream)
+    handler = idempotency("r", Idempotency(ttl=60, max_size=1024, in_flight=5), MemoryStore(10_000), "t", clock=time.time)(upstream)
     who = Principal("con_1", "c", None, frozenset(), "key_1")
 
     def request():

@@ -421,3 +421,37 @@ def test_request_header_rules_cannot_name_fields_the_gateway_owns(write, rules):
         load(write(one_route(request_headers=rules)), env={})
 
     assert "the gateway sets or checks these fields itself" in str(error.value)
+
+
+# What checking a route file loads: gunicorn's master validates the file in on_starting, and
+# `python -m app.gateway.check` runs on machines that have no database or Redis to talk to.
+LOADED = """
+import runpy, sys
+sys.argv = ["check", sys.argv[1]]
+try:
+    runpy.run_module("app.gateway.check", run_name="__main__")
+except SystemExit:
+    pass
+import gunicorn_conf
+gunicorn_conf.on_starting(None)
+print(" ".join(sorted({name.split(".")[0] for name in sys.modules})), file=sys.stderr)
+"""
+
+
+def test_checking_a_route_file_loads_neither_celery_nor_sqlalchemy_nor_redis(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text(VALID)
+    (tmp_path / "gunicorn_conf.py").write_text((ROOT / "gunicorn.conf.py").read_text())
+    (tmp_path / "metrics").mkdir()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_")}
+    env.update(GATEWAY_CONFIG=str(path), PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}", PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"))
+
+    done = subprocess.run(
+        [sys.executable, "-c", LOADED, str(path)], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"ok: {path}")
+    loaded = set(done.stderr.strip().splitlines()[-1].split())
+    assert "app" in loaded and "yaml" in loaded and "pydantic" in loaded  # it did load the route file
+    assert not loaded & {"celery", "kombu", "sqlalchemy", "flask_sqlalchemy", "redis", "pybreaker", "psycopg"}
