@@ -280,13 +280,18 @@ def test_concurrent_first_calls_all_get_the_same_key(tmp_path, monkeypatch):
     key wins and every caller returns it."""
     callers = 12
     barrier = threading.Barrier(callers, timeout=10)
-    original = Fernet.generate_key.__func__
+    real_generate_key = Fernet.generate_key  # called as it is: cryptography's own business how
 
-    def generate_key_together(cls):
-        barrier.wait()
-        return original(cls)
+    class FernetAtTheBarrier:
+        """The ``Fernet`` that instance_key calls: each real key is made once every caller is
+        making one. Patched on app.webhooks.secrets, not on cryptography's class."""
 
-    monkeypatch.setattr(Fernet, "generate_key", classmethod(generate_key_together))
+        @staticmethod
+        def generate_key() -> bytes:
+            barrier.wait()
+            return real_generate_key()
+
+    monkeypatch.setattr(secrets, "Fernet", FernetAtTheBarrier)
     keys: list[str] = []
     errors: list[BaseException] = []
 
@@ -304,5 +309,6 @@ def test_concurrent_first_calls_all_get_the_same_key(tmp_path, monkeypatch):
     assert errors == []
     assert len(keys) == callers
     assert len(set(keys)) == 1
+    Fernet(keys[0].encode())  # a real Fernet key
     assert (tmp_path / "webhook-secret.key").read_text() == keys[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["webhook-secret.key"]
