@@ -11,7 +11,7 @@ WEB_CONCURRENCY ?= 1
 export FLASK_APP := app
 
 .DEFAULT_GOAL := help
-.PHONY: help install run migrate test test-fast lint bench bench-jobs bench-cache bench-webhooks clean
+.PHONY: help install lock run migrate test test-fast lint bench bench-jobs bench-cache bench-webhooks clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -23,6 +23,20 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP) ## create the virtualenv and install the gateway with its dev tools
+
+# The lock is solved for Python 3.11 on Linux by pip-tools, in a virtualenv of its own (inside
+# $(VENV), so make clean and .gitignore cover it) that keeps its pip and click apart from the
+# locked set. A pin that still fits setup.cfg's bounds is kept; UPGRADE=1 re-solves to the newest.
+LOCK_TOOLS  := pip==26.3 pip-tools==7.6.2
+LOCK_VENV   := $(VENV)/lock-tools
+PIP_COMPILE := $(LOCK_VENV)/bin/pip-compile --quiet $(if $(UPGRADE),--upgrade )--strip-extras --allow-unsafe \
+	--no-emit-index-url --no-emit-find-links --no-emit-trusted-host
+lock: ## re-solve requirements.txt (runtime) and requirements-dev.txt from setup.cfg's bounds (UPGRADE=1: newest)
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and "make lock: the lock is for Python 3.11")'
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet $(LOCK_TOOLS)
+	$(PIP_COMPILE) --output-file=requirements.txt setup.cfg
+	$(PIP_COMPILE) --extra=dev --constraint=requirements.txt --output-file=requirements-dev.txt setup.cfg
 
 migrate: $(STAMP) ## apply database migrations (SQLite under instance/ unless DATABASE_URL is set)
 	$(BIN)/flask db upgrade
