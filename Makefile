@@ -16,13 +16,18 @@ export FLASK_APP := app
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): setup.cfg pyproject.toml
+# Installs come from the lock: requirements-dev.txt pins every package (requirements.txt's runtime
+# set and the dev tools), then the gateway itself goes in editable with nothing more. pip check
+# fails the install when a pin no longer fits setup.cfg's bounds: run make lock.
+$(STAMP): requirements.txt requirements-dev.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip check
 	touch $(STAMP)
 
-install: $(STAMP) ## create the virtualenv and install the gateway with its dev tools
+install: $(STAMP) ## create the virtualenv and install the locked dependencies, dev tools and the gateway
 
 # The lock is solved for Python 3.11 on Linux by pip-tools, in a virtualenv of its own (inside
 # $(VENV), so make clean and .gitignore cover it) that keeps its pip and click apart from the
