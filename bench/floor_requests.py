@@ -1,4 +1,4 @@
-"""The floor peer for bench/proxy.py: the least a Flask + requests proxy does (a Session, streaming)."""
+"""The `floor-requests` peer for bench/proxy.py: the least a Flask + requests proxy does (a Session, streaming)."""
 import os
 
 import requests
@@ -6,7 +6,7 @@ from flask import Flask, Response, request
 
 UPSTREAM = os.environ["FLOOR_UPSTREAM"].rstrip("/")
 session = requests.Session()
-session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=8))
+session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=int(os.environ.get("WEB_THREADS", "8"))))
 
 app = Flask(__name__)
 
