@@ -21,7 +21,18 @@ def create_app(test_config: dict | None = None) -> Flask:
     from flask import Flask
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from app import api, auth, config, errors, extensions, gateway, health, jobs, ratelimit, webhooks
+    from app import (
+        api,
+        auth,
+        config,
+        errors,
+        extensions,
+        gateway,
+        health,
+        jobs,
+        ratelimit,
+        webhooks,
+    )
     from app.gateway import request_id
     from app.observability import logging as logs
     from app.observability import metrics, tracing

@@ -37,8 +37,8 @@ from app.gateway.ratelimit import Counted, Counter, Quota
 from app.observability.metrics import RATELIMIT_REJECTED, RATELIMIT_STORAGE_UNAVAILABLE
 
 if TYPE_CHECKING:
-    from app.identity import Principal
     from app.gateway.routefile import Route
+    from app.identity import Principal
 
 log = logging.getLogger("frontdoor.ratelimit")
 

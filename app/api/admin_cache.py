@@ -6,8 +6,8 @@ from flask import Blueprint, current_app, request
 from app.api import schemas
 from app.api.common import BadRequest, Param, Reply, operation, reply
 from app.auth.views import policy
-from app.identity import ADMIN_SCOPE
 from app.gateway.cache import glob_escape
+from app.identity import ADMIN_SCOPE
 
 bp = Blueprint("admin_cache", __name__)
 

@@ -14,12 +14,12 @@ from werkzeug.exceptions import NotFound
 from app.api import schemas
 from app.api.common import Reply, operation, reply
 from app.auth.views import policy
-from app.identity import ADMIN_SCOPE
 from app.errors import ProblemError
-from app.gateway.runtime import Gateway, request_gateway
 from app.gateway.control import CLOSED, OPEN, StoreUnavailable
 from app.gateway.pipeline import UpstreamRuntime
 from app.gateway.routefile import RouteFileError
+from app.gateway.runtime import Gateway, request_gateway
+from app.identity import ADMIN_SCOPE
 from app.models.base import isoformat
 
 bp = Blueprint("admin_gateway", __name__)

@@ -22,8 +22,8 @@ from app.api.common import (
 )
 from app.auth import manage
 from app.auth.views import policy
-from app.identity import ADMIN_SCOPE
 from app.extensions import db
+from app.identity import ADMIN_SCOPE
 from app.models import Consumer
 
 bp = Blueprint("consumers", __name__)

@@ -39,8 +39,8 @@ from app.api.common import (
 )
 from app.auth.views import current_principal, policy
 from app.extensions import db
-from app.gateway.runtime import Gateway
 from app.gateway.router import has_dot_segment
+from app.gateway.runtime import Gateway
 from app.gateway.types import PayloadTooLarge
 from app.jobs.calls import Call, kept_headers
 from app.models import Job, JobItem

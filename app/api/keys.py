@@ -30,8 +30,8 @@ from app.api.common import (
 from app.auth import manage
 from app.auth.authenticate import InsufficientScope
 from app.auth.views import current_principal
-from app.identity import Principal
 from app.extensions import db
+from app.identity import Principal
 from app.models import ApiKey
 
 bp = Blueprint("keys", __name__)

@@ -15,8 +15,8 @@ from werkzeug.wrappers import Response
 from app.api import schemas
 from app.api.common import Operation, Reply, operation
 from app.auth.views import policy
-from app.identity import AUTHENTICATED, Policy
 from app.errors import PROBLEM_JSON
+from app.identity import AUTHENTICATED, Policy
 
 bp = Blueprint("openapi", __name__)
 

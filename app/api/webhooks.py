@@ -30,8 +30,8 @@ from app.api.common import (
     with_status,
 )
 from app.auth.views import current_principal
-from app.identity import Principal
 from app.extensions import db
+from app.identity import Principal
 from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookMessage
 from app.models.base import utcnow
 from app.models.webhooks import DELIVERY_STATUSES

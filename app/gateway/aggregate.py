@@ -48,7 +48,7 @@ class AggregateCall(Strict):
     list_format: Literal["csv", "repeat"] = "csv"
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
-    rename: dict[str, str] = {}
+    rename: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("path")
     @classmethod

@@ -263,7 +263,7 @@ def _close(raw, consumed: bool) -> None:
 class _Body:
     """The upstream's body as ``CHUNK``-byte pieces; ``close`` returns the connection."""
 
-    __slots__ = ("raw", "req", "consumed")
+    __slots__ = ("consumed", "raw", "req")
 
     def __init__(self, raw, req: GatewayRequest):
         self.raw, self.req, self.consumed = raw, req, False

@@ -6,7 +6,17 @@ from dataclasses import dataclass, field
 
 import redis
 
-from app.gateway import balancer, body, bulkhead, cache, forward, headers, idempotency, retry, transform
+from app.gateway import (
+    balancer,
+    body,
+    bulkhead,
+    cache,
+    forward,
+    headers,
+    idempotency,
+    retry,
+    transform,
+)
 from app.gateway.aggregate import AggregateCall, Part, aggregate, shared_pool
 from app.gateway.breaker import TargetBreakers
 from app.gateway.cachestore import CacheStore

@@ -81,7 +81,7 @@ class ProxyApp:
         trace = tracing.accept_or_start(environ.get("HTTP_TRACEPARENT"), environ.get("HTTP_TRACESTATE"))
         # Lines logged while the request is served (a library's too) carry its id.
         id_token, trace_token = work_request_id.set(request_id), tracing.work_trace.set(trace)
-        fields = {"request_id": request_id, "method": method, "path": path, "route": None, "consumer": None, "target": None, "status": 0, "upstream_ms": None}
+        line = {"request_id": request_id, "method": method, "path": path, "route": None, "consumer": None, "target": None, "status": 0, "upstream_ms": None}
         headers = EnvironHeaders(environ)
         counted = None
         greq = None
@@ -91,12 +91,12 @@ class ProxyApp:
             raw_path = _raw_path(environ, path)
             match = gateway.router.match(method, path, raw_path, headers)  # NotFound, MethodNotAllowed
             route = match.route
-            fields["route"] = route.label
+            line["route"] = route.label
             if tracing.enabled():
                 tracing.name_server_span(f"{method} {route.label}")
             principal = self.authenticator.authenticate(headers, route.policy)  # 401, 403, 503
             if principal is not None:
-                fields["consumer"] = principal.consumer_id
+                line["consumer"] = principal.consumer_id
             client_ip = environ.get("REMOTE_ADDR") or ""  # after ProxyFix: the client's own
             counted = self.limits.count(route, principal, client_ip)  # one storage round trip
             if counted is not None and counted.breached is not None:
@@ -133,18 +133,17 @@ class ProxyApp:
         finally:
             work_request_id.reset(id_token)
             tracing.work_trace.reset(trace_token)
-        response.headers[HEADER] = request_id
-        if counted is not None:
-            for name, value in counted.headers():
-                response.headers[name] = value
+        fields = [(HEADER, request_id), *(counted.headers() if counted is not None else ())]
+        present = set_fields(response.headers, fields)
         upstream_seconds = None
         if greq is not None and greq.target is not None:
-            fields["target"] = greq.target
+            line["target"] = greq.target
             upstream_seconds = greq.upstream_seconds
-            fields["upstream_ms"] = round(upstream_seconds * 1000, 3)
-        fields["status"] = response.status
-        done = partial(request_done, fields, started, fields["route"], upstream_seconds, response.headers.get("Cache-Status"))
-        return send(response, environ, start_response, done)
+            line["upstream_ms"] = round(upstream_seconds * 1000, 3)
+        line["status"] = response.status
+        cache_status = response.headers.get("Cache-Status") if "cache-status" in present else None
+        done = partial(request_done, line, started, line["route"], upstream_seconds, cache_status)
+        return send(response, environ, start_response, done, present)
 
     @staticmethod
     def problem(status: int, title: str, detail: str, type_: str, request_id: str, headers: dict | None = None, extra: dict | None = None) -> GatewayResponse:
@@ -168,12 +167,25 @@ class ProxyApp:
         return self.problem(error.code or 500, error.name, detail, "about:blank", request_id, headers)
 
 
-def send(response: GatewayResponse, environ: dict, start_response: Callable, done: Callable[[], None]) -> Iterable[bytes]:
+def set_fields(headers: Headers, fields: list[tuple[str, str]]) -> set[str]:
+    """Set ``fields`` on ``headers``, replacing those of the same names, in one pass over them
+    (werkzeug's ``headers[name] = value`` scans them once per name); return the lower-case
+    names ``headers`` then holds."""
+    names = {name.lower() for name, _ in fields}
+    present = {name.lower() for name in headers.keys()}  # noqa: SIM118 (iterating Headers gives pairs)
+    for name in names & present:
+        del headers[name]
+    headers.extend(fields)
+    return present | names
+
+
+def send(response: GatewayResponse, environ: dict, start_response: Callable, done: Callable[[], None], present: set[str]) -> Iterable[bytes]:
     """Start ``response`` and return its body; closing it closes the upstream's (pool release,
-    bulkhead slot) and then runs ``done``. What werkzeug's ``Response`` does for a WSGI answer:
-    the common case here, the rest (HEAD, 1xx, 204, 304, Location fields) through it."""
+    bulkhead slot) and then runs ``done``. ``present``: the lower-case names of its fields.
+    What werkzeug's ``Response`` does for a WSGI answer: the common case here, the rest (HEAD,
+    1xx, 204, 304, Location fields) through it."""
     status, headers = response.status, response.headers
-    if environ["REQUEST_METHOD"] == "HEAD" or status < 200 or status in (204, 304) or "Location" in headers or "Content-Location" in headers:
+    if environ["REQUEST_METHOD"] == "HEAD" or status < 200 or status in (204, 304) or "location" in present or "content-location" in present:
         # Not direct_passthrough: werkzeug would then hand the bare iterator to the server and
         # never run the call_on_close callbacks.
         wrapped = Response(response.body, status=status)
@@ -183,7 +195,7 @@ def send(response: GatewayResponse, environ: dict, start_response: Callable, don
         return wrapped(environ, start_response)
     fields = headers.to_wsgi_list()
     body = response.body
-    if isinstance(body, list | tuple) and "Content-Length" not in headers:
+    if isinstance(body, list | tuple) and "content-length" not in present:
         fields.append(("Content-Length", str(sum(len(chunk) for chunk in body))))
     start_response(f"{status} {HTTP_STATUS_CODES.get(status, 'unknown').upper()}", fields)
     return ClosingIterator(body, [response.close, done])

@@ -114,7 +114,7 @@ class Route(_Strict):
     mode: Literal["sync", "async"] = "sync"
     # The route takes a request only when each of these headers has exactly this value (a
     # canary, "X-Version: v2"); routes with conditions are tried before the one without.
-    match_headers: dict[str, str] = {}
+    match_headers: dict[str, str] = Field(default_factory=dict)
     request_headers: HeaderRules | None = None  # changes to what the upstream is sent
     response_headers: HeaderRules | None = None  # changes to what the client gets
     response_body: BodyRules | None = None  # JSON fields the client gets
@@ -212,7 +212,7 @@ def _acyclic(calls: dict[str, AggregateCall]) -> None:
 class RouteFile(_Strict):
     """The whole route file: named upstreams and the routes that use them."""
 
-    upstreams: dict[str, Upstream] = {}
+    upstreams: dict[str, Upstream] = Field(default_factory=dict)
     routes: tuple[Route, ...] = ()
 
     @model_validator(mode="after")

@@ -35,8 +35,8 @@ class HeaderRules(Strict):
     ``add`` (``{name: value}``, replacing a field of that name)."""
 
     remove: tuple[str, ...] = ()
-    rename: dict[str, str] = {}
-    add: dict[str, str] = {}
+    rename: dict[str, str] = Field(default_factory=dict)
+    add: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _fields(self) -> HeaderRules:
@@ -64,7 +64,7 @@ class BodyRules(Strict):
 
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
-    rename: dict[str, str] = {}
+    rename: dict[str, str] = Field(default_factory=dict)
     max_size: Annotated[int, Field(gt=0)] = 10 * 1024 * 1024
 
 

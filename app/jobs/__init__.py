@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from functools import partial
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 
 from flask import Flask, current_app, request, url_for
 from sqlalchemy import func, select, update
@@ -21,11 +21,11 @@ from sqlalchemy.orm import undefer
 from werkzeug.datastructures import Headers
 from werkzeug.routing import MapAdapter
 
-from app.identity import Principal
 from app.errors import ProblemError, problem_type
 from app.extensions import db
 from app.gateway.idempotency import IdempotencyKeyReused, valid_key
 from app.gateway.types import GatewayRequest, GatewayResponse
+from app.identity import Principal
 from app.jobs.calls import Call, call_from_request, principal_json
 from app.models import Job, JobEvent, JobItem
 from app.models.base import isoformat, utcnow

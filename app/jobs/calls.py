@@ -11,12 +11,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, NotFound
 
-from app.identity import Principal
 from app.errors import ProblemError
 from app.gateway.body import RequestBody
 from app.gateway.headers import CREDENTIALS, HOP_BY_HOP, end_to_end
 from app.gateway.router import has_dot_segment
 from app.gateway.types import GatewayRequest
+from app.identity import Principal
 
 log = logging.getLogger("frontdoor.jobs")
 

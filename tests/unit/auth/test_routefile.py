@@ -5,8 +5,8 @@ import textwrap
 
 import pytest
 
-from app.identity import Policy
 from app.gateway.routefile import RouteFileError, load
+from app.identity import Policy
 
 
 def write(tmp_path, text: str):

@@ -10,7 +10,6 @@ import pytest
 import redis
 from werkzeug.datastructures import Headers
 
-from app.identity import Principal
 from app.errors import ProblemError
 from app.gateway.cache import Cache, cache
 from app.gateway.cachestore import MemoryStore
@@ -22,6 +21,7 @@ from app.gateway.types import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from app.identity import Principal
 from tests.unit.gateway.stand_ins import Answers, make_request
 from tests.unit.jobs.support import upstream_server
 

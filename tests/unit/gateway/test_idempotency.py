@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from app.identity import Principal
 from app.gateway.cachestore import MemoryStore
 from app.gateway.idempotency import Idempotency, idempotency
 from app.gateway.types import GatewayResponse, UpstreamUnreachable
+from app.identity import Principal
 from tests.factories import Identity
 from tests.unit.gateway.stand_ins import Answers, make_request
 
