@@ -71,6 +71,8 @@ class _Handoff(QueueHandler):
         return rv
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        if not record.args and not record.exc_info:
+            return record  # nothing left to resolve (an access line): no copy to make
         record = copy.copy(record)
         record.msg, record.args = record.getMessage(), None
         if record.exc_info:
