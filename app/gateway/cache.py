@@ -22,6 +22,7 @@ from app.gateway.types import (
     Handler,
     Middleware,
     UpstreamUnreachable,
+    new_headers,
     unchanged,
 )
 
@@ -130,9 +131,11 @@ def cache(
         return lambda next_handler: next_handler
     def middleware(next_handler: Handler) -> Handler:
         def handle(req: GatewayRequest) -> GatewayResponse:
-            # The client's headers as sent: later stages replace req.headers with what goes upstream.
-            client = Headers(req.headers)
+            # The client's headers as sent: later stages replace req.headers with what goes
+            # upstream. Taken only when the request may go upstream (a hit needs no copy).
+            client = req.headers
             if req.method not in ("GET", "HEAD"):
+                client = Headers(client)
                 base = base_key(key_prefix, label, req, rules.public)
                 response = next_handler(req)
                 if req.method in UNSAFE and response.status < 400:  # RFC 9111 section 4.4: now stale
@@ -159,6 +162,7 @@ def cache(
                 if stored_meanwhile is not None:
                     _safe(lambda: store.unlock(variant), None)
                     return _hit(stored_meanwhile, clock(), req, collapsed=True)
+            client = Headers(client)
             try:
                 try:
                     response = next_handler(req)
@@ -260,7 +264,7 @@ def _respond(entry: Entry, now: float, req: GatewayRequest, status: str) -> Gate
     members = [part for part in earlier if part and not part.startswith(NAME + ";")]
     fields.append(("Cache-Status", ", ".join([*members, status])))
     body = [] if req.method == "HEAD" else [entry.body]
-    return GatewayResponse(status=entry.status, headers=Headers(fields), body=body)
+    return GatewayResponse(status=entry.status, headers=new_headers(fields), body=body)
 
 
 def _hit(entry: Entry, now: float, req: GatewayRequest, collapsed: bool = False) -> GatewayResponse:

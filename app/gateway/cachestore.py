@@ -144,16 +144,22 @@ class MemoryStore:
 
 
 class RedisStore:
-    """Entries in Redis, shared by every gateway process; locks with ``SET NX PX``."""
+    """Entries in Redis, shared by every gateway process; locks with ``SET NX PX``. Reads, one
+    or two per cache lookup, go on the calling thread's own connection (``ThreadConnections``)."""
 
     def __init__(self, client: redis.Redis):
+        from app.gateway.direct import (
+            ThreadConnections,  # here: redis stays out of the route file's imports
+        )
+
         self.client = client
+        self.reads = ThreadConnections(client)
 
     def get(self, key: str) -> bytes | None:
-        return self.client.get(key)
+        return self.reads.execute("GET", key)
 
     def get_many(self, keys: list[str]) -> list[bytes | None]:
-        return self.client.mget(keys)
+        return self.reads.execute("MGET", *keys)
 
     def set(self, key: str, value: bytes, ttl: float) -> bool:
         return bool(self.client.set(key, value, px=max(int(ttl * 1000), 1)))

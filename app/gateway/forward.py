@@ -34,6 +34,7 @@ from app.gateway.types import (
     Handler,
     UpstreamTimeout,
     UpstreamUnreachable,
+    new_headers,
 )
 
 if TYPE_CHECKING:
@@ -249,7 +250,7 @@ def _response_headers(fields, req: GatewayRequest) -> Headers:
         kept.append(("Content-Length", lengths[0]))
     if dropped:
         log.warning("invalid upstream header fields dropped", extra={"request_id": req.request_id, "fields": dropped})
-    return Headers(kept)
+    return new_headers(kept)
 
 
 def _close(raw, consumed: bool) -> None:

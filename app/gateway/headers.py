@@ -5,7 +5,13 @@ from typing import TYPE_CHECKING
 
 from werkzeug.datastructures import Headers
 
-from app.gateway.types import GatewayRequest, GatewayResponse, Handler, Middleware
+from app.gateway.types import (
+    GatewayRequest,
+    GatewayResponse,
+    Handler,
+    Middleware,
+    new_headers,
+)
 
 if TYPE_CHECKING:
     from app.gateway.pipeline import Context
@@ -80,7 +86,7 @@ def end_to_end(headers: Headers, also_drop: frozenset[str] = frozenset()) -> Hea
     kept, _ = _partition(fields, HOP_BY_HOP | also_drop)
     if type(headers) is Headers and len(kept) == len(fields):
         return headers
-    return Headers(kept)
+    return new_headers(kept)
 
 
 def _append(current: list[str], value: str) -> str:
@@ -127,11 +133,11 @@ def forwarding_headers(via_name: str, drop_credentials: bool = False) -> Middlew
                     ("X-Consumer-Username", principal.consumer_name),
                     ("X-Consumer-Scopes", " ".join(sorted(principal.scopes))),
                 ]
-            req.headers = Headers(kept)
+            req.headers = new_headers(kept)
             response = next_handler(req)
             kept, seen = _partition(list(response.headers.items()), _RESPONSE_DROP, ("via",))
             kept.append(("Via", _append(seen["via"], via)))
-            response.headers = Headers(kept)
+            response.headers = new_headers(kept)
             return response
 
         return handle

@@ -175,7 +175,9 @@ def set_fields(headers: Headers, fields: list[tuple[str, str]]) -> set[str]:
     present = {name.lower() for name in headers.keys()}  # noqa: SIM118 (iterating Headers gives pairs)
     for name in names & present:
         del headers[name]
-    headers.extend(fields)
+    add = headers.add  # not extend: see types.new_headers
+    for name, value in fields:
+        add(name, value)
     return present | names
 
 

@@ -22,7 +22,6 @@ and ``Retry-After`` (seconds) when a limit is used up.
 from __future__ import annotations
 
 import math
-import threading
 import time
 from dataclasses import dataclass
 
@@ -33,8 +32,9 @@ from limits.strategies import (
     RateLimiter,
     SlidingWindowCounterRateLimiter,
 )
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+
+from app.gateway.direct import ThreadConnections
 
 # limits' acquire_sliding_window.lua for several limits in one call. KEYS: each limit's
 # previous and current window keys, in pairs; ARGV: each limit's amount, expiry (seconds) and
@@ -192,50 +192,21 @@ class Counted:
 
 
 class ScriptCall:
-    """One Lua script run over a Redis connection of the calling thread's own.
-
-    redis-py's ``Script`` goes through the client (its retry wrapper, the pool's lock and a
-    liveness poll per command): about 85 us of CPU per call here, against 40 us for the same
-    EVALSHA sent and read on a ``redis.connection.Connection`` directly (bench/README.md). The
-    connection is made from the client's pool settings (host, TLS, timeouts), one per thread,
-    on first use; after any error it is dropped, and the next call connects again. A script
-    Redis does not know (it restarted) is sent whole with EVAL, which loads it.
-    """
+    """One Lua script, run on the calling thread's own Redis connection (``ThreadConnections``).
+    A script Redis does not know (it restarted, or its scripts were flushed) is sent whole with
+    EVAL, which loads it."""
 
     def __init__(self, client, source: str):
-        pool = client.connection_pool
-        self.connect = lambda: pool.connection_class(**pool.connection_kwargs)
+        self.connections = ThreadConnections(client)
         self.source = source
         self.sha = client.register_script(source).sha
-        self.local = threading.local()
 
     def __call__(self, keys: list[str], args: list) -> list:
-        """The script's answer. Raises redis.RedisError (the connection is then closed)."""
-        connection = getattr(self.local, "connection", None)
-        if connection is None:
-            connection = self.local.connection = self.connect()
+        """The script's answer. Raises redis.RedisError."""
         try:
-            return self._run(connection, keys, args)
-        except RedisConnectionError:
-            # A connection Redis closed while it sat idle (a restart, a timeout): once more on a
-            # new one, as redis-py's client retries, before the caller calls Redis down.
-            connection.disconnect()
-            try:
-                return self._run(connection, keys, args)
-            except BaseException:
-                connection.disconnect()
-                raise
-        except BaseException:
-            connection.disconnect()  # a reply may be half read: never reuse the connection
-            raise
-
-    def _run(self, connection, keys: list[str], args: list) -> list:
-        try:
-            connection.send_command("EVALSHA", self.sha, len(keys), *keys, *args)
-            return connection.read_response()
+            return self.connections.execute("EVALSHA", self.sha, len(keys), *keys, *args)
         except NoScriptError:
-            connection.send_command("EVAL", self.source, len(keys), *keys, *args)
-            return connection.read_response()
+            return self.connections.execute("EVAL", self.source, len(keys), *keys, *args)
 
 
 class Counter:
