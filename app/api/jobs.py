@@ -39,7 +39,7 @@ from app.api.common import (
 )
 from app.auth.views import current_principal, policy
 from app.extensions import db
-from app.gateway.router import has_dot_segment
+from app.gateway.router import AmbiguousPath, has_dot_segment, refuse_ambiguous
 from app.gateway.runtime import Gateway
 from app.gateway.types import PayloadTooLarge
 from app.jobs.calls import Call, kept_headers
@@ -142,6 +142,10 @@ def _call(spec: CallSpec, where: str, gateway: Gateway, routes: dict[int, list])
         allowed = ", ".join(sorted(exc.valid_methods or ()))
         raise invalid(f"{where}.method", f"{spec.method} is not allowed on {path}; allowed: {allowed}") from None
     route = match.route
+    try:
+        refuse_ambiguous(route, raw_path)
+    except AmbiguousPath as exc:
+        raise invalid(f"{where}.path", exc.detail) from None
     if spec.route is not None and spec.route not in (route.label, route.path):
         raise invalid(f"{where}.route", f"{path} is served by route {route.label!r}, not {spec.route!r}")
     # The route's own policy, as if the caller had sent the request to it directly.

@@ -28,7 +28,7 @@ from werkzeug.wsgi import (
 from app.errors import PROBLEM_JSON, ProblemError, problem_document
 from app.gateway.body import ClientBody
 from app.gateway.request_id import HEADER, accept_or_generate
-from app.gateway.router import has_dot_segment
+from app.gateway.router import has_dot_segment, refuse_ambiguous
 from app.gateway.types import GatewayRequest, GatewayResponse
 from app.observability import tracing
 from app.observability.logging import request_done, work_request_id
@@ -92,6 +92,7 @@ class ProxyApp:
             match = gateway.router.match(method, path, raw_path, headers)  # NotFound, MethodNotAllowed
             route = match.route
             line["route"] = route.label
+            refuse_ambiguous(route, raw_path)  # 400 ambiguous-path
             if tracing.enabled():
                 tracing.name_server_span(f"{method} {route.label}")
             principal = self.authenticator.authenticate(headers, route.policy)  # 401, 403, 503

@@ -99,6 +99,10 @@ class Route(_Strict):
     name: str | None = None  # label for logs and metrics; defaults to the path
     methods: Annotated[tuple[Method, ...], Field(min_length=1)] | None = None  # None: every method
     strip_prefix: bool = False
+    # Paths with an encoded '/' or '\', a '\', NUL, a ';' parameter or a segment ending in '.'
+    # or white space are refused (400 ambiguous-path) unless this is true: an upstream that
+    # normalises them could read them as another route's path (router.ambiguity).
+    allow_ambiguous_paths: bool = False
     max_body_size: Annotated[int, Field(ge=0)] | None = None  # bytes; None: MAX_BODY_SIZE
     # Who may call: "required" (a valid credential), "optional" (anonymous callers too, but a
     # credential that is sent must be valid) or "none" (the gateway does not look).

@@ -7,6 +7,7 @@ from urllib.parse import unquote
 
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from app.errors import ProblemError
 from app.gateway.routefile import METHODS, Route
 from app.gateway.types import Handler
 
@@ -21,6 +22,51 @@ def has_dot_segment(path: str) -> bool:
     normalises paths (RFC 3986 section 5.2.4): such paths are refused, never routed.
     """
     return _DOT_SEGMENT.search(path) is not None
+
+
+# What makes a path mean one thing to the gateway's router and maybe another to an upstream
+# that normalises it (Envoy rejects the same by default): an encoded '/' or '\\', a '\\', NUL,
+# a ';' path parameter, a segment ending in '.' or in white space.
+_AMBIGUOUS = (
+    (re.compile(r"%2f", re.IGNORECASE), "an encoded '/' (%2F)"),
+    (re.compile(r"%5c|\\", re.IGNORECASE), "a backslash"),
+    (re.compile(r"%00|\x00"), "a NUL byte"),
+    (re.compile(r";"), "a ';' path parameter"),
+    (re.compile(r"(?:\.|%2e)(?:/|$)", re.IGNORECASE), "a segment ending in '.'"),
+    (re.compile(r"(?:[ \t]|%20|%09)(?:/|$)", re.IGNORECASE), "a segment ending in white space"),
+)
+
+
+class AmbiguousPath(ProblemError):
+    """400: the path could mean another route's resource to an upstream that normalises it."""
+
+    status, title, slug = 400, "Bad Request", "ambiguous-path"
+
+
+def refuse_ambiguous(route: Route, raw_path: str) -> None:
+    """Raise AmbiguousPath when ``raw_path`` is ambiguous and ``route`` does not allow it."""
+    if route.allow_ambiguous_paths:
+        return
+    what = ambiguity(raw_path)
+    if what is not None:
+        raise AmbiguousPath(
+            f"The path has {what}, which an upstream may read as another path; "
+            "send it without, or the route may set allow_ambiguous_paths"
+        )
+
+
+def ambiguity(raw_path: str) -> str | None:
+    """What makes ``raw_path`` (as the client sent it, percent-encoded) ambiguous, or None.
+
+    Such a path can match one route here and mean another route's resource to an upstream
+    that decodes or normalises it (``/private;x``, ``/private.``, ``/%5cprivate``): it is
+    refused unless its route sets ``allow_ambiguous_paths``. Dot segments are refused for
+    every route (``has_dot_segment``).
+    """
+    for pattern, what in _AMBIGUOUS:
+        if pattern.search(raw_path):
+            return what
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -258,6 +258,16 @@ def test_a_path_with_dot_segments_is_refused_as_the_proxy_refuses_it(app, client
     assert job_count(app) == 0
 
 
+@pytest.mark.parametrize(("path", "what"), [("/open/x;y", "a ';' path parameter"), ("/open/x%5cy", "a backslash")])
+def test_an_ambiguous_path_is_refused_as_the_proxy_refuses_it(app, client, upstream, path, what):
+    response = submit_batch(client, [{"path": "/sync/anything"}, {"path": path}])
+
+    assert response.status_code == 422
+    [error] = response.json["errors"]
+    assert error["field"] == "requests.1.path" and what in error["message"]
+    assert job_count(app) == 0
+
+
 # --- idempotency -------------------------------------------------------------------------
 
 

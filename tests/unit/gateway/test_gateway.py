@@ -126,3 +126,66 @@ def test_forwarded_fields_from_an_untrusted_client_are_not(make_app):
         "X-Forwarded-Host": "localhost",
         "X-Forwarded-For": "203.0.113.7, 10.1.2.3",
     }
+
+
+# Path hygiene: a path an upstream could normalise into another route's path is refused.
+
+
+def hygiene_routes(upstream_url: str) -> str:
+    return f"""
+upstreams:
+  site:
+    targets: ["{upstream_url}"]
+routes:
+  - {{path: /, upstream: site, auth: none}}
+  - {{path: /private, upstream: site, auth: required}}
+  - {{path: /lax, upstream: site, auth: none, allow_ambiguous_paths: true}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "what"),
+    [
+        ("/private;x/things", "a ';' path parameter"),
+        ("/private./things", "a segment ending in '.'"),
+        ("/private%2e/things", "a segment ending in '.'"),
+        ("/%5cprivate/things", "a backslash"),
+        ("/%5Cprivate", "a backslash"),
+        ("/public%2Fprivate", "an encoded '/' (%2F)"),
+        ("/private%00/things", "a NUL byte"),
+        ("/private%20/things", "a segment ending in white space"),
+    ],
+)
+def test_an_ambiguous_path_is_refused_before_any_upstream_sees_it(make_app, upstream, path, what):
+    client = make_app(routes=hygiene_routes(upstream.url)).test_client()
+
+    response = client.get(path)
+
+    assert response.status_code == 400
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert response.json["type"] == "/_gateway/problems/ambiguous-path"
+    assert what in response.json["detail"]
+    assert len(upstream.calls) == 0
+
+
+def test_a_route_that_allows_ambiguous_paths_sends_them_on_as_they_came(make_app, upstream):
+    client = make_app(routes=hygiene_routes(upstream.url)).test_client()
+
+    response = client.get("/lax/a%2Fb;v=1/c.")
+
+    assert response.status_code == 200 and response.data == b"up"
+    assert upstream.calls[-1].path == "/lax/a%2Fb;v=1/c."
+
+
+@pytest.mark.parametrize("path", ["/private/v1.2/things", "/private/file.txt", "/private/a%20b", "/private/%C3%A9"])
+def test_ordinary_paths_are_not_ambiguous(make_app, upstream, path):
+    client = make_app(routes=hygiene_routes(upstream.url)).test_client()
+
+    assert client.get(path).status_code == 401  # routed to /private, which wants a credential
+
+
+def test_route_matching_is_case_sensitive(make_app, upstream):
+    client = make_app(routes=hygiene_routes(upstream.url)).test_client()
+
+    assert client.get("/private/things").status_code == 401
+    assert client.get("/PRIVATE/things").status_code == 200  # another path: the catch-all's

@@ -116,6 +116,7 @@ routes:
     upstream: bin
     strip_prefix: true
     mode: async
+    allow_ambiguous_paths: true  # the tests send an encoded '/' through, to see it kept
   - path: /reports
     name: reports
     upstream: bin
@@ -127,6 +128,7 @@ routes:
     name: sync
     upstream: bin
     strip_prefix: true
+    allow_ambiguous_paths: true
   - path: /open
     name: open
     upstream: bin
