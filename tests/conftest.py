@@ -25,17 +25,11 @@ routes:
 """
 
 
-# End-to-end modules that time nothing of their own (counts, not durations) and start their own
-# processes: they may run beside the others, on the worker the unit tests leave free first.
-_BESIDE = ("tests/integration/test_limits.py",)
-
-
 @pytest.hookimpl(tryfirst=True, optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """Under pytest-xdist's ``--dist load`` (``make test`` runs ``-n 2``) the integration tests
     run one after another on one worker, as they would alone: each starts gunicorn and Celery
-    processes, and some time a shutdown or a retry. The unit tests' modules, and the end-to-end
-    modules in ``_BESIDE``, share out the rest.
+    processes, and some time a shutdown or a retry. The unit tests' modules share out the rest.
 
     A scheduler of our own rather than ``xdist_group`` marks: ``--dist loadgroup`` reads them
     from a node id that pytest 9.2 no longer lets a plugin change (pytest-xdist issue #1386).
@@ -46,8 +40,6 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 
     class EndToEndApart(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            if nodeid.startswith(_BESIDE):
-                return super()._split_scope(nodeid)  # a unit of its own, free to go to either worker
             return "tests/integration" if nodeid.startswith("tests/integration/") else super()._split_scope(nodeid)
 
     return EndToEndApart(config, log)
