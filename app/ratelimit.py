@@ -271,12 +271,12 @@ class RateLimits:
         self.outage.recovered()
         return Counted(quota, [(label, item, window, acquired) for label, item, (window, acquired) in zip(quota.labels, quota.items, tried, strict=False)])
 
-
-def rejection(counted: Counted, route_label: str) -> RateLimited:
-    """The 429 for a request whose ``counted`` limit is used up (RATELIMIT_REJECTED counts it)."""
-    RATELIMIT_REJECTED.labels(route_label).inc()
-    _, item, _, _ = counted.breached
-    return RateLimited(f"The rate limit {item} ({counted.quota.name!r} policy) is used up; retry after Retry-After seconds")
+    @staticmethod
+    def rejection(counted: Counted, route_label: str) -> RateLimited:
+        """The 429 for a request whose ``counted`` limit is used up (RATELIMIT_REJECTED counts it)."""
+        RATELIMIT_REJECTED.labels(route_label).inc()
+        _, item, _, _ = counted.breached
+        return RateLimited(f"The rate limit {item} ({counted.quota.name!r} policy) is used up; retry after Retry-After seconds")
 
 
 def _checked(key: str, value: str) -> str:

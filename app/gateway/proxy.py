@@ -32,7 +32,6 @@ from app.gateway.router import has_dot_segment, refuse_ambiguous
 from app.gateway.types import GatewayRequest, GatewayResponse
 from app.observability import tracing
 from app.observability.logging import request_done, work_request_id
-from app.ratelimit import RateLimits, rejection
 
 log = logging.getLogger("frontdoor.proxy")
 
@@ -65,9 +64,10 @@ class Entry:
 
 class ProxyApp:
     """Serves a proxied request through its route. Built once per process from what the
-    app's ``init_app`` calls made: the authenticator, the rate limits, the problem type base."""
+    app's ``init_app`` calls made: the authenticator, the rate limits (``app.ratelimit.RateLimits``,
+    handed in, not imported: app.ratelimit builds on this package), the problem type base."""
 
-    def __init__(self, authenticator, limits: RateLimits, problem_base: str):
+    def __init__(self, authenticator, limits, problem_base: str):
         self.authenticator = authenticator
         self.limits = limits
         self.problem_base = problem_base  # "/_gateway/problems/"
@@ -101,7 +101,7 @@ class ProxyApp:
             client_ip = environ.get("REMOTE_ADDR") or ""  # after ProxyFix: the client's own
             counted = self.limits.count(route, principal, client_ip)  # one storage round trip
             if counted is not None and counted.breached is not None:
-                raise rejection(counted, route.label)
+                raise self.limits.rejection(counted, route.label)
             length = get_content_length(environ)
             chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
             scheme = environ["wsgi.url_scheme"]
