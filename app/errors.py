@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from flask import Flask, current_app, g, request
 from werkzeug.exceptions import HTTPException, NotFound
@@ -29,6 +32,65 @@ class ProblemError(Exception):
         self.detail = detail
         self.headers = headers or {}
         self.extra = extra
+
+
+class DatabaseUnavailable(ProblemError):
+    """503: the database cannot be reached now (refused, timed out, connection lost, pool
+    exhausted); ``Retry-After`` (RFC 9110 section 10.2.3) says when to try again, in seconds."""
+
+    status, title, slug = 503, "Service Unavailable", "database-unavailable"
+
+
+# Seconds a client is told to wait (Retry-After) when the database cannot be reached: a
+# restart or a failover of PostgreSQL takes seconds to a minute.
+DATABASE_RETRY_AFTER = 5
+
+
+def database_unavailable(error: BaseException) -> DatabaseUnavailable | None:
+    """The 503 ``database-unavailable`` problem when ``error`` says the database cannot be
+    reached, else None. The one place the driver's errors become a problem.
+
+    Unreachable means: SQLAlchemy's OperationalError (the server refused, the connect timed
+    out, the connection dropped, too many connections, a statement canceled), InterfaceError,
+    DisconnectionError, or any DBAPIError that invalidated its connection; its pool's
+    TimeoutError (no connection free in ``pool_timeout`` seconds); psycopg's own
+    OperationalError when psycopg is used directly. Other errors (a constraint, bad SQL, a
+    bad value) are not: they stay 4xx or 500.
+    """
+    from sqlalchemy import exc as sa
+
+    if isinstance(error, sa.DBAPIError):
+        unreachable = isinstance(error, sa.OperationalError | sa.InterfaceError) or error.connection_invalidated
+    elif isinstance(error, sa.DisconnectionError | sa.TimeoutError):
+        unreachable = True
+    else:
+        unreachable = _is_psycopg_operational(error)
+    if not unreachable:
+        return None
+    return DatabaseUnavailable(
+        f"The database cannot be reached right now; retry in {DATABASE_RETRY_AFTER} s",
+        headers={"Retry-After": str(DATABASE_RETRY_AFTER)},
+    )
+
+
+def _is_psycopg_operational(error: BaseException) -> bool:
+    psycopg = sys.modules.get("psycopg")  # never loaded here: on SQLite it need not be at all
+    return psycopg is not None and isinstance(error, psycopg.OperationalError)
+
+
+@contextmanager
+def database_errors() -> Iterator[None]:
+    """Raise DatabaseUnavailable (from the original) when the block fails because the database
+    cannot be reached; for code that runs outside the Flask app's error handlers (the proxy's
+    authentication and job submissions). Other errors propagate unchanged."""
+    try:
+        yield
+    except Exception as error:
+        problem = database_unavailable(error)
+        if problem is None:
+            raise
+        log.warning("database unavailable: %s", type(error).__name__)
+        raise problem from error
 
 
 def problem_response(
@@ -86,12 +148,17 @@ def handle_http_exception(error: HTTPException) -> Response:
 
 
 def handle_unexpected(error: Exception) -> Response:
+    problem = database_unavailable(error)
+    if problem is not None:
+        log.warning("database unavailable: %s", type(error).__name__, extra={"request_id": g.get("request_id")})
+        return handle_problem(problem)
     log.exception("unhandled error", extra={"request_id": g.get("request_id")})
     return problem_response(500, "Internal Server Error", "The gateway failed to handle the request")
 
 
 def init_app(app: Flask) -> None:
-    """Answer every error as problem+json: gateway problems, HTTP errors and crashes."""
+    """Answer every error as problem+json: gateway problems, HTTP errors, an unreachable
+    database (503 ``database-unavailable``) and crashes."""
     app.register_error_handler(ProblemError, handle_problem)
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(Exception, handle_unexpected)

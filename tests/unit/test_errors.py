@@ -6,7 +6,12 @@ from flask import Flask, abort
 from werkzeug.exceptions import MethodNotAllowed
 
 from app import errors
-from app.errors import ProblemError, problem_response
+from app.errors import (
+    DatabaseUnavailable,
+    ProblemError,
+    database_errors,
+    problem_response,
+)
 from app.gateway import request_id
 from app.gateway.types import BreakerOpen, UpstreamTimeout
 
@@ -153,3 +158,82 @@ def test_problem_response_without_a_request_id_omits_it():
         "detail": "Slow down",
         "limit": 10,
     }
+
+
+def _database_errors() -> dict[str, BaseException]:
+    """What the database layer raises, by name: SQLAlchemy's wrappers of a psycopg error, its
+    own pool and disconnect errors, and psycopg's errors raised directly."""
+    import psycopg
+    from sqlalchemy import exc
+
+    refused = psycopg.OperationalError('connection to server at "127.0.0.1", port 5432 failed: Connection refused')
+    dropped = exc.DBAPIError("SELECT 1", {}, psycopg.DatabaseError("server closed the connection"), connection_invalidated=True)
+    return {
+        "refused": exc.OperationalError("SELECT 1", {}, refused),
+        "interface": exc.InterfaceError("SELECT 1", {}, psycopg.InterfaceError("the connection is closed")),
+        "invalidated": dropped,
+        "disconnection": exc.DisconnectionError("the connection was lost"),
+        "pool timeout": exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached, connection timed out"),
+        "psycopg": refused,
+        "NUL": exc.DataError("SELECT 1", {}, psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes")),
+        "duplicate": exc.IntegrityError("INSERT", {}, psycopg.IntegrityError("duplicate key")),
+        "bad SQL": exc.ProgrammingError("SELECT", {}, psycopg.ProgrammingError("syntax error")),
+    }
+
+
+UNREACHABLE = ["refused", "interface", "invalidated", "disconnection", "pool timeout", "psycopg"]
+
+
+@pytest.fixture
+def database_app(app):
+    errors_by_name = _database_errors()
+
+    @app.get("/db/<name>")
+    def database(name: str):
+        raise errors_by_name[name]
+
+    return app
+
+
+@pytest.mark.parametrize("name", UNREACHABLE)
+def test_a_database_that_cannot_be_reached_is_a_503_database_unavailable(database_app, name):
+    response = database_app.test_client().get(f"/db/{name}", headers={"X-Request-ID": "req-db"})
+
+    assert response.status_code == 503
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert response.headers["Retry-After"] == "5"
+    assert response.json == {
+        "type": "/_gateway/problems/database-unavailable",
+        "title": "Service Unavailable",
+        "status": 503,
+        "detail": "The database cannot be reached right now; retry in 5 s",
+        "request_id": "req-db",
+    }
+    assert "5432" not in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("name", ["NUL", "duplicate", "bad SQL"])
+def test_other_database_errors_stay_500s(database_app, name):
+    response = database_app.test_client().get(f"/db/{name}")
+
+    assert response.status_code == 500
+    assert response.json["type"] == "about:blank"
+    assert "Retry-After" not in response.headers
+
+
+@pytest.mark.parametrize("name", UNREACHABLE)
+def test_database_errors_outside_flask_become_the_same_problem(name):
+    with pytest.raises(DatabaseUnavailable) as raised, database_errors():
+        raise _database_errors()[name]
+
+    assert (raised.value.status, raised.value.slug) == (503, "database-unavailable")
+    assert raised.value.headers == {"Retry-After": "5"}
+
+
+def test_database_errors_lets_other_errors_through_unchanged():
+    error = _database_errors()["duplicate"]
+
+    with pytest.raises(type(error)) as raised, database_errors():
+        raise error
+
+    assert raised.value is error
