@@ -44,6 +44,12 @@ def defaults(app: Flask) -> dict:
         # seconds: revoking a key or disabling a consumer takes effect everywhere within it.
         "AUTH_CACHE_TTL": 5.0,
         "AUTH_CACHE_SIZE": 10_000,  # cached keys and consumers per process
+        # While the database cannot be reached, a key or consumer verified up to this many
+        # seconds ago is still served from the cache (0: never); older ones answer 503.
+        "AUTH_CACHE_STALE": 60.0,
+        # PostgreSQL only: a connection attempt gives up after this many seconds (libpq's
+        # connect_timeout, at least 2), so an unreachable database fails fast into a 503.
+        "DATABASE_CONNECT_TIMEOUT": 3,
         "AUTH_REALM": "frontdoor",  # the realm in WWW-Authenticate (RFC 6750 section 3)
         "JWT_SECRET": None,  # HS256 shared secret; tokens are accepted only when this or JWKS is set
         "JWT_JWKS_URL": None,  # RS256/ES256 public keys (JSON Web Key Set, RFC 7517)
@@ -165,3 +171,4 @@ def normalise_database_url(url: str) -> str:
         if url.startswith(scheme):
             return "postgresql+psycopg://" + url[len(scheme):]
     return url
+

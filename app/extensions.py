@@ -68,10 +68,39 @@ def lock_rows(query) -> list:
     return list(db.session.execute(query).scalars())
 
 
+# PostgreSQL: data the server has not acknowledged after this long (a ping or a query sent to
+# a host that vanished) closes the connection, instead of waiting out the kernel's
+# retransmissions (about 15 minutes). A query running long on a live server sends nothing
+# unacknowledged meanwhile, so it is not cut short.
+TCP_USER_TIMEOUT = 10  # seconds
+
+
+def engine_options(config: dict) -> dict:
+    """SQLALCHEMY_ENGINE_OPTIONS for the configured database.
+
+    On PostgreSQL a connection attempt gives up after DATABASE_CONNECT_TIMEOUT seconds
+    (libpq's ``connect_timeout``: a down database refuses at once, an unreachable one would
+    otherwise hold the request's thread for minutes) and an unanswered send after
+    TCP_USER_TIMEOUT (libpq's ``tcp_user_timeout``, milliseconds). ``pool_pre_ping`` (in the
+    defaults) tests a pooled connection before use, so the first requests after the database
+    comes back get a new connection rather than a dead one. ``connect_args`` given in the
+    configuration win over these.
+    """
+    options = dict(config["SQLALCHEMY_ENGINE_OPTIONS"])
+    if config["SQLALCHEMY_DATABASE_URI"].startswith("postgresql"):
+        options["connect_args"] = {
+            "connect_timeout": max(2, int(config["DATABASE_CONNECT_TIMEOUT"])),
+            "tcp_user_timeout": TCP_USER_TIMEOUT * 1000,
+            **options.get("connect_args", {}),
+        }
+    return options
+
+
 def init_app(app: Flask) -> None:
     """Bind the database, migrations and (when ``REDIS_URL`` is set) a Redis client."""
     from app import models  # noqa: F401 - registers the tables with db.metadata
 
+    app.config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options(app.config)
     db.init_app(app)
     migrate.init_app(app, db, directory=str(Path(app.root_path).parent / "migrations"))
     url = app.config["REDIS_URL"]

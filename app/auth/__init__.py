@@ -15,7 +15,11 @@ def init_app(app: Flask) -> None:
     settings = jwt_settings(app.config)
     app.extensions["auth"] = Authenticator(
         realm=app.config["AUTH_REALM"],
-        lookups=keys.CachedLookup(ttl=float(app.config["AUTH_CACHE_TTL"]), maxsize=int(app.config["AUTH_CACHE_SIZE"])),
+        lookups=keys.CachedLookup(
+            ttl=float(app.config["AUTH_CACHE_TTL"]),
+            maxsize=int(app.config["AUTH_CACHE_SIZE"]),
+            stale=float(app.config["AUTH_CACHE_STALE"]),
+        ),
         verifier=JWTVerifier(settings) if settings.enabled else None,
         database=app.app_context,
     )

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 
 from werkzeug.datastructures import Headers
@@ -16,7 +16,7 @@ from app.auth.jwt import (
     KeysUnavailable,
     scopes_of,
 )
-from app.errors import ProblemError
+from app.errors import ProblemError, database_errors
 from app.extensions import db
 from app.identity import Policy, Principal
 
@@ -34,7 +34,8 @@ class InsufficientScope(ProblemError):
 
 
 class IdentityUnavailable(ProblemError):
-    """503: the credential cannot be checked now (database or JWKS URL unreachable)."""
+    """503: a token cannot be checked now (its JWKS URL unreachable). An unreachable database
+    is ``app.errors.DatabaseUnavailable`` (503 ``database-unavailable``)."""
 
     status, title, slug = 503, "Service Unavailable", "identity-unavailable"
 
@@ -61,9 +62,9 @@ class Authenticator:
         self.database = database
 
     def _read(self, load: Callable[..., object]) -> object:
-        if self.database is None:
-            return load(db.session)
-        with self.database():
+        """``load(db.session)``; raises DatabaseUnavailable when the database cannot be reached,
+        which the lookups answer from what they verified before (``CachedLookup``)."""
+        with database_errors(), self.database() if self.database is not None else nullcontext():
             return load(db.session)
 
     def challenge(self, error: str | None = None, description: str | None = None, scope: str | None = None) -> dict[str, str]:
@@ -82,7 +83,8 @@ class Authenticator:
 
         The credential is ``X-API-Key: <key>``, else ``Authorization: Bearer <key or JWT>``.
         Raises Unauthenticated (missing where required, or invalid anywhere), InsufficientScope,
-        or IdentityUnavailable. A bad key gets the same answer whether it is unknown, revoked
+        IdentityUnavailable (JWKS) or DatabaseUnavailable (a credential not verified within
+        AUTH_CACHE_STALE seconds while the database cannot be reached). A bad key gets the same answer whether it is unknown, revoked
         or expired, so the response never tells whether a key exists.
         """
         if policy.mode == "none":
@@ -107,15 +109,10 @@ class Authenticator:
 
     def identify(self, token: str) -> Principal:
         """The Principal behind ``token`` (an API key or a JWT); raises as ``authenticate`` does."""
-        try:
-            if keys.looks_like_key(token):
-                return self._from_key(token)
-            if token.count(".") == 2 and self.verifier is not None:
-                return self._from_jwt(token)
-        except keys.StoreUnavailable as exc:
-            raise IdentityUnavailable(
-                "Credentials cannot be checked right now; retry shortly", headers={"Retry-After": "1"}
-            ) from exc
+        if keys.looks_like_key(token):
+            return self._from_key(token)
+        if token.count(".") == 2 and self.verifier is not None:
+            return self._from_jwt(token)
         raise self._invalid("The credentials are not valid")
 
     def _invalid(self, description: str) -> Unauthenticated:
@@ -141,6 +138,8 @@ class Authenticator:
                 headers={"Retry-After": "5"},
             ) from exc
         subject = str(claims["sub"])
+        if "\x00" in subject:  # no consumer is named so, and PostgreSQL text cannot hold it
+            raise self._invalid("The token's subject (sub) contains a NUL character")
         consumer = self.lookups.get("sub:" + subject, lambda: self._read(partial(keys.read_consumer, subject)))
         if consumer is None or not consumer.usable:
             raise self._invalid("The token's subject is not an enabled consumer")

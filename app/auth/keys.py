@@ -11,11 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from app.errors import DatabaseUnavailable
 from app.models import ApiKey, Consumer
 from app.models.base import utcnow
 
@@ -83,48 +84,78 @@ class KeyRecord:
         return self.usable and (self.expires_at is None or now < self.expires_at)
 
 
-class StoreUnavailable(Exception):
-    """The database could not be asked; the caller answers 503 rather than guessing."""
-
-
-_MISSING = object()
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    value: object
+    verified_at: float  # time.monotonic() when the read that found it began
 
 
 class CachedLookup:
-    """Values read from the database, kept in-process for ``ttl`` seconds (``None`` included).
+    """Values read from the database, kept in-process: fresh for ``ttl`` seconds, then read again.
 
-    A hit costs no query. A change in the database (a revoked key, a disabled consumer, a
-    new plan) is therefore seen by every process within ``ttl`` seconds. Misses are cached
-    too, so a client repeating an unknown key does not query the database on each request.
+    A fresh hit costs no query. A change in the database (a revoked key, a disabled consumer,
+    a new plan) is therefore seen by every process within ``ttl`` seconds while the database
+    answers. Misses are cached too (for ``ttl``), so a client repeating an unknown key does
+    not query the database on each request.
+
+    While the database cannot be reached (``load`` raises DatabaseUnavailable) a value read
+    up to ``stale`` seconds ago is served instead, as Kong serves cached credentials and
+    nginx a stale answer (``proxy_cache_use_stale``); an older one, or a miss, re-raises the
+    503. After such a failure the database is not asked again for ``holdoff`` seconds, so
+    that a database that does not answer at all costs one connect timeout per process and
+    ``holdoff``, not one per request. Times are seconds.
     """
 
-    def __init__(self, ttl: float, maxsize: int):
+    def __init__(self, ttl: float, maxsize: int, stale: float = 0.0, holdoff: float = 1.0):
         self.ttl = ttl
-        self._entries: TTLCache = TTLCache(maxsize=maxsize, ttl=ttl, timer=time.monotonic)
+        self.stale = max(stale, ttl)
+        self.holdoff = holdoff
+        self._entries: LRUCache = LRUCache(maxsize=maxsize)
         # Misses apart: a flood of made-up keys evicts other made-up keys, never real ones.
         self._misses: TTLCache = TTLCache(maxsize=maxsize, ttl=ttl, timer=time.monotonic)
         self._lock = threading.Lock()
         self._generation = 0  # bumped by forget(): a load that began before it is not stored
+        self._outage: DatabaseUnavailable | None = None  # the last failure, while held off
+        self._retry_at = float("-inf")
 
     def get(self, name: str, load: Callable[[], object]) -> object:
-        """Return the value cached under ``name``, calling ``load()`` when there is none.
+        """Return the value cached under ``name``, calling ``load()`` when it is not fresh.
 
-        Whatever ``load`` raises propagates and nothing is cached.
+        Raises DatabaseUnavailable when ``load`` does (or did within ``holdoff``) and no value
+        read within ``stale`` is kept; whatever else ``load`` raises propagates. Nothing is
+        cached from a failed load.
         """
+        now = time.monotonic()
         with self._lock:
-            # One lookup: TTLCache reads its clock on each access, so an entry can expire
-            # between an "in" test and the read that follows it.
-            value = self._entries.get(name, _MISSING)
-            if value is _MISSING and name in self._misses:
-                value = None
+            entry = self._entries.get(name)
+            if entry is not None and now - entry.verified_at < self.ttl:
+                return entry.value
+            if entry is None and name in self._misses:
+                return None
             generation = self._generation
-        if value is not _MISSING:
-            return value
-        value = load()  # outside the lock: one slow query must not hold up every other request
+            outage = self._outage if now < self._retry_at else None
+        if outage is not None:
+            return self._stale(entry, now, DatabaseUnavailable(outage.detail, headers=dict(outage.headers)))
+        try:
+            value = load()  # outside the lock: one slow query must not hold up every other request
+        except DatabaseUnavailable as error:
+            with self._lock:
+                self._outage, self._retry_at = error, time.monotonic() + self.holdoff
+            return self._stale(entry, now, error)
         with self._lock:
             if generation == self._generation:  # else a revocation came in while loading
-                (self._entries if value is not None else self._misses)[name] = value
+                if value is None:
+                    self._entries.pop(name, None)
+                    self._misses[name] = True
+                else:
+                    self._entries[name] = _Entry(value, now)
+                    self._misses.pop(name, None)
         return value
+
+    def _stale(self, entry: _Entry | None, now: float, error: DatabaseUnavailable) -> object:
+        if entry is not None and now - entry.verified_at < self.stale:
+            return entry.value
+        raise error
 
     def forget(self, name: str | None = None) -> None:
         """Drop one entry, or all: this process sees a change at once, the others within ``ttl``."""
@@ -142,14 +173,10 @@ def read_key(digest: str, session: Session) -> KeyRecord | None:
     """Read the key stored under ``digest`` with its consumer; None when there is none.
 
     Marks the key used, at most every LAST_USED_GRANULARITY seconds and on a best-effort
-    basis: a failed write is logged, not an authentication failure. Raises StoreUnavailable
-    when the read fails.
+    basis: a failed write is logged, not an authentication failure. A failed read raises
+    SQLAlchemy's error (the caller translates it: ``app.errors.database_errors``).
     """
-    try:
-        row = session.execute(select(ApiKey, Consumer).join(Consumer).where(ApiKey.secret_hash == digest)).first()
-    except SQLAlchemyError as exc:
-        session.rollback()
-        raise StoreUnavailable(str(exc)) from exc
+    row = session.execute(select(ApiKey, Consumer).join(Consumer).where(ApiKey.secret_hash == digest)).first()
     if row is None:
         return None
     key, consumer = row
@@ -188,15 +215,11 @@ class ConsumerRecord:
 def read_consumer(reference: str, session: Session) -> ConsumerRecord | None:
     """The consumer whose id or name is ``reference`` (a JWT ``sub``); None when there is none.
 
-    Raises StoreUnavailable when the database fails.
+    A failed read raises SQLAlchemy's error, as ``read_key`` does.
     """
-    try:
-        consumer = session.execute(
-            select(Consumer).where((Consumer.id == reference) | (Consumer.name == reference))
-        ).scalar()
-    except SQLAlchemyError as exc:
-        session.rollback()
-        raise StoreUnavailable(str(exc)) from exc
+    consumer = session.execute(
+        select(Consumer).where((Consumer.id == reference) | (Consumer.name == reference))
+    ).scalar()
     if consumer is None:
         return None
     return ConsumerRecord(consumer.id, consumer.name, consumer.plan, not consumer.disabled)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import types
 
 import pytest
 
@@ -30,3 +31,15 @@ def make_app(make_app, upstream):
 @pytest.fixture
 def app(make_app):
     return make_app(routes=ROUTES)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The key cache's clock, moved by the test (``clock.advance(seconds)``); request it before
+    building the app, whose cache reads it."""
+    from app.auth import keys
+    from tests.unit.auth.support import Clock
+
+    clock = Clock()
+    monkeypatch.setattr(keys, "time", types.SimpleNamespace(monotonic=clock))
+    return clock

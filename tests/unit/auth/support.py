@@ -1,8 +1,14 @@
-"""What the identity tests share: routes for each auth mode and SQL changes behind the gateway's back."""
+"""What the identity tests share: routes for each auth mode, SQL changes behind the gateway's
+back, a database that goes away, and a clock that moves when told."""
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from requests.structures import CaseInsensitiveDict
 from sqlalchemy import update
+from sqlalchemy.engine import make_url
 
 from app.auth.keys import hash_key
 from app.extensions import db
@@ -53,3 +59,37 @@ def key_id(client, key: str) -> str:
     assert response.status_code == 200, response.json
     [row] = [row for row in response.json["data"] if key.startswith(row["prefix"])]
     return row["id"]
+
+
+@contextmanager
+def database_down(app) -> Iterator[None]:
+    """Make ``app``'s SQLite database unreachable while the block runs, as a stopped server is:
+    its pooled connections are closed and every new one fails ("unable to open database file",
+    an OperationalError), until the file is put back."""
+    path = Path(make_url(app.config["SQLALCHEMY_DATABASE_URI"]).database)
+    with app.app_context():
+        db.engine.dispose()
+    away = path.with_name(path.name + ".away")
+    path.rename(away)
+    path.mkdir()  # a directory where the file was: SQLite cannot open it, nor create a new file
+    try:
+        yield
+    finally:
+        path.rmdir()
+        away.rename(path)
+
+
+class Clock:
+    """A monotonic clock that moves only when told (``advance``), or by ``step`` on every reading."""
+
+    def __init__(self, step: float = 0.0):
+        self.now = 1000.0
+        self.step = step
+
+    def __call__(self) -> float:
+        reading = self.now
+        self.now += self.step
+        return reading
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

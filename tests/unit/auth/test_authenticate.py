@@ -11,7 +11,7 @@ from app.auth import manage
 from app.auth.authenticate import credential_of
 from app.models.base import utcnow
 from tests.factories import Identity
-from tests.unit.auth.support import ROUTES, change_key, key_id, received
+from tests.unit.auth.support import ROUTES, change_key, database_down, key_id, received
 
 UNKNOWN_KEY = "fd_live_" + "A" * 40
 INVALID_CHALLENGE = (
@@ -187,9 +187,82 @@ def test_a_key_that_cannot_be_checked_is_a_503_not_a_401(client, upstream):
     response = client.get("/private", headers={"X-API-Key": UNKNOWN_KEY})
 
     assert response.status_code == 503
-    assert response.headers["Retry-After"] == "1"
-    assert response.json["type"] == "/_gateway/problems/identity-unavailable"
+    assert response.headers["Retry-After"] == "5"
+    assert response.json["type"] == "/_gateway/problems/database-unavailable"
     assert len(upstream.calls) == 0
+
+
+def _verified_key(make_app, **config):
+    """An app (AUTH_CACHE_TTL 5 s, AUTH_CACHE_STALE 60 s unless ``config`` says otherwise) and a
+    key it has just let in."""
+    app = make_app(routes=ROUTES, **{"AUTH_CACHE_TTL": 5, "AUTH_CACHE_STALE": 60, **config})
+    headers = {"X-API-Key": Identity(app).key()}
+    client = app.test_client()
+    assert client.get("/private", headers=headers).status_code == 200
+    return app, client, headers
+
+
+def test_while_the_database_is_down_a_key_verified_within_the_stale_window_still_gets_in(make_app, upstream, clock):
+    app, client, headers = _verified_key(make_app)
+
+    with database_down(app):
+        clock.advance(59)
+        response = client.get("/private", headers=headers)
+
+    assert response.status_code == 200
+    assert response.data == b"up"
+    assert received(upstream)["X-Consumer-ID"]
+
+
+def test_past_the_stale_window_a_key_is_a_503_database_unavailable(make_app, upstream, clock):
+    app, client, headers = _verified_key(make_app)
+
+    with database_down(app):
+        clock.advance(30)
+        within = client.get("/private", headers=headers)
+        clock.advance(30)
+        past = client.get("/private", headers=headers)
+
+    assert within.status_code == 200
+    assert past.status_code == 503
+    assert past.content_type == "application/problem+json"
+    assert past.json["type"] == "/_gateway/problems/database-unavailable"
+    assert past.json["title"] == "Service Unavailable"
+    assert past.headers["Retry-After"] == "5"
+    assert len(upstream.calls) == 2  # the request that verified the key, and the one within
+
+
+def test_with_the_database_down_a_key_never_verified_is_a_503_not_a_401(make_app, upstream, clock):
+    app, client, _ = _verified_key(make_app)
+    other = Identity(app).key()
+
+    with database_down(app):
+        response = client.get("/private", headers={"X-API-Key": other})
+
+    assert response.status_code == 503
+    assert response.json["type"] == "/_gateway/problems/database-unavailable"
+
+
+def test_once_the_database_is_back_keys_are_checked_again_without_a_restart(make_app, upstream, clock):
+    app, client, headers = _verified_key(make_app)
+    with database_down(app):
+        clock.advance(61)
+        assert client.get("/private", headers=headers).status_code == 503
+    change_key(app, headers["X-API-Key"], revoked_at=utcnow())
+    clock.advance(1)  # a process asks the database again at most once a second after a failure
+
+    assert client.get("/private", headers=headers).status_code == 401
+
+
+def test_the_gateways_own_api_is_a_503_while_the_database_is_down_even_for_a_verified_key(make_app, upstream, clock):
+    app, client, headers = _verified_key(make_app)
+
+    with database_down(app):
+        response = client.get("/_gateway/keys", headers=headers)
+
+    assert response.status_code == 503
+    assert response.json["type"] == "/_gateway/problems/database-unavailable"
+    assert response.headers["Retry-After"] == "5"
 
 
 def test_a_key_revoked_by_another_process_is_refused_once_the_cache_ttl_passes(make_app, upstream):

@@ -8,30 +8,9 @@ import pytest
 
 from app.auth import keys
 from app.auth.keys import CachedLookup, hash_key
+from app.errors import DatabaseUnavailable
 from app.models import Consumer
-
-
-class Clock:
-    """A monotonic clock that moves only when told (``advance``), or by ``step`` on every reading."""
-
-    def __init__(self, step: float = 0.0):
-        self.now = 1000.0
-        self.step = step
-
-    def __call__(self) -> float:
-        reading = self.now
-        self.now += self.step
-        return reading
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock(monkeypatch):
-    clock = Clock()
-    monkeypatch.setattr(keys, "time", types.SimpleNamespace(monotonic=clock, time=clock))
-    return clock
+from tests.unit.auth.support import Clock
 
 
 class Loader:
@@ -92,11 +71,97 @@ def test_nothing_is_cached_when_loading_fails(clock):
     lookup = CachedLookup(ttl=5, maxsize=10)
 
     def failing() -> object:
-        raise keys.StoreUnavailable("database down")
+        raise RuntimeError("a bug")
 
-    with pytest.raises(keys.StoreUnavailable, match="database down"):
+    with pytest.raises(RuntimeError, match="a bug"):
         lookup.get("key:a", failing)
     assert lookup.get("key:a", Loader("found")) == "found"
+
+
+def down() -> object:
+    raise DatabaseUnavailable("The database cannot be reached right now", headers={"Retry-After": "5"})
+
+
+def test_while_the_database_is_down_a_value_verified_within_the_stale_window_is_served(clock):
+    lookup = CachedLookup(ttl=5, maxsize=10, stale=60)
+    lookup.get("key:a", Loader("record"))
+
+    clock.advance(59.9)
+
+    assert lookup.get("key:a", down) == "record"
+
+
+def test_once_the_stale_window_has_passed_a_down_database_is_a_503(clock):
+    lookup = CachedLookup(ttl=5, maxsize=10, stale=60)
+    lookup.get("key:a", Loader("record"))
+
+    clock.advance(60)
+
+    with pytest.raises(DatabaseUnavailable) as raised:
+        lookup.get("key:a", down)
+    assert raised.value.headers == {"Retry-After": "5"}
+
+
+def test_a_stale_window_of_zero_serves_nothing_past_the_ttl(clock):
+    lookup = CachedLookup(ttl=5, maxsize=10, stale=0)
+    lookup.get("key:a", Loader("record"))
+
+    clock.advance(5)
+
+    with pytest.raises(DatabaseUnavailable):
+        lookup.get("key:a", down)
+
+
+def test_a_miss_is_never_served_stale(clock):
+    # An unknown key while the database is down: 503, not a 401 that may be wrong by now.
+    lookup = CachedLookup(ttl=5, maxsize=10, stale=60)
+    lookup.get("key:unknown", Loader(None))
+
+    clock.advance(5)
+
+    with pytest.raises(DatabaseUnavailable):
+        lookup.get("key:unknown", down)
+
+
+def test_the_stale_window_counts_from_the_last_read_that_succeeded(clock):
+    lookup = CachedLookup(ttl=5, maxsize=10, stale=60, holdoff=0)
+    load = Loader("first", "second")
+    lookup.get("key:a", load)
+    clock.advance(50)
+    assert lookup.get("key:a", load) == "second"  # read again: verified now
+
+    clock.advance(50)  # 100 s after the first read, 50 s after the second
+
+    assert lookup.get("key:a", down) == "second"
+
+
+def test_after_a_failure_the_database_is_not_asked_again_for_the_holdoff(clock):
+    lookup = CachedLookup(ttl=5, maxsize=10, stale=60, holdoff=1)
+    lookup.get("key:a", Loader("record"))
+    clock.advance(5)
+    assert lookup.get("key:a", down) == "record"
+    unasked = Loader("never")
+
+    clock.advance(0.9)
+    stale = lookup.get("key:a", unasked)
+    with pytest.raises(DatabaseUnavailable):
+        lookup.get("key:b", unasked)  # nothing kept for it: 503 at once
+    clock.advance(0.1)
+    asked = Loader("fresh")
+
+    assert stale == "record" and unasked.calls == 0
+    assert lookup.get("key:a", asked) == "fresh"
+    assert asked.calls == 1
+
+
+def test_a_revocation_while_the_database_answers_bites_within_the_ttl_despite_the_stale_window(clock):
+    lookup = CachedLookup(ttl=5, maxsize=10, stale=60)
+    load = Loader("active", "revoked")
+    lookup.get("key:a", load)
+
+    clock.advance(5)
+
+    assert lookup.get("key:a", load) == "revoked"
 
 
 def test_an_entry_expiring_between_check_and_read_is_loaded_again(monkeypatch):
