@@ -21,7 +21,7 @@ from sqlalchemy.orm import undefer
 from werkzeug.datastructures import Headers
 from werkzeug.routing import MapAdapter
 
-from app.errors import ProblemError, problem_type
+from app.errors import ProblemError, database_errors, problem_type
 from app.extensions import db
 from app.gateway.idempotency import IdempotencyKeyReused, valid_key
 from app.gateway.types import GatewayRequest, GatewayResponse
@@ -330,11 +330,11 @@ def accept(app: Flask, req: GatewayRequest) -> GatewayResponse:
     """The handler of a ``mode: async`` route, registered as ``app.extensions["job_submit"]``:
     the request becomes a job (202), and a worker makes the upstream call. The proxy calls it
     outside any Flask context: it enters ``app``'s for the database. Raises IdempotencyMismatch
-    (422)."""
+    (422), or DatabaseUnavailable (503 ``database-unavailable``) when the job cannot be written."""
     call = call_from_request(req)
     client = {"addr": req.client_addr, "scheme": req.scheme, "host": req.host}
     key = idempotency_key(req.headers.get("Idempotency-Key"))
-    with app.app_context():
+    with database_errors(), app.app_context():
         job, created = create(REQUEST, [call], req.principal, client, req.request_id, key, client_ip=req.client_ip)
         if created:
             enqueue([job.id])
