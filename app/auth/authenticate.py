@@ -138,13 +138,29 @@ class Authenticator:
                 headers={"Retry-After": "5"},
             ) from exc
         subject = str(claims["sub"])
-        if "\x00" in subject:  # no consumer is named so, and PostgreSQL text cannot hold it
-            raise self._invalid("The token's subject (sub) contains a NUL character")
+        problem = _unstorable(subject)
+        if problem:
+            raise self._invalid(f"The token's subject (sub) {problem}")
         consumer = self.lookups.get("sub:" + subject, lambda: self._read(partial(keys.read_consumer, subject)))
         if consumer is None or not consumer.usable:
             raise self._invalid("The token's subject is not an enabled consumer")
         expires_at = float(claims["exp"])
         return Principal(consumer.consumer_id, consumer.consumer_name, consumer.plan, scopes_of(claims), "jwt", expires_at)
+
+
+def _unstorable(text: str) -> str | None:
+    """Why ``text`` cannot name a consumer in any database the gateway runs on, or None.
+
+    PostgreSQL text holds no NUL; UTF-8 (RFC 3629) encodes no lone surrogate, which JSON's
+    ``\\ud800`` escapes can still put in a claim.
+    """
+    if "\x00" in text:
+        return "contains a NUL character"
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return "is not valid Unicode text"
+    return None
 
 
 def credential_of(headers: Headers) -> str | None:

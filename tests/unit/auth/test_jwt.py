@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from app.auth.jwt import scopes_of
+from app.extensions import db
 from tests.factories import Identity
-from tests.unit.auth.support import ROUTES, received
+from tests.unit.auth.support import ROUTES, database_down, received
 
 SECRET = "a-shared-secret-long-enough-for-hs512-" + "x" * 32  # RFC 7518 section 3.2: at least the hash size
 
@@ -42,11 +43,17 @@ def challenge_error(response) -> str:
 def hs256(make_app):
     """An app that accepts HS256 tokens signed with SECRET, with a consumer ``acme``; returns (app, acme's id)."""
 
+    built = []
+
     def build(**config):
         app = make_app(routes=ROUTES, JWT_SECRET=SECRET, **config)
+        built.append(app)
         return app, Identity(app).consumer("acme")
 
-    return build
+    yield build
+    for app in built:  # close its connections before a database of the test's own is dropped
+        with app.app_context():
+            db.engine.dispose()
 
 
 def test_a_valid_hs256_token_identifies_its_consumer_to_the_upstream(hs256, upstream):
@@ -419,3 +426,49 @@ def test_a_jwks_answer_without_usable_keys_is_not_a_500(jwks, jwks_app, signers,
 def test_a_short_hs256_secret_stops_the_app_at_start_up(make_app):
     with pytest.raises(ValueError, match="JWT_SECRET must be at least 32 bytes"):
         make_app(routes=ROUTES, JWT_SECRET="too-short")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database(request) -> dict:
+    """The app config for each database the gateway runs on: SQLite (the default), PostgreSQL."""
+    if request.param == "sqlite":
+        return {}
+    return {"SQLALCHEMY_DATABASE_URI": request.getfixturevalue("postgres_database")}
+
+
+@pytest.mark.parametrize(
+    ("sub", "detail"),
+    [
+        ("ac\x00me", "The token's subject (sub) contains a NUL character"),
+        ("\x00", "The token's subject (sub) contains a NUL character"),
+        ("ac\ud800me", "The token's subject (sub) is not valid Unicode text"),
+    ],
+    ids=["NUL inside", "only NUL", "lone surrogate"],
+)
+def test_a_subject_no_consumer_can_have_is_a_401_naming_the_problem(database, hs256, upstream, sub, detail):
+    app, _ = hs256(**database)
+
+    response = app.test_client().get("/private", headers=bearer(jwt.encode(claims(sub=sub), SECRET)))
+
+    assert response.status_code == 401
+    assert response.json["detail"] == detail
+    assert challenge_error(response) == 'error="invalid_token"'
+    assert len(upstream.calls) == 0
+
+
+def test_while_the_database_is_down_a_tokens_consumer_verified_before_is_served_from_the_cache(hs256, upstream, clock):
+    app, acme = hs256(AUTH_CACHE_TTL=5, AUTH_CACHE_STALE=60)
+    client = app.test_client()
+    token = jwt.encode(claims(lifetime=600), SECRET)
+    assert client.get("/private", headers=bearer(token)).status_code == 200
+
+    with database_down(app):
+        clock.advance(30)
+        within = client.get("/private", headers=bearer(token))
+        clock.advance(30)
+        past = client.get("/private", headers=bearer(token))
+
+    assert within.status_code == 200
+    assert received(upstream)["X-Consumer-ID"] == acme
+    assert past.status_code == 503
+    assert past.json["type"] == "/_gateway/problems/database-unavailable"
