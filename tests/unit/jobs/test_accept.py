@@ -1,9 +1,15 @@
 """A ``mode: async`` route: the request becomes a job (202 and its status URL); idempotency keys."""
 from __future__ import annotations
 
+import socket
+import time
+from contextlib import contextmanager
+
 import pytest
 
-from tests.unit.jobs.support import PREFIX, job_count, job_row, run
+from tests.services import free_port
+from tests.unit.auth.support import database_down
+from tests.unit.jobs.support import PREFIX, job_count, job_row, routes, run
 
 
 def status_url(job_id: str, base: str = "http://localhost") -> str:
@@ -185,3 +191,66 @@ def test_anonymous_clients_behind_a_trusted_proxy_do_not_share_idempotency_keys(
     # Bob must not be handed Alice's job: anonymous jobs are readable by their id alone.
     assert bob.json["id"] != alice.json["id"]
     assert "Idempotent-Replayed" not in bob.headers
+
+
+def test_an_async_submission_while_the_database_is_down_is_a_503_and_works_once_it_is_back(app, client, upstream):
+    with database_down(app):
+        refused = client.post("/async/anything", data=b"x", headers={"X-Request-ID": "req-down"})
+
+    accepted = client.post("/async/anything", data=b"x")
+
+    assert refused.status_code == 503
+    assert refused.content_type == "application/problem+json"
+    assert refused.headers["Retry-After"] == "5"
+    assert refused.json == {
+        "type": "/_gateway/problems/database-unavailable",
+        "title": "Service Unavailable",
+        "status": 503,
+        "detail": "The database cannot be reached right now; retry in 5 s",
+        "request_id": "req-down",
+    }
+    assert accepted.status_code == 202
+    assert job_count(app) == 1
+    assert upstream.seen == []
+
+
+def test_reading_a_job_while_the_database_is_down_is_a_503_and_works_once_it_is_back(app, client, upstream):
+    location = client.post("/async/anything", data=b"x").headers["Location"]
+
+    with database_down(app):
+        unavailable = client.get(location)
+
+    assert unavailable.status_code == 503
+    assert unavailable.json["type"] == "/_gateway/problems/database-unavailable"
+    assert unavailable.headers["Retry-After"] == "5"
+    assert client.get(location).status_code == 200
+
+
+@contextmanager
+def unanswering_server():
+    """A TCP server that accepts connections and never says a word, as a database host behind
+    a dead network path would: yields its port."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("database", ["refusing", "not answering"])
+@pytest.mark.redis
+def test_a_postgres_database_that_refuses_or_never_answers_is_a_503_within_the_connect_timeout(make_app, redis_url, upstream, database):
+    with unanswering_server() as silent:
+        port = silent if database == "not answering" else free_port()
+        url = f"postgresql://postgres@127.0.0.1:{port}/frontdoor"
+        # With Redis the gateway's control record is there, so the job read is all that waits.
+        app = make_app(routes=routes(upstream.url), SQLALCHEMY_DATABASE_URI=url, DATABASE_CONNECT_TIMEOUT=2, REDIS_URL=redis_url)
+        started = time.monotonic()
+        response = app.test_client().get(f"{PREFIX}/job_unknown")
+        elapsed = time.monotonic() - started
+
+    assert response.status_code == 503
+    assert response.json["type"] == "/_gateway/problems/database-unavailable"
+    assert elapsed < 2 + 1.5
