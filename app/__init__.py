@@ -65,8 +65,10 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     gateway.wrap(app)  # the entry: own paths to the Flask app, the rest to the proxy app
     # Outermost: ProxyFix sets the client's scheme, host and address that everything behind it
-    # sees, the proxy's rate limits and cache keys included.
-    hops = int(app.config["TRUSTED_PROXY_HOPS"])
-    if hops:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)
+    # sees, the proxy's rate limits and cache keys included. X-Forwarded-Host has a count of
+    # its own: a router may set the others and pass a client's X-Forwarded-Host on (Heroku's).
+    hops = config.trusted_hops(app.config, "TRUSTED_PROXY_HOPS")
+    host_hops = config.trusted_hops(app.config, "TRUSTED_FORWARDED_HOST_HOPS")
+    if hops or host_hops:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=host_hops, x_port=hops)
     return app

@@ -24,7 +24,10 @@ def defaults(app: Flask) -> dict:
         # larger ones stream to the upstream and are never retried once sending has started.
         "BUFFER_BODY_SIZE": 64 * 1024,
         "WEB_THREADS": 8,  # gunicorn gthread threads per worker; sizes each upstream's pool
-        "TRUSTED_PROXY_HOPS": 0,  # proxies in front of the gateway whose X-Forwarded-* are believed
+        "TRUSTED_PROXY_HOPS": 0,  # proxies in front of the gateway whose X-Forwarded-For/-Proto/-Port are believed
+        # X-Forwarded-Host is believed from this many proxies, apart: Heroku's router sets
+        # X-Forwarded-For/-Proto/-Port but passes a client's own X-Forwarded-Host on.
+        "TRUSTED_FORWARDED_HOST_HOPS": 0,
         "KEY_PREFIX": "frontdoor",  # namespace of every Redis key the gateway writes
         # With Redis, a process acts on a breaker reading up to this old (seconds) when its
         # calls succeed; failures always read and write the shared state at once.
@@ -172,3 +175,11 @@ def normalise_database_url(url: str) -> str:
             return "postgresql+psycopg://" + url[len(scheme):]
     return url
 
+
+def trusted_hops(config: dict, name: str) -> int:
+    """The proxy count setting ``name`` (TRUSTED_PROXY_HOPS, TRUSTED_FORWARDED_HOST_HOPS) as a
+    whole number of proxies; raises ValueError naming the setting for anything else."""
+    value = config[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"GATEWAY_{name} must be a whole number of proxies (0 or more), not {value!r}")
+    return value

@@ -62,7 +62,7 @@ FORWARDED = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.example.com"
 
 
 def test_status_urls_use_the_public_scheme_and_host_given_by_a_trusted_proxy(jobs_app, upstream):
-    app = jobs_app(TRUSTED_PROXY_HOPS=1)
+    app = jobs_app(TRUSTED_PROXY_HOPS=1, TRUSTED_FORWARDED_HOST_HOPS=1)
     client = app.test_client()
 
     response = client.post("/async/anything", headers=FORWARDED)
@@ -73,6 +73,32 @@ def test_status_urls_use_the_public_scheme_and_host_given_by_a_trusted_proxy(job
     assert run(app, job_id) == "succeeded"
     polled = client.get(f"{PREFIX}/{job_id}", headers=FORWARDED)
     assert polled.json["resourceLocation"] == f"https://api.example.com{PREFIX}/{job_id}/result"
+
+
+def test_behind_herokus_router_a_clients_own_forwarded_host_is_not_the_status_urls_host(jobs_app, upstream):
+    # Heroku's router (one hop) sets X-Forwarded-For/-Proto/-Port and passes X-Forwarded-Host on
+    # as the client sent it: only TRUSTED_FORWARDED_HOST_HOPS makes the gateway believe it.
+    client = jobs_app(TRUSTED_PROXY_HOPS=1).test_client()
+
+    response = client.post("/async/anything", headers={**FORWARDED, "X-Forwarded-Host": "evil.example"})
+
+    assert response.status_code == 202
+    assert response.headers["Location"] == status_url(response.json["id"], "https://localhost")
+    assert response.headers["Operation-Location"] == status_url(response.json["id"], "https://localhost")
+
+
+def test_a_forwarded_host_is_believed_from_its_own_hop_count_alone(jobs_app, upstream):
+    client = jobs_app(TRUSTED_PROXY_HOPS=0, TRUSTED_FORWARDED_HOST_HOPS=1).test_client()
+
+    response = client.post("/async/anything", headers=FORWARDED)
+
+    assert response.headers["Location"] == status_url(response.json["id"], "http://api.example.com")
+
+
+@pytest.mark.parametrize("hops", [-1, "1", 1.5, True])
+def test_a_forwarded_host_hop_count_that_is_not_a_whole_number_stops_the_app(jobs_app, upstream, hops):
+    with pytest.raises(ValueError, match="GATEWAY_TRUSTED_FORWARDED_HOST_HOPS must be a whole number"):
+        jobs_app(TRUSTED_FORWARDED_HOST_HOPS=hops)
 
 
 def test_forwarded_scheme_and_host_are_ignored_without_trusted_proxy_hops(jobs_app, upstream):
