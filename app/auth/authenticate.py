@@ -83,9 +83,10 @@ class Authenticator:
 
         The credential is ``X-API-Key: <key>``, else ``Authorization: Bearer <key or JWT>``.
         Raises Unauthenticated (missing where required, or invalid anywhere), InsufficientScope,
-        IdentityUnavailable (JWKS) or DatabaseUnavailable (a credential not verified within
-        AUTH_CACHE_STALE seconds while the database cannot be reached). A bad key gets the same answer whether it is unknown, revoked
-        or expired, so the response never tells whether a key exists.
+        IdentityUnavailable (JWKS), or DatabaseUnavailable (a credential not verified within
+        AUTH_CACHE_STALE seconds while the database cannot be reached). A bad key gets the same
+        answer whether it is unknown, revoked or expired, so the response never tells whether a
+        key exists.
         """
         if policy.mode == "none":
             return None
