@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Self
 
 import pytest
 import requests
 from sqlalchemy.engine import make_url
 
+from app.extensions import db
 from tests import services
+from tests.factories import Identity
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
-FLASK = str(Path(sys.executable).parent / "flask")
 OUTAGE = 20.0  # seconds PostgreSQL is stopped
 TTL = 1.0  # GATEWAY_AUTH_CACHE_TTL
 STALE = 10.0  # GATEWAY_AUTH_CACHE_STALE: shorter than the outage, so both sides of it are seen
@@ -128,20 +127,23 @@ class Load:
         return [a for a in self.answers if a.kind == kind and start <= a.sent and a.at < end]
 
 
-def flask_cli(args: list[str], env: dict[str, str]) -> str:
-    """``flask --app app …`` as the release phase and an operator run it; returns its stdout."""
-    done = subprocess.run([FLASK, "--app", "app", *args], cwd=services.ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
 @pytest.fixture
 def cluster():
     with services.throwaway_postgres() as url:
         yield Cluster(url)
 
 
-def test_postgres_stopped_for_20_s_under_load(cluster, redis_url, key_prefix, httpbin_url, start_gateway, tmp_path):
+def a_key(make_app, database_url: str) -> str:
+    """Make the tables in the cluster's database and a consumer's key; return the key."""
+    app = make_app(SQLALCHEMY_DATABASE_URI=database_url)
+    try:
+        return Identity(app).key()
+    finally:
+        with app.app_context():
+            db.engine.dispose()
+
+
+def test_postgres_stopped_for_20_s_under_load(cluster, redis_url, key_prefix, httpbin_url, start_gateway, make_app):
     env = {
         "DATABASE_URL": cluster.url,
         "REDIS_URL": redis_url,
@@ -150,9 +152,7 @@ def test_postgres_stopped_for_20_s_under_load(cluster, redis_url, key_prefix, ht
         "GATEWAY_AUTH_CACHE_STALE": str(STALE),
         "GATEWAY_WEBHOOK_SECRET_KEYS": "an-outage-test-passphrase-of-32-characters-or-more",
     }
-    flask_cli(["db", "upgrade"], env)
-    flask_cli(["consumers", "create", "acme"], env)
-    key = flask_cli(["keys", "create", "--consumer", "acme"], env)
+    key = a_key(make_app, cluster.url)
     gateway = start_gateway(ROUTES.format(httpbin=httpbin_url), workers=1, **env)
     authed = {"headers": {"X-API-Key": key}}
     submitted = requests.post(f"{gateway.url}/async/anything", data=b"before", timeout=10)
