@@ -98,10 +98,10 @@ def test_the_upstreams_date_and_server_give_way_to_the_gateways(client, upstream
     assert response.headers["Via"] == "1.1 frontdoor"
 
 
-def _forwarded_as_seen_upstream(make_app, hops: int) -> dict:
+def _forwarded_as_seen_upstream(make_app, hops: int, host_hops: int = 0) -> dict:
     with StubUpstream() as upstream:
         upstream.add("GET", "/items", body=b"ok")
-        app = make_app(routes=catch_all(upstream.url), TRUSTED_PROXY_HOPS=hops)
+        app = make_app(routes=catch_all(upstream.url), TRUSTED_PROXY_HOPS=hops, TRUSTED_FORWARDED_HOST_HOPS=host_hops)
         app.test_client().get(
             "/items",
             headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.example", "X-Forwarded-For": "203.0.113.7"},
@@ -111,13 +111,15 @@ def _forwarded_as_seen_upstream(make_app, hops: int) -> dict:
     return {name: sent[name] for name in ("X-Forwarded-Proto", "X-Forwarded-Host", "X-Forwarded-For")}
 
 
-def test_forwarded_fields_from_a_trusted_proxy_are_believed(make_app):
-    # Heroku's router is one hop: its X-Forwarded-* describe the client.
+def test_forwarded_fields_from_a_trusted_proxy_are_believed_but_its_host_only_when_configured(make_app):
+    # Heroku's router is one hop: its X-Forwarded-For/-Proto describe the client; it passes a
+    # client's own X-Forwarded-Host on, so that is believed only from its own setting.
     assert _forwarded_as_seen_upstream(make_app, hops=1) == {
         "X-Forwarded-Proto": "https",
-        "X-Forwarded-Host": "api.example",
+        "X-Forwarded-Host": "localhost",
         "X-Forwarded-For": "203.0.113.7, 10.1.2.3",
     }
+    assert _forwarded_as_seen_upstream(make_app, hops=1, host_hops=1)["X-Forwarded-Host"] == "api.example"
 
 
 def test_forwarded_fields_from_an_untrusted_client_are_not(make_app):
