@@ -67,8 +67,9 @@ def celery_init_app(app: Flask) -> Celery:
             "frontdoor.webhooks.deliver": {"soft_time_limit": attempt_soft, "time_limit": attempt_hard},
         },
         broker_connection_retry_on_startup=True,
-        # A worker whose broker is away keeps trying (every 2 s, then up to every 30 s) rather
-        # than exiting after Celery's default 100 tries: it has nothing else to do meanwhile.
+        # A worker whose broker is away keeps trying (after 2, 4, 6 s and so on, up to 30 s
+        # apart: kombu's Connection.ensure_connection) rather than exiting after Celery's
+        # default 100 tries: it has nothing else to do meanwhile.
         broker_connection_max_retries=None,
         # No remote control (``celery inspect``/``control``; nothing here uses it): its channel
         # on the consumer's connection is what made a worker exit when Redis restarted under
