@@ -67,6 +67,22 @@ def celery_init_app(app: Flask) -> Celery:
             "frontdoor.webhooks.deliver": {"soft_time_limit": attempt_soft, "time_limit": attempt_hard},
         },
         broker_connection_retry_on_startup=True,
+        # A worker whose broker is away keeps trying (after 2, 4, 6 s and so on, up to 30 s
+        # apart: kombu's Connection.ensure_connection) rather than exiting after Celery's
+        # default 100 tries: it has nothing else to do meanwhile.
+        broker_connection_max_retries=None,
+        # No remote control (``celery inspect``/``control``; nothing here uses it): its channel
+        # on the consumer's connection is what made a worker exit when Redis restarted under
+        # load. On a lost connection kombu (5.7.0) closes the connection's channels in turn
+        # and stops at the first close that fails; the remote-control channel's close, which
+        # deletes its auto-delete queue, fails while Redis is down. The task channel is left
+        # open on a transport already detached, and the close Celery makes next restores its
+        # unacked messages through it: AttributeError "'NoneType' object has no attribute
+        # 'hostname'" in kombu.transport.redis.Channel._connparams, "Unrecoverable error".
+        # Gossip and mingle open such channels too; the Procfile's worker runs without them
+        # (``--without-gossip --without-mingle``, options with no setting). README, "When
+        # Redis restarts"; tests/integration/test_broker_restart.py.
+        worker_enable_remote_control=False,
         # Heroku sends SIGTERM to every process of a dyno, SIGKILL 30 s later. With
         # REMAP_SIGTERM=SIGQUIT (the Procfile) the SIGTERM starts this soft shutdown, then a cold
         # one that puts unfinished messages back on the queue at once, not after the Redis

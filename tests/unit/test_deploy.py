@@ -28,8 +28,9 @@ def test_the_procfile_migrates_on_release_and_runs_web_worker_and_beat():
 
     assert processes["release"] == "flask --app app db upgrade"
     assert processes["web"].startswith("gunicorn --config gunicorn.conf.py ")  # which binds 0.0.0.0:$PORT
-    # REMAP_SIGTERM=SIGQUIT: Heroku's SIGTERM starts Celery's soft shutdown (tests/integration/test_deploy.py).
-    assert processes["worker"].startswith("REMAP_SIGTERM=SIGQUIT celery -A tasks worker")
+    # REMAP_SIGTERM=SIGQUIT: Heroku's SIGTERM starts Celery's soft shutdown (tests/integration/test_deploy.py),
+    # under a supervisor that starts a worker that exits on its own again (tests/integration/test_broker_restart.py).
+    assert processes["worker"].startswith("python -m tasks.supervise env REMAP_SIGTERM=SIGQUIT celery -A tasks worker")
     assert processes["beat"].startswith("celery -A tasks beat")
 
 
