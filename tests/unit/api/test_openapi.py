@@ -147,10 +147,10 @@ def test_error_responses_are_problem_json_with_the_statuses_the_handlers_raise(c
     def statuses(path: str, method: str) -> set[str]:
         return set(paths[path][method]["responses"])
 
-    assert statuses("/_gateway/consumers", "post") == {"201", "400", "401", "403", "409", "422", "429", "503"}
-    assert statuses("/_gateway/jobs/{job_id}", "delete") == {"200", "401", "404", "409", "410", "429", "503"}
+    assert statuses("/_gateway/consumers", "post") == {"201", "400", "401", "403", "409", "413", "422", "429", "503"}
+    assert statuses("/_gateway/jobs/{job_id}", "delete") == {"200", "400", "401", "404", "409", "410", "429", "503"}
     assert statuses("/_gateway/keys", "get") == {"200", "400", "401", "429", "503"}
-    assert statuses("/_gateway/openapi.json", "get") == {"200", "429", "503"}
+    assert statuses("/_gateway/openapi.json", "get") == {"200", "400", "429", "503"}
     unprocessable = document["components"]["responses"]["UnprocessableContent"]
     assert list(unprocessable["content"]) == ["application/problem+json"]
     assert unprocessable["content"]["application/problem+json"]["schema"] == {"$ref": "#/components/schemas/ValidationProblem"}

@@ -190,7 +190,8 @@ def requests_for(path: str, op: dict, ids: dict[str, list[str]], names: list[str
     for param in op.get("parameters", []):
         name = param["name"]
         if param["in"] == "path":
-            parts[f"path:{name}"] = st.one_of(st.sampled_from(ids[name]), url_text())
+            # Never empty: "/keys//rotate" is another path, not this operation with an empty id.
+            parts[f"path:{name}"] = st.one_of(st.sampled_from(ids[name]), url_text().filter(bool))
         elif param["in"] == "query":
             generated = cursors(names) if name == "cursor" else st.one_of(url_text(), numbers.map(str))
             parts[f"query:{name}"] = st.one_of(st.none(), generated)
@@ -219,13 +220,20 @@ def send(client, method: str, path: str, drawn: dict, headers: dict[str, str]):
     return client.open(url, method=method.upper(), data=data, content_type="application/json" if data is not None else None, headers=extra)
 
 
-def exercise(client, method: str, path: str, requests: st.SearchStrategy[dict], headers: dict[str, str]) -> None:
-    """Send EXAMPLES generated requests to one operation; each must be answered."""
+def exercise(client, method: str, path: str, op: dict, requests: st.SearchStrategy[dict], headers: dict[str, str]) -> None:
+    """Send EXAMPLES generated requests to one operation; each must be answered with a status
+    the document gives the operation."""
 
     @BUDGET
     @given(drawn=requests)
     def check(drawn):
-        assert_answered(send(client, method, path, drawn, headers), f"{method.upper()} {path} {drawn!r:.300}")
+        response = send(client, method, path, drawn, headers)
+        what = f"{method.upper()} {path} {drawn!r:.300}"
+        assert_answered(response, what)
+        # Not 3xx: werkzeug redirects a path whose parameter decodes to '//' (an encoded '/', %2F)
+        # to the merged path with a 308, on every rule; no operation of the document lists it.
+        if not 300 <= response.status_code < 400:
+            assert str(response.status_code) in op["responses"] or "default" in op["responses"], what
 
     check()
 
@@ -250,7 +258,7 @@ def test_no_operation_of_the_document_answers_a_5xx_for_generated_input(gateway,
     }
     exercised = []
     for path, method, op in operations(document):
-        exercise(client, method, path, requests_for(path, op, ids, names), admin)
+        exercise(client, method, path, op, requests_for(path, op, ids, names), admin)
         exercised.append(f"{method.upper()} {path}")
     assert len(exercised) == len(operations(document)) > 30
 
