@@ -144,6 +144,8 @@ def _call(spec: CallSpec, where: str, gateway: Gateway, routes: dict[int, list])
         raise invalid(f"{where}.path", f"{path} is one of the gateway's own paths; jobs go through routes")
     if has_dot_segment(path):
         raise invalid(f"{where}.path", "must not contain '.' or '..' segments")
+    if "\x00" in path:  # even on a route that allows ambiguous paths: the job row stores it decoded
+        raise invalid(f"{where}.path", "must not contain NUL (%00), which the database cannot store")
     try:
         match = gateway.router.match(spec.method, path, raw_path, Headers(list(spec.headers.items())))
     except NotFound:

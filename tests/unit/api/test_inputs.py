@@ -23,6 +23,10 @@ routes:
   - path: /async
     upstream: closed
     mode: async
+  - path: /lenient
+    upstream: closed
+    mode: async
+    allow_ambiguous_paths: true
   - path: /
     upstream: closed
 """
@@ -146,6 +150,7 @@ FIELDS = [
     ("/_gateway/webhooks/endpoints", {"url": "https://example.com/", "description": "\u0000"}, "description", "must not contain NUL (U+0000)"),
     ("/_gateway/jobs", {"request": {"path": "/async", "query": "a=\u0000"}}, "request.query", "must not contain control characters"),
     ("/_gateway/jobs", {"request": {"path": "/\u0000"}}, "request.path", "must not contain control characters"),
+    ("/_gateway/jobs", {"request": {"path": "/lenient/%00"}}, "request.path", "must not contain NUL (%00)"),
     ("/_gateway/jobs", {"request": {"path": "/async", "body_base64": "\u00e9t\u00e9"}}, "request.body_base64", "is not valid base64"),
 ]
 
