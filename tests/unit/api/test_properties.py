@@ -320,3 +320,16 @@ def test_a_filtering_route_answers_a_deeply_nested_upstream_body_with_a_502_prob
     assert response.headers["Content-Type"] == "application/problem+json"
     assert response.json["type"] == "/_gateway/problems/unfilterable-body"
     assert response.json["detail"].startswith("The upstream's JSON body cannot be read (recursion limit exceeded")
+
+
+@BOTH
+def test_an_aggregate_part_nested_near_the_recursion_limit_fails_alone(gateway, upstream):
+    # 985 levels parse with json.loads on the pool's thread, then broke the merged answer (a 500).
+    upstream.reset()
+    upstream.add("GET", re.compile("/one/.*"), body=b"[" * 985 + b"]" * 985, content_type="application/json")
+
+    response = gateway.test_client().get("/agg/deep?q=1")
+
+    assert response.status_code == 200
+    assert response.json["one"] is None and response.json["two"] is None
+    assert response.json["errors"]["one"]["detail"] == "the backend's answer is not valid JSON (recursion limit exceeded at line 1 column 202)"
