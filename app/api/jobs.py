@@ -36,7 +36,7 @@ from app.api.common import (
     status_filter,
     with_status,
 )
-from app.api.inputs import CONTROL
+from app.api.inputs import CONTROL, column_length
 from app.auth.views import current_principal, policy
 from app.extensions import db
 from app.gateway.router import AmbiguousPath, has_dot_segment, refuse_ambiguous
@@ -194,7 +194,7 @@ def _client() -> dict:
 
 
 IDEMPOTENCY_KEY = Param(
-    "Idempotency-Key", "header", {"type": "string", "minLength": 1, "maxLength": 255},
+    "Idempotency-Key", "header", {"type": "string", "minLength": 1, "maxLength": column_length(Job.idempotency_key)},
     "The same key with the same body answers the same job; with another body, 422",
 )
 JOB = Reply(schemas.Job, "The job", ("Retry-After?",))

@@ -14,6 +14,7 @@ from werkzeug.wrappers import Response
 
 from app.api import schemas
 from app.api.common import Operation, Reply, operation
+from app.api.inputs import ID_LENGTH
 from app.auth.views import policy
 from app.errors import PROBLEM_JSON
 from app.identity import AUTHENTICATED, Policy
@@ -130,8 +131,16 @@ def _links(reply: Reply, rules: list[tuple[Rule, str]]) -> dict:
     }
 
 
+def _path_schema(rule: Rule, name: str) -> dict:
+    """A path parameter's schema: an ``<id:...>`` (``inputs.ResourceId``) is at most as long as
+    an id column."""
+    if f"<id:{name}>" in rule.rule:
+        return {"type": "string", "minLength": 1, "maxLength": ID_LENGTH}
+    return {"type": "string"}
+
+
 def _operation(rule: Rule, method: str, op: Operation, view_policy: Policy, refs: dict, rules: list) -> dict:
-    parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in sorted(rule.arguments)]
+    parameters = [{"name": name, "in": "path", "required": True, "schema": _path_schema(rule, name)} for name in sorted(rule.arguments)]
     for param in op.params:
         entry = {"name": param.name, "in": param.where, "required": False, "description": param.description, "schema": param.schema}
         if not param.explode:

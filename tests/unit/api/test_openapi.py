@@ -192,3 +192,17 @@ def test_a_lifetime_beyond_a_hundred_years_is_a_422_not_an_overflow(client, admi
     # Found by schemathesis: timedelta(seconds=...) overflowed into a 500.
     key = client.post(f"{PREFIX}/keys", json={}, headers=admin).json["id"]
     problem(client.post(PREFIX + url.format(key=key), json=payload, headers=admin), 422, field)
+
+
+def test_an_id_in_a_path_is_documented_as_long_as_its_column_at_most(client):
+    from app.models import Consumer, Job
+
+    paths = served(client)["paths"]
+
+    (consumer,) = paths["/_gateway/consumers/{consumer_id}"]["get"]["parameters"]
+    assert consumer["schema"] == {"type": "string", "minLength": 1, "maxLength": Consumer.id.type.length}
+    job = paths["/_gateway/jobs/{job_id}/result"]["get"]
+    assert job["parameters"][0]["schema"]["maxLength"] == Job.id.type.length
+    assert "404" in job["responses"]
+    (name,) = paths["/_gateway/admin/upstreams/{name}"]["get"]["parameters"]
+    assert name["schema"] == {"type": "string"}  # an upstream's name, not a row's id
