@@ -142,15 +142,28 @@ def column_length(attribute) -> int:
     return attribute.type.length
 
 
-def stored_text(*attributes, min_length: int = 0) -> type[str]:
+def one_line(value: str) -> str:
+    """``value`` when it holds no control character (U+0000-U+001F, U+007F); raises ValueError.
+    A name, plan or scope travels in header fields to upstreams (X-Consumer-*), where a line
+    break cannot go (RFC 9110 section 5.5)."""
+    if CONTROL.search(value):
+        raise ValueError("must not contain control characters (U+0000-U+001F, U+007F)")
+    return value
+
+
+def stored_text(*attributes, min_length: int = 0, lines: bool = False) -> type[str]:
     """The request field that fills (or is compared with) the columns ``attributes``: a string
-    of ``min_length`` up to the longest column's length, which the database can store."""
+    of ``min_length`` up to the longest column's length, which the database can store, and
+    one line of text unless ``lines`` (free text, such as a description)."""
     longest = max(column_length(attribute) for attribute in attributes)
-    return Annotated[str, Field(min_length=min_length, max_length=longest), AfterValidator(storable)]  # type: ignore[return-value]
+    check = storable if lines else one_line
+    return Annotated[str, Field(min_length=min_length, max_length=longest), AfterValidator(check)]  # type: ignore[return-value]
 
 
 # A consumer named in a body: its id or its name.
 ConsumerReference = stored_text(Consumer.id, Consumer.name, min_length=1)
+# A scope a key is given: one line (it is sent in X-Consumer-Scopes), stored in a JSON column.
+Scope = Annotated[str, AfterValidator(one_line)]
 
 
 # -- path ids and query parameters ---------------------------------------------------------------

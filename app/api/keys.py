@@ -27,7 +27,7 @@ from app.api.common import (
     page,
     reply,
 )
-from app.api.inputs import ConsumerReference
+from app.api.inputs import ConsumerReference, Scope
 from app.auth import manage
 from app.auth.authenticate import InsufficientScope
 from app.auth.views import current_principal
@@ -44,7 +44,7 @@ MAX_SECONDS = 100 * 365 * 86400
 
 class KeyCreate(Schema):
     consumer: ConsumerReference | None = None  # id or name; only with the admin scope (default: the caller)
-    scopes: list[str] = Field(default_factory=list)
+    scopes: list[Scope] = Field(default_factory=list)  # type: ignore[valid-type]
     expires_in: Annotated[float, Field(gt=0, le=MAX_SECONDS)] | None = None  # seconds
 
 

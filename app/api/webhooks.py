@@ -51,7 +51,7 @@ def _event_types(values: list[str]) -> list[str]:
 URL = Annotated[str, Field(min_length=1, max_length=2048)]
 EventTypes = Annotated[list[str], Field(max_length=100), AfterValidator(_event_types)]  # [] means every type
 Secret = Annotated[str, AfterValidator(secrets.validate)]  # whsec_ + base64 of 24-64 bytes
-Description = stored_text(WebhookEndpoint.description)
+Description = stored_text(WebhookEndpoint.description, lines=True)
 
 
 class EndpointCreate(Schema):

@@ -141,12 +141,17 @@ def test_a_cursor_at_the_last_representable_time_pages_as_any_other(client, admi
     assert [row["name"] for row in response.json["data"]] == ["root"]
 
 
+CONTROLS = "must not contain control characters (U+0000-U+001F, U+007F)"
 FIELDS = [
-    ("/_gateway/consumers", {"name": "acme", "plan": "p\u0000"}, "plan", "must not contain NUL (U+0000)"),
-    ("/_gateway/consumers", {"name": "acme\u0000"}, "name", "must not contain NUL (U+0000)"),
-    ("/_gateway/keys", {"consumer": "root\u0000"}, "consumer", "must not contain NUL (U+0000)"),
-    ("/_gateway/events", {"type": "order.created", "id": "e\u0000"}, "id", "must not contain NUL (U+0000)"),
-    ("/_gateway/events", {"type": "order.created", "consumer": "\u0000"}, "consumer", "must not contain NUL (U+0000)"),
+    ("/_gateway/consumers", {"name": "acme", "plan": "p\u0000"}, "plan", CONTROLS),
+    ("/_gateway/consumers", {"name": "acme\u0000"}, "name", CONTROLS),
+    # A trailing line break passes the name's own pattern (``$`` matches before it), then breaks
+    # X-Consumer-Username on every proxied request of the consumer.
+    ("/_gateway/consumers", {"name": "acme\n"}, "name", CONTROLS),
+    ("/_gateway/keys", {"consumer": "root\u0000"}, "consumer", CONTROLS),
+    ("/_gateway/keys", {"scopes": ["read\n"]}, "scopes.0", CONTROLS),
+    ("/_gateway/events", {"type": "order.created", "id": "e\u0000"}, "id", CONTROLS),
+    ("/_gateway/events", {"type": "order.created", "consumer": "\u0000"}, "consumer", CONTROLS),
     ("/_gateway/webhooks/endpoints", {"url": "https://example.com/", "description": "\u0000"}, "description", "must not contain NUL (U+0000)"),
     ("/_gateway/jobs", {"request": {"path": "/async", "query": "a=\u0000"}}, "request.query", "must not contain control characters"),
     ("/_gateway/jobs", {"request": {"path": "/\u0000"}}, "request.path", "must not contain control characters"),
@@ -156,7 +161,7 @@ FIELDS = [
 
 
 @BOTH
-@pytest.mark.parametrize(("url", "payload", "field", "message"), FIELDS, ids=[f"{row[0].rsplit('/', 1)[1]}-{row[2]}" for row in FIELDS])
+@pytest.mark.parametrize(("url", "payload", "field", "message"), FIELDS, ids=[f"{row[0].rsplit('/', 1)[1]}-{row[2]}-{index}" for index, row in enumerate(FIELDS)])
 def test_a_string_the_database_cannot_store_is_a_422_naming_the_field(client, admin, url, payload, field, message):
     body = problem(client.post(url, json=payload, headers=admin), 422, field)
 
@@ -180,6 +185,20 @@ def test_a_value_longer_than_its_column_is_a_422(client, admin, url, make, colum
     body = problem(client.post(url, json=make("a" * (length + 1)), headers=admin), 422, field)
 
     assert body["errors"][0]["message"] == f"String should have at most {length} characters"
+
+
+@BOTH
+def test_a_description_is_free_text_over_several_lines(build):
+    app = build(WEBHOOK_ALLOW_HTTP=True, WEBHOOK_ALLOWED_NETWORKS=["127.0.0.0/8"])
+    identity = Identity(app)
+    headers = auth(identity.key(identity.consumer("alice")))
+
+    response = app.test_client().post(
+        "/_gateway/webhooks/endpoints", json={"url": "http://127.0.0.1:9/hook", "description": "one\ntwo\tthree"}, headers=headers
+    )
+
+    assert response.status_code == 201
+    assert response.json["description"] == "one\ntwo\tthree"
 
 
 @BOTH

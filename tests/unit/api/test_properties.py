@@ -48,6 +48,9 @@ upstreams:
 routes:
   - path: /plain
     upstream: stub
+  - path: /members
+    upstream: stub
+    auth: required
   - path: /cached
     upstream: stub
     cache: {{ttl: 60}}
@@ -95,7 +98,12 @@ RAW = [
     Raw(b"[" * 65 + b"]" * 65), Raw(b'{"a":' * 70 + b"1" + b"}" * 70), Raw(b'"\\ud800"'), Raw(b'"\\udc00\\ud800"'),
     Raw(b'"\xff\xfe"'), Raw(b"[1,]"), Raw(b""),
 ]
-strings = st.one_of(st.sampled_from(INTERESTING), st.text(st.characters(exclude_categories=()), max_size=12))
+# A word that passes a field's pattern with something after it: a line break after a name
+# matches ``^...$`` all the same.
+suffixed = st.builds(
+    lambda word, tail: word + tail, st.sampled_from(["acme", "read", "pro", "order.created"]), st.sampled_from(["\n", "\r\n", "\x00", "\t", " ", "\u2028", "\x7f"])
+)
+strings = st.one_of(st.sampled_from(INTERESTING), suffixed, st.text(st.characters(exclude_categories=()), max_size=12))
 numbers = st.one_of(
     st.integers(min_value=-(10**20), max_value=10**20),
     st.sampled_from([0, -1, 2**31, 2**63, 10**400, -(10**400), 1e308, -1e-320, 0.5]),
@@ -369,7 +377,7 @@ def test_no_operation_of_the_document_answers_a_5xx_for_generated_input(gateway,
 
 # -- every kind of route -----------------------------------------------------------------------------
 
-ROUTE_KINDS = ["/plain", "/cached", "/async", "/filtered", "/agg"]
+ROUTE_KINDS = ["/plain", "/members", "/cached", "/async", "/filtered", "/agg"]
 
 
 @st.composite
@@ -437,3 +445,26 @@ def test_an_aggregate_part_nested_near_the_recursion_limit_fails_alone(gateway, 
     assert response.status_code == 200
     assert response.json["one"] is None and response.json["two"] is None
     assert response.json["errors"]["one"]["detail"] == "the backend's answer is not valid JSON (recursion limit exceeded at line 1 column 202)"
+
+
+@BOTH
+def test_whatever_the_api_accepts_for_a_consumer_its_calls_through_a_route_are_answered(gateway):
+    # What the API stores for a consumer (name, plan, scopes) travels to upstreams in
+    # X-Consumer-* header fields: a value the API accepts must never break a proxied call.
+    identity = Identity(gateway)
+    admin = auth(identity.key(identity.consumer("root"), scopes=("admin",)))
+    client = gateway.test_client()
+
+    @BUDGET
+    @given(name=strings, plan=st.one_of(st.none(), strings), scopes=st.lists(strings, max_size=2))
+    def check(name, plan, scopes):
+        made = client.post("/_gateway/consumers", data=dump({"name": name, "plan": plan}), content_type="application/json", headers=admin)
+        assert_answered(made, f"consumer {name!r:.100} {plan!r:.100}")
+        if made.status_code != 201:
+            return
+        key = client.post("/_gateway/keys", data=dump({"consumer": made.json["id"], "scopes": scopes}), content_type="application/json", headers=admin)
+        assert_answered(key, f"key {scopes!r:.200}")
+        if key.status_code == 201:
+            assert_answered(client.get("/members/x", headers=auth(key.json["key"])), f"a call as {name!r:.100} with {scopes!r:.200}")
+
+    check()
