@@ -20,6 +20,12 @@ def defaults(app: Flask) -> dict:
         "API_PREFIX": "/_gateway",
         "CONFIG": "gateway.yaml",  # the route file; env GATEWAY_CONFIG
         "MAX_BODY_SIZE": 10 * MiB,  # request bodies above this answer 413
+        # The gateway's own API (API_PREFIX): a JSON request body larger than this (bytes)
+        # answers 413 before it is read; POST /jobs, whose body carries requests for the routes,
+        # takes MAX_BODY_SIZE instead. Arrays and objects nested deeper than API_MAX_JSON_DEPTH
+        # levels answer 400 (at most 200, where the JSON parser stops by itself).
+        "API_MAX_BODY_SIZE": 1 * MiB,
+        "API_MAX_JSON_DEPTH": 64,
         # Request bodies up to this size are read into memory so that a retry can resend them;
         # larger ones stream to the upstream and are never retried once sending has started.
         "BUFFER_BODY_SIZE": 64 * 1024,

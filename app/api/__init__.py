@@ -8,14 +8,20 @@ from app.api import (
     admin_gateway,
     consumers,
     events,
+    inputs,
     jobs,
     keys,
     openapi,
     webhooks,
 )
 
+MODULES = (consumers, keys, jobs, webhooks, events, admin_cache, admin_gateway, openapi)
+
 
 def init_app(app: Flask) -> None:
+    """Register every resource's blueprint under API_PREFIX, after the limits at its edge
+    (``inputs``: the ``id`` converter its rules use, the query check)."""
+    inputs.init_app(app, frozenset(module.bp.name for module in MODULES))
     prefix = app.config["API_PREFIX"].rstrip("/")
-    for module in (consumers, keys, jobs, webhooks, events, admin_cache, admin_gateway, openapi):
+    for module in MODULES:
         app.register_blueprint(module.bp, url_prefix=prefix)

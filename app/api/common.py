@@ -3,19 +3,27 @@ validated by their models, cursor pagination, scoped lookups."""
 from __future__ import annotations
 
 import base64
-import binascii
 import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
+import pydantic_core
 from flask import current_app, jsonify, request
 from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy import Select, and_, or_
 from werkzeug.exceptions import NotFound
 
+from app.api.inputs import (
+    ID_LENGTH,
+    BadRequest,
+    limits,
+    parse_json,
+    read_body,
+    storable,
+)
 from app.errors import ProblemError
 
 M = TypeVar("M", bound=BaseModel)
@@ -31,10 +39,6 @@ class Schema(BaseModel):
     number), as the OpenAPI document says."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class BadRequest(ProblemError):
-    status, title, slug = 400, "Bad Request", "bad-request"
 
 
 class Unprocessable(ProblemError):
@@ -136,16 +140,25 @@ def reply(model: type[BaseModel], data: object, status: int = 200, headers: obje
     return jsonify(content), status, headers or {}
 
 
-def body(schema: type[M]) -> M:
-    """The JSON request body validated as ``schema``; raises BadRequest or Unprocessable, and
-    Undocumented unless ``schema`` is the body the view's ``@operation`` declares."""
+def body(schema: type[M], max_size: int | None = None, setting: str = "API_MAX_BODY_SIZE") -> M:
+    """The JSON request body validated as ``schema``; no body is taken as ``{}``.
+
+    The body is at most ``max_size`` bytes (default API_MAX_BODY_SIZE; ``setting`` names the
+    limit in the 413) and nests at most API_MAX_JSON_DEPTH levels (``inputs.parse_json``).
+    Raises PayloadTooLarge (413) before reading a body that is too large, BadRequest (400)
+    for one that is not JSON, Unprocessable (422) naming each field that is wrong, and
+    Undocumented unless ``schema`` is the body the view's ``@operation`` declares.
+    """
     if declared().body is not schema:
         raise Undocumented(f"view {request.endpoint} validates its body with {schema.__name__}, which its @operation does not declare")
-    data = request.get_json(silent=True)
-    if data is None:
-        if request.content_length or request.data:
-            raise BadRequest("The request body is not valid JSON")
-        data = {}
+    edge = limits()
+    raw = read_body(max_size if max_size is not None else edge.max_body_size, setting)
+    if not raw:
+        data: object = {}
+    elif not request.is_json:
+        raise BadRequest(f"The request body is not valid JSON: its Content-Type is {request.mimetype or 'missing'}, not application/json")
+    else:
+        data = parse_json(raw, edge.max_json_depth)
     if not isinstance(data, dict):
         raise Unprocessable("The request body must be a JSON object", errors=[])
     try:
@@ -197,15 +210,26 @@ def _encode(created_at: datetime, ident: str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+# A cursor this API writes is about 100 characters; a longer one is not worth decoding.
+MAX_CURSOR = 256
+
+
 def _decode(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, id) a cursor of ``_encode`` carries; raises BadRequest for anything else:
+    text that is not base64 or JSON (parsed with a bounded depth), a timestamp without a zone or
+    at the ends of the calendar (OverflowError in UTC), an id no row can have."""
     try:
-        created_at, ident = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if len(cursor) > MAX_CURSOR:
+            raise ValueError(f"longer than {MAX_CURSOR} characters")
+        created_at, ident = pydantic_core.from_json(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(created_at, str) or not isinstance(ident, str) or len(ident) > ID_LENGTH:
+            raise TypeError("not a timestamp and an id")
         when = datetime.fromisoformat(created_at)
         if when.tzinfo is None:
             raise ValueError("no time zone")
-        return when, str(ident)
-    except (binascii.Error, ValueError, TypeError) as exc:
-        raise BadRequest(f"cursor {cursor!r} is not one this API returned") from exc
+        return when.astimezone(UTC), storable(ident)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise BadRequest(f"cursor {cursor[:MAX_CURSOR]!r} is not one this API returned") from exc
 
 
 def page(query: Select, model: type, session) -> tuple[list, str | None]:

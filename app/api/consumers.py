@@ -1,10 +1,7 @@
 """``/_gateway/consumers``: create, list, read and change consumers (``admin`` scope)."""
 from __future__ import annotations
 
-from typing import Annotated
-
 from flask import Blueprint, url_for
-from pydantic import Field
 from sqlalchemy import select
 
 from app.api import schemas
@@ -20,6 +17,7 @@ from app.api.common import (
     page,
     reply,
 )
+from app.api.inputs import stored_text
 from app.auth import manage
 from app.auth.views import policy
 from app.extensions import db
@@ -30,13 +28,18 @@ bp = Blueprint("consumers", __name__)
 admin = policy("required", (ADMIN_SCOPE,))
 
 
+# Lengths are the columns' (app.models.identity): the model is the one source of them.
+Name = stored_text(Consumer.name, min_length=1)
+Plan = stored_text(Consumer.plan)
+
+
 class ConsumerCreate(Schema):
-    name: Annotated[str, Field(min_length=1, max_length=200)]
-    plan: str | None = None
+    name: Name  # type: ignore[valid-type]
+    plan: Plan | None = None  # type: ignore[valid-type]
 
 
 class ConsumerUpdate(Schema):
-    plan: str | None = None
+    plan: Plan | None = None  # type: ignore[valid-type]
     disabled: bool | None = None
 
 
@@ -74,14 +77,14 @@ def index() -> tuple:
     return reply(schemas.Page[schemas.Consumer], {"data": [manage.consumer_json(row) for row in rows], "next_cursor": next_cursor})
 
 
-@bp.get("/consumers/<consumer_id>")
+@bp.get("/consumers/<id:consumer_id>")
 @admin
 @operation("Read a consumer", {200: Reply(schemas.Consumer, "The consumer")}, errors=(404,))
 def read(consumer_id: str) -> tuple:
     return reply(schemas.Consumer, manage.consumer_json(found(db.session.get(Consumer, consumer_id), "consumer", consumer_id)))
 
 
-@bp.patch("/consumers/<consumer_id>")
+@bp.patch("/consumers/<id:consumer_id>")
 @admin
 @operation("Change a consumer", {200: Reply(schemas.Consumer, "The consumer")}, body=ConsumerUpdate, errors=(404,))
 def update(consumer_id: str) -> tuple:

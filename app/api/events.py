@@ -15,18 +15,23 @@ from pydantic import AfterValidator, Field
 from app import webhooks
 from app.api import schemas
 from app.api.common import Reply, Schema, body, found, invalid, operation, reply
+from app.api.inputs import ConsumerReference, stored_text
 from app.auth import manage
 from app.auth.authenticate import InsufficientScope
 from app.auth.views import current_principal
+from app.models import WebhookMessage
 
 bp = Blueprint("events", __name__)
+
+
+EventId = stored_text(WebhookMessage.event_id, min_length=1)
 
 
 class EventCreate(Schema):
     type: Annotated[str, AfterValidator(webhooks.check_type)]
     data: Any = Field(default_factory=dict)
-    id: Annotated[str, Field(min_length=1, max_length=255)] | None = None  # the publisher's event id
-    consumer: str | None = None  # id or name; only with the admin scope (default: the caller)
+    id: EventId | None = None  # type: ignore[valid-type]  # the publisher's event id
+    consumer: ConsumerReference | None = None  # id or name; only with the admin scope (default: the caller)
 
 
 @bp.post("/events")
@@ -74,7 +79,7 @@ def publish() -> tuple:
     return reply(schemas.Message, webhooks.message_json(message), 202 if created else 200, headers)
 
 
-@bp.get("/events/<message_id>")
+@bp.get("/events/<id:message_id>")
 @operation("Read an event", {200: Reply(schemas.MessageWithData, "The message with its data")}, errors=(404,))
 def read(message_id: str) -> tuple:
     """The message with its ``data``: the caller's own (404 otherwise)."""

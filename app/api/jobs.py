@@ -6,7 +6,6 @@ does. Jobs submitted without a credential belong to nobody and are reached by th
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import re
 from collections.abc import Iterator
@@ -37,11 +36,11 @@ from app.api.common import (
     status_filter,
     with_status,
 )
+from app.api.inputs import CONTROL, column_length
 from app.auth.views import current_principal, policy
 from app.extensions import db
 from app.gateway.router import AmbiguousPath, has_dot_segment, refuse_ambiguous
 from app.gateway.runtime import Gateway
-from app.gateway.types import PayloadTooLarge
 from app.jobs.calls import Call, kept_headers
 from app.models import Job, JobItem
 from app.models.jobs import BATCH, REQUEST, STATUSES
@@ -79,6 +78,17 @@ class CallSpec(Schema):
     def _absolute(cls, value: str) -> str:
         if not value.startswith("/") or "?" in value or "#" in value:
             raise ValueError("must be a path starting with '/', without a query or fragment (use 'query')")
+        if CONTROL.search(value):
+            raise ValueError("must not contain control characters (U+0000-U+001F, U+007F); percent-encode them")
+        return value
+
+    @field_validator("query")
+    @classmethod
+    def _query_text(cls, value: str | dict) -> str | dict:
+        # Given as text it is sent as it is, so it must be what a request line can carry (RFC 9112
+        # section 3): a control character would be a 5xx at the worker, or NUL a 5xx here.
+        if isinstance(value, str) and CONTROL.search(value):
+            raise ValueError("must not contain control characters (U+0000-U+001F, U+007F); percent-encode them")
         return value
 
     @field_validator("headers")
@@ -134,6 +144,8 @@ def _call(spec: CallSpec, where: str, gateway: Gateway, routes: dict[int, list])
         raise invalid(f"{where}.path", f"{path} is one of the gateway's own paths; jobs go through routes")
     if has_dot_segment(path):
         raise invalid(f"{where}.path", "must not contain '.' or '..' segments")
+    if "\x00" in path:  # even on a route that allows ambiguous paths: the job row stores it decoded
+        raise invalid(f"{where}.path", "must not contain NUL (%00), which the database cannot store")
     try:
         match = gateway.router.match(spec.method, path, raw_path, Headers(list(spec.headers.items())))
     except NotFound:
@@ -155,8 +167,8 @@ def _call(spec: CallSpec, where: str, gateway: Gateway, routes: dict[int, list])
     if spec.body_base64 is not None:
         try:
             content = base64.b64decode(spec.body_base64, validate=True)
-        except binascii.Error:
-            raise invalid(f"{where}.body_base64", "is not valid base64") from None
+        except ValueError:  # binascii.Error, or a character outside ASCII
+            raise invalid(f"{where}.body_base64", "is not valid base64 (RFC 4648 section 4: A-Z, a-z, 0-9, '+', '/' and '=' padding)") from None
     elif spec.json_body is not None:
         content = json.dumps(spec.json_body).encode()
         headers.setdefault("Content-Type", "application/json")
@@ -182,7 +194,7 @@ def _client() -> dict:
 
 
 IDEMPOTENCY_KEY = Param(
-    "Idempotency-Key", "header", {"type": "string", "minLength": 1, "maxLength": 255},
+    "Idempotency-Key", "header", {"type": "string", "minLength": 1, "maxLength": column_length(Job.idempotency_key)},
     "The same key with the same body answers the same job; with another body, 422",
 )
 JOB = Reply(schemas.Job, "The job", ("Retry-After?",))
@@ -201,11 +213,9 @@ def create() -> tuple:
     """Submit a job: 202 with the job resource, ``Location``/``Operation-Location`` (its status
     URL) and ``Retry-After``. Honours ``Idempotency-Key`` (same key and body: the same job;
     same key, other body: 422). A batch takes up to JOB_BATCH_MAX requests."""
-    limit = current_app.config["MAX_BODY_SIZE"]
-    if limit and (request.content_length or 0) > limit:
-        raise PayloadTooLarge(f"The request body ({request.content_length} bytes) exceeds the limit of {limit} bytes")
-    request.max_content_length = limit or None  # a chunked body is cut off at the limit too (413)
-    data = body(JobCreate)
+    # The body carries the requests' own bodies, each up to a route's limit: MAX_BODY_SIZE, not
+    # API_MAX_BODY_SIZE (0: none, as for the routes).
+    data = body(JobCreate, current_app.config["MAX_BODY_SIZE"] or None, "MAX_BODY_SIZE")
     settings = jobs.settings()
     gateway: Gateway = current_app.extensions["gateway"]
     routes: dict[int, list] = {}  # [route, calls] by route object: labels need not be unique
@@ -257,7 +267,7 @@ def index() -> tuple:
     return reply(schemas.Page[schemas.Job], {"data": [jobs.job_json(row) for row in rows], "next_cursor": next_cursor})
 
 
-@bp.get("/jobs/<job_id>")
+@bp.get("/jobs/<id:job_id>")
 @policy("optional")
 @operation("Read a job", {200: JOB}, errors=(404, 410))
 def read(job_id: str) -> tuple:
@@ -267,7 +277,7 @@ def read(job_id: str) -> tuple:
     return reply(schemas.Job, jobs.job_json(job, items=jobs.item_counts(job)), 200, _retry_after(job))
 
 
-@bp.delete("/jobs/<job_id>")
+@bp.delete("/jobs/<id:job_id>")
 @policy("optional")
 @operation("Cancel a job", {200: Reply(schemas.Job, "The job, canceled")}, errors=(404, 409, 410))
 def cancel(job_id: str) -> tuple:
@@ -279,7 +289,7 @@ def cancel(job_id: str) -> tuple:
 UPSTREAM_ANSWER = "A request job: the upstream's response as it was, with its status, headers and body"
 
 
-@bp.get("/jobs/<job_id>/result")
+@bp.get("/jobs/<id:job_id>/result")
 @policy("optional")
 @operation(
     "Read a job's result",

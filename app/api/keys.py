@@ -27,6 +27,7 @@ from app.api.common import (
     page,
     reply,
 )
+from app.api.inputs import ConsumerReference, Scope
 from app.auth import manage
 from app.auth.authenticate import InsufficientScope
 from app.auth.views import current_principal
@@ -42,8 +43,8 @@ MAX_SECONDS = 100 * 365 * 86400
 
 
 class KeyCreate(Schema):
-    consumer: str | None = None  # id or name; only with the admin scope (default: the caller)
-    scopes: list[str] = Field(default_factory=list)
+    consumer: ConsumerReference | None = None  # id or name; only with the admin scope (default: the caller)
+    scopes: list[Scope] = Field(default_factory=list)  # type: ignore[valid-type]
     expires_in: Annotated[float, Field(gt=0, le=MAX_SECONDS)] | None = None  # seconds
 
 
@@ -136,13 +137,13 @@ def index() -> tuple:
     return reply(schemas.Page[schemas.ApiKey], {"data": [manage.key_json(row) for row in rows], "next_cursor": next_cursor})
 
 
-@bp.get("/keys/<key_id>")
+@bp.get("/keys/<id:key_id>")
 @operation("Read an API key", {200: Reply(schemas.ApiKey, "The key (never the key itself)")}, errors=(404,))
 def read(key_id: str) -> tuple:
     return reply(schemas.ApiKey, manage.key_json(_own(key_id)))
 
 
-@bp.delete("/keys/<key_id>")
+@bp.delete("/keys/<id:key_id>")
 @operation("Revoke an API key", {200: Reply(schemas.ApiKey, "The revoked key")}, errors=(403, 404))
 def revoke(key_id: str) -> tuple:
     """Revoke the key (idempotent); every gateway process refuses it within AUTH_CACHE_TTL seconds.
@@ -150,7 +151,7 @@ def revoke(key_id: str) -> tuple:
     return reply(schemas.ApiKey, manage.key_json(manage.revoke_key(_own(key_id, change=True))))
 
 
-@bp.post("/keys/<key_id>/rotate")
+@bp.post("/keys/<id:key_id>/rotate")
 @operation("Rotate an API key", CREATED, body=KeyRotate, errors=(403, 404, 409))
 def rotate(key_id: str) -> tuple:
     """A new key with the same consumer and scopes (201, shown once); the old one stays valid

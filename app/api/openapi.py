@@ -14,6 +14,7 @@ from werkzeug.wrappers import Response
 
 from app.api import schemas
 from app.api.common import Operation, Reply, operation
+from app.api.inputs import ID_LENGTH
 from app.auth.views import policy
 from app.errors import PROBLEM_JSON
 from app.identity import AUTHENTICATED, Policy
@@ -23,7 +24,6 @@ bp = Blueprint("openapi", __name__)
 OPENAPI_VERSION = "3.1.0"
 REF = "#/components/schemas/{model}"
 AUTOMATIC_METHODS = frozenset({"HEAD", "OPTIONS"})  # werkzeug adds them to every GET / every rule
-QUERY_PROBLEMS = frozenset({"limit", "cursor", "status"})  # parameters a handler answers 400 for
 
 HEADERS = {
     "Location": "The URL of the resource",
@@ -34,13 +34,13 @@ HEADERS = {
 
 # Problems every operation may answer, by status: (component name, description, model, headers).
 PROBLEMS: dict[int, tuple[str, str, type[BaseModel], tuple[str, ...]]] = {
-    400: ("BadRequest", "The body is not JSON, or a parameter is invalid", schemas.Problem, ()),
+    400: ("BadRequest", "The body is not JSON, or a parameter is invalid (one with a control character, on any operation)", schemas.Problem, ()),
     401: ("Unauthorized", "Credentials are missing or not valid (RFC 6750)", schemas.Problem, ("WWW-Authenticate",)),
     403: ("Forbidden", "The credential lacks a scope, or may not act for that consumer", schemas.Problem, ()),
     404: ("NotFound", "No such resource, or another consumer's", schemas.Problem, ()),
     409: ("Conflict", "The resource's state does not allow it now", schemas.Problem, ("Retry-After?",)),
     410: ("Gone", "The job's result has expired", schemas.Problem, ()),
-    413: ("ContentTooLarge", "The body exceeds MAX_BODY_SIZE", schemas.Problem, ()),
+    413: ("ContentTooLarge", "The body exceeds API_MAX_BODY_SIZE (POST /jobs: MAX_BODY_SIZE); it was not read", schemas.Problem, ()),
     422: ("UnprocessableContent", "A field is wrong: ``errors`` names each", schemas.ValidationProblem, ()),
     429: ("TooManyRequests", "The caller's rate limit is spent", schemas.Problem, ("Retry-After",)),
     503: (
@@ -86,17 +86,19 @@ def _security(view_policy: Policy) -> list[dict]:
     return [*options, {}] if view_policy.mode == "optional" else options
 
 
-def _problems(op: Operation, view_policy: Policy) -> set[int]:
-    """The problem statuses of ``op``: its own, and those of its policy, body and parameters."""
-    statuses = {*op.errors, 429, 503}
+def _problems(rule: Rule, op: Operation, view_policy: Policy) -> set[int]:
+    """The problem statuses of ``op``: its own, and those of its policy, body and parameters.
+    Every operation may answer 400 (a query parameter with a control character, ``inputs``);
+    one with a body 413 and 422, one with an ``<id:...>`` in its path 404."""
+    statuses = {*op.errors, 400, 429, 503}
     if view_policy.mode != "none":
         statuses.add(401)
     if view_policy.scopes:
         statuses.add(403)
     if op.body is not None:
-        statuses.update((400, 422))
-    if any(param.name in QUERY_PROBLEMS for param in op.params):
-        statuses.add(400)
+        statuses.update((413, 422))
+    if "<id:" in rule.rule:
+        statuses.add(404)
     return statuses
 
 
@@ -129,8 +131,16 @@ def _links(reply: Reply, rules: list[tuple[Rule, str]]) -> dict:
     }
 
 
+def _path_schema(rule: Rule, name: str) -> dict:
+    """A path parameter's schema: an ``<id:...>`` (``inputs.ResourceId``) is at most as long as
+    an id column."""
+    if f"<id:{name}>" in rule.rule:
+        return {"type": "string", "minLength": 1, "maxLength": ID_LENGTH}
+    return {"type": "string"}
+
+
 def _operation(rule: Rule, method: str, op: Operation, view_policy: Policy, refs: dict, rules: list) -> dict:
-    parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in sorted(rule.arguments)]
+    parameters = [{"name": name, "in": "path", "required": True, "schema": _path_schema(rule, name)} for name in sorted(rule.arguments)]
     for param in op.params:
         entry = {"name": param.name, "in": param.where, "required": False, "description": param.description, "schema": param.schema}
         if not param.explode:
@@ -148,7 +158,7 @@ def _operation(rule: Rule, method: str, op: Operation, view_policy: Policy, refs
         if links:
             response["links"] = links
         responses[str(status)] = response
-    for status in sorted(_problems(op, view_policy)):
+    for status in sorted(_problems(rule, op, view_policy)):
         responses[str(status)] = {"$ref": f"#/components/responses/{PROBLEMS[status][0]}"}
     found = {
         "operationId": rule.endpoint,

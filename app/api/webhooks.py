@@ -29,6 +29,7 @@ from app.api.common import (
     status_filter,
     with_status,
 )
+from app.api.inputs import stored_text
 from app.auth.views import current_principal
 from app.extensions import db
 from app.identity import Principal
@@ -50,7 +51,7 @@ def _event_types(values: list[str]) -> list[str]:
 URL = Annotated[str, Field(min_length=1, max_length=2048)]
 EventTypes = Annotated[list[str], Field(max_length=100), AfterValidator(_event_types)]  # [] means every type
 Secret = Annotated[str, AfterValidator(secrets.validate)]  # whsec_ + base64 of 24-64 bytes
-Description = Annotated[str, Field(max_length=500)]
+Description = stored_text(WebhookEndpoint.description, lines=True)
 
 
 class EndpointCreate(Schema):
@@ -132,13 +133,13 @@ def list_endpoints() -> tuple:
     return reply(schemas.Page[schemas.Endpoint], {"data": [webhooks.endpoint_json(row) for row in rows], "next_cursor": next_cursor})
 
 
-@bp.get("/webhooks/endpoints/<endpoint_id>")
+@bp.get("/webhooks/endpoints/<id:endpoint_id>")
 @operation("Read a webhook endpoint", {200: ENDPOINT}, errors=(404,))
 def read_endpoint(endpoint_id: str) -> tuple:
     return reply(schemas.Endpoint, webhooks.endpoint_json(_own(endpoint_id)))
 
 
-@bp.patch("/webhooks/endpoints/<endpoint_id>")
+@bp.patch("/webhooks/endpoints/<id:endpoint_id>")
 @operation("Change a webhook endpoint", {200: ENDPOINT}, body=EndpointUpdate, errors=(404,))
 def update_endpoint(endpoint_id: str) -> tuple:
     """Change ``url``, ``description``, ``event_types`` or ``disabled``. Enabling an endpoint
@@ -158,7 +159,7 @@ def update_endpoint(endpoint_id: str) -> tuple:
     return reply(schemas.Endpoint, webhooks.endpoint_json(endpoint))
 
 
-@bp.delete("/webhooks/endpoints/<endpoint_id>")
+@bp.delete("/webhooks/endpoints/<id:endpoint_id>")
 @operation("Delete a webhook endpoint", {204: Reply(None, "Deleted, with its deliveries and their attempts")}, errors=(404,))
 def delete_endpoint(endpoint_id: str) -> tuple[str, int]:
     """Delete the endpoint with its deliveries and their attempts (204)."""
@@ -173,7 +174,7 @@ def delete_endpoint(endpoint_id: str) -> tuple[str, int]:
     return "", 204
 
 
-@bp.get("/webhooks/endpoints/<endpoint_id>/secret")
+@bp.get("/webhooks/endpoints/<id:endpoint_id>/secret")
 @operation("Read a webhook endpoint's secret", {200: Reply(schemas.EndpointSecret, "The secret")}, errors=(404,))
 def read_secret(endpoint_id: str) -> tuple:
     """``{"secret": "whsec_..."}``: the secret deliveries are signed with now."""
@@ -181,7 +182,7 @@ def read_secret(endpoint_id: str) -> tuple:
     return reply(schemas.EndpointSecret, {"secret": webhooks.box().decrypt(endpoint.secret_encrypted)})
 
 
-@bp.post("/webhooks/endpoints/<endpoint_id>/rotate-secret")
+@bp.post("/webhooks/endpoints/<id:endpoint_id>/rotate-secret")
 @operation(
     "Rotate a webhook endpoint's secret",
     {200: Reply(schemas.RotatedSecret, "The new secret")},
@@ -198,7 +199,7 @@ def rotate_secret(endpoint_id: str) -> tuple:
     return reply(schemas.RotatedSecret, {"secret": plain, "previous_valid_until": rotating_until})
 
 
-@bp.post("/webhooks/endpoints/<endpoint_id>/test")
+@bp.post("/webhooks/endpoints/<id:endpoint_id>/test")
 @operation("Send a test event", {200: Reply(schemas.Attempt, "The attempt, accepted or not")}, errors=(404, 409))
 def test_endpoint(endpoint_id: str) -> tuple:
     """Send a ``webhook.test`` event to the endpoint now and answer with the attempt (200),
@@ -218,7 +219,7 @@ def test_endpoint(endpoint_id: str) -> tuple:
     return reply(schemas.Attempt, delivery.attempt_json(row))
 
 
-@bp.get("/webhooks/endpoints/<endpoint_id>/deliveries")
+@bp.get("/webhooks/endpoints/<id:endpoint_id>/deliveries")
 @operation(
     "List an endpoint's deliveries",
     {200: Reply(schemas.Page[schemas.Delivery], "One page of deliveries")},
@@ -271,13 +272,13 @@ def _own_delivery(delivery_id: str) -> WebhookDelivery:
     return found(row, "webhook delivery", delivery_id)
 
 
-@bp.get("/webhooks/deliveries/<delivery_id>")
+@bp.get("/webhooks/deliveries/<id:delivery_id>")
 @operation("Read a delivery", {200: Reply(schemas.Delivery, "The delivery with its latest attempts")}, errors=(404,))
 def read_delivery(delivery_id: str) -> tuple:
     return reply(schemas.Delivery, _with_attempts([_own_delivery(delivery_id)])[0])
 
 
-@bp.post("/webhooks/deliveries/<delivery_id>/redeliver")
+@bp.post("/webhooks/deliveries/<id:delivery_id>/redeliver")
 @operation(
     "Redeliver a delivery",
     {202: Reply(schemas.Delivery, "The delivery, due now", ("Location",), location="webhooks.read_delivery")},

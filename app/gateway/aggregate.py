@@ -16,7 +16,7 @@ from pydantic import Field, field_validator
 from werkzeug.datastructures import Headers
 
 from app.errors import ProblemError
-from app.gateway.fields import FieldRules
+from app.gateway.fields import FieldRules, parse
 from app.gateway.schema import Method, Strict
 from app.gateway.transform import is_json
 from app.gateway.types import (
@@ -301,6 +301,8 @@ def _call(part: Part, client: GatewayRequest, target: str) -> tuple[object, bool
     if not is_json(response.headers.get("Content-Type")):
         raise PartFailed("the backend's answer is not JSON")
     try:
-        return json.loads(body), shareable
-    except ValueError:
-        raise PartFailed("the backend's answer is not valid JSON") from None
+        # Bounded depth (fields.parse): a part nested near Python's recursion limit would
+        # otherwise parse here and fail as the merged answer is written, a 500.
+        return parse(body), shareable
+    except ValueError as exc:
+        raise PartFailed(f"the backend's answer is not valid JSON ({exc})") from None

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pydantic_core
+
+# Deeper JSON is refused by the parser (pydantic-core's jiter) itself, in Rust: the recursive
+# rules below and json.dumps never meet more levels than this, far under Python's recursion limit.
+MAX_DEPTH = 200
+
 Tree = dict[str, "Tree | None"]  # a dotted path set as a tree; None: the whole subtree
 
 
@@ -47,6 +53,13 @@ def _deny(value: object, tree: Tree) -> object:
         elif tree[key] is not None:
             kept[key] = _deny(item, tree[key])  # type: ignore[arg-type]
     return kept
+
+
+def parse(body: bytes) -> object:
+    """``body`` parsed as JSON text (RFC 8259); raises ValueError, with the reason and where,
+    for text that is not JSON, nests deeper than about MAX_DEPTH levels, or holds a lone
+    surrogate escape (``\ud800``, not Unicode). Never RecursionError, however deep the text."""
+    return pydantic_core.from_json(body)
 
 
 @dataclass(frozen=True)

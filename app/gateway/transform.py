@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 from pydantic import Field, model_validator
 from werkzeug.datastructures import Headers
 
-from app.gateway.fields import FieldRules
+from app.gateway.fields import FieldRules, parse
 from app.gateway.schema import Strict
 from app.gateway.types import (
     GatewayRequest,
@@ -156,9 +156,9 @@ def _filter(req: GatewayRequest, response: GatewayResponse, fields: FieldRules, 
         raise UnfilterableBody("The upstream sent part of a JSON body; this route's field rules need all of it")
     data = _read(response.body, max_body)
     try:
-        value = json.loads(data)
-    except ValueError:
-        raise UnfilterableBody("The upstream's JSON body is not valid JSON; this route's field rules cannot apply") from None
+        value = parse(data)
+    except ValueError as exc:
+        raise UnfilterableBody(f"The upstream's JSON body cannot be read ({exc}); this route's field rules cannot apply") from None
     body = json.dumps(fields.apply(value), separators=(",", ":")).encode()
     headers["Content-Length"] = str(len(body))
     response.body = [body]

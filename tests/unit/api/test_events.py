@@ -193,7 +193,7 @@ def test_invalid_fields_are_422s_naming_the_field(app, client, alice, fanned_out
 def test_a_body_that_is_not_json_is_a_400(app, client, alice):
     response = client.post(EVENTS, data=b'{"type": "a.b", ', content_type="application/json", headers=alice)
 
-    assert problem(response, 400)["detail"] == "The request body is not valid JSON"
+    assert problem(response, 400)["detail"] == "The request body is not valid JSON: EOF while parsing a value at line 1 column 16"
     assert message_count(app) == 0
 
 

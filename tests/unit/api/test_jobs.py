@@ -131,7 +131,7 @@ def test_malformed_json_is_a_400(app, client):
 
     assert response.status_code == 400
     assert response.headers["Content-Type"] == "application/problem+json"
-    assert response.json["detail"] == "The request body is not valid JSON"
+    assert response.json["detail"].startswith("The request body is not valid JSON: EOF while parsing")
     assert job_count(app) == 0
 
 

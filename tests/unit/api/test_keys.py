@@ -266,7 +266,7 @@ def test_malformed_json_is_a_400(client, admin):
     )
 
     assert response.status_code == 400
-    assert response.json["detail"] == "The request body is not valid JSON"
+    assert response.json["detail"].startswith("The request body is not valid JSON: EOF while parsing")
 
 
 def test_a_body_that_is_not_an_object_is_a_422(client, admin):

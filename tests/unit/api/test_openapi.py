@@ -147,10 +147,10 @@ def test_error_responses_are_problem_json_with_the_statuses_the_handlers_raise(c
     def statuses(path: str, method: str) -> set[str]:
         return set(paths[path][method]["responses"])
 
-    assert statuses("/_gateway/consumers", "post") == {"201", "400", "401", "403", "409", "422", "429", "503"}
-    assert statuses("/_gateway/jobs/{job_id}", "delete") == {"200", "401", "404", "409", "410", "429", "503"}
+    assert statuses("/_gateway/consumers", "post") == {"201", "400", "401", "403", "409", "413", "422", "429", "503"}
+    assert statuses("/_gateway/jobs/{job_id}", "delete") == {"200", "400", "401", "404", "409", "410", "429", "503"}
     assert statuses("/_gateway/keys", "get") == {"200", "400", "401", "429", "503"}
-    assert statuses("/_gateway/openapi.json", "get") == {"200", "429", "503"}
+    assert statuses("/_gateway/openapi.json", "get") == {"200", "400", "429", "503"}
     unprocessable = document["components"]["responses"]["UnprocessableContent"]
     assert list(unprocessable["content"]) == ["application/problem+json"]
     assert unprocessable["content"]["application/problem+json"]["schema"] == {"$ref": "#/components/schemas/ValidationProblem"}
@@ -192,3 +192,17 @@ def test_a_lifetime_beyond_a_hundred_years_is_a_422_not_an_overflow(client, admi
     # Found by schemathesis: timedelta(seconds=...) overflowed into a 500.
     key = client.post(f"{PREFIX}/keys", json={}, headers=admin).json["id"]
     problem(client.post(PREFIX + url.format(key=key), json=payload, headers=admin), 422, field)
+
+
+def test_an_id_in_a_path_is_documented_as_long_as_its_column_at_most(client):
+    from app.models import Consumer, Job
+
+    paths = served(client)["paths"]
+
+    (consumer,) = paths["/_gateway/consumers/{consumer_id}"]["get"]["parameters"]
+    assert consumer["schema"] == {"type": "string", "minLength": 1, "maxLength": Consumer.id.type.length}
+    job = paths["/_gateway/jobs/{job_id}/result"]["get"]
+    assert job["parameters"][0]["schema"]["maxLength"] == Job.id.type.length
+    assert "404" in job["responses"]
+    (name,) = paths["/_gateway/admin/upstreams/{name}"]["get"]["parameters"]
+    assert name["schema"] == {"type": "string"}  # an upstream's name, not a row's id

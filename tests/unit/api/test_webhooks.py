@@ -382,7 +382,7 @@ def test_a_body_that_is_not_json_is_a_400(client, alice):
     response = client.post(ENDPOINTS, data=b'{"url": ', content_type="application/json", headers=alice)
 
     body = problem(response, 400)
-    assert body["detail"] == "The request body is not valid JSON"
+    assert body["detail"] == "The request body is not valid JSON: EOF while parsing a value at line 1 column 8"
 
 
 def test_an_endpoint_may_be_created_disabled(client, alice, receiver):
