@@ -24,6 +24,7 @@ from werkzeug.routing import MapAdapter
 from app.errors import ProblemError, database_errors, problem_type
 from app.extensions import db
 from app.gateway.idempotency import IdempotencyKeyReused, valid_key
+from app.gateway.router import AmbiguousPath
 from app.gateway.types import GatewayRequest, GatewayResponse
 from app.identity import Principal
 from app.jobs.calls import Call, call_from_request, principal_json
@@ -330,7 +331,11 @@ def accept(app: Flask, req: GatewayRequest) -> GatewayResponse:
     """The handler of a ``mode: async`` route, registered as ``app.extensions["job_submit"]``:
     the request becomes a job (202), and a worker makes the upstream call. The proxy calls it
     outside any Flask context: it enters ``app``'s for the database. Raises IdempotencyMismatch
-    (422), or DatabaseUnavailable (503 ``database-unavailable``) when the job cannot be written."""
+    (422), AmbiguousPath (400) for a NUL in the path, which the job row cannot store (even on a
+    route that allows ambiguous paths), or DatabaseUnavailable (503 ``database-unavailable``)
+    when the job cannot be written."""
+    if "\x00" in req.path:
+        raise AmbiguousPath("The path contains NUL (%00), which a job cannot store.")
     call = call_from_request(req)
     client = {"addr": req.client_addr, "scheme": req.scheme, "host": req.host}
     key = idempotency_key(req.headers.get("Idempotency-Key"))

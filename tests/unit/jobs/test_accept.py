@@ -280,3 +280,18 @@ def test_a_postgres_database_that_refuses_or_never_answers_is_a_503_within_the_c
     assert response.status_code == 503
     assert response.json["type"] == "/_gateway/problems/database-unavailable"
     assert elapsed < 2 + 1.5
+
+
+@pytest.mark.parametrize("database", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_nul_in_the_path_is_a_400_and_makes_no_job_even_where_ambiguous_paths_are_allowed(request, jobs_app, upstream, database):
+    # The async route allows ambiguous paths; a job row still cannot store a NUL (PostgreSQL text).
+    config = {} if database == "sqlite" else {"SQLALCHEMY_DATABASE_URI": request.getfixturevalue("postgres_database")}
+    app = jobs_app(**config)
+
+    response = app.test_client().post("/async/a%00b")
+
+    assert response.status_code == 400
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert response.json["type"].endswith("/ambiguous-path")
+    assert "NUL" in response.json["detail"]
+    assert job_count(app) == 0
