@@ -27,14 +27,14 @@ class Invalid(ValueError):
 
 
 def check_name(name: str) -> str:
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise Invalid(f"name {name!r} must be 1-200 letters, digits, '.', '_', '@' or '-', starting with a letter or digit")
     return name
 
 
 def check_scopes(scopes: list[str]) -> list[str]:
     for scope in scopes:
-        if not SCOPE.match(scope):
+        if not SCOPE.fullmatch(scope):
             raise Invalid(f"scope {scope!r} must be letters, digits and ':._/-', starting with a letter or digit")
     return sorted(set(scopes))
 

@@ -35,11 +35,13 @@ def test_consumers_create_refuses_a_taken_name(cli):
     assert again.stdout == ""
 
 
-def test_consumers_create_refuses_a_bad_name(cli):
-    result = cli("consumers", "create", "has space")
+@pytest.mark.parametrize("name", ["has space", "acme\n"], ids=["space", "final-line-break"])
+def test_consumers_create_refuses_a_bad_name(cli, name):
+    result = cli("consumers", "create", name)
 
     assert result.exit_code != 0
-    assert "name 'has space' must be" in result.stderr
+    assert f"name {name!r} must be" in result.stderr
+    assert "acme" not in cli("consumers", "list").stdout
 
 
 def test_keys_create_prints_only_the_key_on_stdout_and_the_key_works(cli, client, upstream):
