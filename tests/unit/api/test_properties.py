@@ -57,6 +57,10 @@ routes:
   - path: /async
     upstream: stub
     mode: async
+  - path: /loose
+    upstream: stub
+    mode: async
+    allow_ambiguous_paths: true
   - path: /filtered
     upstream: stub
     response_body: {{deny: [secret, nested.secret], rename: {{kept: shown}}}}
@@ -377,7 +381,7 @@ def test_no_operation_of_the_document_answers_a_5xx_for_generated_input(gateway,
 
 # -- every kind of route -----------------------------------------------------------------------------
 
-ROUTE_KINDS = ["/plain", "/members", "/cached", "/async", "/filtered", "/agg"]
+ROUTE_KINDS = ["/plain", "/members", "/cached", "/async", "/loose", "/filtered", "/agg"]
 
 
 @st.composite
