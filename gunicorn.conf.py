@@ -14,7 +14,7 @@ else:
     _own_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="frontdoor-metrics-web-")
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
-worker_class = "gthread"
+worker_class = "app.server.GatewayWorker"  # gthread, reading requests in its loop under client deadlines
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 threads = int(os.environ.get("WEB_THREADS", "8"))
 # Heroku's router gives a request 30 s; a worker that overruns is recycled after this.
