@@ -29,6 +29,7 @@ from app.errors import PROBLEM_JSON, ProblemError, problem_document
 from app.gateway.body import ClientBody
 from app.gateway.request_id import HEADER, accept_or_generate
 from app.gateway.router import has_dot_segment, refuse_ambiguous
+from app.gateway.schema import METHODS
 from app.gateway.types import GatewayRequest, GatewayResponse
 from app.observability import tracing
 from app.observability.logging import request_done, work_request_id
@@ -50,16 +51,36 @@ class Entry:
     """The process's WSGI entry: the gateway's own paths (``API_PREFIX``, /healthz, /readyz,
     /metrics, and everything below them) go to ``own``, the Flask app; every other path to
     ``proxy``. It takes the running Gateway for the request (``environ[GATEWAY]``), so that a
-    reload swapping another in meanwhile does not change it halfway."""
+    reload swapping another in meanwhile does not change it halfway. Before that it answers
+    what no path owns: ``OPTIONS *``, and an HTTP/1.1 request without ``Host`` (400)."""
 
     def __init__(self, control, own: WSGIApp, proxy: WSGIApp):
         self.control, self.own, self.proxy = control, own, proxy
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if "HTTP_HOST" not in environ and environ.get("SERVER_PROTOCOL") == "HTTP/1.1":
+            return answer_server(environ, start_response, 400, "An HTTP/1.1 request must have a Host field (RFC 9112 section 3.2)")
+        if environ.get("PATH_INFO") == "*":  # gunicorn takes "*" with OPTIONS only
+            return answer_server(environ, start_response, 200)
         environ[GATEWAY] = gateway = self.control.current()
         if gateway.is_reserved(request_path(environ)):
             return self.own(environ, start_response)
         return self.proxy(environ, start_response)
+
+
+def answer_server(environ: dict, start_response: Callable, status: int, detail: str = "") -> Iterable[bytes]:
+    """Answer a request about the server rather than a resource: ``OPTIONS *`` (RFC 9110
+    section 9.3.7: 200 with the methods the gateway serves in ``Allow``), or a request that is
+    not one (``status`` 4xx: problem+json, RFC 9457, ``detail`` saying what is wrong)."""
+    request_id = accept_or_generate(environ.get("HTTP_X_REQUEST_ID"))
+    title = HTTP_STATUS_CODES[status]
+    if status == 200:
+        fields, body = [("Allow", ", ".join(METHODS)), ("Content-Length", "0")], b""
+    else:
+        body = problem_document(status, title, detail, "about:blank", request_id)
+        fields = [("Content-Type", PROBLEM_JSON), ("Content-Length", str(len(body)))]
+    start_response(f"{status} {title.upper()}", [*fields, (HEADER, request_id)])
+    return [body]
 
 
 class ProxyApp:
