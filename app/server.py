@@ -287,14 +287,18 @@ class GatewayWorker(ThreadWorker):
     HTTP/2 terminated by gunicorn itself are served as gthread serves them."""
 
     def init_process(self) -> None:
-        self.limits = ClientLimits.from_environ(os.environ)
+        self.prepare(ClientLimits.from_environ(os.environ))
+        super().init_process()  # makes the poller and the threads, then runs the loop
+
+    def prepare(self, limits: ClientLimits) -> None:
+        """Set up what the loop keeps, for ``limits``."""
+        self.limits = limits
         self.in_loop = not self.cfg.is_ssl and "h2" not in self.cfg.http_protocols
         line_limit = self.cfg.limit_request_line
         self.line_limit = 8190 if line_limit < 0 or line_limit > 8190 else line_limit  # as gunicorn's Request
         self.deadlines: list[tuple[float, int, int, ClientConn]] = []  # a heap: deadline, order, token, connection
         self.order = itertools.count()
         self.stopping = False
-        super().init_process()
 
     # Connections in the loop
 
