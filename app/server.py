@@ -109,7 +109,7 @@ class Progress(Enum):
     HEAD = "head"  # the header section is not complete
     BODY = "body"  # the header section is; the Content-Length body is not yet
     READY = "ready"  # a request thread can take it without waiting on the client
-    TOO_LARGE = "too-large"  # no end of the header section within MAX_HEAD_SIZE bytes
+    TOO_LARGE = "too-large"  # the header section is longer than MAX_HEAD_SIZE bytes
 
 
 def progress(buffer: bytes | bytearray, body_buffer_size: int, line_limit: int) -> Progress:
@@ -123,9 +123,9 @@ def progress(buffer: bytes | bytearray, body_buffer_size: int, line_limit: int) 
     ``line_limit`` bytes, a Content-Length that is not one number). Bytes after the request
     (a pipelined next one) are left alone.
     """
-    end = buffer.find(b"\r\n\r\n")
+    end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_SIZE + 4)
     if end < 0:
-        if len(buffer) > MAX_HEAD_SIZE:
+        if len(buffer) > MAX_HEAD_SIZE + 4:
             return Progress.TOO_LARGE
         if buffer.count(b"\n") != buffer.count(b"\r\n"):
             return Progress.READY  # RFC 9112 section 2.2: a bare LF; gunicorn answers 400

@@ -96,6 +96,8 @@ def post(body: bytes, length: int | None = None, extra: bytes = b"") -> bytes:
         (b"GET /x HTTP/1.1\nHost: h", Progress.READY),  # a bare LF: gunicorn's 400 at once
         (b"GET /" + b"a" * 5000, Progress.READY),  # a request line over 4094 bytes: gunicorn's 414
         (b"GET /x HTTP/1.1\r\nX-Big: " + b"a" * MAX_HEAD_SIZE, Progress.TOO_LARGE),
+        (b"GET /x HTTP/1.1\r\nX-Big: " + b"a" * MAX_HEAD_SIZE + b"\r\n\r\n", Progress.TOO_LARGE),
+        (b"GET /x HTTP/1.1\r\nX: " + b"a" * (MAX_HEAD_SIZE - 22) + b"\r\n\r\n", Progress.READY),
     ],
 )
 def test_a_request_is_ready_for_a_thread_once_nothing_more_need_be_waited_for(buffer, expected):
