@@ -18,12 +18,12 @@ parse, a malformed chunked body) is ``application/problem+json`` (RFC 9457), lik
 from __future__ import annotations
 
 import errno
-import heapq
-import itertools
 import os
 import selectors
 import socket
+import struct
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -237,7 +237,7 @@ class ClientInput:
     def _call(self, method, size):
         try:
             return method(size)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # ClientConn's SO_RCVTIMEO: EAGAIN
             self.req.force_close()
             raise BodyTimeout(f"No byte of the request body arrived for {self.timeout:g} s (the client body timeout)") from None
         except NoMoreData:
@@ -258,26 +258,33 @@ class Phase(Enum):
 
 
 class ClientConn(TConn):
-    """A client connection: gthread's, plus the bytes the loop read of its next request and
-    where it is (``phase``, ``deadline``: ``time.monotonic()`` seconds)."""
+    """A client connection: gthread's, plus the bytes the loop read of its next request, where
+    it is (``phase``) and its place in the worker's deadline queues (``entry``)."""
 
     def __init__(self, cfg, sock, client, server, read_timeout: float):
         super().__init__(cfg, sock, client, server)
         self.read_timeout = read_timeout
         self.buffer = bytearray()
         self.phase = Phase.HEAD
-        self.deadline = 0.0
-        self.held = False  # in the loop (the poller and the deadlines), not in a thread
-        self.token = 0  # which of its entries in the worker's deadline heap is current
+        self.entry: list | None = None  # [deadline, self] in a queue of GatewayWorker.waiting
+        self.held = False  # in the loop's poller, not in a thread
         self.data_ready = True  # a thread only gets it with a request in the buffer
+        self.on_readable = None  # the poller's callback, made once
 
     def init(self) -> None:
         """In a request thread, before the request is parsed: the parser starts from the
         bytes the loop read, and each later read or write waits at most ``read_timeout``."""
-        super().init()
-        self.sock.settimeout(self.read_timeout)
+        if not self.initialized:
+            super().init()
+            # The kernel's timeouts (SO_RCVTIMEO, SO_SNDTIMEO: a read or write that waits
+            # longer fails with EAGAIN), not Python's: with socket.settimeout() every recv()
+            # and send() first polls the socket, a system call more for each.
+            whole = int(self.read_timeout)
+            timeval = struct.pack("ll", whole, int((self.read_timeout - whole) * 1_000_000))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         if self.buffer:
-            self.parser.unreader.unread(bytes(self.buffer))
+            self.parser.unreader.unread(self.buffer)
             self.buffer.clear()
 
 
@@ -296,8 +303,10 @@ class GatewayWorker(ThreadWorker):
         self.in_loop = not self.cfg.is_ssl and "h2" not in self.cfg.http_protocols
         line_limit = self.cfg.limit_request_line
         self.line_limit = 8190 if line_limit < 0 or line_limit > 8190 else line_limit  # as gunicorn's Request
-        self.deadlines: list[tuple[float, int, int, ClientConn]] = []  # a heap: deadline, order, token, connection
-        self.order = itertools.count()
+        # The connections held, by phase, in deadline order: every entry of a queue is made
+        # with the same timeout from the time it joins, so the earliest is at the front and
+        # a deadline costs O(1). An entry whose connection moved on has it set to None.
+        self.waiting: dict[Phase, deque[list]] = {phase: deque() for phase in Phase}
         self.stopping = False
 
     # Connections in the loop
@@ -312,31 +321,41 @@ class GatewayWorker(ThreadWorker):
             if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
                 raise
             return
+        self.take(sock, addr, listener.getsockname())
+
+    def take(self, sock: socket.socket, addr, server) -> ClientConn:
+        """Hold a new connection until its first request has arrived (the header timeout)."""
         self.nr_conns += 1
-        conn = ClientConn(self.cfg, sock, addr, listener.getsockname(), self.limits.body_timeout)
+        conn = ClientConn(self.cfg, sock, addr, server, self.limits.body_timeout)
+        conn.on_readable = partial(self.on_readable, conn)
         self.hold(conn, Phase.HEAD, time.monotonic() + self.limits.header_timeout)
+        return conn
 
     def hold(self, conn: ClientConn, phase: Phase, deadline: float) -> None:
         """Keep ``conn`` in the loop in ``phase`` until ``deadline``; bytes already buffered
         (a pipelined request) are looked at now, not when the socket is next readable."""
-        conn.phase = phase
-        self.schedule(conn, deadline)
+        self.wait(conn, phase, deadline)
         if not conn.held:
             conn.held = True
-            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_readable, conn))
+            self.poller.register(conn.sock, selectors.EVENT_READ, conn.on_readable)
         if conn.buffer:
             self.advance(conn)
 
-    def schedule(self, conn: ClientConn, deadline: float) -> None:
-        """Set ``conn``'s deadline; its earlier entries in the heap no longer count. (A body's
-        deadline, which moves with every read, is only updated on the connection: its entry,
-        when it comes up early, is put back for the new time.)"""
-        conn.deadline = deadline
-        conn.token += 1
-        heapq.heappush(self.deadlines, (deadline, next(self.order), conn.token, conn))
+    def wait(self, conn: ClientConn, phase: Phase, deadline: float) -> None:
+        """``conn`` is in ``phase`` until ``deadline`` (``time.monotonic()`` seconds), its
+        earlier deadline forgotten. ``deadline`` is never before those already in the phase's
+        queue: each phase has one timeout."""
+        if conn.entry is not None:
+            conn.entry[1] = None
+        conn.phase = phase
+        conn.entry = [deadline, conn]
+        self.waiting[phase].append(conn.entry)
 
     def release(self, conn: ClientConn) -> None:
         """Take ``conn`` out of the loop (to a thread, or to be closed)."""
+        if conn.entry is not None:
+            conn.entry[1] = None
+            conn.entry = None
         if conn.held:
             conn.held = False
             self.poller.unregister(conn.sock)
@@ -354,22 +373,26 @@ class GatewayWorker(ThreadWorker):
             return
         if conn.phase is Phase.CLOSING:
             return  # drained and dropped
-        if conn.phase is Phase.IDLE:
-            conn.phase = Phase.HEAD  # a new request begins: the header timeout from now
-            self.schedule(conn, time.monotonic() + self.limits.header_timeout)
         conn.buffer += data
+        if conn.phase is Phase.IDLE:  # a new request begins: the header timeout from now
+            conn.phase = Phase.HEAD
+            if self.advance(conn) is Progress.HEAD:
+                self.wait(conn, Phase.HEAD, time.monotonic() + self.limits.header_timeout)
+            return
         self.advance(conn)
 
-    def advance(self, conn: ClientConn) -> None:
+    def advance(self, conn: ClientConn) -> Progress:
+        """Hand ``conn`` to a thread if its request is in, else keep waiting for it (431 if
+        its header section is too large); return how far it has come."""
         state = progress(conn.buffer, self.limits.body_buffer_size, self.line_limit)
         if state is Progress.READY:
             self.release(conn)
             self.enqueue_req(conn)
-        elif state is Progress.BODY:
-            conn.phase = Phase.BODY  # the deadline moves with every read (client_body_timeout)
-            conn.deadline = time.monotonic() + self.limits.body_timeout
+        elif state is Progress.BODY:  # the deadline moves with every read (client_body_timeout)
+            self.wait(conn, Phase.BODY, time.monotonic() + self.limits.body_timeout)
         elif state is Progress.TOO_LARGE:
             self.refuse(conn, 431, f"The request line and header fields exceed {MAX_HEAD_SIZE} bytes")
+        return state
 
     def refuse(self, conn: ClientConn, status: int, detail: str) -> None:
         """Answer ``status`` (problem+json) from the loop and close: the answer is small enough
@@ -404,26 +427,28 @@ class GatewayWorker(ThreadWorker):
         """Close or answer the connections whose deadline has passed: an idle or silent one
         is closed; one partway through a request is answered 408 (RFC 9110 section 15.5.9)."""
         now = time.monotonic()
-        while self.deadlines and self.deadlines[0][0] <= now:
-            _, _, token, conn = heapq.heappop(self.deadlines)
-            if not conn.held or token != conn.token:
-                continue  # in a thread, closed, or rescheduled since
-            if conn.deadline > now:
-                heapq.heappush(self.deadlines, (conn.deadline, next(self.order), token, conn))
-            elif conn.phase is Phase.HEAD and conn.buffer:
-                self.refuse(conn, 408, f"The request line and header fields did not arrive within {self.limits.header_timeout:g} s (the client header timeout)")
-            elif conn.phase is Phase.BODY:
-                self.refuse(conn, 408, f"No byte of the request body arrived for {self.limits.body_timeout:g} s (the client body timeout)")
-            else:
-                self.close(conn)
+        for queue in self.waiting.values():
+            while queue and (queue[0][1] is None or queue[0][0] <= now):
+                conn = queue.popleft()[1]
+                if conn is None:
+                    continue  # moved on
+                conn.entry = None
+                if conn.phase is Phase.HEAD and conn.buffer:
+                    self.refuse(conn, 408, f"The request line and header fields did not arrive within {self.limits.header_timeout:g} s (the client header timeout)")
+                elif conn.phase is Phase.BODY:
+                    self.refuse(conn, 408, f"No byte of the request body arrived for {self.limits.body_timeout:g} s (the client body timeout)")
+                else:
+                    self.close(conn)
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
         """gthread's loop step, woken in time for the next deadline, which it then enforces."""
         if not self.alive and not self.stopping:
             self.stopping = True
             self.stop_idle()
-        if self.deadlines:
-            timeout = min(timeout, max(self.deadlines[0][0] - time.monotonic(), 0.0))
+        now = time.monotonic()
+        for queue in self.waiting.values():
+            if queue:
+                timeout = min(timeout, max(queue[0][0] - now, 0.0))
         super().wait_for_and_dispatch_events(timeout)
         self.expire()
 
@@ -431,10 +456,12 @@ class GatewayWorker(ThreadWorker):
         """The worker is stopping: connections with no request on the way are closed within
         STOP_KEEPALIVE_LINGER seconds (a request arriving meanwhile is still answered)."""
         deadline = time.monotonic() + STOP_KEEPALIVE_LINGER
-        idle = {conn for _, _, _, conn in self.deadlines if conn.held and conn.phase in (Phase.IDLE, Phase.HEAD) and not conn.buffer}
-        for conn in idle:
-            if conn.deadline > deadline:
-                self.schedule(conn, deadline)
+        for phase in (Phase.IDLE, Phase.HEAD):
+            for entry in self.waiting[phase]:
+                # Lowering some HEAD entries can leave one behind a later one: it is then closed
+                # when that one is, within the graceful timeout all the same.
+                if entry[1] is not None and not entry[1].buffer:
+                    entry[0] = min(entry[0], deadline)
 
     # Back from a thread
 

@@ -223,10 +223,7 @@ class Loop:
         client, server = socket.socketpair()
         self.clients.append(client)
         self.servers.append(server)
-        conn = ClientConn(self.worker.cfg, server, ("127.0.0.1", 1), ("127.0.0.1", 2), self.worker.limits.body_timeout)
-        self.worker.nr_conns += 1
-        self.worker.hold(conn, conn.phase, time.monotonic() + self.worker.limits.header_timeout)
-        return client, conn
+        return client, self.worker.take(server, ("127.0.0.1", 1), ("127.0.0.1", 2))
 
     def turn(self, seconds: float = 0.05) -> None:
         deadline = time.monotonic() + seconds
