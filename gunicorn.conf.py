@@ -60,13 +60,16 @@ forwarded_allow_ips = ""
 
 
 def on_starting(server):
-    """Validate the route file in the master, so a bad file stops the process with one clear line."""
+    """Validate the route file and the client limits (app.server.ClientLimits) in the master,
+    so a bad file or value stops the process with one clear line."""
     from app.gateway import routefile
+    from app.server import ClientLimits
 
     path = os.environ.get("GATEWAY_CONFIG", "gateway.yaml")
     try:
         routefile.load(path, api_prefix=os.environ.get("GATEWAY_API_PREFIX", "/_gateway"))
-    except routefile.RouteFileError as exc:
+        ClientLimits.from_environ(os.environ)
+    except (routefile.RouteFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
 
