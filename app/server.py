@@ -18,6 +18,7 @@ parse, a malformed chunked body) is ``application/problem+json`` (RFC 9457), lik
 from __future__ import annotations
 
 import errno
+import math
 import os
 import selectors
 import socket
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from enum import Enum
 from functools import partial
 
+from gunicorn.http.body import ChunkedReader, LengthReader
 from gunicorn.http.errors import (
     ConfigurationProblem,
     ExpectationFailed,
@@ -248,6 +250,18 @@ class ClientInput:
             raise MalformedBody(f"The chunked request body is malformed (RFC 9112 section 7.1): {exc}") from None
 
 
+def body_read(body) -> bool:
+    """Whether the app read gunicorn's request ``body`` (gunicorn.http.body.Body) to its end:
+    its Content-Length is used up, or its last chunk and trailers are parsed, and reading
+    did not fail."""
+    if body.failed:
+        return False
+    reader = body.reader
+    if isinstance(reader, LengthReader):
+        return reader.length == 0
+    return isinstance(reader, ChunkedReader) and reader.parser is None
+
+
 class Phase(Enum):
     """Where a connection held by the loop is."""
 
@@ -307,6 +321,7 @@ class GatewayWorker(ThreadWorker):
         # with the same timeout from the time it joins, so the earliest is at the front and
         # a deadline costs O(1). An entry whose connection moved on has it set to None.
         self.waiting: dict[Phase, deque[list]] = {phase: deque() for phase in Phase}
+        self.next_deadline = math.inf  # the earliest at the front of a queue, or earlier
         self.stopping = False
 
     # Connections in the loop
@@ -350,6 +365,7 @@ class GatewayWorker(ThreadWorker):
         conn.phase = phase
         conn.entry = [deadline, conn]
         self.waiting[phase].append(conn.entry)
+        self.next_deadline = min(self.next_deadline, deadline)
 
     def release(self, conn: ClientConn) -> None:
         """Take ``conn`` out of the loop (to a thread, or to be closed)."""
@@ -427,6 +443,7 @@ class GatewayWorker(ThreadWorker):
         """Close or answer the connections whose deadline has passed: an idle or silent one
         is closed; one partway through a request is answered 408 (RFC 9110 section 15.5.9)."""
         now = time.monotonic()
+        self.next_deadline = math.inf
         for queue in self.waiting.values():
             while queue and (queue[0][1] is None or queue[0][0] <= now):
                 conn = queue.popleft()[1]
@@ -439,18 +456,18 @@ class GatewayWorker(ThreadWorker):
                     self.refuse(conn, 408, f"No byte of the request body arrived for {self.limits.body_timeout:g} s (the client body timeout)")
                 else:
                     self.close(conn)
+            if queue and queue[0][0] < self.next_deadline:
+                self.next_deadline = queue[0][0]
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
         """gthread's loop step, woken in time for the next deadline, which it then enforces."""
         if not self.alive and not self.stopping:
             self.stopping = True
             self.stop_idle()
-        now = time.monotonic()
-        for queue in self.waiting.values():
-            if queue:
-                timeout = min(timeout, max(queue[0][0] - now, 0.0))
+        timeout = min(timeout, max(self.next_deadline - time.monotonic(), 0.0))
         super().wait_for_and_dispatch_events(timeout)
-        self.expire()
+        if time.monotonic() >= self.next_deadline:
+            self.expire()
 
     def stop_idle(self) -> None:
         """The worker is stopping: connections with no request on the way are closed within
@@ -462,6 +479,7 @@ class GatewayWorker(ThreadWorker):
                 # when that one is, within the graceful timeout all the same.
                 if entry[1] is not None and not entry[1].buffer:
                     entry[0] = min(entry[0], deadline)
+        self.next_deadline = min(self.next_deadline, deadline)
 
     # Back from a thread
 
@@ -505,6 +523,8 @@ class GatewayWorker(ThreadWorker):
             return False
         if not isinstance(conn, ClientConn):
             return super()._keepalive_after(conn, keepalive)
+        if body_read(conn.parser.mesg.body.body):
+            return True  # the common case: no system call, which would let go of the GIL
         conn.sock.setblocking(False)
         try:
             return bool(conn.parser.finish_body(max_bytes=DRAIN_SIZE))
