@@ -3,12 +3,14 @@
 gunicorn's gthread worker hands a connection to a request thread as soon as it has a byte to
 read; the thread then waits, without a deadline, for the rest of the request line, the header
 fields and the body. A few dozen clients that send slowly hold every thread, and the process
-stops answering anyone (/healthz included). ``GatewayWorker`` reads a request the way nginx
-does before it passes one on: in the worker's non-blocking selector loop, which holds any
-number of connections at the cost of a buffer each, under two deadlines
-(``client_header_timeout`` and ``client_body_timeout``, see ``ClientLimits``). Only a request
-whose header section, and whose body when it has a Content-Length of at most
-``body_buffer_size`` bytes, are in memory is handed to a thread. A client that misses a
+stops answering anyone (/healthz included). ``GatewayWorker`` never lets a thread wait for a
+client. A thread takes a connection that has become readable and reads what is there without
+waiting, as gthread would; when that is not a whole request, the connection goes back to the
+worker's non-blocking selector loop, which holds any number of connections at the cost of a
+buffer each, reads the rest as it comes, the way nginx does before it passes a request on,
+under two deadlines (``client_header_timeout`` and ``client_body_timeout``, see
+``ClientLimits``), and hands it to a thread again once its header section, and its body when
+it has a Content-Length of at most ``body_buffer_size`` bytes, are in memory. A client that misses a
 deadline is answered 408 and closed by the loop; a larger or chunked body is read by the
 thread, each read within the body timeout, and a miss is answered 408 from there.
 
@@ -262,6 +264,9 @@ def body_read(body) -> bool:
     return isinstance(reader, ChunkedReader) and reader.parser is None
 
 
+GONE = object()  # read_first: the client closed the connection
+
+
 class Phase(Enum):
     """Where a connection held by the loop is."""
 
@@ -282,8 +287,12 @@ class ClientConn(TConn):
         self.phase = Phase.HEAD
         self.entry: list | None = None  # [deadline, self] in a queue of GatewayWorker.waiting
         self.held = False  # in the loop's poller, not in a thread
-        self.data_ready = True  # a thread only gets it with a request in the buffer
+        self.data_ready = True  # a thread only gets it with bytes to read or a request in the buffer
         self.on_readable = None  # the poller's callback, made once
+        # A thread takes a connection that has become readable with nothing of a request read
+        # yet; it reads what is there without waiting (``GatewayWorker.read_first``).
+        self.to_read = False
+        self.head_deadline = 0.0  # when the header section is due (time.monotonic() seconds)
 
     def init(self) -> None:
         """In a request thread, before the request is parsed: the parser starts from the
@@ -343,7 +352,8 @@ class GatewayWorker(ThreadWorker):
         self.nr_conns += 1
         conn = ClientConn(self.cfg, sock, addr, server, self.limits.body_timeout)
         conn.on_readable = partial(self.on_readable, conn)
-        self.hold(conn, Phase.HEAD, time.monotonic() + self.limits.header_timeout)
+        conn.head_deadline = time.monotonic() + self.limits.header_timeout
+        self.hold(conn, Phase.HEAD, conn.head_deadline)
         return conn
 
     def hold(self, conn: ClientConn, phase: Phase, deadline: float) -> None:
@@ -377,7 +387,16 @@ class GatewayWorker(ThreadWorker):
             self.poller.unregister(conn.sock)
 
     def on_readable(self, conn: ClientConn, _sock=None) -> None:
-        """The selector's callback: read what the client sent and see how far it has come."""
+        """The selector's callback. The first bytes of a request are read by a thread, as
+        gthread's are: a request that arrives whole, the common case, costs the loop no more
+        than under gthread. The rest of one that did not is read here, as it comes."""
+        if not conn.buffer and conn.phase in (Phase.IDLE, Phase.HEAD):
+            if conn.phase is Phase.IDLE:  # a new request begins: the header timeout from now
+                conn.head_deadline = time.monotonic() + self.limits.header_timeout
+            conn.to_read = True
+            self.release(conn)
+            self.enqueue_req(conn)
+            return
         try:
             data = conn.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -390,11 +409,6 @@ class GatewayWorker(ThreadWorker):
         if conn.phase is Phase.CLOSING:
             return  # drained and dropped
         conn.buffer += data
-        if conn.phase is Phase.IDLE:  # a new request begins: the header timeout from now
-            conn.phase = Phase.HEAD
-            if self.advance(conn) is Progress.HEAD:
-                self.wait(conn, Phase.HEAD, time.monotonic() + self.limits.header_timeout)
-            return
         self.advance(conn)
 
     def advance(self, conn: ClientConn) -> Progress:
@@ -490,9 +504,16 @@ class GatewayWorker(ThreadWorker):
         if not isinstance(conn, ClientConn):
             return super().finish_request(conn, fs)
         try:
-            keepalive = bool(fs.result()) if not fs.cancelled() else False
+            result = fs.result() if not fs.cancelled() else False
         except Exception:  # noqa: BLE001 - as gthread's: a thread that raised leaves a connection to close
-            keepalive = False
+            result = False
+        if isinstance(result, Progress):  # read_first: the request has not all arrived
+            self.resume(conn, result)
+            return
+        if result is GONE:
+            self.close(conn)
+            return
+        keepalive = bool(result)
         if not keepalive or conn.parser is None:
             self.linger(conn)
             return
@@ -506,7 +527,39 @@ class GatewayWorker(ThreadWorker):
             idle = self.cfg.keepalive if self.alive else min(self.cfg.keepalive, STOP_KEEPALIVE_LINGER)
             self.hold(conn, Phase.IDLE, now + idle)
 
+    def resume(self, conn: ClientConn, state: Progress) -> None:
+        """Hold ``conn``, back from ``read_first`` with part of a request, until the rest has come."""
+        if state is Progress.TOO_LARGE:
+            self.refuse(conn, 431, f"The request line and header fields exceed {MAX_HEAD_SIZE} bytes")
+        elif state is Progress.BODY:
+            self.hold(conn, Phase.BODY, time.monotonic() + self.limits.body_timeout)
+        else:  # its deadline may be earlier than some in the queue: it is then kept a little late
+            self.hold(conn, Phase.HEAD, conn.head_deadline)
+
     # In a request thread
+
+    def handle(self, conn):
+        """gthread's, after ``read_first`` for a connection the loop has read nothing of."""
+        if isinstance(conn, ClientConn) and conn.to_read:
+            conn.to_read = False
+            state = self.read_first(conn)
+            if state is not Progress.READY:
+                return state
+        return super().handle(conn)
+
+    def read_first(self, conn: ClientConn) -> Progress | object:
+        """Read what the client has sent, without waiting (the socket is the loop's, not
+        blocking): how far its request has come, or GONE when it has closed."""
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return Progress.HEAD
+        except OSError:
+            return GONE
+        if not data:
+            return GONE
+        conn.buffer += data
+        return progress(conn.buffer, self.limits.body_buffer_size, self.line_limit)
 
     def handle_request(self, req, conn):
         """gthread's, with ``wsgi.input`` the ClientInput over the request's body."""

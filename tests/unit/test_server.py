@@ -214,9 +214,20 @@ class Loop:
         self.worker.poller = selectors.DefaultSelector()
         self.worker.alive = True
         self.handed: list[ClientConn] = []
-        self.worker.enqueue_req = self.handed.append
+        self.worker.enqueue_req = self.thread
         self.clients: list[socket.socket] = []
         self.servers: list[socket.socket] = []
+
+    def thread(self, conn: ClientConn) -> None:
+        """What a request thread does before it parses: the first read of a connection the
+        loop has read nothing of, and back to the loop if the request is not all there."""
+        if conn.to_read:
+            conn.to_read = False
+            state = self.worker.read_first(conn)
+            if state is not Progress.READY:
+                self.worker.finish_request(conn, Done(state))
+                return
+        self.handed.append(conn)
 
     def connect(self) -> tuple[socket.socket, ClientConn]:
         """A client, held by the loop as ``accept`` would hold it."""
@@ -324,14 +335,14 @@ def test_headers_larger_than_the_loop_holds_are_answered_431(loop):
 class Done:
     """A thread's finished future."""
 
-    def __init__(self, keepalive: bool):
-        self.keepalive = keepalive
+    def __init__(self, result: object):
+        self.value = result
 
     def cancelled(self) -> bool:
         return False
 
-    def result(self) -> bool:
-        return self.keepalive
+    def result(self) -> object:
+        return self.value
 
 
 def test_a_pipelined_request_the_parser_already_read_is_handed_on_without_waiting_for_the_socket(loop):
@@ -343,7 +354,7 @@ def test_a_pipelined_request_the_parser_already_read_is_handed_on_without_waitin
     conn.init()
     next(conn.parser)
     loop.handed.clear()
-    loop.worker.finish_request(conn, Done(keepalive=True))
+    loop.worker.finish_request(conn, Done(True))
     assert loop.handed == [conn]  # at once: the socket has nothing more to say
     assert bytes(conn.buffer) == GET
 
@@ -355,7 +366,7 @@ def test_a_kept_alive_connection_waits_idle_and_closes_quietly_after_the_keepali
     loop.turn()
     conn.init()
     next(conn.parser)
-    loop.worker.finish_request(conn, Done(keepalive=True))
+    loop.worker.finish_request(conn, Done(True))
     loop.turn(0.5)
     assert loop.worker.nr_conns == 1  # the header timeout (0.3 s) does not apply to an idle connection
     loop.turn(0.7)
