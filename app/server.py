@@ -312,9 +312,10 @@ class ClientConn(TConn):
 
 
 class GatewayWorker(ThreadWorker):
-    """gunicorn's gthread worker that reads each request in its selector loop first (see the
-    module docstring) and answers its own errors as problem+json. Connections over TLS or
-    HTTP/2 terminated by gunicorn itself are served as gthread serves them."""
+    """gunicorn's gthread worker whose threads never wait for a client: a request that has
+    not all arrived is read in the selector loop (see the module docstring). It answers its
+    own errors as problem+json. Connections over TLS or HTTP/2 terminated by gunicorn itself
+    are served as gthread serves them."""
 
     def init_process(self) -> None:
         self.prepare(ClientLimits.from_environ(os.environ))
@@ -336,7 +337,7 @@ class GatewayWorker(ThreadWorker):
     # Connections in the loop
 
     def accept(self, listener) -> None:
-        """Accept a connection and read its first request in the loop, within the header timeout."""
+        """Accept a connection and hold it until it is readable, within the header timeout."""
         if not self.in_loop:
             return super().accept(listener)
         try:
