@@ -26,7 +26,7 @@ import selectors
 import socket
 import struct
 import time
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -278,14 +278,13 @@ class Phase(Enum):
 
 class ClientConn(TConn):
     """A client connection: gthread's, plus the bytes the loop read of its next request, where
-    it is (``phase``) and its place in the worker's deadline queues (``entry``)."""
+    it is (``phase``, with a deadline in the worker's ``waiting``)."""
 
     def __init__(self, cfg, sock, client, server, read_timeout: float):
         super().__init__(cfg, sock, client, server)
         self.read_timeout = read_timeout
         self.buffer = bytearray()
         self.phase = Phase.HEAD
-        self.entry: list | None = None  # [deadline, self] in a queue of GatewayWorker.waiting
         self.held = False  # in the loop's poller, not in a thread
         self.data_ready = True  # a thread only gets it with bytes to read or a request in the buffer
         self.on_readable = None  # the poller's callback, made once
@@ -327,10 +326,11 @@ class GatewayWorker(ThreadWorker):
         self.in_loop = not self.cfg.is_ssl and "h2" not in self.cfg.http_protocols
         line_limit = self.cfg.limit_request_line
         self.line_limit = 8190 if line_limit < 0 or line_limit > 8190 else line_limit  # as gunicorn's Request
-        # The connections held, by phase, in deadline order: every entry of a queue is made
-        # with the same timeout from the time it joins, so the earliest is at the front and
-        # a deadline costs O(1). An entry whose connection moved on has it set to None.
-        self.waiting: dict[Phase, deque[list]] = {phase: deque() for phase in Phase}
+        # The connections held, by phase, each with its deadline, in deadline order: a
+        # connection joins a phase at the end with the phase's one timeout from now, so the
+        # earliest is first, and joining, leaving and expiring cost O(1), with nothing left
+        # behind (gthread's deque of kept-alive connections, with O(1) removal).
+        self.waiting: dict[Phase, OrderedDict[ClientConn, float]] = {phase: OrderedDict() for phase in Phase}
         self.next_deadline = math.inf  # the earliest at the front of a queue, or earlier
         self.stopping = False
 
@@ -371,18 +371,14 @@ class GatewayWorker(ThreadWorker):
         """``conn`` is in ``phase`` until ``deadline`` (``time.monotonic()`` seconds), its
         earlier deadline forgotten. ``deadline`` is never before those already in the phase's
         queue: each phase has one timeout."""
-        if conn.entry is not None:
-            conn.entry[1] = None
+        self.waiting[conn.phase].pop(conn, None)
         conn.phase = phase
-        conn.entry = [deadline, conn]
-        self.waiting[phase].append(conn.entry)
+        self.waiting[phase][conn] = deadline
         self.next_deadline = min(self.next_deadline, deadline)
 
     def release(self, conn: ClientConn) -> None:
         """Take ``conn`` out of the loop (to a thread, or to be closed)."""
-        if conn.entry is not None:
-            conn.entry[1] = None
-            conn.entry = None
+        self.waiting[conn.phase].pop(conn, None)
         if conn.held:
             conn.held = False
             self.poller.unregister(conn.sock)
@@ -459,20 +455,19 @@ class GatewayWorker(ThreadWorker):
         is closed; one partway through a request is answered 408 (RFC 9110 section 15.5.9)."""
         now = time.monotonic()
         self.next_deadline = math.inf
-        for queue in self.waiting.values():
-            while queue and (queue[0][1] is None or queue[0][0] <= now):
-                conn = queue.popleft()[1]
-                if conn is None:
-                    continue  # moved on
-                conn.entry = None
+        for waiting in self.waiting.values():
+            while waiting:
+                conn, deadline = next(iter(waiting.items()))
+                if deadline > now:
+                    self.next_deadline = min(self.next_deadline, deadline)
+                    break
+                del waiting[conn]
                 if conn.phase is Phase.HEAD and conn.buffer:
                     self.refuse(conn, 408, f"The request line and header fields did not arrive within {self.limits.header_timeout:g} s (the client header timeout)")
                 elif conn.phase is Phase.BODY:
                     self.refuse(conn, 408, f"No byte of the request body arrived for {self.limits.body_timeout:g} s (the client body timeout)")
                 else:
                     self.close(conn)
-            if queue and queue[0][0] < self.next_deadline:
-                self.next_deadline = queue[0][0]
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
         """gthread's loop step, woken in time for the next deadline, which it then enforces."""
@@ -489,11 +484,12 @@ class GatewayWorker(ThreadWorker):
         STOP_KEEPALIVE_LINGER seconds (a request arriving meanwhile is still answered)."""
         deadline = time.monotonic() + STOP_KEEPALIVE_LINGER
         for phase in (Phase.IDLE, Phase.HEAD):
-            for entry in self.waiting[phase]:
-                # Lowering some HEAD entries can leave one behind a later one: it is then closed
-                # when that one is, within the graceful timeout all the same.
-                if entry[1] is not None and not entry[1].buffer:
-                    entry[0] = min(entry[0], deadline)
+            waiting = self.waiting[phase]
+            for conn, due in list(waiting.items()):
+                # Lowering some HEAD deadlines can leave one behind a later one: it is then
+                # closed when that one is, within the graceful timeout all the same.
+                if not conn.buffer and due > deadline:
+                    waiting[conn] = deadline
         self.next_deadline = min(self.next_deadline, deadline)
 
     # Back from a thread
