@@ -198,7 +198,8 @@ def test_a_redis_outage_fails_open_and_limits_resume_when_it_returns(lone_gatewa
     restarted = time.monotonic()
     while "X-RateLimit-Remaining" not in (response := requests.get(url, timeout=5)).headers:
         assert response.status_code == 200
-        assert time.monotonic() - restarted < 3, "limits did not apply again within 3 s of Redis returning"
+        # Within the 1 s retry interval, with room for a loaded machine (polled: a pass costs nothing).
+        assert time.monotonic() - restarted < 5, "limits did not apply again within 5 s of Redis returning"
         time.sleep(0.05)
     resumed = [response] + [requests.get(url, timeout=5) for _ in range(5)]
 
