@@ -15,6 +15,13 @@ from tests import services
 GUNICORN = str(Path(sys.executable).parent / "gunicorn")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _migrated_templates():
+    """The databases ``services.migrate`` copies from go at the end of the session."""
+    yield
+    services.drop_migrated()
+
+
 @pytest.fixture(scope="session")
 def httpbin_url(tmp_path_factory):
     """httpbin (from PyPI) served by gunicorn on loopback."""
