@@ -1,6 +1,7 @@
 """Helpers for tests that run real processes: free ports, waiting, process groups, services."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -302,13 +303,14 @@ def migrate(env: dict[str, str]) -> None:
 
         parsed = make_url(url.replace("postgres://", "postgresql://", 1))
         admin = parsed.set(database="postgres").render_as_string(hide_password=False)
-        if "postgres" not in _MIGRATED:
+        server = f"postgres {parsed.host}:{parsed.port}"  # a template on each server used
+        if server not in _MIGRATED:
             template = unique("frontdoor_migrated").replace("-", "_")
             with psycopg.connect(admin, autocommit=True, connect_timeout=5) as connection:
                 connection.execute(f'CREATE DATABASE "{template}"')
-            _MIGRATED["postgres"] = admin.rsplit("/", 1)[0] + f"/{template}"
-            release_phase({**env, "DATABASE_URL": _MIGRATED["postgres"]})
-        template = _MIGRATED["postgres"].rsplit("/", 1)[1]
+            _MIGRATED[server] = admin.rsplit("/", 1)[0] + f"/{template}"
+            release_phase({**env, "DATABASE_URL": _MIGRATED[server]})
+        template = _MIGRATED[server].rsplit("/", 1)[1]
         with psycopg.connect(admin, autocommit=True, connect_timeout=5) as connection:
             connection.execute(f'DROP DATABASE "{parsed.database}"')
             connection.execute(f'CREATE DATABASE "{parsed.database}" TEMPLATE "{template}"')
@@ -320,11 +322,10 @@ def drop_migrated() -> None:
     """Remove the templates ``migrate`` made (at the end of the session)."""
     if "sqlite" in _MIGRATED:
         shutil.rmtree(Path(_MIGRATED.pop("sqlite")).parent, ignore_errors=True)
-    if "postgres" in _MIGRATED:
+    for server in [name for name in _MIGRATED if name.startswith("postgres ")]:
         import psycopg
 
-        url = _MIGRATED.pop("postgres")
-        base, template = url.rsplit("/", 1)
-        with psycopg.connect(f"{base}/postgres", autocommit=True, connect_timeout=5) as connection:
-            connection.execute(f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')
+        base, template = _MIGRATED.pop(server).rsplit("/", 1)
+        with contextlib.suppress(psycopg.Error), psycopg.connect(f"{base}/postgres", autocommit=True, connect_timeout=5) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')  # a throwaway cluster may be gone already
 
