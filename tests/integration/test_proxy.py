@@ -109,8 +109,8 @@ def test_generates_a_request_id_when_the_client_sends_none_or_a_bad_one(gateway)
 def test_one_access_log_line_per_request(gateway):
     request_id = uuid.uuid4().hex
     requests.get(f"{gateway.url}/httpbin/status/418", headers={"X-Request-ID": request_id})
-    time.sleep(0.2)
-    lines = [line for line in gateway.log_lines() if line.get("request_id") == request_id]
+    # Written by the worker's log thread: polled for (it was a fixed 0.2 s).
+    lines = services.wait_until(lambda: [line for line in gateway.log_lines() if line.get("request_id") == request_id], 10, "the access line")
     assert len(lines) == 1
     line = lines[0]
     assert line["method"] == "GET" and line["path"] == "/httpbin/status/418" and line["status"] == 418
