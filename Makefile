@@ -56,9 +56,10 @@ run: migrate ## start web, worker, beat and an httpbin demo upstream on the embe
 	GATEWAY_WEBHOOK_ALLOW_HTTP=true GATEWAY_WEBHOOK_ALLOWED_NETWORKS='["127.0.0.0/8"]' \
 	$(BIN)/honcho start -f Procfile.dev -p $(PORT)
 
-# Two pytest-xdist workers: the integration tests run in order on one, the unit tests share out
-# the rest (tests/conftest.py). TEST_WORKERS=0 runs everything in this process.
-TEST_WORKERS ?= 2
+# Three pytest-xdist workers: the integration tests run in two serial groups, each on a worker of
+# its own, and the unit tests share out the third (tests/conftest.py). TEST_WORKERS=2: one serial
+# group beside the unit tests; TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 3
 test: $(STAMP) ## run the whole suite (integration tests included; they need Redis/Postgres or local binaries)
 	$(BIN)/pytest -n $(TEST_WORKERS)
 

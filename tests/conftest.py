@@ -25,11 +25,50 @@ routes:
 """
 
 
+# Seconds each end-to-end module takes (setup, call and teardown of its tests, ``--durations=0``)
+# under ``make test`` on this 2-core machine, to share the modules out between serial groups of
+# about equal length; a module not listed counts as NEW_MODULE_SECONDS until it is measured and
+# added here.
+END_TO_END_SECONDS = {
+    "test_jobs.py": 113,
+    "test_webhooks.py": 99,
+    "test_openapi.py": 58,
+    "test_deploy.py": 41,
+    "test_limits.py": 28,
+    "test_processes.py": 27,
+    "test_metrics.py": 26,
+    "test_migrations.py": 18,
+    "test_proxy.py": 16,
+    "test_admin_gateway.py": 15,
+    "test_heroku.py": 12,
+    "test_cache.py": 5,
+    "test_tracing.py": 5,
+}
+NEW_MODULE_SECONDS = 30
+
+
+def end_to_end_groups(modules: list[str], count: int) -> dict[str, int]:
+    """Share ``modules`` (file names) out into ``count`` groups, longest first, each to the group
+    that is shortest so far: ``{module: group}``."""
+    totals = [0] * max(count, 1)
+    groups: dict[str, int] = {}
+    for module in sorted(modules, key=lambda name: (-END_TO_END_SECONDS.get(name, NEW_MODULE_SECONDS), name)):
+        group = totals.index(min(totals))
+        groups[module] = group
+        totals[group] += END_TO_END_SECONDS.get(module, NEW_MODULE_SECONDS)
+    return groups
+
+
 @pytest.hookimpl(tryfirst=True, optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """Under pytest-xdist's ``--dist load`` (``make test`` runs ``-n 2``) the integration tests
-    run one after another on one worker, as they would alone: each starts gunicorn and Celery
-    processes, and some time a shutdown or a retry. The unit tests' modules share out the rest.
+    """Under pytest-xdist's ``--dist load`` (``make test`` runs ``-n 3``) the integration tests
+    run one after another in serial groups, each group on a worker of its own, as they would
+    alone: each starts gunicorn and Celery processes, and some time a shutdown or a retry. The
+    unit tests' modules share out the rest. With 2 workers the integration tests are one group
+    on one worker and the unit tests have the other; with n >= 3, n - 1 groups (modules shared
+    out by END_TO_END_SECONDS) and one worker for the unit tests, which then help the groups
+    that are left. A group waits on its processes most of the time, so two groups fit beside
+    the unit tests on 2 cores.
 
     A scheduler of our own rather than ``xdist_group`` marks: ``--dist loadgroup`` reads them
     from a node id that pytest 9.2 no longer lets a plugin change (pytest-xdist issue #1386).
@@ -38,9 +77,24 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
+    prefix = "tests/integration/"
+
     class EndToEndApart(LoadScopeScheduling):
+        groups: dict[str, int] | None = None
+
         def _split_scope(self, nodeid: str) -> str:
-            return "tests/integration" if nodeid.startswith("tests/integration/") else super()._split_scope(nodeid)
+            if not nodeid.startswith(prefix):
+                return super()._split_scope(nodeid)
+            if self.groups is None:
+                modules = {node.split("::", 1)[0].removeprefix(prefix) for node in self.collection or () if node.startswith(prefix)}
+                self.groups = end_to_end_groups(sorted(modules), max(len(self.nodes) - 1, 1))
+            return f"tests/integration (group {self.groups[nodeid.split('::', 1)[0].removeprefix(prefix)] + 1})"
+
+        def _assign_work_unit(self, node) -> None:
+            # The end-to-end groups go out first, one to each worker: they take longest.
+            for scope in [scope for scope in self.workqueue if scope.startswith("tests/integration")][::-1]:
+                self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
 
     return EndToEndApart(config, log)
 

@@ -1,7 +1,10 @@
 """The real stack: httpbin and a bulk upstream under gunicorn, and the gateway under gunicorn."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
 import sys
 import threading
@@ -13,6 +16,13 @@ import pytest
 from tests import services
 
 GUNICORN = str(Path(sys.executable).parent / "gunicorn")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _migrated_templates():
+    """The databases ``services.migrate`` copies from go at the end of the session."""
+    yield
+    services.drop_migrated()
 
 
 @pytest.fixture(scope="session")
@@ -118,6 +128,11 @@ def start_gateway(tmp_path_factory):
         return Gateway(f"http://127.0.0.1:{port}", process, log)
 
     yield launch
+    # SIGTERM to every gateway still running first, so that their graceful shutdowns overlap.
+    for process in started:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
     for process in started:
         services.stop(process)
 

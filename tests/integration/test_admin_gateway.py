@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
 from app import create_app
+from app.extensions import db
+from tests import services
 from tests.factories import Identity
 
 ROUTES = """\
@@ -49,9 +50,11 @@ def routes_by_worker(gateway, key: str) -> dict[int, list[str]]:
     return {pid: answer["data"][0]["routes"] for pid, answer in per_worker(gateway, key).items()}
 
 
-@pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.redis)])
-def stack(request, tmp_path, start_gateway, httpbin_url):
-    """gunicorn with 2 workers on a route file in ``tmp_path``; an admin's key."""
+@pytest.fixture(scope="module", params=["embedded", pytest.param("redis", marks=pytest.mark.redis)])
+def started(request, tmp_path_factory, start_gateway, httpbin_url):
+    """gunicorn with 2 workers on a route file in a directory of its own; an admin's key. One
+    per backend for the module's tests (``stack`` puts it back as it was after each)."""
+    tmp_path = tmp_path_factory.mktemp(f"admin-{request.param}")
     database = f"sqlite:///{tmp_path / 'gateway.sqlite'}"
     path = tmp_path / "gateway.yaml"
     path.write_text(ROUTES.format(httpbin=httpbin_url, prefix="old"))
@@ -72,7 +75,29 @@ def stack(request, tmp_path, start_gateway, httpbin_url):
     # /healthz answers as soon as one worker has booted; a worker still booting when a test
     # rewrites the file would read the new file (a bad one stops gunicorn).
     per_worker(gateway, key)
-    return gateway, path, key, httpbin_url
+    yield gateway, path, key, httpbin_url
+    with app.app_context():
+        db.engine.dispose()
+
+
+@pytest.fixture
+def stack(started):
+    """``started`` as a gateway of the test's own would be: after the test, the original route
+    file is loaded again and the breaker closed, and both workers are seen to serve that
+    (booting a gateway for each test took 2-5 s)."""
+    yield started
+    gateway, path, key, httpbin = started
+    headers = {"X-API-Key": key}
+    path.write_text(ROUTES.format(httpbin=httpbin, prefix="old"))
+    assert fresh("POST", f"{gateway.url}/_gateway/admin/reload", headers=headers).status_code == 200
+    closed = fresh("POST", f"{gateway.url}/_gateway/admin/upstreams/httpbin/targets/0/breaker/close", headers=headers)
+    assert closed.status_code == 200, closed.text
+
+    def as_started() -> bool:
+        workers = per_worker(gateway, key).values()
+        return all(w["data"][0]["routes"] == ["/old"] and not w["data"][0]["targets"][0]["breaker"]["held_open"] for w in workers)
+
+    services.wait_until(as_started, 10, "both workers back on the original routes, the breaker closed", interval=float(INTERVAL))
 
 
 def statuses(url: str, count: int = 12) -> set[int]:
@@ -135,9 +160,9 @@ def test_a_breaker_held_open_on_one_worker_holds_in_both_until_closed(stack):
     assert statuses(f"{gateway.url}/old/get") == {200}
 
 
-def test_no_credential_is_a_401_and_a_consumer_without_the_admin_scope_a_403(stack, tmp_path: Path):
+def test_no_credential_is_a_401_and_a_consumer_without_the_admin_scope_a_403(stack):
     gateway, path, _, _ = stack
-    app = create_app({"CONFIG": str(path), "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'gateway.sqlite'}", "CELERY_BROKER_URL": "memory://"})
+    app = create_app({"CONFIG": str(path), "SQLALCHEMY_DATABASE_URI": f"sqlite:///{path.parent / 'gateway.sqlite'}", "CELERY_BROKER_URL": "memory://"})
     identity = Identity(app)
     plain = identity.key(identity.consumer("alice"))
 

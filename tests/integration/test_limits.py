@@ -186,10 +186,11 @@ def test_a_redis_outage_fails_open_and_limits_resume_when_it_returns(lone_gatewa
     for response in during:
         assert response.status_code == 200 and response.json()["url"].endswith("/get")
         assert "RateLimit" not in response.headers and "X-RateLimit-Remaining" not in response.headers
-    time.sleep(0.2)  # the log is written by the worker
-    unreachable = [
-        line for line in gateway.log_lines() if line.get("msg", "").startswith("rate-limit storage unreachable")
-    ]
+    # The log is written by the worker's log thread: polled for (it was a fixed 0.2 s).
+    unreachable = services.wait_until(
+        lambda: [line for line in gateway.log_lines() if line.get("msg", "").startswith("rate-limit storage unreachable")],
+        10, "the unreachable line",
+    )
     assert len(unreachable) == 1
     assert unreachable[0]["level"] == "warning" and unreachable[0]["logger"] == "frontdoor.ratelimit"
     assert unavailable_allowed(gateway.url) == allowed + 20
@@ -198,12 +199,15 @@ def test_a_redis_outage_fails_open_and_limits_resume_when_it_returns(lone_gatewa
     restarted = time.monotonic()
     while "X-RateLimit-Remaining" not in (response := requests.get(url, timeout=5)).headers:
         assert response.status_code == 200
-        assert time.monotonic() - restarted < 3, "limits did not apply again within 3 s of Redis returning"
+        # Within the 1 s retry interval, with room for a loaded machine (polled: a pass costs nothing).
+        assert time.monotonic() - restarted < 5, "limits did not apply again within 5 s of Redis returning"
         time.sleep(0.05)
     resumed = [response] + [requests.get(url, timeout=5) for _ in range(5)]
 
     # The restarted server kept nothing: the budget of 5 is spent afresh, then 429.
     assert [r.headers.get("X-RateLimit-Remaining") for r in resumed[:5]] == ["4", "3", "2", "1", "0"]
     assert resumed[5].status_code == 429 and int(resumed[5].headers["Retry-After"]) >= 1
-    time.sleep(0.2)
-    assert any(line.get("msg", "").startswith("rate-limit storage reachable again") for line in gateway.log_lines())
+    services.wait_until(
+        lambda: any(line.get("msg", "").startswith("rate-limit storage reachable again") for line in gateway.log_lines()),
+        10, "the reachable-again line",
+    )

@@ -61,7 +61,14 @@ def test_metrics_add_up_every_workers_requests_with_route_labels(start_gateway, 
         assert requests.get(f"{gateway.url}/cached/get", timeout=5).status_code == 200
     assert requests.get(f"{gateway.url}/httpbin/status/503", timeout=5).status_code == 503
     assert requests.get(f"{gateway.url}/not/a/route", timeout=5).status_code == 404
-    time.sleep(0.3)  # the workers' metric updaters apply what they queued
+    # The workers' metric updaters apply what they queued: polled for (a fixed 0.3 s on a loaded
+    # machine may be too short), then every scrape must show all of it.
+    def counted() -> bool:
+        found = samples(gateway.url)
+        return (sample(found, "frontdoor_http_requests_total", route="/httpbin", method="GET", status="200") == len(ids)
+                and sample(found, "frontdoor_http_requests_total", route="unmatched", method="GET", status="404") == 1)
+
+    services.wait_until(counted, 10, "every request counted")
 
     # Any worker may answer the scrape: it reports both workers' counts.
     for _ in range(4):
@@ -127,8 +134,13 @@ def test_a_worker_given_the_web_servers_directory_shows_in_its_metrics(stack, tm
     stack.worker(concurrency=2)
     wait_succeeded(stack, locations)
 
-    time.sleep(0.3)  # the web workers' metric updaters apply what they queued
-    found = samples(stack.gateway.url)
+    # The web workers' metric updaters apply what they queued (polled for, not a fixed 0.3 s).
+    found = services.wait_until(
+        lambda: (found := samples(stack.gateway.url))
+        and sample(found, "frontdoor_http_requests_total", route="async", method="GET", status="202") == 2
+        and found,
+        10, "the submissions counted",
+    )
     assert sample(found, "frontdoor_jobs_total", status="succeeded") == 2
     assert sample(found, "frontdoor_celery_tasks_total", task="frontdoor.jobs.run", outcome="succeeded") == 2
     assert sample(found, "frontdoor_http_requests_total", route="async", method="GET", status="202") == 2

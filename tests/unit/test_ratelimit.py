@@ -379,7 +379,8 @@ def test_an_unreachable_storage_fails_open_logs_once_and_recovers(gateway, upstr
         restarted = time.monotonic()
         while "RateLimit" not in (response := client.get("/open")).headers:
             assert_unlimited(response)
-            assert time.monotonic() - restarted < STORAGE_RETRY_INTERVAL + 0.5, "limits did not apply again"
+            # Within the retry interval, with room for a loaded machine (polled: a pass costs nothing).
+            assert time.monotonic() - restarted < STORAGE_RETRY_INTERVAL + 2.0, "limits did not apply again"
             time.sleep(0.02)
         assert records.messages("rate-limit storage reachable again")
         assert len(records.messages("rate-limit storage unreachable")) == 1

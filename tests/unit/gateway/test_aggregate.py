@@ -51,13 +51,17 @@ routes:
     return app.test_client()
 
 
-def test_three_one_second_calls_answer_in_about_one_second(client):
+def test_three_one_second_calls_answer_in_about_one_second(client, upstream):
     started = time.monotonic()
     response = client.get("/screen?n=7", headers={"X-Request-ID": "agg-1"})
     elapsed = time.monotonic() - started
 
     assert response.status_code == 200
-    assert 0.9 <= elapsed < 1.9  # in parallel, not three seconds
+    # In parallel: both one-second calls were with the upstream at once (read where it shows,
+    # not from the elapsed time, which a loaded machine stretches); and not sooner than a second.
+    assert upstream.hits("/delay/1") == 2
+    assert upstream.peak >= 2
+    assert elapsed >= 0.9
     assert response.headers["X-Gateway-Completed"] == "true"
     body = response.json
     assert set(body) == {"a", "b", "c"}
@@ -79,7 +83,7 @@ def test_an_optional_call_timing_out_gives_a_partial_answer(client):
     started = time.monotonic()
     response = client.get("/partial")
 
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 2.5  # the 0.5 s timeout, not the 3 s the slow call takes
     assert response.status_code == 200
     assert response.headers["X-Gateway-Completed"] == "false"
     body = response.json

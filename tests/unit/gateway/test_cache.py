@@ -475,13 +475,13 @@ def test_a_store_that_fails_only_to_write_still_answers():
 
 
 def test_a_store_that_fails_adds_no_wait():
-    handle = stage(origin(), store=BrokenStore(), lock_wait=1.0)
+    handle = stage(origin(), store=BrokenStore(), lock_wait=5.0)
 
     started = time.monotonic()
     status, _headers, _body = fetch(handle)
 
     assert status == 200
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 2.5  # not the 5 s of lock_wait (half of it: room for a loaded machine)
 
 
 # --- single flight ----------------------------------------------------------------------
@@ -579,7 +579,7 @@ def test_requests_waiting_on_an_answer_that_is_not_stored_are_not_held_for_lock_
     store = CountingLocks(1 << 20)
     release = threading.Event()
     upstream = Answers(lambda req: release.wait(5) and GatewayResponse(200, Headers([("Cache-Control", "private")]), [b"mine"]))
-    handle = stage(upstream, store=store, lock_wait=2.0)
+    handle = stage(upstream, store=store, lock_wait=5.0)
     threads, results = run_together(handle, 5)
     store.wait_for(5)
     release.set()
@@ -588,7 +588,7 @@ def test_requests_waiting_on_an_answer_that_is_not_stored_are_not_held_for_lock_
         thread.join(10)
 
     assert [result[0] for result in results] == [200] * 5
-    assert time.monotonic() - released < 1.0  # not the 2 s of lock_wait
+    assert time.monotonic() - released < 2.5  # not the 5 s of lock_wait (half of it: room for a loaded machine)
 
 
 def test_an_entry_stored_between_a_lookup_and_its_lock_is_served_not_fetched_again():

@@ -86,15 +86,22 @@ def test_progress_counts_the_sub_requests_done(jobs_app, upstream):
 def test_job_batch_concurrency_bounds_the_sub_requests_in_flight(jobs_app, upstream):
     app = jobs_app(JOB_BATCH_CONCURRENCY=2)
     client = app.test_client()
-    job_id = submit_batch(client, [{"path": "/sync/delay/1"}] * 4).json["id"]
+    job_id = submit_batch(client, [{"path": f"/sync/gate/{n}"} for n in range(4)]).json["id"]
+    background = Background(app, job_id)
 
-    started = time.monotonic()
-    assert run(app, job_id) == "succeeded"
-    elapsed = time.monotonic() - started
+    # The upstream holds every sub-request until the gate opens: two arrive together (the batch
+    # runs them in parallel), and no third while those two are held (the bound). The bound is
+    # read at the upstream, not from the elapsed time, which a loaded machine stretches.
+    upstream.wait_entered()
+    upstream.wait_entered()
+    time.sleep(0.3)  # room for a third, were the bound not kept
+    held = upstream.in_flight
+    upstream.gate.set()
 
-    assert upstream.hits("/delay/1") == 4
+    assert background.join() == "succeeded"
+    assert held == 2
+    assert sorted(path for _, path in upstream.seen) == [f"/gate/{n}" for n in range(4)]
     assert upstream.peak == 2
-    assert 1.8 <= elapsed < 3.6, elapsed  # two rounds of two: not one round (4 at once), not four
 
 
 def test_a_batch_canceled_while_running_stops_before_its_next_sub_request(jobs_app, upstream):
