@@ -43,6 +43,10 @@ END_TO_END_SECONDS = {
     "test_heroku.py": 12,
     "test_cache.py": 5,
     "test_tracing.py": 5,
+    "test_database_outage.py": 50,
+    "test_broker_restart.py": 30,
+    "test_slow_clients.py": 16,
+    "test_api_limits.py": 5,
 }
 NEW_MODULE_SECONDS = 30
 
