@@ -133,13 +133,15 @@ def test_a_delivery_lists_its_latest_twenty_attempts(hooks, receiver):
     assert [attempt["number"] for attempt in listed["attempts"]] == list(range(5, 25))
 
 
-def test_an_event_whose_data_utf8_cannot_carry_is_a_422(hooks):
+def test_an_event_whose_data_utf8_cannot_carry_is_a_400_naming_the_lone_surrogate(hooks):
+    # RFC 8259 section 8.2 / RFC 7493: a lone surrogate is not Unicode, so not the I-JSON the API takes.
     key = hooks.identity.key(hooks.consumer())
     response = hooks.app.test_client().post(
         "/_gateway/events", data=b'{"type": "order.created", "data": {"x": "\\ud800"}}', headers={"X-API-Key": key, "Content-Type": "application/json"}
     )
-    assert response.status_code == 422
-    assert "data" in response.json["detail"]
+    assert response.status_code == 400
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert "lone surrogate \\ud800" in response.json["detail"]
 
 
 @pytest.mark.parametrize("host", ["bücher.example", "例え.jp"])
