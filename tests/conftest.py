@@ -128,8 +128,11 @@ def delete_keys(url: str, prefix: str) -> None:
 
 @pytest.fixture
 def make_app(tmp_path: Path, route_file):
-    """Build an app from a dict: ``make_app(routes=yaml_text, **config)``; its Redis keys go afterwards."""
+    """Build an app from a dict: ``make_app(routes=yaml_text, **config)``; its Redis keys go
+    afterwards, and its database connections are closed (a pooled connection left to the
+    garbage collector is a ResourceWarning in whichever later test collects it)."""
     built: list[dict] = []
+    apps: list = []
 
     def build(routes: str = DEMO_ROUTES, **config):
         settings = {
@@ -141,9 +144,16 @@ def make_app(tmp_path: Path, route_file):
         }
         settings.update(config)
         built.append(settings)
-        return create_app(settings)
+        apps.append(create_app(settings))
+        return apps[-1]
 
     yield build
+    from app.extensions import db
+
+    for app in apps:
+        with app.app_context():
+            for engine in db.engines.values():
+                engine.dispose()
     for settings in built:
         if settings.get("REDIS_URL"):
             with contextlib.suppress(redis.RedisError):
