@@ -1,7 +1,6 @@
 """Celery wiring: ``celery_init_app`` binds a Celery app whose tasks run inside the Flask app context."""
 from __future__ import annotations
 
-import logging
 import ssl
 import time
 
@@ -9,6 +8,7 @@ from celery import Celery, Task
 from flask import Flask
 from kombu import Queue
 
+from app import queue
 from tasks.schedule import beat_schedule
 
 # Nothing from ``app`` at module level: ``celery -A tasks`` imports this package before
@@ -56,15 +56,15 @@ def celery_init_app(app: Flask) -> Celery:
         # Jobs and webhook sends have queues of their own: a backlog of one never delays the
         # other, and beat's sweeps and dispatches (default queue) wait behind neither.
         task_routes={
-            "frontdoor.jobs.run": {"queue": "jobs"},
-            "frontdoor.webhooks.fan_out": {"queue": "webhooks"},
-            "frontdoor.webhooks.publish_job_events": {"queue": "webhooks"},
-            "frontdoor.webhooks.deliver": {"queue": "webhooks"},
+            queue.RUN_JOB: {"queue": "jobs"},
+            queue.FAN_OUT: {"queue": "webhooks"},
+            queue.PUBLISH_JOB_EVENTS: {"queue": "webhooks"},
+            queue.DELIVER: {"queue": "webhooks"},
         },
         task_annotations={
-            "frontdoor.jobs.run": {"soft_time_limit": float(config["JOB_SOFT_TIME_LIMIT"]), "time_limit": time_limit},
+            queue.RUN_JOB: {"soft_time_limit": float(config["JOB_SOFT_TIME_LIMIT"]), "time_limit": time_limit},
             # An attempt must end before its lease lapses, or the dispatcher would start another.
-            "frontdoor.webhooks.deliver": {"soft_time_limit": attempt_soft, "time_limit": attempt_hard},
+            queue.DELIVER: {"soft_time_limit": attempt_soft, "time_limit": attempt_hard},
         },
         broker_connection_retry_on_startup=True,
         # A worker whose broker is away keeps trying (after 2, 4, 6 s and so on, up to 30 s
@@ -118,24 +118,6 @@ def celery_init_app(app: Flask) -> Celery:
     import tasks.webhooks  # noqa: F401
 
     return celery_app
-
-
-# A broker that blips gets two more tries, 0.1 then 0.3 s later, before a send counts as failed.
-SEND_RETRY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2}
-
-
-def send_each(task: Task, ids: list[str], what: str) -> list[str]:
-    """Send one ``task`` message per id (its only argument); return the ids whose message
-    could not be sent, each logged as ``{what} enqueue failed``. Rows name their own work, so
-    the caller marks those for beat to send again rather than losing them."""
-    failed = []
-    for ident in ids:
-        try:
-            task.apply_async((ident,), retry_policy=SEND_RETRY)
-        except Exception:
-            logging.getLogger("frontdoor.tasks").warning("%s enqueue failed; beat will send it again", what, extra={"id": ident}, exc_info=True)
-            failed.append(ident)
-    return failed
 
 
 def declare_embedded_queues(celery_app: Celery, attempts: int = 5) -> None:

@@ -21,6 +21,7 @@ from sqlalchemy.orm import undefer
 from werkzeug.datastructures import Headers
 from werkzeug.routing import MapAdapter
 
+from app import queue
 from app.errors import ProblemError, database_errors, problem_type
 from app.extensions import db
 from app.gateway.idempotency import IdempotencyKeyReused, valid_key
@@ -303,14 +304,9 @@ def enqueue(job_ids: list[str]) -> list[str]:
 
     Those are marked as never enqueued, so the sweeper sends them on its next pass.
     """
-    from tasks import send_each
-    from tasks.jobs import run_job
-
-    failed = send_each(run_job, job_ids, "job")
-    if failed:
-        db.session.execute(update(Job).where(Job.id.in_(failed), Job.status == NOT_STARTED).values(enqueued_at=None))
-        db.session.commit()
-    return failed
+    return queue.send_each(
+        queue.RUN_JOB, job_ids, "job", lambda failed: update(Job).where(Job.id.in_(failed), Job.status == NOT_STARTED).values(enqueued_at=None)
+    )
 
 
 def accepted(job: Job, created: bool, urls: MapAdapter | None = None) -> tuple[dict, Headers]:

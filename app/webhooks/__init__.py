@@ -19,6 +19,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import undefer
 
+from app import queue
 from app.errors import ProblemError
 from app.extensions import db
 from app.models import WebhookDelivery, WebhookEndpoint, WebhookMessage
@@ -328,10 +329,7 @@ def _same(earlier: WebhookMessage, digest: str) -> WebhookMessage:
 
 def fan_out_later(message_ids: list[str]) -> None:
     """Send a fan-out message per message id; a lost one is redone by the dispatcher."""
-    from tasks import send_each
-    from tasks.webhooks import fan_out_task
-
-    send_each(fan_out_task, message_ids, "fan-out")
+    queue.send_each(queue.FAN_OUT, message_ids, "fan-out")
 
 
 def fan_out(message_id: str) -> list[str]:
@@ -409,10 +407,8 @@ def publish_job_events(limit: int = 500) -> int:
 def publish_job_events_later() -> None:
     """Ask a worker to publish the jobs' outbox now (called after a commit that wrote a job
     event), rather than at beat's next dispatch; a lost message only delays them until then."""
-    from tasks.webhooks import publish_job_events_task
-
     try:
-        publish_job_events_task.apply_async(retry_policy={"max_retries": 1, "interval_start": 0.1})
+        queue.send(queue.PUBLISH_JOB_EVENTS, retry_policy={"max_retries": 1, "interval_start": 0.1})
     except Exception:
         log.warning("job event publish enqueue failed; the dispatcher will publish them", exc_info=True)
 

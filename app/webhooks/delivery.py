@@ -19,7 +19,7 @@ from flask import current_app
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import undefer
 
-from app import webhooks
+from app import queue, webhooks
 from app.extensions import db, lock_rows
 from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookMessage
 from app.models.base import isoformat, utcnow
@@ -361,16 +361,12 @@ def _waiting(endpoint_id: str, limit: int) -> list[str]:
 def enqueue(delivery_ids: list[str]) -> list[str]:
     """Send a ``deliver`` message per delivery; return the ids whose message could not be sent
     (marked undispatched, so the dispatcher sends them on its next pass)."""
-    from tasks import send_each
-    from tasks.webhooks import deliver_task
-
-    failed = send_each(deliver_task, delivery_ids, "delivery")
-    if failed:
-        db.session.execute(
-            update(WebhookDelivery).where(WebhookDelivery.id.in_(failed), WebhookDelivery.status == PENDING).values(dispatched_at=None)
-        )
-        db.session.commit()
-    return failed
+    return queue.send_each(
+        queue.DELIVER,
+        delivery_ids,
+        "delivery",
+        lambda failed: update(WebhookDelivery).where(WebhookDelivery.id.in_(failed), WebhookDelivery.status == PENDING).values(dispatched_at=None),
+    )
 
 
 def dispatch(limit: int = 500) -> dict[str, int]:

@@ -5,7 +5,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-import tasks.jobs
+from app import queue
 from app.jobs import worker
 from tests.unit.jobs.support import (
     PREFIX,
@@ -23,22 +23,24 @@ from tests.unit.jobs.support import (
 
 
 class Broker:
-    """Stands in for ``run_job.apply_async``: records the job ids sent, or raises while ``down``."""
+    """Stands in for the broker behind ``app.queue.send``: records the job ids sent in run
+    messages, or raises while ``down``."""
 
     def __init__(self, down: bool = False):
         self.down = down
         self.sent: list[str] = []
 
-    def __call__(self, args: tuple, **options: object) -> None:
+    def __call__(self, task: str, args: tuple = (), **options: object) -> None:
         if self.down:
             raise ConnectionError("broker unreachable")
-        self.sent.append(args[0])
+        if task == queue.RUN_JOB:
+            self.sent.append(args[0])
 
 
 @pytest.fixture
 def broker(monkeypatch):
     stand_in = Broker()
-    monkeypatch.setattr(tasks.jobs.run_job, "apply_async", stand_in)
+    monkeypatch.setattr(queue, "send", stand_in)
     return stand_in
 
 
