@@ -239,14 +239,14 @@ def gateway_app(env: dict[str, str]):
 def new_endpoint(label: str, url: str, secret: str) -> str:
     """A consumer of its own with one endpoint (every event type) at ``url``; return its id.
     A consumer per label: fan-out makes a delivery for every enabled endpoint of the consumer."""
-    from app import webhooks
     from app.extensions import db
     from app.models import Consumer
+    from app.webhooks import endpoints
 
     consumer = Consumer(name=f"bench-{label}-{secrets.token_hex(3)}")
     db.session.add(consumer)
     db.session.commit()
-    endpoint, _ = webhooks.create_endpoint(consumer.id, url, f"bench {label}", [], secret, False)
+    endpoint, _ = endpoints.create(consumer.id, url, f"bench {label}", [], secret, False)
     return endpoint.id
 
 

@@ -10,7 +10,7 @@ from typing import Annotated
 
 from flask import Blueprint, g, url_for
 from pydantic import AfterValidator, Field
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import undefer
 
 from app import webhooks
@@ -34,9 +34,8 @@ from app.auth.views import current_principal
 from app.extensions import db
 from app.identity import Principal
 from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookMessage
-from app.models.base import utcnow
 from app.models.webhooks import DELIVERY_STATUSES
-from app.webhooks import delivery, secrets
+from app.webhooks import delivery, endpoints, secrets
 from app.webhooks.guard import UnsafeURL
 
 bp = Blueprint("webhooks", __name__)
@@ -119,9 +118,9 @@ def create_endpoint() -> tuple:
     ).scalar_one()
     if count >= config.max_endpoints:
         raise invalid("url", f"a consumer may have {config.max_endpoints} endpoints (WEBHOOK_MAX_ENDPOINTS); delete one first")
-    endpoint, plain = webhooks.create_endpoint(principal.consumer_id, url, data.description, data.event_types, data.secret, data.disabled)
+    endpoint, plain = endpoints.create(principal.consumer_id, url, data.description, data.event_types, data.secret, data.disabled)
     location = url_for("webhooks.read_endpoint", endpoint_id=endpoint.id)
-    return reply(schemas.NewEndpoint, {**webhooks.endpoint_json(endpoint), "secret": plain}, 201, {"Location": location})
+    return reply(schemas.NewEndpoint, {**endpoints.endpoint_json(endpoint), "secret": plain}, 201, {"Location": location})
 
 
 @bp.get("/webhooks/endpoints")
@@ -130,13 +129,13 @@ def list_endpoints() -> tuple:
     """``{"data": [endpoint, ...], "next_cursor": ...}``: the caller's endpoints, newest first."""
     query = select(WebhookEndpoint).where(WebhookEndpoint.consumer_id == _caller().consumer_id)
     rows, next_cursor = page(query, WebhookEndpoint, db.session)
-    return reply(schemas.Page[schemas.Endpoint], {"data": [webhooks.endpoint_json(row) for row in rows], "next_cursor": next_cursor})
+    return reply(schemas.Page[schemas.Endpoint], {"data": [endpoints.endpoint_json(row) for row in rows], "next_cursor": next_cursor})
 
 
 @bp.get("/webhooks/endpoints/<id:endpoint_id>")
 @operation("Read a webhook endpoint", {200: ENDPOINT}, errors=(404,))
 def read_endpoint(endpoint_id: str) -> tuple:
-    return reply(schemas.Endpoint, webhooks.endpoint_json(_own(endpoint_id)))
+    return reply(schemas.Endpoint, endpoints.endpoint_json(_own(endpoint_id)))
 
 
 @bp.patch("/webhooks/endpoints/<id:endpoint_id>")
@@ -146,31 +145,16 @@ def update_endpoint(endpoint_id: str) -> tuple:
     clears its failure record; a new URL passes the SSRF guard first (422)."""
     endpoint = _own(endpoint_id)
     data = body(EndpointUpdate)
-    if data.url is not None:
-        endpoint.url = _checked_url(data.url)
-    if data.description is not None:
-        endpoint.description = data.description
-    if data.event_types is not None:
-        endpoint.event_types = data.event_types
-    if data.disabled is not None:
-        webhooks.set_disabled(endpoint, data.disabled, "disabled by its consumer")
-    endpoint.updated_at = utcnow()
-    db.session.commit()
-    return reply(schemas.Endpoint, webhooks.endpoint_json(endpoint))
+    url = _checked_url(data.url) if data.url is not None else None
+    endpoints.change(endpoint, url, data.description, data.event_types, data.disabled)
+    return reply(schemas.Endpoint, endpoints.endpoint_json(endpoint))
 
 
 @bp.delete("/webhooks/endpoints/<id:endpoint_id>")
 @operation("Delete a webhook endpoint", {204: Reply(None, "Deleted, with its deliveries and their attempts")}, errors=(404,))
 def delete_endpoint(endpoint_id: str) -> tuple[str, int]:
     """Delete the endpoint with its deliveries and their attempts (204)."""
-    endpoint = _own(endpoint_id)
-    # The endpoint's row first, as a claim takes it: the same lock order, so no deadlock.
-    db.session.execute(update(WebhookEndpoint).where(WebhookEndpoint.id == endpoint.id).values(updated_at=utcnow()))
-    ids = select(WebhookDelivery.id).where(WebhookDelivery.endpoint_id == endpoint.id)
-    db.session.execute(delete(WebhookAttempt).where(WebhookAttempt.delivery_id.in_(ids)))
-    db.session.execute(delete(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint.id))
-    db.session.delete(endpoint)
-    db.session.commit()
+    endpoints.delete(_own(endpoint_id))
     return "", 204
 
 
@@ -194,8 +178,8 @@ def rotate_secret(endpoint_id: str) -> tuple:
     For WEBHOOK_SECRET_OVERLAP seconds deliveries carry both signatures, new and old."""
     endpoint = _own(endpoint_id, secret=True)
     data = body(SecretRotate)
-    plain = webhooks.rotate_secret(endpoint, data.secret)
-    rotating_until = webhooks.endpoint_json(endpoint)["secret_rotating_until"]
+    plain = endpoints.rotate_secret(endpoint, data.secret)
+    rotating_until = endpoints.endpoint_json(endpoint)["secret_rotating_until"]
     return reply(schemas.RotatedSecret, {"secret": plain, "previous_valid_until": rotating_until})
 
 

@@ -33,7 +33,7 @@ from app.models.webhooks import (
     TEST,
 )
 from app.observability import metrics, tracing
-from app.webhooks import secrets
+from app.webhooks import endpoints, secrets
 from app.webhooks.guard import UnsafeURL
 from app.webhooks.sender import Result, send
 
@@ -144,7 +144,7 @@ def attempt(work: Claim) -> tuple[Result, str, str | None, str | None]:
         return Result(None, 0, error="the delivery or its endpoint was deleted"), "", None, None
     url, request_id = endpoint.url, message.request_id
     try:
-        signing = webhooks.signing_secrets(endpoint)
+        signing = endpoints.signing_secrets(endpoint)
     except (secrets.SecretUnreadable, webhooks.SecretKeyUnset) as exc:
         db.session.rollback()
         return Result(None, 0, error=str(getattr(exc, "detail", exc))[:500]), url, None, request_id

@@ -16,7 +16,7 @@ from sqlalchemy.pool import NullPool
 from app import webhooks
 from app.extensions import db
 from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookMessage
-from app.webhooks import delivery
+from app.webhooks import delivery, endpoints
 from tests.factories import Identity
 from tests.services import free_port
 
@@ -240,13 +240,13 @@ class Hooks:
 
     def endpoint(self, consumer_id: str, url: str, event_types: list[str] | tuple = (), disabled: bool = False) -> str:
         with self.app.app_context():
-            endpoint, _ = webhooks.create_endpoint(consumer_id, url, "", list(event_types), None, disabled)
+            endpoint, _ = endpoints.create(consumer_id, url, "", list(event_types), None, disabled)
             return endpoint.id
 
     def secret(self, endpoint_id: str) -> str:
         with self.app.app_context():
             endpoint = db.session.get(WebhookEndpoint, endpoint_id)
-            return webhooks.signing_secrets(endpoint)[0]
+            return endpoints.signing_secrets(endpoint)[0]
 
     def message(self, consumer_id: str, event_type: str = "order.created", data: object = None) -> str:
         """Record a message (not fanned out) and return its id."""

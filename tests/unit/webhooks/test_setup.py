@@ -9,9 +9,9 @@ from cryptography.fernet import Fernet
 from sqlalchemy import select
 from sqlalchemy.orm import undefer
 
-from app import webhooks
 from app.extensions import db
 from app.models import WebhookEndpoint
+from app.webhooks import endpoints
 from app.webhooks.secrets import SecretBox
 from tasks.schedule import beat_schedule
 
@@ -21,7 +21,7 @@ NEW_KEY = Fernet.generate_key().decode()
 
 def _endpoint(app, consumer_id: str) -> tuple[str, str]:
     with app.app_context():
-        endpoint, secret = webhooks.create_endpoint(consumer_id, "https://93.184.216.34/hook", "", [], None, False)
+        endpoint, secret = endpoints.create(consumer_id, "https://93.184.216.34/hook", "", [], None, False)
         return endpoint.id, secret
 
 
@@ -44,7 +44,7 @@ def test_on_the_embedded_default_a_key_is_made_once_under_instance_and_kept(make
 
     with again.app_context():
         endpoint = db.session.get(WebhookEndpoint, endpoint_id, options=[undefer(WebhookEndpoint.secret_encrypted)])
-        assert webhooks.signing_secrets(endpoint) == [secret]
+        assert endpoints.signing_secrets(endpoint) == [secret]
 
 
 def test_without_a_key_on_a_shared_database_secrets_cannot_be_made_and_the_api_says_which_setting(make_app, identity):
@@ -78,7 +78,7 @@ def test_rotate_key_re_encrypts_every_secret_so_the_old_key_can_go(make_app, ide
     second, second_secret = _endpoint(app, consumer)
     with app.app_context():
         endpoint = db.session.get(WebhookEndpoint, second)
-        webhooks.rotate_secret(endpoint, None)  # a previous secret is re-encrypted too
+        endpoints.rotate_secret(endpoint, None)  # a previous secret is re-encrypted too
     before = _stored(app, first)
 
     both = make_app(WEBHOOK_SECRET_KEYS=f"{NEW_KEY},{OLD_KEY}")
