@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import redis
 from flask import Flask
@@ -12,6 +14,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase
 
 
@@ -73,6 +76,32 @@ def lock_rows(query) -> list:
 # retransmissions (about 15 minutes). A query running long on a live server sends nothing
 # unacknowledged meanwhile, so it is not cut short.
 TCP_USER_TIMEOUT = 10  # seconds
+
+
+Row = TypeVar("Row")
+
+
+def insert_once(key: str | None, earlier: Callable[[], Row | None], same: Callable[[Row], Row], write: Callable[[], Row]) -> tuple[Row, bool]:
+    """The idempotent insert: return ``(row, created)``.
+
+    With a ``key`` (an Idempotency-Key, an event id), the row ``earlier()`` finds under it is
+    the answer, checked by ``same(row)`` (which returns it, or raises when the key was used for
+    another request). Else ``write()`` adds and commits the new row; when a unique constraint on
+    the key refuses it (another request with the key committed first), the session is rolled back
+    and that request's row is the answer. Without a key, ``write()`` alone.
+    """
+    if key is not None:
+        found = earlier()
+        if found is not None:
+            return same(found), False
+    try:
+        return write(), True
+    except IntegrityError:
+        db.session.rollback()
+        found = earlier() if key is not None else None
+        if found is None:
+            raise
+        return same(found), False
 
 
 def engine_options(config: dict) -> dict:

@@ -16,14 +16,13 @@ from functools import partial
 
 from flask import Flask, current_app, request, url_for
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import undefer
 from werkzeug.datastructures import Headers
 from werkzeug.routing import MapAdapter
 
 from app import queue
 from app.errors import ProblemError, database_errors, problem_type
-from app.extensions import db
+from app.extensions import db, insert_once
 from app.gateway.idempotency import IdempotencyKeyReused, valid_key
 from app.gateway.router import AmbiguousPath
 from app.gateway.types import GatewayRequest, GatewayResponse
@@ -201,10 +200,18 @@ def create(
     """
     digest = _digest(kind, calls)
     scope = _scope(principal, client_ip) if idempotency_key else None
-    if idempotency_key:
-        earlier = _by_key(scope, idempotency_key)
-        if earlier is not None:
-            return _same(earlier, digest), False
+    return insert_once(
+        idempotency_key,
+        lambda: _by_key(scope, idempotency_key),
+        lambda earlier: _same(earlier, digest),
+        lambda: _write(kind, calls, principal, client, request_id, scope, idempotency_key, digest),
+    )
+
+
+def _write(
+    kind: str, calls: list[Call], principal: Principal | None, client: dict, request_id: str, scope: str | None, key: str | None, digest: str
+) -> Job:
+    """Add the job (and its batch items) and commit; a duplicate key raises IntegrityError."""
     now = utcnow()
     job = Job(
         kind=kind,
@@ -215,7 +222,7 @@ def create(
         client=client,
         principal=principal_json(principal),
         idempotency_scope=scope,
-        idempotency_key=idempotency_key,
+        idempotency_key=key,
         request_hash=digest,
         request_id=request_id,
         created_at=now,
@@ -230,32 +237,24 @@ def create(
         job.route = ", ".join(sorted({c.route or "" for c in calls}))[:200]
         job.progress_message = f"0 of {len(calls)} requests done"
     db.session.add(job)
-    try:
-        if kind == BATCH:
-            db.session.flush()  # the job's id for its items; a duplicate key fails here
-            db.session.add_all(
-                JobItem(
-                    job_id=job.id,
-                    position=position,
-                    route=call.route,
-                    method=call.method,
-                    path=call.path,
-                    raw_path=call.raw_path,
-                    query=call.query,
-                    request_headers=call.headers,
-                    request_body=call.body,
-                )
-                for position, call in enumerate(calls)
+    if kind == BATCH:
+        db.session.flush()  # the job's id for its items; a duplicate key fails here
+        db.session.add_all(
+            JobItem(
+                job_id=job.id,
+                position=position,
+                route=call.route,
+                method=call.method,
+                path=call.path,
+                raw_path=call.raw_path,
+                query=call.query,
+                request_headers=call.headers,
+                request_body=call.body,
             )
-        _commit_keeping(job)
-    except IntegrityError:
-        # Another submission with this key committed first: answer with its job.
-        db.session.rollback()
-        earlier = _by_key(scope, idempotency_key) if idempotency_key else None
-        if earlier is None:
-            raise
-        return _same(earlier, digest), False
-    return job, True
+            for position, call in enumerate(calls)
+        )
+    _commit_keeping(job)
+    return job
 
 
 def replay_of(key: str, principal: Principal | None) -> bool:

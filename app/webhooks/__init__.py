@@ -15,12 +15,11 @@ from dataclasses import dataclass
 
 from flask import Flask, current_app
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import undefer
 
 from app import queue
 from app.errors import ProblemError
-from app.extensions import db
+from app.extensions import db, insert_once
 from app.models import WebhookDelivery, WebhookEndpoint, WebhookMessage
 from app.models.base import isoformat, utcnow
 from app.models.webhooks import PENDING
@@ -215,24 +214,17 @@ def record_message(consumer_id: str, event_type: str, data: object, event_id: st
     Enqueueing its fan-out is the caller's job, after this commit (``fan_out_later``).
     """
     digest = _digest(event_type, data)
-    if event_id is not None:
-        earlier = _by_event_id(consumer_id, event_id)
-        if earlier is not None:
-            return _same(earlier, digest), False
-    now = utcnow()
-    message = new_message(
-        consumer_id, event_type, data, event_id=event_id, request_id=request_id, created_at=now, fanned_out_at=now if fanned_out else None
-    )
-    db.session.add(message)
-    try:
+
+    def write() -> WebhookMessage:
+        now = utcnow()
+        message = new_message(
+            consumer_id, event_type, data, event_id=event_id, request_id=request_id, created_at=now, fanned_out_at=now if fanned_out else None
+        )
+        db.session.add(message)
         db.session.commit()
-    except IntegrityError:
-        db.session.rollback()
-        earlier = _by_event_id(consumer_id, event_id) if event_id is not None else None
-        if earlier is None:
-            raise
-        return _same(earlier, digest), False
-    return message, True
+        return message
+
+    return insert_once(event_id, lambda: _by_event_id(consumer_id, event_id), lambda earlier: _same(earlier, digest), write)
 
 
 def _by_event_id(consumer_id: str, event_id: str) -> WebhookMessage | None:

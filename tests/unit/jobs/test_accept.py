@@ -295,3 +295,29 @@ def test_a_nul_in_the_path_is_a_400_and_makes_no_job_even_where_ambiguous_paths_
     assert response.json["type"].endswith("/ambiguous-path")
     assert "NUL" in response.json["detail"]
     assert job_count(app) == 0
+
+
+@pytest.mark.postgres
+def test_submissions_racing_with_one_key_make_one_job_and_all_answer_it(jobs_app, postgres_database, upstream):
+    # Whichever commits first makes the job; the others hit the unique key and answer with it.
+    import threading
+
+    app = jobs_app(SQLALCHEMY_DATABASE_URI=postgres_database)
+    start = threading.Barrier(6)
+    answers = []
+
+    def submit() -> None:
+        client = app.test_client()
+        start.wait()
+        answers.append(client.post("/async/anything", data=b'{"n": 1}', headers={"Idempotency-Key": "race-1"}))
+
+    threads = [threading.Thread(target=submit) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert [answer.status_code for answer in answers] == [202] * 6
+    assert len({answer.json["id"] for answer in answers}) == 1
+    assert sum("Idempotent-Replayed" not in answer.headers for answer in answers) == 1
+    assert job_count(app) == 1
