@@ -8,7 +8,6 @@ from celery import Celery, Task
 from flask import Flask
 from kombu import Queue
 
-from app import queue
 from tasks.schedule import beat_schedule
 
 # Nothing from ``app`` at module level: ``celery -A tasks`` imports this package before
@@ -29,6 +28,7 @@ def celery_init_app(app: Flask) -> Celery:
     then go back on the queue at once.
     """
 
+    from app import queue
     from app.observability import tasks as observed_tasks
 
     # Not "from app import webhooks": importing tasks.webhooks below would rebind that name here.

@@ -1,8 +1,6 @@
 """The beat schedule, as data: task name to interval (seconds) and options."""
 from __future__ import annotations
 
-from app import queue
-
 
 def beat_schedule(config: dict) -> dict[str, dict]:
     """Every periodic task, keyed by entry name; intervals (seconds) come from ``config``.
@@ -10,6 +8,9 @@ def beat_schedule(config: dict) -> dict[str, dict]:
     An entry expires after one interval: a beat that ran while no worker listened does not
     leave a backlog of identical sweeps behind.
     """
+    # Imported here: `celery -A tasks` imports this package before the app (see tasks/__init__.py).
+    from app import queue
+
     entries = {
         "sweep-jobs": (queue.SWEEP_JOBS, float(config["JOB_SWEEP_INTERVAL"])),
         "dispatch-webhooks": (queue.DISPATCH, float(config["WEBHOOK_DISPATCH_INTERVAL"])),
