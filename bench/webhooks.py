@@ -6,7 +6,7 @@ Deliveries per second to a local receiver, one Celery worker per peer with the s
 - ``gateway``: the gateway's own worker (``celery -A tasks worker -Q webhooks,celery``) running
   ``frontdoor.webhooks.deliver``: claim the row, check the URL, sign with the endpoint's
   (encrypted) secret, POST, log the attempt, set the delivery's state. The events are recorded
-  and fanned out in this process (``app.webhooks.record_message`` + ``fan_out``, no HTTP
+  and fanned out in this process (``app.webhooks.messages.record_message`` + ``fan_out``, no HTTP
   publishing) before the clock starts; the clock starts at the first
   ``app.webhooks.delivery.enqueue``;
 - ``gateway-fanout``: the same worker, the events recorded here (``record_message``) and their
@@ -253,16 +253,16 @@ def new_endpoint(label: str, url: str, secret: str) -> str:
 def record_events(endpoint_id: str, count: int, fan_out: bool) -> list[tuple[str, str]]:
     """Record ``count`` messages for the endpoint's consumer (and, with ``fan_out``, make their
     deliveries with ``fan_out``); return ``[(message_id, delivery_id or '')]``."""
-    from app import webhooks
     from app.extensions import db
     from app.models import WebhookEndpoint
+    from app.webhooks import messages
 
     consumer_id = db.session.get(WebhookEndpoint, endpoint_id).consumer_id
     made = []
     for n in range(count):
-        message, _ = webhooks.record_message(consumer_id, EVENT_TYPE, event_data(n))
+        message, _ = messages.record_message(consumer_id, EVENT_TYPE, event_data(n))
         message_id = message.id
-        delivery_ids = webhooks.fan_out(message_id) if fan_out else [""]
+        delivery_ids = messages.fan_out(message_id) if fan_out else [""]
         if len(delivery_ids) != 1:
             raise RuntimeError(f"fan-out of {message_id} made {len(delivery_ids)} deliveries, not 1")
         made.append((message_id, delivery_ids[0]))
@@ -333,7 +333,7 @@ class Harness:
         if peer == "naive":
             from app.models import WebhookMessage
             from app.models.base import new_id, utcnow
-            from app.webhooks import payload
+            from app.webhooks.messages import payload
 
             items = []
             with self.app.app_context():
@@ -358,9 +358,9 @@ class Harness:
             if delivery.enqueue([item[1]]):
                 raise RuntimeError(f"could not enqueue delivery {item[1]}")
         else:
-            from app import webhooks
+            from app.webhooks import messages
 
-            webhooks.fan_out_later([item[0]])
+            messages.fan_out_later([item[0]])
 
     def burst(self, peer: Peer, work: dict) -> dict:
         """Enqueue every delivery of ``work`` at once; wait for the K-th arrival (and, for the
@@ -496,7 +496,7 @@ def profile(args, app, receiver_base: str, secret: str) -> dict:
 
     from app import webhooks
     from app.extensions import db
-    from app.webhooks import delivery
+    from app.webhooks import delivery, endpoints, messages
     from app.webhooks import secrets as webhook_secrets
 
     count = args.profile
@@ -511,9 +511,9 @@ def profile(args, app, receiver_base: str, secret: str) -> dict:
         for owner, name, label in (
             (delivery, "claim", "claim"),
             (delivery, "attempt", "attempt"),
-            (webhooks, "with_data", "attempt: with_data (message + data)"),
-            (webhooks, "signing_secrets", "attempt: signing_secrets (Fernet decrypt)"),
-            (webhooks, "payload", "attempt: payload (JSON body)"),
+            (messages, "with_data", "attempt: with_data (message + data)"),
+            (endpoints, "signing_secrets", "attempt: signing_secrets (Fernet decrypt)"),
+            (messages, "payload", "attempt: payload (JSON body)"),
             (guard, "check", "attempt: guard.check (resolve + check)"),
             (webhook_secrets, "sign", "attempt: secrets.sign (standardwebhooks)"),
             (delivery, "send", "attempt: sender.send (HTTP POST)"),
@@ -795,7 +795,7 @@ def report(args, measured: dict, redis_url: str) -> None:
         print(f"\ndeliveries/s to a local receiver (gunicorn gthread, 1 worker x 8 threads, answers 200 at once),"
               f" {args.events} events per round, median of {args.rounds} rounds;")
         print(f"one Celery worker per peer, --concurrency {args.concurrency} (prefork), Redis broker, late acks, prefetch 1")
-        print("  gateway: events recorded and fanned out in this process (app.webhooks.record_message + fan_out, no HTTP"
+        print("  gateway: events recorded and fanned out in this process (app.webhooks.messages.record_message + fan_out, no HTTP"
               " publishing) before the clock;\n    clock from the first app.webhooks.delivery.enqueue to the last delivery"
               " row's finished_at (succeeded); attempt logging on")
         print("  gateway-fanout: events recorded here (record_message), clock from the first fan_out_later: the worker"

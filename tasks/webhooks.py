@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from app import queue, webhooks
-from app.webhooks import delivery
+from app import queue
+from app.webhooks import delivery, messages
 
 
 # Each task is safe to run twice: fan-out claims its message with a conditional write, and an
@@ -13,7 +13,7 @@ from app.webhooks import delivery
 @shared_task(name=queue.FAN_OUT, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def fan_out_task(message_id: str) -> int:
     """Create the deliveries of message ``message_id`` and enqueue them; return how many."""
-    created = webhooks.fan_out(message_id)
+    created = messages.fan_out(message_id)
     delivery.enqueue(created)
     return len(created)
 
@@ -21,7 +21,7 @@ def fan_out_task(message_id: str) -> int:
 @shared_task(name=queue.PUBLISH_JOB_EVENTS, acks_late=True, ignore_result=True)
 def publish_job_events_task() -> int:
     """Publish the jobs' outbox as messages and send their fan-outs; return how many."""
-    return webhooks.publish_job_events()
+    return messages.publish_job_events()
 
 
 @shared_task(name=queue.DELIVER, acks_late=True, reject_on_worker_lost=True, ignore_result=True)

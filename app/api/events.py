@@ -20,6 +20,7 @@ from app.auth import manage
 from app.auth.authenticate import InsufficientScope
 from app.auth.views import current_principal
 from app.models import WebhookMessage
+from app.webhooks import messages
 
 bp = Blueprint("events", __name__)
 
@@ -28,7 +29,7 @@ EventId = stored_text(WebhookMessage.event_id, min_length=1)
 
 
 class EventCreate(Schema):
-    type: Annotated[str, AfterValidator(webhooks.check_type)]
+    type: Annotated[str, AfterValidator(messages.check_type)]
     data: Any = Field(default_factory=dict)
     id: EventId | None = None  # type: ignore[valid-type]  # the publisher's event id
     consumer: ConsumerReference | None = None  # id or name; only with the admin scope (default: the caller)
@@ -70,13 +71,13 @@ def publish() -> tuple:
         if consumer is None:
             raise invalid("consumer", f"no consumer has the id or name {data.consumer!r}")
         consumer_id = consumer.id
-    message, created = webhooks.record_message(consumer_id, data.type, data.data, data.id, g.get("request_id"))
+    message, created = messages.record_message(consumer_id, data.type, data.data, data.id, g.get("request_id"))
     if created:
-        webhooks.fan_out_later([message.id])
+        messages.fan_out_later([message.id])
     headers = {"Location": url_for("events.read", message_id=message.id)}
     if not created:
         headers["Idempotent-Replayed"] = "true"
-    return reply(schemas.Message, webhooks.message_json(message), 202 if created else 200, headers)
+    return reply(schemas.Message, messages.message_json(message), 202 if created else 200, headers)
 
 
 @bp.get("/events/<id:message_id>")
@@ -85,8 +86,8 @@ def read(message_id: str) -> tuple:
     """The message with its ``data``: the caller's own (404 otherwise)."""
     principal = current_principal()
     assert principal is not None
-    message = webhooks.with_data(message_id)
+    message = messages.with_data(message_id)
     if message is not None and message.consumer_id != principal.consumer_id:
         message = None
-    return reply(schemas.MessageWithData, webhooks.message_json(found(message, "event", message_id), data=True))
+    return reply(schemas.MessageWithData, messages.message_json(found(message, "event", message_id), data=True))
 

@@ -35,7 +35,7 @@ from app.extensions import db
 from app.identity import Principal
 from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookMessage
 from app.models.webhooks import DELIVERY_STATUSES
-from app.webhooks import delivery, endpoints, secrets
+from app.webhooks import delivery, endpoints, messages, secrets
 from app.webhooks.guard import UnsafeURL
 
 bp = Blueprint("webhooks", __name__)
@@ -44,7 +44,7 @@ ATTEMPTS_SHOWN = 20  # a delivery lists its latest attempts (``attempt_count`` c
 
 
 def _event_types(values: list[str]) -> list[str]:
-    return list(dict.fromkeys(webhooks.check_filter(value) for value in values))
+    return list(dict.fromkeys(messages.check_filter(value) for value in values))
 
 
 URL = Annotated[str, Field(min_length=1, max_length=2048)]

@@ -392,9 +392,9 @@ def cancel(job: Job) -> Job:
     db.session.commit()
     metrics.JOBS.labels(CANCELED).inc()
     if job.consumer_id is not None:
-        from app import webhooks
+        from app.webhooks import messages
 
-        webhooks.publish_job_events_later()
+        messages.publish_job_events_later()
     return job
 
 

@@ -18,7 +18,6 @@ from flask import current_app
 from sqlalchemy import and_, delete, exists, func, literal, or_, select, update
 from sqlalchemy.orm import undefer
 
-from app import webhooks
 from app.errors import ProblemError
 from app.extensions import db, lock_rows
 from app.jobs import Settings, enqueue, problem_json, record_event, settings
@@ -35,6 +34,7 @@ from app.models.jobs import (
     SUCCEEDED,
 )
 from app.observability import metrics
+from app.webhooks import messages
 
 log = logging.getLogger("frontdoor.jobs")
 
@@ -299,7 +299,7 @@ def _finish(
     db.session.commit()
     metrics.JOBS.labels(status).inc()
     if job.consumer_id is not None:  # an anonymous job's event has no subscriber
-        webhooks.publish_job_events_later()
+        messages.publish_job_events_later()
     return status
 
 

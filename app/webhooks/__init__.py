@@ -1,46 +1,28 @@
 """Webhooks: endpoints a consumer registers, the events (messages) it publishes, and their fan-out.
 
-Delivery itself (claim, sign, send, record, retry, dispatch) is in ``app.webhooks.delivery``.
+Endpoints are in ``app.webhooks.endpoints``, messages and their fan-out in ``app.webhooks.messages``,
+delivery itself (claim, sign, send, record, retry, dispatch) in ``app.webhooks.delivery``.
 The flow follows Svix and the Standard Webhooks specification: a message is recorded once,
 fan-out makes one delivery per matching enabled endpoint, and every delivery of a message
 carries the message id as ``webhook-id``. Rows are committed before a task names them.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import re
 from dataclasses import dataclass
 
 from flask import Flask, current_app
-from sqlalchemy import select, update
-from sqlalchemy.orm import undefer
 
-from app import queue
 from app.errors import ProblemError
-from app.extensions import db, insert_once
-from app.models import WebhookDelivery, WebhookEndpoint, WebhookMessage
-from app.models.base import isoformat, utcnow
-from app.models.webhooks import PENDING
 from app.webhooks import secrets
 from app.webhooks.guard import Guard, parse_networks
 
 log = logging.getLogger("frontdoor.webhooks")
 
-# Event type names: dot-separated segments (``job.succeeded``); a filter may end in ``.*``.
-_TYPE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
-MAX_TYPE_LENGTH = 255
 # Types the gateway itself publishes; consumers may subscribe to them but not publish them.
 RESERVED_PREFIXES = ("job.", "webhook.")
 ENDPOINT_DISABLED = "webhook.endpoint.disabled"
 TEST_EVENT = "webhook.test"
-
-
-class EventIdReused(ProblemError):
-    """409: an event id already names an event with another type or data."""
-
-    status, title, slug = 409, "Conflict", "event-id-reused"
 
 
 class SecretKeyUnset(ProblemError):
@@ -139,194 +121,6 @@ def box() -> secrets.SecretBox:
             "process on a shared database needs the same key (README: Configuration)"
         )
     return found
-
-
-# -- event types -----------------------------------------------------------------------------
-
-
-def check_type(name: str) -> str:
-    """``name`` when it is an event type name (``a.b_c``, at most 255 characters); raises ValueError."""
-    if len(name) > MAX_TYPE_LENGTH or not _TYPE.fullmatch(name):
-        raise ValueError(f"{name!r} is not an event type: dot-separated letters, digits, '_' and '-'")
-    return name
-
-
-def check_filter(pattern: str) -> str:
-    """An event type filter: a type name, ``prefix.*`` (every type under prefix) or ``*``."""
-    if pattern == "*" or (pattern.endswith(".*") and _TYPE.fullmatch(pattern[:-2]) and len(pattern) <= MAX_TYPE_LENGTH):
-        return pattern
-    try:
-        return check_type(pattern)
-    except ValueError:
-        raise ValueError(f"{pattern!r} is not an event type or a filter such as 'job.*'") from None
-
-
-def matches(filters: list[str], event_type: str) -> bool:
-    """Whether an endpoint with ``filters`` wants ``event_type``: no filters means every type;
-    ``job.*`` matches ``job.succeeded`` and ``job.batch.done``, not ``job`` or ``jobs.x``."""
-    return not filters or any(
-        pattern in ("*", event_type) or (pattern.endswith(".*") and event_type.startswith(pattern[:-1]))
-        for pattern in filters
-    )
-
-
-# -- endpoints -------------------------------------------------------------------------------
-
-
-# -- messages --------------------------------------------------------------------------------
-
-
-def message_json(message: WebhookMessage, data: bool = False) -> dict:
-    found = {
-        "id": message.id,
-        "event_id": message.event_id,
-        "type": message.type,
-        "created_at": isoformat(message.created_at),
-        "request_id": message.request_id,
-    }
-    if data:
-        found["data"] = message.data
-    return found
-
-
-def payload(message: WebhookMessage) -> bytes:
-    """The body every delivery of ``message`` sends: ``{"type", "timestamp", "data"}`` as
-    compact JSON (Standard Webhooks, "Payload structure"), the same bytes on every retry."""
-    body = {"type": message.type, "timestamp": isoformat(message.created_at), "data": message.data}
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def _digest(event_type: str, data: object) -> str:
-    return hashlib.sha256(json.dumps([event_type, data], sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def new_message(consumer_id: str, event_type: str, data: object, **fields) -> WebhookMessage:
-    """A message row (not yet added to the session) with its payload hash; ``fields`` are the
-    other columns (``event_id``, ``request_id``, ``created_at``, ``fanned_out_at``)."""
-    return WebhookMessage(consumer_id=consumer_id, type=event_type, data=data, payload_hash=_digest(event_type, data), **fields)
-
-
-def record_message(consumer_id: str, event_type: str, data: object, event_id: str | None = None, request_id: str | None = None, fanned_out: bool = False) -> tuple[WebhookMessage, bool]:
-    """Write a message and commit; return ``(message, created)``.
-
-    With ``event_id`` a repeat of an earlier event (same id, type and data) returns the earlier
-    message with ``created`` False; raises EventIdReused (409) when the id names another event.
-    Enqueueing its fan-out is the caller's job, after this commit (``fan_out_later``).
-    """
-    digest = _digest(event_type, data)
-
-    def write() -> WebhookMessage:
-        now = utcnow()
-        message = new_message(
-            consumer_id, event_type, data, event_id=event_id, request_id=request_id, created_at=now, fanned_out_at=now if fanned_out else None
-        )
-        db.session.add(message)
-        db.session.commit()
-        return message
-
-    return insert_once(event_id, lambda: _by_event_id(consumer_id, event_id), lambda earlier: _same(earlier, digest), write)
-
-
-def _by_event_id(consumer_id: str, event_id: str) -> WebhookMessage | None:
-    return db.session.execute(
-        select(WebhookMessage).where(WebhookMessage.consumer_id == consumer_id, WebhookMessage.event_id == event_id)
-    ).scalar_one_or_none()
-
-
-def _same(earlier: WebhookMessage, digest: str) -> WebhookMessage:
-    if earlier.payload_hash != digest:
-        raise EventIdReused(f"The event id {earlier.event_id!r} was published with another type or data ({earlier.id})")
-    return earlier
-
-
-def fan_out_later(message_ids: list[str]) -> None:
-    """Send a fan-out message per message id; a lost one is redone by the dispatcher."""
-    queue.send_each(queue.FAN_OUT, message_ids, "fan-out")
-
-
-def fan_out(message_id: str) -> list[str]:
-    """Make one pending delivery per enabled endpoint of the message's consumer whose filters
-    match its type, mark the message fanned out, commit; return the new deliveries' ids (the
-    caller enqueues them). A message already fanned out gets nothing more: safe to run twice."""
-    now = utcnow()
-    # The conditional write comes first: it is the claim (two fan-outs, one winner), and on
-    # SQLite a transaction that starts by writing never has to upgrade a read lock.
-    claimed = db.session.execute(
-        update(WebhookMessage).where(WebhookMessage.id == message_id, WebhookMessage.fanned_out_at.is_(None)).values(fanned_out_at=now)
-    ).rowcount
-    if not claimed:
-        db.session.rollback()
-        return []
-    message = db.session.get(WebhookMessage, message_id)
-    assert message is not None
-    endpoints = db.session.execute(
-        select(WebhookEndpoint).where(WebhookEndpoint.consumer_id == message.consumer_id, WebhookEndpoint.disabled.is_(False))
-    ).scalars()
-    deliveries = [
-        WebhookDelivery(
-            message_id=message_id,
-            endpoint_id=endpoint.id,
-            consumer_id=message.consumer_id,
-            status=PENDING,
-            next_attempt_at=now,
-            dispatched_at=now,
-            created_at=now,
-        )
-        for endpoint in endpoints
-        if matches(endpoint.event_types or [], message.type)
-    ]
-    db.session.add_all(deliveries)
-    db.session.commit()
-    return [delivery.id for delivery in deliveries]
-
-
-def publish_job_events(limit: int = 500) -> int:
-    """Publish the jobs' outbox (``job_events`` rows not yet published) as messages, each
-    keyed by its event id so that publishing twice records one message; return how many
-    messages were made. Anonymous jobs have no endpoints: their events are only marked.
-
-    The rows are taken with one conditional write first (the transaction's first statement,
-    as SQLite needs), so two publishers running at once never take the same event.
-    """
-    from app.models import JobEvent
-
-    now = utcnow()
-    pending = select(JobEvent.id).where(JobEvent.published_at.is_(None)).order_by(JobEvent.created_at).limit(limit)
-    taken = list(
-        db.session.execute(
-            update(JobEvent)
-            .where(JobEvent.id.in_(pending.scalar_subquery()), JobEvent.published_at.is_(None))
-            .values(published_at=now)
-            .returning(JobEvent.id)
-        ).scalars()
-    )
-    made = []
-    if taken:
-        events = db.session.execute(select(JobEvent).where(JobEvent.id.in_(taken)).order_by(JobEvent.created_at)).scalars()
-        for event in events:
-            if event.consumer_id is None or _by_event_id(event.consumer_id, event.id) is not None:
-                continue
-            message = new_message(
-                event.consumer_id, event.type, event.data, event_id=event.id, request_id=(event.data or {}).get("request_id"), created_at=event.created_at
-            )
-            db.session.add(message)
-            made.append(message)
-    db.session.commit()
-    fan_out_later([message.id for message in made])
-    return len(made)
-
-
-def publish_job_events_later() -> None:
-    """Ask a worker to publish the jobs' outbox now (called after a commit that wrote a job
-    event), rather than at beat's next dispatch; a lost message only delays them until then."""
-    try:
-        queue.send(queue.PUBLISH_JOB_EVENTS, retry_policy={"max_retries": 1, "interval_start": 0.1})
-    except Exception:
-        log.warning("job event publish enqueue failed; the dispatcher will publish them", exc_info=True)
-
-
-def with_data(message_id: str) -> WebhookMessage | None:
-    return db.session.get(WebhookMessage, message_id, options=[undefer(WebhookMessage.data)])
 
 
 def init_app(app: Flask) -> None:

@@ -33,7 +33,7 @@ from app.models.webhooks import (
     TEST,
 )
 from app.observability import metrics, tracing
-from app.webhooks import endpoints, secrets
+from app.webhooks import endpoints, messages, secrets
 from app.webhooks.guard import UnsafeURL
 from app.webhooks.sender import Result, send
 
@@ -138,7 +138,7 @@ def attempt(work: Claim) -> tuple[Result, str, str | None, str | None]:
         work.endpoint_id,
         options=[undefer(WebhookEndpoint.secret_encrypted), undefer(WebhookEndpoint.previous_secret_encrypted)],
     )
-    message = webhooks.with_data(delivery.message_id) if delivery is not None else None
+    message = messages.with_data(delivery.message_id) if delivery is not None else None
     if delivery is None or endpoint is None or message is None:
         db.session.rollback()
         return Result(None, 0, error="the delivery or its endpoint was deleted"), "", None, None
@@ -148,7 +148,7 @@ def attempt(work: Claim) -> tuple[Result, str, str | None, str | None]:
     except (secrets.SecretUnreadable, webhooks.SecretKeyUnset) as exc:
         db.session.rollback()
         return Result(None, 0, error=str(getattr(exc, "detail", exc))[:500]), url, None, request_id
-    body = webhooks.payload(message)
+    body = messages.payload(message)
     message_id = message.id
     db.session.rollback()  # nothing held while the receiver is slow
     try:
@@ -232,7 +232,7 @@ def record(work: Claim, result: Result, url: str, address: str | None, request_i
     if result.succeeded and work.trigger != TEST and work.created_at is not None:
         metrics.WEBHOOK_LAG_SECONDS.observe(max((now - work.created_at).total_seconds(), 0.0))
     if disabled is not None:
-        webhooks.fan_out_later([disabled])
+        messages.fan_out_later([disabled])
     log.info(
         "webhook attempt",
         extra={
@@ -306,7 +306,7 @@ def disable(endpoint: WebhookEndpoint, reason: str, now: datetime) -> str | None
         .values(status=FAILED, finished_at=now, next_attempt_at=None, last_error=f"endpoint disabled: {reason}"[:500])
     )
     data = {"endpoint_id": endpoint.id, "url": endpoint.url, "reason": reason, "failing_since": isoformat(endpoint.failing_since)}
-    message = webhooks.new_message(
+    message = messages.new_message(
         endpoint.consumer_id, webhooks.ENDPOINT_DISABLED, data, event_id=f"{endpoint.id}.disabled.{int(now.timestamp() * 1000)}", created_at=now
     )
     db.session.add(message)
@@ -379,7 +379,7 @@ def dispatch(limit: int = 500) -> dict[str, int]:
       than its free slots under WEBHOOK_ENDPOINT_CONCURRENCY.
     """
     config = webhooks.settings()
-    counts = {"published": webhooks.publish_job_events(limit), "fanned_out": 0, "lost": 0, "dispatched": 0}
+    counts = {"published": messages.publish_job_events(limit), "fanned_out": 0, "lost": 0, "dispatched": 0}
     now = utcnow()
     stale = list(
         db.session.execute(
@@ -390,7 +390,7 @@ def dispatch(limit: int = 500) -> dict[str, int]:
     )
     db.session.rollback()
     for message_id in stale:
-        created = webhooks.fan_out(message_id)
+        created = messages.fan_out(message_id)
         counts["fanned_out"] += 1
         enqueue(created)
 
@@ -511,7 +511,7 @@ def send_test(endpoint: WebhookEndpoint, request_id: str | None) -> WebhookAttem
         db.session.rollback()
         raise EndpointBusy(endpoint.id)
     data = {"endpoint_id": endpoint.id, "message": "a test delivery from the gateway"}
-    message = webhooks.new_message(endpoint.consumer_id, webhooks.TEST_EVENT, data, request_id=request_id, created_at=now, fanned_out_at=now)
+    message = messages.new_message(endpoint.consumer_id, webhooks.TEST_EVENT, data, request_id=request_id, created_at=now, fanned_out_at=now)
     db.session.add(message)
     db.session.flush()
     delivery = WebhookDelivery(
@@ -560,7 +560,7 @@ def delivery_json(delivery: WebhookDelivery, message: WebhookMessage | None = No
     data = {
         "id": delivery.id,
         "endpoint_id": delivery.endpoint_id,
-        "message": webhooks.message_json(message) if message is not None else {"id": delivery.message_id},
+        "message": messages.message_json(message) if message is not None else {"id": delivery.message_id},
         "status": delivery.status,
         "attempt_count": delivery.attempts,
         "next_attempt_at": isoformat(delivery.next_attempt_at),

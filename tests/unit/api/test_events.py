@@ -6,9 +6,9 @@ import json
 import pytest
 from sqlalchemy import func, select
 
-from app import webhooks
 from app.extensions import db
 from app.models import WebhookMessage
+from app.webhooks import messages as webhook_messages
 from tests.unit.api.support import auth, problem
 
 EVENTS = "/_gateway/events"
@@ -37,7 +37,7 @@ def app(events_app):
 def fanned_out(monkeypatch) -> list[list[str]]:
     """The message ids of each fan-out the API asked for (instead of a Celery message)."""
     calls: list[list[str]] = []
-    monkeypatch.setattr(webhooks, "fan_out_later", lambda ids: calls.append(list(ids)))
+    monkeypatch.setattr(webhook_messages, "fan_out_later", lambda ids: calls.append(list(ids)))
     return calls
 
 

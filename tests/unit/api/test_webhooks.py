@@ -17,11 +17,10 @@ import standardwebhooks
 import svix.webhooks
 from sqlalchemy import select
 
-from app import webhooks
 from app.extensions import db
 from app.models import WebhookEndpoint, WebhookMessage
 from app.observability.logging import JSONFormatter
-from app.webhooks import delivery
+from app.webhooks import delivery, messages
 from tests.factories import Identity
 from tests.unit.api.support import all_pages, auth, problem
 
@@ -146,7 +145,7 @@ class Enqueued:
 @pytest.fixture(autouse=True)
 def enqueued(monkeypatch) -> Enqueued:
     calls = Enqueued()
-    monkeypatch.setattr(webhooks, "fan_out_later", lambda ids: calls.fan_outs.append(list(ids)))
+    monkeypatch.setattr(messages, "fan_out_later", lambda ids: calls.fan_outs.append(list(ids)))
 
     def enqueue(ids: list[str]) -> list[str]:
         if ids:
@@ -172,7 +171,7 @@ def publish(client, headers: dict[str, str], event_type: str = "order.created", 
 def fan_out(app, message_id: str) -> list[str]:
     """What the fan-out task does, without the enqueue: the new delivery ids."""
     with app.app_context():
-        return webhooks.fan_out(message_id)
+        return messages.fan_out(message_id)
 
 
 def deliver(app, delivery_id: str) -> str | None:

@@ -13,10 +13,9 @@ from flask import Flask
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.pool import NullPool
 
-from app import webhooks
 from app.extensions import db
 from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookMessage
-from app.webhooks import delivery, endpoints
+from app.webhooks import delivery, endpoints, messages
 from tests.factories import Identity
 from tests.services import free_port
 
@@ -158,15 +157,15 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch) -> Clock:
     found = Clock()
-    monkeypatch.setattr(webhooks, "utcnow", found)
-    monkeypatch.setattr(delivery, "utcnow", found)
+    for module in (endpoints, messages, delivery):
+        monkeypatch.setattr(module, "utcnow", found)
     return found
 
 
 @dataclass
 class Enqueued:
     """What was handed to Celery: delivery ids (``delivery.enqueue``) and message ids
-    (``webhooks.fan_out_later``), each checked, when handed over, to be committed already
+    (``messages.fan_out_later``), each checked, when handed over, to be committed already
     (read through a connection of its own)."""
 
     deliveries: list[str] = field(default_factory=list)
@@ -204,7 +203,7 @@ class Enqueued:
 def enqueued(monkeypatch) -> Enqueued:
     found = Enqueued()
     monkeypatch.setattr(delivery, "enqueue", found.enqueue)
-    monkeypatch.setattr(webhooks, "fan_out_later", found.fan_out_later)
+    monkeypatch.setattr(messages, "fan_out_later", found.fan_out_later)
     return found
 
 
@@ -251,12 +250,12 @@ class Hooks:
     def message(self, consumer_id: str, event_type: str = "order.created", data: object = None) -> str:
         """Record a message (not fanned out) and return its id."""
         with self.app.app_context():
-            message, _ = webhooks.record_message(consumer_id, event_type, {"n": 1} if data is None else data)
+            message, _ = messages.record_message(consumer_id, event_type, {"n": 1} if data is None else data)
             return message.id
 
     def fan_out(self, message_id: str) -> list[str]:
         with self.app.app_context():
-            return webhooks.fan_out(message_id)
+            return messages.fan_out(message_id)
 
     def publish(self, consumer_id: str, event_type: str = "order.created", data: object = None) -> list[str]:
         """Record a message and fan it out; return the new deliveries' ids."""

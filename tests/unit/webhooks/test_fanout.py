@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from app import webhooks
 from app.extensions import db
 from app.jobs import record_event
 from app.models import Job, JobEvent
 from app.models.base import utcnow
+from app.webhooks import messages
 from tasks.webhooks import fan_out_task
 
 FILTERS = {
@@ -61,7 +61,7 @@ def test_a_message_is_delivered_to_the_endpoints_whose_filters_match_its_type(ho
     ],
 )
 def test_matches(filters, event_type, expected):
-    assert webhooks.matches(filters, event_type) is expected
+    assert messages.matches(filters, event_type) is expected
 
 
 def test_disabled_endpoints_and_other_consumers_endpoints_get_no_delivery(hooks, receiver):
@@ -154,16 +154,16 @@ def test_job_events_become_messages_fanned_out_to_endpoints_subscribed_to_job_ev
     succeeded = _finished_job(hooks, consumer, "succeeded")
     failed = _finished_job(hooks, consumer, "failed")
 
-    assert hooks.call(webhooks.publish_job_events) == 2
+    assert hooks.call(messages.publish_job_events) == 2
 
-    messages = hooks.messages()
-    assert sorted((row["type"], row["data"]["id"], row["data"]["status"]) for row in messages) == [
+    rows = hooks.messages()
+    assert sorted((row["type"], row["data"]["id"], row["data"]["status"]) for row in rows) == [
         ("job.failed", failed, "failed"),
         ("job.succeeded", succeeded, "succeeded"),
     ]
-    assert {row["consumer_id"] for row in messages} == {consumer}
-    assert all(row["data"]["request"] == {"method": "GET", "path": "/reports", "query": ""} for row in messages)
-    assert sorted(enqueued.messages) == sorted(row["id"] for row in messages)
+    assert {row["consumer_id"] for row in rows} == {consumer}
+    assert all(row["data"]["request"] == {"method": "GET", "path": "/reports", "query": ""} for row in rows)
+    assert sorted(enqueued.messages) == sorted(row["id"] for row in rows)
     assert _events(hooks) and all(published for _, published in _events(hooks))
 
     for message_id in enqueued.messages:
@@ -177,12 +177,12 @@ def test_job_events_published_twice_make_one_message(hooks, receiver, enqueued):
     consumer = hooks.consumer()
     job = _finished_job(hooks, consumer)
 
-    assert hooks.call(webhooks.publish_job_events) == 1
-    assert hooks.call(webhooks.publish_job_events) == 0  # nothing left unpublished
+    assert hooks.call(messages.publish_job_events) == 1
+    assert hooks.call(messages.publish_job_events) == 0  # nothing left unpublished
     # A publisher that stopped after writing the message but before marking the event (or a
     # second beat) sees the event again: the message is keyed by the event id.
     hooks.call(lambda: (db.session.query(JobEvent).update({"published_at": None}), db.session.commit()))
-    assert hooks.call(webhooks.publish_job_events) == 0
+    assert hooks.call(messages.publish_job_events) == 0
 
     (message,) = hooks.messages()
     assert message["data"]["id"] == job
@@ -192,7 +192,7 @@ def test_job_events_published_twice_make_one_message(hooks, receiver, enqueued):
 def test_an_anonymous_jobs_event_is_marked_published_without_a_message(hooks, enqueued):
     job = _finished_job(hooks, None)
 
-    assert hooks.call(webhooks.publish_job_events) == 0
+    assert hooks.call(messages.publish_job_events) == 0
 
     assert _events(hooks) == [(job, True)]
     assert hooks.messages() == []

@@ -142,7 +142,7 @@ def test_a_job_event_is_published_as_soon_as_its_job_ends_not_at_the_next_dispat
         job = Job(consumer_id=consumer, status="notStarted", method="GET", path="/x", raw_path="/x")
         db.session.add(job)
         db.session.commit()
-        with mock.patch("app.queue.send") as send, mock.patch("app.webhooks.fan_out_later"):
+        with mock.patch("app.queue.send") as send, mock.patch("app.webhooks.messages.fan_out_later"):
             jobs.cancel(job)
             assert send.called is owned
             if owned:
