@@ -41,6 +41,8 @@ from app.auth.views import current_principal, policy
 from app.extensions import db
 from app.gateway.router import AmbiguousPath, has_dot_segment, refuse_ambiguous
 from app.gateway.runtime import Gateway
+from app.jobs import resource as job_resource
+from app.jobs import service as job_service
 from app.jobs.calls import Call, kept_headers
 from app.models import Job, JobItem
 from app.models.jobs import BATCH, REQUEST, STATUSES
@@ -227,22 +229,22 @@ def create() -> tuple:
     else:
         assert data.request is not None
         calls = [_call(data.request, "request", gateway, routes)]
-    key = jobs.idempotency_key(request.headers.get("Idempotency-Key"))
-    if not (key and jobs.replay_of(key, current_principal())):
+    key = job_service.idempotency_key(request.headers.get("Idempotency-Key"))
+    if not (key and job_service.replay_of(key, current_principal())):
         ratelimit.charge([(route, calls) for route, calls in routes.values()])
-    job, created = jobs.create(data.kind, calls, current_principal(), _client(), g.get("request_id", ""), key)
+    job, created = job_service.create(data.kind, calls, current_principal(), _client(), g.get("request_id", ""), key)
     if created:
-        jobs.enqueue([job.id])
-    resource, headers = jobs.accepted(job, created)
+        job_service.enqueue([job.id])
+    resource, headers = job_service.accepted(job, created)
     return reply(schemas.Job, resource, 202, headers)
 
 
 def _own(job_id: str, payload: bool = False) -> Job:
     """The caller's job ``job_id`` (with its stored response when ``payload``): 404 when it is
     unknown or someone else's, 410 once expired."""
-    job = found(jobs.owned(job_id, current_principal(), payload), "job", job_id)
-    if jobs.is_expired(job):
-        raise jobs.JobExpired(
+    job = found(job_resource.owned(job_id, current_principal(), payload), "job", job_id)
+    if job_resource.is_expired(job):
+        raise job_resource.JobExpired(
             f"Job {job_id} ended at {job.finished_at.isoformat() if job.finished_at else 'an earlier time'} and its result has expired"
         )
     return job
@@ -264,7 +266,7 @@ def index() -> tuple:
     assert principal is not None
     query = with_status(select(Job).where(Job.consumer_id == principal.consumer_id), Job.status, STATUSES)
     rows, next_cursor = page(query, Job, db.session)
-    return reply(schemas.Page[schemas.Job], {"data": [jobs.job_json(row) for row in rows], "next_cursor": next_cursor})
+    return reply(schemas.Page[schemas.Job], {"data": [job_resource.job_json(row) for row in rows], "next_cursor": next_cursor})
 
 
 @bp.get("/jobs/<id:job_id>")
@@ -274,7 +276,7 @@ def read(job_id: str) -> tuple:
     """The job resource; ``Retry-After`` (seconds) while it is not final. 410 once its result
     has expired."""
     job = _own(job_id)
-    return reply(schemas.Job, jobs.job_json(job, items=jobs.item_counts(job)), 200, _retry_after(job))
+    return reply(schemas.Job, job_resource.job_json(job, items=job_resource.item_counts(job)), 200, _retry_after(job))
 
 
 @bp.delete("/jobs/<id:job_id>")
@@ -282,8 +284,8 @@ def read(job_id: str) -> tuple:
 @operation("Cancel a job", {200: Reply(schemas.Job, "The job, canceled")}, errors=(404, 409, 410))
 def cancel(job_id: str) -> tuple:
     """Cancel a job not yet final (200 with the job); 409 when it has already ended."""
-    job = jobs.cancel(_own(job_id))
-    return reply(schemas.Job, jobs.job_json(job, items=jobs.item_counts(job)))
+    job = job_service.cancel(_own(job_id))
+    return reply(schemas.Job, job_resource.job_json(job, items=job_resource.item_counts(job)))
 
 
 UPSTREAM_ANSWER = "A request job: the upstream's response as it was, with its status, headers and body"
@@ -305,7 +307,7 @@ def result(job_id: str) -> Response:
     job = _own(job_id, payload=True)  # one SELECT: a purge cannot land between check and read
     if job.status != "succeeded":
         detail = f"The job is {job.status}; its result is available once it has succeeded"
-        raise jobs.JobNotSucceeded(detail, headers=_retry_after(job), job_status=job.status)
+        raise job_resource.JobNotSucceeded(detail, headers=_retry_after(job), job_status=job.status)
     if job.kind == BATCH:
         return Response(stream_with_context(_batch_result(job.id)), content_type="application/json")
     response = Response(job.result_body or b"", status=job.result_status)

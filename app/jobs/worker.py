@@ -20,8 +20,10 @@ from sqlalchemy.orm import undefer
 
 from app.errors import ProblemError
 from app.extensions import db, lock_rows
-from app.jobs import Settings, enqueue, problem_json, record_event, settings
+from app.jobs import Settings, settings
 from app.jobs.calls import Call, Outcome, make_call, principal_from
+from app.jobs.resource import problem_json
+from app.jobs.service import enqueue, record_event
 from app.models import Job, JobEvent, JobItem
 from app.models.base import UTCDateTime, utcnow
 from app.models.jobs import (

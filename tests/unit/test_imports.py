@@ -69,5 +69,5 @@ def test_no_import_cycle_runs_through_the_jobs_or_webhooks_domains_or_the_task_m
 
 def test_the_check_sees_imports_made_inside_a_function():
     # create_app imports tasks inside its body; a check reading only module-level imports would miss
-    # the kind of import that made the cycle before (app.jobs.enqueue importing tasks.jobs).
+    # the kind of import that made the cycle before (the job enqueue importing tasks.jobs).
     assert "tasks" in {unit(name) for name in imported(ROOT / "app" / "__init__.py")}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from app.extensions import db
-from app.jobs import record_event
+from app.jobs.service import record_event
 from app.models import Job, JobEvent
 from app.models.base import utcnow
 from app.webhooks import messages

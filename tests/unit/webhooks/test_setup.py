@@ -133,7 +133,7 @@ def test_beat_dispatches_and_sweeps_webhooks_at_their_intervals(app):
 def test_a_job_event_is_published_as_soon_as_its_job_ends_not_at_the_next_dispatch(make_app, identity, owned):
     from unittest import mock
 
-    from app import jobs
+    from app.jobs import service as job_service
     from app.models import Job, JobEvent, WebhookMessage
 
     app = make_app()
@@ -143,7 +143,7 @@ def test_a_job_event_is_published_as_soon_as_its_job_ends_not_at_the_next_dispat
         db.session.add(job)
         db.session.commit()
         with mock.patch("app.queue.send") as send, mock.patch("app.webhooks.messages.fan_out_later"):
-            jobs.cancel(job)
+            job_service.cancel(job)
             assert send.called is owned
             if owned:
                 assert send.call_args.args == ("frontdoor.webhooks.publish_job_events",)  # an anonymous job's event has nobody to go to

@@ -1,0 +1,115 @@
+"""The job resource: a job as JSON, its status and result URLs, and finding a job for its owner.
+
+It follows the Microsoft REST API guidelines for long-running operations: ``status`` is one of
+notStarted, running, succeeded, failed, canceled; the status URL is sent as ``Location`` and
+``Operation-Location``, and the result URL as ``resourceLocation`` once the job succeeded.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+
+from flask import url_for
+from sqlalchemy import func, select
+from sqlalchemy.orm import undefer
+from werkzeug.routing import MapAdapter
+
+from app.errors import ProblemError, problem_type
+from app.extensions import db
+from app.identity import Principal
+from app.models import Job, JobItem
+from app.models.base import isoformat, utcnow
+from app.models.jobs import BATCH, REQUEST
+
+
+class JobExpired(ProblemError):
+    """410: the job ended longer ago than JOB_RESULT_TTL; its result is gone."""
+
+    status, title, slug = 410, "Gone", "job-expired"
+
+
+class JobNotSucceeded(ProblemError):
+    """409: the job's result was asked for before it succeeded."""
+
+    status, title, slug = 409, "Conflict", "job-not-succeeded"
+
+
+def problem_json(error: ProblemError) -> dict:
+    """A ProblemError as the problem object a job keeps (RFC 9457 section 3)."""
+    body = {"type": problem_type(error.slug), "title": error.title, "status": error.status, "detail": error.detail}
+    body.update({k: v for k, v in error.extra.items() if isinstance(v, str | int | float | bool | list | dict)})
+    return body
+
+
+def is_expired(job: Job, now: datetime | None = None) -> bool:
+    return job.purged_at is not None or (job.expires_at is not None and job.expires_at <= (now or utcnow()))
+
+
+def job_json(job: Job, urls: bool | MapAdapter = True, items: dict[str, int] | None = None) -> dict:
+    """The job resource: ``{"id", "kind", "status", "progress": {"percent", "message"}, ...}``.
+
+    Timestamps are RFC 3339 UTC. ``error`` is a problem object (RFC 9457) or None; ``result``
+    gives the upstream's status and body size (bytes) once a request job succeeded; a batch
+    gives ``items``, its sub-request counts by status (``item_counts``). With ``urls`` (in a
+    request context) ``resourceLocation`` is the absolute result URL once the job succeeded.
+    """
+    data = {
+        "id": job.id,
+        "kind": job.kind,
+        "status": job.status,
+        "progress": {"percent": job.progress, "message": job.progress_message},
+        "route": job.route,
+        "request_id": job.request_id,
+        "attempts": job.attempts,
+        "created_at": isoformat(job.created_at),
+        "started_at": isoformat(job.started_at),
+        "finished_at": isoformat(job.finished_at),
+        "expires_at": isoformat(job.expires_at),
+        "error": job.error,
+    }
+    if job.kind == REQUEST:
+        data["request"] = {"method": job.method, "path": job.path, "query": job.query or ""}
+        data["result"] = {"status": job.result_status, "size": job.result_size} if job.result_status is not None else None
+    elif items is not None:
+        data["items"] = items
+    if urls and job.status == "succeeded":
+        data["resourceLocation"] = result_url(job.id, None if urls is True else urls)
+    return data
+
+
+def item_counts(job: Job) -> dict[str, int] | None:
+    """A batch's sub-requests by status, ``{"total": 5, "succeeded": 3, ...}``, counted in SQL
+    (no result is read); None for a request job."""
+    if job.kind != BATCH:
+        return None
+    rows = db.session.execute(
+        select(JobItem.status, func.count()).where(JobItem.job_id == job.id).group_by(JobItem.status)
+    ).all()
+    counts = {status: count for status, count in rows}
+    return {"total": sum(counts.values()), **counts}
+
+
+def status_url(job_id: str, urls: MapAdapter | None = None) -> str:
+    """The job's absolute status URL, from the public scheme and host (ProxyFix applies any
+    trusted X-Forwarded-Proto/-Host first): the current request's, or those ``urls`` is bound to."""
+    return _external("jobs.read", job_id, urls)
+
+
+def result_url(job_id: str, urls: MapAdapter | None = None) -> str:
+    return _external("jobs.result", job_id, urls)
+
+
+def _external(endpoint: str, job_id: str, urls: MapAdapter | None) -> str:
+    if urls is None:
+        return url_for(endpoint, job_id=job_id, _external=True)
+    return urls.build(endpoint, {"job_id": job_id}, force_external=True)
+
+
+def owned(job_id: str, principal: Principal | None, payload: bool = False) -> Job | None:
+    """The job ``job_id`` if ``principal`` owns it: a consumer sees its own jobs, an anonymous
+    caller the anonymous ones (whose unguessable id is the only way to them). None otherwise.
+    With ``payload`` the stored request and response are read in the same query."""
+    job = db.session.get(Job, job_id, options=[undefer("*")] if payload else ())
+    if job is None:
+        return None
+    owner = principal.consumer_id if principal is not None else None
+    return job if job.consumer_id == owner else None
