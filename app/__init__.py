@@ -30,6 +30,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         gateway,
         health,
         jobs,
+        models,  # noqa: F401 - registers the tables with db.metadata (Flask-Migrate reads it)
         ratelimit,
         webhooks,
     )

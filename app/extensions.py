@@ -126,9 +126,8 @@ def engine_options(config: dict) -> dict:
 
 
 def init_app(app: Flask) -> None:
-    """Bind the database, migrations and (when ``REDIS_URL`` is set) a Redis client."""
-    from app import models  # noqa: F401 - registers the tables with db.metadata
-
+    """Bind the database, migrations and (when ``REDIS_URL`` is set) a Redis client. The models
+    register their tables with ``db.metadata`` when ``app.models`` is imported (create_app does)."""
     app.config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options(app.config)
     db.init_app(app)
     migrate.init_app(app, db, directory=str(Path(app.root_path).parent / "migrations"))
