@@ -7,13 +7,13 @@ import re
 from dataclasses import dataclass
 from typing import Annotated
 
-import pydantic_core
 from flask import Flask, current_app, request
 from pydantic import AfterValidator, Field
 from werkzeug.exceptions import NotFound, RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 
 from app.errors import ProblemError
+from app.gateway.fields import MAX_DEPTH, parse
 from app.gateway.types import PayloadTooLarge
 from app.models import (
     ApiKey,
@@ -24,9 +24,9 @@ from app.models import (
     WebhookMessage,
 )
 
-# The parser (pydantic-core's jiter) refuses nesting deeper than this by itself, in Rust, before
-# Python's recursion limit is anywhere near: API_MAX_JSON_DEPTH may not exceed it.
-PARSER_DEPTH = 200
+# The parser refuses nesting deeper than fields.MAX_DEPTH by itself: API_MAX_JSON_DEPTH may not
+# exceed it.
+PARSER_DEPTH = MAX_DEPTH
 _PARSER_REFUSAL = "recursion limit exceeded"
 # A \uD800-\uDBFF escape not followed by a \uDC00-\uDFFF one, or a \uDC00-\uDFFF one alone.
 _LONE_SURROGATE = re.compile(
@@ -98,7 +98,7 @@ def parse_json(data: bytes, max_depth: int) -> object:
     2.1), ``NaN``/``Infinity`` and numbers too large for a double (RFC 8259 section 6).
     """
     try:
-        value = pydantic_core.from_json(data, allow_inf_nan=False)
+        value = parse(data, allow_inf_nan=False)
     except ValueError as exc:
         reason = str(exc)
         if reason.startswith(_PARSER_REFUSAL):
