@@ -118,6 +118,9 @@ def defaults(app: Flask) -> dict:
         # Attempts in flight to one endpoint across all workers; keep it below the worker's
         # concurrency, so that one slow receiver never holds every worker process.
         "WEBHOOK_ENDPOINT_CONCURRENCY": 2,
+        # Deliveries a worker process claims and sends at once (one statement claims them, one
+        # records them); each is sent on a thread of its own, over pooled keep-alive connections.
+        "WEBHOOK_BATCH_SIZE": 20,
         # An attempt not recorded by then is taken as lost and retried; at least WEBHOOK_TIMEOUT + 6.
         "WEBHOOK_LEASE": 60.0,
         "WEBHOOK_REQUEUE_AFTER": 30.0,  # a due delivery or a message enqueued but not picked up by then is sent again

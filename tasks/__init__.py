@@ -30,9 +30,7 @@ def celery_init_app(app: Flask) -> Celery:
 
     from app import queue
     from app.observability import tasks as observed_tasks
-
-    # Not "from app import webhooks": importing tasks.webhooks below would rebind that name here.
-    from app.webhooks import time_limits
+    from app.webhooks.settings import time_limits
 
     class FlaskTask(Task):
         def __call__(self, *args: object, **kwargs: object) -> object:
@@ -63,7 +61,7 @@ def celery_init_app(app: Flask) -> Celery:
         },
         task_annotations={
             queue.RUN_JOB: {"soft_time_limit": float(config["JOB_SOFT_TIME_LIMIT"]), "time_limit": time_limit},
-            # An attempt must end before its lease lapses, or the dispatcher would start another.
+            # A batch must end before its leases lapse, or the dispatcher would take it over.
             queue.DELIVER: {"soft_time_limit": attempt_soft, "time_limit": attempt_hard},
         },
         broker_connection_retry_on_startup=True,

@@ -1,20 +1,22 @@
-"""Webhook tasks: ``fan_out`` makes a message's deliveries, ``deliver`` makes one attempt, and
-beat's ``dispatch`` (due retries, lost work) and ``sweep`` (retention) keep them moving."""
+"""Webhook tasks: ``fan_out`` makes a message's deliveries and sends them, ``deliver`` sends
+batches of due deliveries, beat's ``dispatch`` (lost work, due retries) and ``sweep`` (retention)
+keep them moving."""
 from __future__ import annotations
 
 from celery import shared_task
 
 from app import queue
-from app.webhooks import delivery, messages
+from app.webhooks import attempts, dispatch, messages
 
 
-# Each task is safe to run twice: fan-out claims its message with a conditional write, and an
-# attempt claims its delivery with one (its attempt number fences every later write).
+# Each task is safe to run twice: fan-out claims its message with a conditional write, and a
+# batch claims its deliveries with one (each attempt number fences every later write).
 @shared_task(name=queue.FAN_OUT, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def fan_out_task(message_id: str) -> int:
-    """Create the deliveries of message ``message_id`` and enqueue them; return how many."""
+    """Create the deliveries of message ``message_id`` and send them (and what else is due); return how many were made."""
     created = messages.fan_out(message_id)
-    delivery.enqueue(created)
+    if created:
+        attempts.deliver(created)
     return len(created)
 
 
@@ -25,18 +27,18 @@ def publish_job_events_task() -> int:
 
 
 @shared_task(name=queue.DELIVER, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def deliver_task(delivery_id: str) -> str | None:
-    """Make one attempt of delivery ``delivery_id`` if it is due; return the attempt's outcome."""
-    return delivery.deliver(delivery_id)
+def deliver_task(delivery_ids: list[str] | None = None) -> dict[str, int]:
+    """Send batches of due deliveries (``delivery_ids`` first) while any are due; return counts by new status."""
+    return attempts.deliver(delivery_ids)
 
 
 @shared_task(name=queue.DISPATCH, acks_late=True, ignore_result=True)
 def dispatch_task() -> dict[str, int]:
-    """Publish job events, redo lost fan-outs and attempts, enqueue due deliveries."""
-    return delivery.dispatch()
+    """Publish job events, redo lost fan-outs and attempts, wake workers for due deliveries."""
+    return dispatch.dispatch()
 
 
 @shared_task(name=queue.SWEEP_WEBHOOKS, acks_late=True, ignore_result=True)
 def sweep_task() -> dict[str, int]:
     """Delete deliveries, attempts and messages past WEBHOOK_RETENTION."""
-    return delivery.sweep()
+    return dispatch.sweep()

@@ -12,7 +12,6 @@ from typing import Annotated, Any
 from flask import Blueprint, g, url_for
 from pydantic import AfterValidator, Field
 
-from app import webhooks
 from app.api import schemas
 from app.api.common import Reply, Schema, body, found, invalid, operation, reply
 from app.api.inputs import ConsumerReference, stored_text
@@ -21,6 +20,7 @@ from app.auth.authenticate import InsufficientScope
 from app.auth.views import current_principal
 from app.models import WebhookMessage
 from app.webhooks import messages
+from app.webhooks.settings import settings
 
 bp = Blueprint("events", __name__)
 
@@ -54,9 +54,9 @@ def publish() -> tuple:
     principal = current_principal()
     assert principal is not None  # this view requires a credential (the default policy)
     data = body(EventCreate)
-    if data.type.startswith(webhooks.RESERVED_PREFIXES):
-        raise invalid("type", f"types under {' and '.join(webhooks.RESERVED_PREFIXES)} are published by the gateway itself")
-    limit = webhooks.settings().max_payload
+    if data.type.startswith(messages.RESERVED_PREFIXES):
+        raise invalid("type", f"types under {' and '.join(messages.RESERVED_PREFIXES)} are published by the gateway itself")
+    limit = settings().max_payload
     try:
         size = len(json.dumps(data.data, separators=(",", ":"), ensure_ascii=False).encode())  # as deliveries send it
     except UnicodeEncodeError:

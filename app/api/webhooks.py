@@ -13,7 +13,6 @@ from pydantic import AfterValidator, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import undefer
 
-from app import webhooks
 from app.api import schemas
 from app.api.common import (
     PAGE,
@@ -35,8 +34,9 @@ from app.extensions import db
 from app.identity import Principal
 from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookMessage
 from app.models.webhooks import DELIVERY_STATUSES
-from app.webhooks import delivery, endpoints, messages, secrets
+from app.webhooks import deliveries, endpoints, messages, secrets
 from app.webhooks.guard import UnsafeURL
+from app.webhooks.settings import box, settings
 
 bp = Blueprint("webhooks", __name__)
 
@@ -81,7 +81,7 @@ def _caller() -> Principal:
 def _checked_url(url: str) -> str:
     """``url`` when the SSRF guard lets it through now; else 422 naming why."""
     try:
-        webhooks.settings().guard.check(url)
+        settings().guard.check(url)
     except UnsafeURL as exc:
         raise invalid("url", str(exc)) from None
     return url
@@ -112,7 +112,7 @@ def create_endpoint() -> tuple:
     principal = _caller()
     data = body(EndpointCreate)
     url = _checked_url(data.url)
-    config = webhooks.settings()
+    config = settings()
     count = db.session.execute(
         select(func.count()).select_from(WebhookEndpoint).where(WebhookEndpoint.consumer_id == principal.consumer_id)
     ).scalar_one()
@@ -163,7 +163,7 @@ def delete_endpoint(endpoint_id: str) -> tuple[str, int]:
 def read_secret(endpoint_id: str) -> tuple:
     """``{"secret": "whsec_..."}``: the secret deliveries are signed with now."""
     endpoint = _own(endpoint_id, secret=True)
-    return reply(schemas.EndpointSecret, {"secret": webhooks.box().decrypt(endpoint.secret_encrypted)})
+    return reply(schemas.EndpointSecret, {"secret": box().decrypt(endpoint.secret_encrypted)})
 
 
 @bp.post("/webhooks/endpoints/<id:endpoint_id>/rotate-secret")
@@ -191,16 +191,16 @@ def test_endpoint(endpoint_id: str) -> tuple:
     while the endpoint's WEBHOOK_ENDPOINT_CONCURRENCY attempts are all in flight."""
     endpoint = _own(endpoint_id)
     try:
-        row = delivery.send_test(endpoint, g.get("request_id"))
-    except delivery.EndpointBusy:
-        retry = str(int(webhooks.settings().timeout) + 1)
+        row = deliveries.send_test(endpoint, g.get("request_id"))
+    except deliveries.EndpointBusy:
+        retry = str(int(settings().timeout) + 1)
         raise ConflictProblem(
             f"Endpoint {endpoint_id} already has WEBHOOK_ENDPOINT_CONCURRENCY attempts in flight; try again shortly",
             headers={"Retry-After": retry},
         ) from None
     if row is None:  # the endpoint was deleted while the test was in flight
         raise found(None, "webhook endpoint", endpoint_id)
-    return reply(schemas.Attempt, delivery.attempt_json(row))
+    return reply(schemas.Attempt, deliveries.attempt_json(row))
 
 
 @bp.get("/webhooks/endpoints/<id:endpoint_id>/deliveries")
@@ -246,7 +246,7 @@ def _with_attempts(rows: list[WebhookDelivery]) -> list[dict]:
                 select(WebhookMessage).where(WebhookMessage.id.in_({row.message_id for row in rows}))
             ).scalars()
         }
-    return [delivery.delivery_json(row, messages.get(row.message_id), attempts[row.id]) for row in rows]
+    return [deliveries.delivery_json(row, messages.get(row.message_id), attempts[row.id]) for row in rows]
 
 
 def _own_delivery(delivery_id: str) -> WebhookDelivery:
@@ -276,8 +276,8 @@ def redeliver(delivery_id: str) -> tuple:
     if endpoint is not None and endpoint.disabled:
         raise ConflictProblem(f"Endpoint {endpoint.id} is disabled ({endpoint.disabled_reason}); enable it first")
     try:
-        row = delivery.redeliver(row)
-    except delivery.DeliveryBusy:
+        row = deliveries.redeliver(row)
+    except deliveries.DeliveryBusy:
         raise ConflictProblem(f"Delivery {delivery_id} is being sent right now; try again when the attempt has ended") from None
     location = url_for("webhooks.read_delivery", delivery_id=row.id)
     return reply(schemas.Delivery, _with_attempts([row])[0], 202, {"Location": location})

@@ -60,8 +60,8 @@ class WebhookEndpoint(db.Model):
     last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    # Written by every claim of a delivery to this endpoint: the row lock serialises claims, so
-    # the concurrency cap is counted exactly on Postgres as on SQLite.
+    # Written by a test send as its first statement: the lock keeps claims from counting the
+    # endpoint's free slots meanwhile.
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
@@ -112,7 +112,6 @@ class WebhookDelivery(db.Model):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     tries: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # due; None once final
-    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # when a message was last sent for it
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_status_code: Mapped[int | None] = mapped_column(Integer)

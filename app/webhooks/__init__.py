@@ -1,138 +1,31 @@
-"""Webhooks: endpoints a consumer registers, the events (messages) it publishes, and their fan-out.
+"""Webhooks: endpoints a consumer registers, the events (messages) it publishes, and their delivery.
 
-Endpoints are in ``app.webhooks.endpoints``, messages and their fan-out in ``app.webhooks.messages``,
-delivery itself (claim, sign, send, record, retry, dispatch) in ``app.webhooks.delivery``.
-The flow follows Svix and the Standard Webhooks specification: a message is recorded once,
-fan-out makes one delivery per matching enabled endpoint, and every delivery of a message
-carries the message id as ``webhook-id``. Rows are committed before a task names them.
+Endpoints are in ``app.webhooks.endpoints``, messages and their fan-out in
+``app.webhooks.messages``, the worker's batches (claim, sign, send, record) in
+``app.webhooks.attempts``, beat's passes in ``app.webhooks.dispatch``, and what the API asks of
+deliveries (test sends, redelivery, their JSON) in ``app.webhooks.deliveries``; the settings in
+``app.webhooks.settings``. The flow follows Svix and the Standard Webhooks specification: a
+message is recorded once, fan-out makes one delivery per matching enabled endpoint, and every
+delivery of a message carries the message id as ``webhook-id``. Rows are committed before a
+task names them.
 """
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
+from flask import Flask
 
-from flask import Flask, current_app
-
-from app.errors import ProblemError
-from app.webhooks import secrets
-from app.webhooks.guard import Guard, parse_networks
-
-log = logging.getLogger("frontdoor.webhooks")
-
-# Types the gateway itself publishes; consumers may subscribe to them but not publish them.
-RESERVED_PREFIXES = ("job.", "webhook.")
-ENDPOINT_DISABLED = "webhook.endpoint.disabled"
-TEST_EVENT = "webhook.test"
-
-
-class SecretKeyUnset(ProblemError):
-    status, title, slug = 500, "Internal Server Error", "webhook-secret-key-unset"
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The WEBHOOK_* configuration, read once per app. Seconds and bytes."""
-
-    timeout: float
-    retry_schedule: tuple[float, ...]
-    retry_jitter: float
-    max_retry_after: float
-    disable_after: float
-    secret_overlap: float
-    endpoint_concurrency: int
-    lease: float
-    requeue_after: float
-    dispatch_interval: float
-    sweep_interval: float
-    retention: float
-    max_payload: int
-    max_endpoints: int
-    verify: bool | str
-    guard: Guard
-
-    @classmethod
-    def from_config(cls, config: dict) -> Settings:
-        schedule = config["WEBHOOK_RETRY_SCHEDULE"]
-        if isinstance(schedule, str):
-            schedule = [part for part in schedule.split(",") if part.strip()]
-        networks = config["WEBHOOK_ALLOWED_NETWORKS"]
-        if isinstance(networks, str):
-            networks = [part for part in networks.split(",") if part.strip()]
-        return cls(
-            timeout=float(config["WEBHOOK_TIMEOUT"]),
-            retry_schedule=tuple(max(0.0, float(delay)) for delay in schedule),
-            retry_jitter=min(max(float(config["WEBHOOK_RETRY_JITTER"]), 0.0), 1.0),
-            max_retry_after=float(config["WEBHOOK_MAX_RETRY_AFTER"]),
-            disable_after=float(config["WEBHOOK_DISABLE_AFTER"]),
-            secret_overlap=float(config["WEBHOOK_SECRET_OVERLAP"]),
-            endpoint_concurrency=max(1, int(config["WEBHOOK_ENDPOINT_CONCURRENCY"])),
-            lease=lease_for(config),
-            requeue_after=float(config["WEBHOOK_REQUEUE_AFTER"]),
-            dispatch_interval=float(config["WEBHOOK_DISPATCH_INTERVAL"]),
-            sweep_interval=float(config["WEBHOOK_SWEEP_INTERVAL"]),
-            retention=float(config["WEBHOOK_RETENTION"]),
-            max_payload=int(config["WEBHOOK_MAX_PAYLOAD"]),
-            max_endpoints=int(config["WEBHOOK_MAX_ENDPOINTS"]),
-            verify=config["WEBHOOK_CA_BUNDLE"] or bool(config["WEBHOOK_VERIFY_TLS"]),
-            guard=Guard(allow_http=bool(config["WEBHOOK_ALLOW_HTTP"]), allowed=parse_networks(networks)),
-        )
-
-    @property
-    def max_tries(self) -> int:
-        """Attempts in one schedule: the first, then one per retry delay."""
-        return 1 + len(self.retry_schedule)
-
-
-# Beyond WEBHOOK_TIMEOUT (which bounds the HTTP exchange), what an attempt may take in all:
-# resolving the host and the database work around the request. Seconds.
-ATTEMPT_MARGIN, KILL_MARGIN, LEASE_MARGIN = 3.0, 5.0, 6.0
-
-
-def time_limits(config: dict) -> tuple[float, float]:
-    """The deliver task's soft and hard time limits (seconds): WEBHOOK_TIMEOUT plus margins.
-
-    The soft limit ends an attempt stuck outside the HTTP exchange (a hung DNS lookup); it is
-    recorded as a failed attempt. Both end before the lease (``lease_for``) lapses, so an
-    attempt is never still running when the dispatcher hands its delivery to another worker.
-    """
-    timeout = float(config["WEBHOOK_TIMEOUT"])
-    return timeout + ATTEMPT_MARGIN, timeout + KILL_MARGIN
-
-
-def lease_for(config: dict) -> float:
-    """WEBHOOK_LEASE, raised to WEBHOOK_TIMEOUT + 6 s when set shorter (seconds)."""
-    lease = float(config["WEBHOOK_LEASE"])
-    floor = float(config["WEBHOOK_TIMEOUT"]) + LEASE_MARGIN
-    if lease < floor:
-        log.warning("WEBHOOK_LEASE (%g s) is shorter than an attempt may take; using %g s", lease, floor)
-    return max(lease, floor)
-
-
-def settings() -> Settings:
-    return current_app.extensions["webhooks"]
-
-
-def box() -> secrets.SecretBox:
-    """The app's SecretBox; raises SecretKeyUnset (500) when WEBHOOK_SECRET_KEYS is needed and unset."""
-    found = current_app.extensions["webhook_box"]
-    if found is None:
-        raise SecretKeyUnset(
-            "GATEWAY_WEBHOOK_SECRET_KEYS is not set: webhook secrets are encrypted at rest with it, and every "
-            "process on a shared database needs the same key (README: Configuration)"
-        )
-    return found
+from app.webhooks import secrets, settings
 
 
 def init_app(app: Flask) -> None:
     """Read the WEBHOOK_* settings and open the secret box: WEBHOOK_SECRET_KEYS, or on the
     embedded default (SQLite) a key kept under ``instance/``. Raises ValueError for a bad
     setting (an allowed network or a secret key that cannot be read)."""
-    app.extensions["webhooks"] = Settings.from_config(app.config)
+    app.extensions["webhooks"] = settings.Settings.from_config(app.config)
     keys = secrets.key_list(app.config["WEBHOOK_SECRET_KEYS"])
     if not keys and app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
         keys = [secrets.instance_key(app.instance_path)]
     elif not keys:
-        log.warning("GATEWAY_WEBHOOK_SECRET_KEYS is not set: webhook endpoints cannot be created or delivered to")
+        settings.log.warning("GATEWAY_WEBHOOK_SECRET_KEYS is not set: webhook endpoints cannot be created or delivered to")
     app.extensions["webhook_box"] = secrets.SecretBox(keys) if keys else None
     from app.webhooks import cli
 

@@ -7,9 +7,9 @@ from flask.cli import AppGroup
 from sqlalchemy import select, update
 from sqlalchemy.orm import undefer
 
-from app import webhooks
 from app.extensions import db
 from app.models import WebhookEndpoint
+from app.webhooks.settings import SecretKeyUnset, box
 
 webhooks_cli = AppGroup("webhooks", help="Maintain webhook endpoints.")
 
@@ -23,8 +23,8 @@ def rotate_key(batch: int) -> None:
     be removed. Prints how many endpoints were re-encrypted. Safe to run again.
     """
     try:
-        box = webhooks.box()
-    except webhooks.SecretKeyUnset as exc:
+        found = box()
+    except SecretKeyUnset as exc:
         raise click.ClickException(exc.detail) from None
     done, last = 0, ""
     while True:
@@ -48,8 +48,8 @@ def rotate_key(batch: int) -> None:
                 update(WebhookEndpoint)
                 .where(WebhookEndpoint.id == endpoint_id, WebhookEndpoint.secret_encrypted == current)
                 .values(
-                    secret_encrypted=box.rotate(current),
-                    previous_secret_encrypted=None if previous is None else box.rotate(previous),
+                    secret_encrypted=found.rotate(current),
+                    previous_secret_encrypted=None if previous is None else found.rotate(previous),
                 )
             )
             db.session.commit()

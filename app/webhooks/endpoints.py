@@ -10,7 +10,8 @@ from sqlalchemy import select, update
 from app.extensions import db
 from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from app.models.base import isoformat, utcnow
-from app.webhooks import box, secrets, settings
+from app.webhooks import secrets
+from app.webhooks.settings import box, settings
 
 
 def endpoint_json(endpoint: WebhookEndpoint) -> dict:
@@ -58,8 +59,9 @@ def create(consumer_id: str, url: str, description: str, event_types: list[str],
     return endpoint, plain
 
 
-def signing_secrets(endpoint: WebhookEndpoint, now: datetime | None = None) -> list[str]:
-    """The endpoint's secrets to sign with, newest first: the previous one too while a rotation
+def signing_secrets(endpoint, now: datetime | None = None) -> list[str]:
+    """The secrets of ``endpoint`` (a row with its three secret columns, or ``attempts.Keys``) to
+    sign with, newest first: the previous one too while a rotation
     overlaps (WEBHOOK_SECRET_OVERLAP seconds). Raises SecretKeyUnset or SecretUnreadable."""
     found = [box().decrypt(endpoint.secret_encrypted)]
     if endpoint.previous_secret_encrypted is not None and _rotating_until(endpoint, now) is not None:

@@ -3,7 +3,9 @@
 Redirects are not followed (a 3xx is a failed attempt, so a receiver cannot bounce a delivery
 to an internal address), proxies from the environment are ignored, the connection goes to the
 address the guard checked while TLS still verifies the certificate for the URL's host, and
-the whole attempt has one deadline.
+the whole attempt has one deadline. Connections are kept alive in urllib3 pools, one per
+checked address and host (``Pools``): a worker sending a batch to one receiver opens a few
+connections, not one per delivery, and a pool never serves an address the guard did not check.
 """
 from __future__ import annotations
 
@@ -13,14 +15,15 @@ import http.client
 import socket
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
 
-import requests
 import urllib3.exceptions
-from requests.adapters import HTTPAdapter
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from requests.certs import where as default_ca_bundle
+from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, Timeout
+from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from app.webhooks.guard import Target
 
@@ -44,39 +47,24 @@ class Result:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
+# The attempt the current thread is making: its connections are cut at its deadline.
+_attempt = threading.local()
+
+
 class _Watched:
-    """The sockets one attempt opens, so that a timer can cut them at the deadline."""
+    """The sockets one attempt uses, so that a timer can cut them at the deadline."""
 
     def __init__(self):
         self.sockets: list[socket.socket] = []
         self.expired = False
 
-    def _watch(self, connection):
-        # The socket is kept as it is connected: http.client drops the connection's reference
+    def add(self, sock: socket.socket | None) -> None:
+        # The socket itself, not its connection: http.client drops the connection's reference
         # once a response that ends with the connection has begun, while its body is still read.
-        connect = connection.connect
-
-        def connect_and_watch() -> None:
-            connect()
-            self.sockets.append(connection.sock)
+        if sock is not None:
+            self.sockets.append(sock)
             if self.expired:  # the deadline passed while connecting
                 self.cut()
-
-        connection.connect = connect_and_watch
-        return connection
-
-    def pools(self) -> dict:
-        watch = self._watch
-
-        class Pool(HTTPConnectionPool):
-            def _new_conn(self):
-                return watch(super()._new_conn())
-
-        class TLSPool(HTTPSConnectionPool):
-            def _new_conn(self):
-                return watch(super()._new_conn())
-
-        return {"http": Pool, "https": TLSPool}
 
     def cut(self) -> None:
         """Shut the sockets down: a read blocked in another thread returns at once."""
@@ -86,21 +74,91 @@ class _Watched:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
-class _PinnedAdapter(HTTPAdapter):
-    """Connects to the IP address in the request URL while TLS sends and verifies ``host``
-    (SNI and certificate name), as if the URL had named the host; its connections are watched."""
+def _watch(sock: socket.socket | None) -> None:
+    watched = getattr(_attempt, "watched", None)
+    if watched is not None:
+        watched.add(sock)
 
-    def __init__(self, host: str, watched: _Watched):
-        self.host = host
-        super().__init__(pool_connections=1, pool_maxsize=1, max_retries=0)
-        self.poolmanager.pool_classes_by_scheme = watched.pools()
 
-    def build_connection_pool_key_attributes(self, request, verify, cert=None):
-        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
-        if host_params["scheme"] == "https":
-            pool_kwargs["server_hostname"] = self.host
-            pool_kwargs["assert_hostname"] = self.host
-        return host_params, pool_kwargs
+class _Watching:
+    """A connection whose socket joins the current attempt's watch when it connects."""
+
+    def connect(self) -> None:
+        super().connect()
+        _watch(self.sock)
+
+
+class _Connection(_Watching, HTTPConnection):
+    pass
+
+
+class _TLSConnection(_Watching, HTTPSConnection):
+    pass
+
+
+class _Reusing:
+    """A pool whose idle connection, taken again, joins the current attempt's watch."""
+
+    def _get_conn(self, timeout: float | None = None) -> HTTPConnection:
+        connection = super()._get_conn(timeout)
+        _watch(connection.sock)  # None until it connects: then _Watching adds it
+        return connection
+
+
+class _Pool(_Reusing, HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TLSPool(_Reusing, HTTPSConnectionPool):
+    ConnectionCls = _TLSConnection
+
+
+class Pools:
+    """Keep-alive urllib3 pools keyed by (scheme, address, port, host, verify): the address is
+    the one the guard checked, and TLS sends and verifies ``host`` (SNI and certificate name).
+    At most ``limit`` pools (the least recently used is closed), ``per_pool`` idle connections
+    each (more are opened when needed and closed after use). Thread-safe."""
+
+    def __init__(self, per_pool: int = 20, limit: int = 256):
+        self.per_pool, self.limit = per_pool, limit
+        self.pools: OrderedDict[tuple, HTTPConnectionPool] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, target: Target, verify: bool | str) -> HTTPConnectionPool:
+        key = (target.scheme, target.address, target.port, target.host, verify)
+        with self.lock:
+            pool = self.pools.get(key)
+            if pool is not None:
+                self.pools.move_to_end(key)
+                return pool
+            pool = self._new(target, verify)
+            self.pools[key] = pool
+            if len(self.pools) > self.limit:
+                self.pools.popitem(last=False)[1].close()
+            return pool
+
+    def _new(self, target: Target, verify: bool | str) -> HTTPConnectionPool:
+        options = {"maxsize": self.per_pool, "block": False, "retries": False}
+        if target.scheme != "https":
+            return _Pool(target.address, target.port, **options)
+        if verify is False:
+            return _TLSPool(target.address, target.port, cert_reqs="CERT_NONE", assert_hostname=False, server_hostname=target.host, **options)
+        ca = verify if isinstance(verify, str) else default_ca_bundle()
+        return _TLSPool(
+            target.address, target.port, cert_reqs="CERT_REQUIRED", ca_certs=ca, server_hostname=target.host, assert_hostname=target.host, **options
+        )
+
+    def clear(self) -> None:
+        with self.lock:
+            while self.pools:
+                self.pools.popitem()[1].close()
+
+
+# This process's pools: a Celery worker process sends every batch through them.
+POOLS = Pools()
+# A body left after the excerpt is read to its end, so the connection can be used again, when
+# it is at most this long (bytes); a longer one, or one of unknown length, closes the connection.
+DRAIN_BYTES = 64 * 1024
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -120,46 +178,58 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (now if now is not None else datetime.now(UTC).timestamp()))
 
 
-def send(target: Target, headers: dict[str, str], body: bytes, timeout: float, verify: bool | str = True) -> Result:
-    """POST ``body`` with ``headers`` to ``target`` (connecting to ``target.address``); never raises.
+def send(target: Target, headers: dict[str, str], body: bytes, timeout: float, verify: bool | str = True, pools: Pools = POOLS) -> Result:
+    """POST ``body`` with ``headers`` to ``target`` (connecting to ``target.address``, over a
+    kept-alive connection from ``pools`` when one is idle); never raises.
 
     ``timeout`` (seconds) bounds the whole attempt: connecting, sending, the response's head
     and the excerpt of its body; a receiver that trickles bytes is cut off at the deadline.
+    ``verify``: True (the certifi bundle, as requests uses), False, or a CA file's path.
     Returns the Result; a network failure, a timeout or a TLS error is a Result with ``error``
     and no status code.
     """
     parts = urlsplit(target.url)
-    literal = f"[{target.address}]" if ":" in target.address else target.address
-    pinned = urlunsplit((parts.scheme, f"{literal}:{target.port}", parts.path or "/", parts.query, ""))
-    watched = _Watched()
-    adapter = _PinnedAdapter(target.host, watched)
-    # Sent through the adapter, not a Session: a Session reads a 3xx body whole looking for a
-    # redirect even when told not to follow it, and brings the environment's proxies and .netrc.
-    prepared = requests.Request("POST", pinned, data=body, headers={**headers, "Host": host_field(target)}).prepare()
+    path = urlunsplit(("", "", parts.path or "/", parts.query, ""))
+    pool = pools.get(target, verify)
+    watched = _attempt.watched = _Watched()
     deadline = threading.Timer(timeout, watched.cut)
     deadline.daemon = True
     started = time.monotonic()
     deadline.start()
     try:
-        response = adapter.send(prepared, stream=True, timeout=(min(timeout, 10.0), timeout), verify=verify, proxies={})
+        response = pool.urlopen(
+            "POST",
+            path,
+            body=body,
+            headers={**headers, "Host": host_field(target)},
+            retries=False,
+            redirect=False,
+            assert_same_host=False,
+            timeout=Timeout(connect=min(timeout, 10.0), read=timeout),
+            preload_content=False,
+            release_conn=False,
+        )
         try:
-            raw = response.raw.read(EXCERPT_BYTES, decode_content=True) or b""
-            retry_after = parse_retry_after(response.headers.get("Retry-After")) if response.status_code in (429, 503) else None
+            raw = response.read(EXCERPT_BYTES, decode_content=True) or b""
+            retry_after = parse_retry_after(response.headers.get("Retry-After")) if response.status in (429, 503) else None
+            remaining = response.length_remaining
+            if not watched.expired and remaining is not None and remaining <= DRAIN_BYTES:
+                response.drain_conn()  # read to its end: the connection goes back to the pool
+            else:
+                response.close()
         finally:
-            response.close()
-    except requests.RequestException as exc:
+            response.release_conn()
+    except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError, ValueError) as exc:
         return Result(None, _ms(started), error=_late(watched, timeout) or _describe(exc))
-    except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError, ValueError) as exc:  # a broken response
-        return Result(None, _ms(started), error=_late(watched, timeout) or f"{type(exc).__name__}: {exc}"[:500])
     finally:
         deadline.cancel()
-        adapter.close()
+        _attempt.watched = None
     if watched.expired:  # cut off while reading the excerpt: the answer is not complete
         return Result(None, _ms(started), error=_late(watched, timeout))
     # Text of at most 4 KiB as UTF-8: bytes that are not UTF-8 become U+FFFD (three bytes each),
     # so the text is cut again, and a character cut at the end is dropped rather than replaced.
     excerpt = raw[:EXCERPT_BYTES].decode("utf-8", "replace").encode()[:EXCERPT_BYTES].decode("utf-8", "ignore")
-    return Result(response.status_code, _ms(started), excerpt, None, retry_after)
+    return Result(response.status, _ms(started), excerpt, None, retry_after)
 
 
 def host_field(target: Target) -> str:
@@ -178,12 +248,14 @@ def _ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
-def _describe(exc: requests.RequestException) -> str:
-    kind = {
-        requests.ConnectTimeout: "connect timeout",
-        requests.ReadTimeout: "read timeout",
-        requests.exceptions.SSLError: "TLS error",
-        requests.ConnectionError: "connection failed",
-    }
-    name = next((label for cls, label in kind.items() if isinstance(exc, cls)), type(exc).__name__)
+def _describe(exc: Exception) -> str:
+    kind = (
+        (urllib3.exceptions.NewConnectionError, "connection failed"),  # before ConnectTimeoutError, its base
+        (urllib3.exceptions.ConnectTimeoutError, "connect timeout"),
+        (urllib3.exceptions.ReadTimeoutError, "read timeout"),
+        (urllib3.exceptions.SSLError, "TLS error"),
+        (urllib3.exceptions.ProtocolError, "connection failed"),
+        (OSError, "connection failed"),
+    )
+    name = next((label for cls, label in kind if isinstance(exc, cls)), type(exc).__name__)
     return f"{name}: {exc}"[:500]

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from app.extensions import db
 from app.models import WebhookEndpoint, WebhookMessage
 from app.observability.logging import JSONFormatter
-from app.webhooks import delivery, messages
+from app.webhooks import attempts, messages
 from tests.factories import Identity
 from tests.unit.api.support import all_pages, auth, problem
 
@@ -147,12 +147,12 @@ def enqueued(monkeypatch) -> Enqueued:
     calls = Enqueued()
     monkeypatch.setattr(messages, "fan_out_later", lambda ids: calls.fan_outs.append(list(ids)))
 
-    def enqueue(ids: list[str]) -> list[str]:
+    def wake(ids: list[str] | None = None) -> bool:
         if ids:
             calls.deliveries.append(list(ids))
-        return []
+        return True
 
-    monkeypatch.setattr(delivery, "enqueue", enqueue)
+    monkeypatch.setattr(attempts, "wake", wake)
     return calls
 
 
@@ -175,9 +175,12 @@ def fan_out(app, message_id: str) -> list[str]:
 
 
 def deliver(app, delivery_id: str) -> str | None:
-    """What the deliver task does: one attempt."""
+    """What the deliver task does, for this delivery alone: one attempt; ``"succeeded"`` or
+    ``"failed"`` (whether or not a retry follows), None when it was not claimed."""
     with app.app_context():
-        return delivery.deliver(delivery_id)
+        works = attempts.claim(10, [delivery_id])
+        status = attempts.record(works, attempts.send_batch(works)).get(delivery_id)
+    return None if status is None else ("succeeded" if status == "succeeded" else "failed")
 
 
 def one_delivery(app, client, headers: dict[str, str], event_type: str = "order.created") -> str:
@@ -1030,7 +1033,7 @@ def test_redelivery_while_an_attempt_is_in_flight_is_a_409(app, client, alice, r
     create(client, alice, receiver.url())
     delivery_id = one_delivery(app, client, alice)
     with app.app_context():
-        assert delivery.claim(delivery_id) is not None  # a worker holds it now
+        assert attempts.claim(1, [delivery_id])  # a worker holds it now
 
     response = client.post(f"{DELIVERIES}/{delivery_id}/redeliver", headers=alice)
 

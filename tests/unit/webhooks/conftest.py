@@ -15,7 +15,7 @@ from sqlalchemy.pool import NullPool
 
 from app.extensions import db
 from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookMessage
-from app.webhooks import delivery, endpoints, messages
+from app.webhooks import attempts, deliveries, dispatch, endpoints, messages
 from tests.factories import Identity
 from tests.services import free_port
 
@@ -157,18 +157,19 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch) -> Clock:
     found = Clock()
-    for module in (endpoints, messages, delivery):
+    for module in (endpoints, messages, attempts, dispatch, deliveries):
         monkeypatch.setattr(module, "utcnow", found)
     return found
 
 
 @dataclass
 class Enqueued:
-    """What was handed to Celery: delivery ids (``delivery.enqueue``) and message ids
-    (``messages.fan_out_later``), each checked, when handed over, to be committed already
-    (read through a connection of its own)."""
+    """What was handed to Celery: deliver messages (``attempts.wake``: the delivery ids they
+    name, and how many there were) and message ids (``messages.fan_out_later``), each checked,
+    when handed over, to be committed already (read through a connection of its own)."""
 
     deliveries: list[str] = field(default_factory=list)
+    wakes: int = 0
     messages: list[str] = field(default_factory=list)
     database_uri: str = ""
 
@@ -183,11 +184,13 @@ class Enqueued:
         finally:
             engine.dispose()
 
-    def enqueue(self, delivery_ids: list[str]) -> list[str]:
+    def wake(self, delivery_ids: list[str] | None = None) -> bool:
+        delivery_ids = list(delivery_ids or ())
         missing = set(delivery_ids) - self.committed("webhook_deliveries", delivery_ids)
         assert not missing, f"deliveries enqueued before their rows were committed: {missing}"
         self.deliveries.extend(delivery_ids)
-        return []
+        self.wakes += 1
+        return True
 
     def fan_out_later(self, message_ids: list[str]) -> None:
         missing = set(message_ids) - self.committed("webhook_messages", message_ids)
@@ -197,12 +200,13 @@ class Enqueued:
     def clear(self) -> None:
         self.deliveries.clear()
         self.messages.clear()
+        self.wakes = 0
 
 
 @pytest.fixture
 def enqueued(monkeypatch) -> Enqueued:
     found = Enqueued()
-    monkeypatch.setattr(delivery, "enqueue", found.enqueue)
+    monkeypatch.setattr(attempts, "wake", found.wake)
     monkeypatch.setattr(messages, "fan_out_later", found.fan_out_later)
     return found
 
@@ -262,20 +266,33 @@ class Hooks:
         return self.fan_out(self.message(consumer_id, event_type, data))
 
     def deliver(self, delivery_id: str) -> str | None:
-        with self.app.app_context():
-            return delivery.deliver(delivery_id)
+        """One batch of the delivery ``delivery_id`` alone, as a worker makes it: ``"succeeded"``
+        or ``"failed"`` (the attempt's outcome, whether or not a retry follows), or None when it
+        was not claimed (not due, its endpoint at its cap or disabled)."""
+        statuses = self.batch([delivery_id])
+        if delivery_id not in statuses:
+            return None
+        return "succeeded" if statuses[delivery_id] == "succeeded" else "failed"
 
-    def claim(self, delivery_id: str) -> delivery.Claim | None:
+    def batch(self, delivery_ids: list[str] | None = None, limit: int = 50) -> dict[str, str]:
+        """Claim up to ``limit`` due deliveries (among ``delivery_ids`` when given), send them at
+        once and record them; return ``{delivery_id: new status}``."""
         with self.app.app_context():
-            return delivery.claim(delivery_id)
+            works = attempts.claim(limit, delivery_ids)
+            return attempts.record(works, attempts.send_batch(works))
+
+    def claim(self, delivery_id: str) -> attempts.Claim | None:
+        with self.app.app_context():
+            found = attempts.claim(1, [delivery_id])
+            return found[0] if found else None
 
     def dispatch(self) -> dict[str, int]:
         with self.app.app_context():
-            return delivery.dispatch()
+            return dispatch.dispatch()
 
     def sweep(self) -> dict[str, int]:
         with self.app.app_context():
-            return delivery.sweep()
+            return dispatch.sweep()
 
     def call(self, function, *args, **kwargs):
         """``function(*args, **kwargs)`` in an app context of its own."""

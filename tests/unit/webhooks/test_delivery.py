@@ -1,4 +1,4 @@
-"""Delivery: claim, attempt, record, the retry schedule, leases, dispatch, sweep, redeliver and test sends."""
+"""Delivery: batches (claim, attempt, record), the retry schedule, leases, dispatch, sweep, redeliver and test sends."""
 from __future__ import annotations
 
 import json
@@ -12,32 +12,28 @@ from prometheus_client import REGISTRY
 from sqlalchemy import text
 from standardwebhooks import Webhook
 
-from app import webhooks
 from app.extensions import db
-from app.webhooks import delivery
+from app.models import WebhookDelivery, WebhookEndpoint
+from app.webhooks import attempts, deliveries
+from app.webhooks.messages import ENDPOINT_DISABLED, TEST_EVENT
 from app.webhooks.sender import Result
 from tests.services import wait_until
 from tests.unit.webhooks.conftest import BOTH, SCHEDULE, Reply
 
 
-def dispatched(hooks, enqueued) -> list[str]:
-    """The deliveries one dispatch pass hands to Celery."""
-    enqueued.clear()
-    counts = hooks.dispatch()
-    assert counts["dispatched"] == len(enqueued.deliveries)
-    return list(enqueued.deliveries)
-
-
 def retry(hooks, clock, enqueued, delivery_id: str) -> str | None:
-    """Move time to just before the delivery is due (dispatch leaves it), then just past (dispatch
-    sends it), and make the attempt; return its outcome."""
+    """Move time to just before the delivery is due (no worker claims it, and beat wakes none),
+    then just past (beat wakes a worker, which claims it), and make the attempt; return its outcome."""
     wait = (hooks.delivery(delivery_id).next_attempt_at - clock()).total_seconds()
     # 3 s early: the clock is real time plus an offset, and on a loaded machine (a CI worker
     # beside the integration tests) more than half a second passed between here and dispatch.
     clock.advance(wait - 3)
-    assert delivery_id not in dispatched(hooks, enqueued)
+    assert hooks.dispatch()["due"] == 0
+    assert hooks.deliver(delivery_id) is None
     clock.advance(3.1)
-    assert dispatched(hooks, enqueued) == [delivery_id]
+    enqueued.clear()
+    assert hooks.dispatch()["due"] == 1
+    assert enqueued.wakes == 1
     return hooks.deliver(delivery_id)
 
 
@@ -88,7 +84,7 @@ def test_a_receiver_that_fails_then_recovers_gets_the_same_signed_message_until_
         assert request.headers["content-type"] == "application/json"
         assert request.headers["user-agent"].startswith("Frontdoor-Webhooks/")
     assert len({request.body for request in receiver.received}) == 1  # the same bytes every time
-    assert dispatched(hooks, enqueued) == []
+    assert hooks.dispatch()["due"] == 0
 
 
 def test_after_the_last_scheduled_try_the_delivery_fails(hooks, receiver, clock, enqueued):
@@ -108,7 +104,7 @@ def test_after_the_last_scheduled_try_the_delivery_fails(hooks, receiver, clock,
     assert (row.status, row.attempts, row.tries, row.next_attempt_at) == ("failed", 4, 4, None)
     assert row.finished_at is not None
     clock.advance(10 * SCHEDULE[-1])
-    assert dispatched(hooks, enqueued) == []
+    assert hooks.dispatch()["due"] == 0
     assert hooks.deliver(delivery_id) is None
     assert len(hooks.attempts(delivery_id)) == len(receiver.received) == 1 + len(SCHEDULE)
 
@@ -167,7 +163,7 @@ def test_the_response_excerpt_is_the_first_4096_bytes_and_the_duration_is_record
     (attempt,) = hooks.attempts(delivery_id)
     assert attempt.response_excerpt == "a" * 4000 + "b" * 96
     assert 300 <= attempt.duration_ms < 2000
-    assert delivery.attempt_json(attempt)["response"] == attempt.response_excerpt
+    assert deliveries.attempt_json(attempt)["response"] == attempt.response_excerpt
 
 
 @pytest.mark.parametrize("body", ["€".encode() * 2000, b"\xff" * 5000], ids=["utf8-cut", "binary"])
@@ -204,10 +200,10 @@ def test_an_attempt_cut_by_the_soft_time_limit_is_recorded_as_failed_and_retried
     hooks.endpoint(consumer, receiver.url)
     (delivery_id,) = hooks.publish(consumer)
 
-    def hung(work):  # stuck outside the HTTP exchange (a DNS lookup that never returns)
+    def hung(work, trace=()):  # stuck outside the HTTP exchange (a DNS lookup that never returns)
         raise SoftTimeLimitExceeded
 
-    monkeypatch.setattr(delivery, "attempt", hung)
+    monkeypatch.setattr(attempts, "attempt", hung)
     assert hooks.deliver(delivery_id) == "failed"
 
     (attempt,) = hooks.attempts(delivery_id)
@@ -241,7 +237,7 @@ def test_a_410_disables_the_endpoint_fails_its_deliveries_and_tells_the_consumer
     gone, watcher = make_receiver(), make_receiver()
     consumer = hooks.consumer()
     endpoint = hooks.endpoint(consumer, gone.url)
-    watching = hooks.endpoint(consumer, watcher.url, [webhooks.ENDPOINT_DISABLED])
+    watching = hooks.endpoint(consumer, watcher.url, [ENDPOINT_DISABLED])
     first, second = (hooks.publish(consumer)[0] for _ in range(2))
     gone.reply(410)
 
@@ -257,7 +253,7 @@ def test_a_410_disables_the_endpoint_fails_its_deliveries_and_tells_the_consumer
     assert hooks.deliver(second) is None
     assert len(gone.received) == 1
 
-    (message,) = hooks.messages(webhooks.ENDPOINT_DISABLED)
+    (message,) = hooks.messages(ENDPOINT_DISABLED)
     assert message["consumer_id"] == consumer
     assert message["data"]["endpoint_id"] == endpoint
     assert message["data"]["url"] == gone.url
@@ -293,7 +289,7 @@ def test_an_endpoint_failing_longer_than_disable_after_is_disabled(make_hooks, r
     assert row.disabled is True
     assert row.disabled_reason.startswith("every attempt failed since")
     assert hooks.delivery(delivery_id).status == "failed"  # no try of the schedule is left to it
-    (message,) = hooks.messages(webhooks.ENDPOINT_DISABLED)
+    (message,) = hooks.messages(ENDPOINT_DISABLED)
     assert message["data"]["endpoint_id"] == endpoint
     assert enqueued.messages == [message["id"]]
 
@@ -317,7 +313,7 @@ def test_a_success_in_between_resets_the_failure_record(make_hooks, receiver, cl
     row = hooks.endpoint_row(endpoint)
     assert row.disabled is False
     assert row.failing_since == hooks.attempts(second)[0].created_at
-    assert hooks.messages(webhooks.ENDPOINT_DISABLED) == []
+    assert hooks.messages(ENDPOINT_DISABLED) == []
     assert hooks.delivery(second).status == "pending"
 
 
@@ -337,7 +333,7 @@ def test_a_duplicate_deliver_makes_no_second_attempt(hooks, receiver):
 
 
 @BOTH
-def test_with_the_endpoint_at_its_cap_a_claim_leaves_the_delivery_pending_and_undispatched(make_hooks, receiver, clock, enqueued):
+def test_with_the_endpoint_at_its_cap_a_claim_leaves_the_delivery_pending(make_hooks, receiver, clock, enqueued):
     hooks = make_hooks(WEBHOOK_ENDPOINT_CONCURRENCY=1)
     consumer = hooks.consumer()
     hooks.endpoint(consumer, receiver.url)
@@ -350,55 +346,57 @@ def test_with_the_endpoint_at_its_cap_a_claim_leaves_the_delivery_pending_and_un
     assert hooks.claim(waiting) is None
 
     row = hooks.delivery(waiting)
-    assert (row.status, row.attempts, row.dispatched_at) == ("pending", 0, None)
-    assert dispatched(hooks, enqueued) == []  # due and undispatched, but the endpoint has no free slot
+    assert (row.status, row.attempts) == ("pending", 0)
     clock.advance(30)  # the lease (60 s) is still live
-    assert dispatched(hooks, enqueued) == []
+    assert hooks.batch() == {}
 
-    hooks.call(lambda: delivery.record(work, *delivery.attempt(work)))
+    hooks.call(lambda: attempts.record([work], attempts.send_batch([work])))
     assert hooks.delivery(busy).status == "succeeded"
-    assert dispatched(hooks, enqueued) == [waiting]
     assert hooks.deliver(waiting) == "succeeded"
     assert len(receiver.received) == 2
 
 
 @BOTH
-def test_dispatch_sends_no_more_per_endpoint_than_its_free_slots(make_hooks, make_receiver, clock, enqueued):
+def test_a_batch_takes_no_more_per_endpoint_than_its_free_slots_oldest_first(make_hooks, make_receiver, clock, enqueued):
     hooks = make_hooks(WEBHOOK_ENDPOINT_CONCURRENCY=2)
     consumer, other = hooks.consumer(), hooks.consumer()
-    crowded = hooks.endpoint(consumer, make_receiver().url)
-    idle = hooks.endpoint(other, make_receiver().url)
+    crowded_receiver, idle_receiver = make_receiver(), make_receiver()
+    crowded = hooks.endpoint(consumer, crowded_receiver.url)
+    idle = hooks.endpoint(other, idle_receiver.url)
     crowded_deliveries = [hooks.publish(consumer)[0] for _ in range(4)]
     idle_deliveries = [hooks.publish(other)[0] for _ in range(3)]
-    assert hooks.claim(crowded_deliveries[0]) is not None  # one slot of two taken
+    held = hooks.claim(crowded_deliveries[0])  # one slot of two taken
+    assert held is not None
 
-    # Their deliver messages were lost: after WEBHOOK_REQUEUE_AFTER (5 s) dispatch sends them again.
-    assert dispatched(hooks, enqueued) == []
-    clock.advance(6)
-    sent = dispatched(hooks, enqueued)
+    works = hooks.call(attempts.claim, 50)
 
-    by_endpoint = {delivery_id: hooks.delivery(delivery_id).endpoint_id for delivery_id in sent}
-    assert sorted(by_endpoint.values()) == sorted([crowded] + [idle] * 2)
-    assert set(sent) <= set(crowded_deliveries[1:]) | set(idle_deliveries)
-    clock.advance(10)
-    assert sorted(dispatched(hooks, enqueued)) == sorted(sent)  # not picked up: sent again, no more
+    assert sorted(work.delivery_id for work in works) == sorted([crowded_deliveries[1], *idle_deliveries[:2]])
+    assert sorted(work.endpoint_id for work in works) == sorted([crowded, idle, idle])
+    assert hooks.batch() == {}  # every slot taken
+    statuses = hooks.call(lambda: attempts.record(works, attempts.send_batch(works)))
+    assert statuses == {work.delivery_id: "succeeded" for work in works}
+    assert (len(crowded_receiver.received), len(idle_receiver.received)) == (1, 2)
+    # The slots freed: the next batch takes the rest, still two per endpoint at most.
+    assert sorted(hooks.batch()) == sorted([crowded_deliveries[2], idle_deliveries[2]])
 
 
-def test_a_second_dispatch_pass_sends_nothing_more_to_an_endpoint_whose_slots_are_dispatched(make_hooks, receiver, clock, enqueued):
-    hooks = make_hooks(WEBHOOK_ENDPOINT_CONCURRENCY=2)
+def test_dispatch_wakes_a_worker_per_batch_of_due_deliveries_and_no_more_than_eight(make_hooks, receiver, clock, enqueued):
+    hooks = make_hooks(WEBHOOK_BATCH_SIZE=2)
     consumer = hooks.consumer()
     hooks.endpoint(consumer, receiver.url)
     for _ in range(5):
         hooks.publish(consumer)
-    clock.advance(6)
-    assert len(dispatched(hooks, enqueued)) == 2
+    counts = hooks.dispatch()
+    assert (counts["due"], counts["woken"], enqueued.wakes) == (5, 3, 3)
+    for _ in range(20):
+        hooks.publish(consumer)
+    enqueued.clear()
+    counts = hooks.dispatch()
+    assert (counts["due"], counts["woken"], enqueued.wakes) == (16, 8, 8)  # the rest waits for the workers' loops
+    assert enqueued.deliveries == []  # a wake names no delivery: the worker claims what is due
 
-    # One beat interval later the two deliver messages still wait in the queue (workers busy).
-    clock.advance(1)
-    assert dispatched(hooks, enqueued) == []
 
-
-def test_the_attempt_that_ends_hands_its_slot_to_a_waiting_delivery(make_hooks, receiver, enqueued):
+def test_the_worker_whose_attempt_ends_takes_the_delivery_that_waited_for_its_slot(make_hooks, receiver, enqueued):
     hooks = make_hooks(WEBHOOK_ENDPOINT_CONCURRENCY=1)
     consumer = hooks.consumer()
     hooks.endpoint(consumer, receiver.url)
@@ -406,18 +404,17 @@ def test_the_attempt_that_ends_hands_its_slot_to_a_waiting_delivery(make_hooks, 
     (waiting,) = hooks.publish(consumer)
     receiver.reply(Reply(200, delay=0.5))
     outcome: list = []
-    worker = threading.Thread(target=lambda: outcome.append(hooks.deliver(slow)))
+    worker = threading.Thread(target=lambda: outcome.append(hooks.call(attempts.deliver, [slow])))
     worker.start()
     try:
         wait_until(lambda: receiver.received, 5, "the slow attempt reaching the receiver", interval=0.01)
         assert hooks.deliver(waiting) is None  # a second worker: no free slot
-        assert hooks.delivery(waiting).dispatched_at is None
     finally:
         worker.join(5)
 
-    assert outcome == ["succeeded"]
-    assert enqueued.deliveries == [waiting]
-    assert hooks.deliver(waiting) == "succeeded"
+    assert outcome == [{"succeeded": 2}]
+    assert [hooks.delivery(delivery_id).status for delivery_id in (slow, waiting)] == ["succeeded", "succeeded"]
+    assert len(receiver.received) == 2
 
 
 @BOTH
@@ -434,7 +431,7 @@ def test_a_lapsed_lease_is_recorded_as_a_lost_attempt_and_the_delivery_retried(h
 
     assert counts["lost"] == 1
     (lost,) = hooks.attempts(delivery_id)
-    assert (lost.number, lost.status_code, lost.error) == (1, None, delivery.LOST)
+    assert (lost.number, lost.status_code, lost.error) == (1, None, attempts.LOST)
     assert lost.url == receiver.url
     row = hooks.delivery(delivery_id)
     assert (row.status, row.lease_expires_at) == ("pending", None)
@@ -460,12 +457,12 @@ def test_a_record_with_a_stale_attempt_number_changes_nothing(hooks, receiver, c
     assert (stale.number, current.number) == (1, 2)
 
     # The first worker was only slow: its late answer is not recorded.
-    assert hooks.call(delivery.record, stale, Result(200, 5, "late"), receiver.url, "127.0.0.1", None) is None
+    assert hooks.call(attempts.record, [stale], [attempts.Sent(Result(200, 5, "late"), "127.0.0.1")]) == {}
 
     row = hooks.delivery(delivery_id)
     assert (row.status, row.attempts, row.last_status_code) == ("sending", 2, None)
-    assert [attempt.error for attempt in hooks.attempts(delivery_id)] == [delivery.LOST]
-    hooks.call(lambda: delivery.record(current, *delivery.attempt(current)))
+    assert [attempt.error for attempt in hooks.attempts(delivery_id)] == [attempts.LOST]
+    hooks.call(lambda: attempts.record([current], attempts.send_batch([current])))
     assert hooks.delivery(delivery_id).status == "succeeded"
     assert [attempt.number for attempt in hooks.attempts(delivery_id)] == [1, 2]
 
@@ -474,66 +471,48 @@ def test_a_record_with_a_stale_attempt_number_changes_nothing(hooks, receiver, c
 def test_concurrent_claims_for_one_endpoint_respect_its_cap(make_hooks, receiver, database):
     hooks = make_hooks(WEBHOOK_ENDPOINT_CONCURRENCY=1)
     consumer = hooks.consumer()
-    endpoint = hooks.endpoint(consumer, receiver.url)
+    hooks.endpoint(consumer, receiver.url)
     deliveries = [hooks.publish(consumer)[0] for _ in range(3)]
-    results: dict[str, object] = {}
+    results: dict[int, object] = {}
+    start = threading.Barrier(3)
 
-    def claim(delivery_id: str) -> None:
+    def claim(n: int) -> None:
+        start.wait(5)
         try:
-            results[delivery_id] = hooks.claim(delivery_id)
+            results[n] = hooks.call(attempts.claim, 10)
         except Exception as exc:  # noqa: BLE001 - the test reports it
-            results[delivery_id] = exc
+            results[n] = exc
 
-    # Hold the lock every claim for this endpoint needs first, so that all the workers' claims
-    # queue behind it and then race.
-    with hooks.app.app_context(), db.engine.connect() as holder:
-        if holder.dialect.name == "postgresql":
-            holder.execute(text("SELECT id FROM webhook_endpoints WHERE id = :id FOR UPDATE"), {"id": endpoint})
-        else:
-            holder.exec_driver_sql("BEGIN IMMEDIATE")
-        workers = [threading.Thread(target=claim, args=(delivery_id,)) for delivery_id in deliveries]
-        for worker in workers:
-            worker.start()
-        if holder.dialect.name == "postgresql":
-            wait_until(lambda: _waiting_on_locks(holder) == len(workers), 5, "the claims waiting for the endpoint's row lock")
-        else:
-            time.sleep(0.3)  # SQLite shows no waiters: give the claims time to reach the write lock
-        assert results == {}
-        holder.commit()
+    workers = [threading.Thread(target=claim, args=(n,)) for n in range(3)]
+    for worker in workers:
+        worker.start()
     for worker in workers:
         worker.join(10)
 
-    won = [delivery_id for delivery_id, found in results.items() if isinstance(found, delivery.Claim)]
-    assert len(results) == 3
-    assert len(won) == 1, results
-    assert all(found is None for delivery_id, found in results.items() if delivery_id not in won), results
+    assert all(isinstance(found, list) for found in results.values()), results
+    assert sorted(len(found) for found in results.values()) == [0, 0, 1], results
     assert sorted(hooks.delivery(delivery_id).status for delivery_id in deliveries) == ["pending", "pending", "sending"]
-
-
-def _waiting_on_locks(connection) -> int:
-    connection.execute(text("SELECT pg_stat_clear_snapshot()"))  # else the transaction sees its first snapshot
-    return connection.execute(
-        text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")
-    ).scalar_one()
 
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("database", ["postgres"], indirect=True)
-def test_dispatch_skips_deliveries_another_dispatcher_holds(make_hooks, receiver, clock, enqueued):
-    # A dispatcher that waited for the lock would wait for this test forever: fail in 2 s instead.
+def test_a_claim_skips_an_endpoint_another_claim_holds_without_waiting(make_hooks, make_receiver, clock, enqueued):
+    # A claim that waited for the lock would wait for this test forever: fail in 2 s instead.
     hooks = make_hooks(SQLALCHEMY_ENGINE_OPTIONS={"connect_args": {"options": "-c lock_timeout=2s"}})
-    consumer = hooks.consumer()
-    hooks.endpoint(consumer, receiver.url)
-    held, free = (hooks.publish(consumer)[0] for _ in range(2))
-    clock.advance(6)  # both due and their deliver messages taken as lost
+    consumer, other_consumer = hooks.consumer(), hooks.consumer()
+    held_endpoint = hooks.endpoint(consumer, make_receiver().url)
+    hooks.endpoint(other_consumer, make_receiver().url)
+    (held,) = hooks.publish(consumer)
+    (free,) = hooks.publish(other_consumer)
 
     with hooks.app.app_context(), db.engine.connect() as other:
-        other.execute(text("SELECT id FROM webhook_deliveries WHERE id = :id FOR UPDATE"), {"id": held})
-        assert dispatched(hooks, enqueued) == [free]  # at once: SKIP LOCKED, no waiting
+        other.execute(text("SELECT id FROM webhook_endpoints WHERE id = :id FOR UPDATE"), {"id": held_endpoint})
+        started = time.monotonic()
+        assert [work.delivery_id for work in hooks.call(attempts.claim, 10)] == [free]  # SKIP LOCKED: no waiting
+        assert time.monotonic() - started < 1.5
         other.rollback()
 
-    assert hooks.delivery(held).dispatched_at < hooks.delivery(free).dispatched_at
-    assert dispatched(hooks, enqueued) == [held]
+    assert [work.delivery_id for work in hooks.call(attempts.claim, 10)] == [held]
 
 
 @BOTH
@@ -548,7 +527,7 @@ def test_two_attempts_answered_410_at_once_disable_the_endpoint_once(make_hooks,
     works = [hooks.claim(hooks.publish(consumer)[0]) for _ in range(2)]
     assert all(works)
 
-    original, disabling = delivery.disable, threading.Event()
+    original, disabling = attempts.disable, threading.Event()
 
     def slow_disable(found, reason, now):
         message_id = original(found, reason, now)
@@ -557,19 +536,19 @@ def test_two_attempts_answered_410_at_once_disable_the_endpoint_once(make_hooks,
             time.sleep(0.5)  # the first worker has disabled the endpoint but not committed yet
         return message_id
 
-    monkeypatch.setattr(delivery, "disable", slow_disable)
-    gone = Result(410, 3, "gone")
-    first = threading.Thread(target=hooks.call, args=(delivery.record, works[0], gone, receiver.url, "127.0.0.1", None), name="first")
+    monkeypatch.setattr(attempts, "disable", slow_disable)
+    gone = [attempts.Sent(Result(410, 3, "gone"), "127.0.0.1")]
+    first = threading.Thread(target=hooks.call, args=(attempts.record, works[:1], gone), name="first")
     first.start()
     try:
         assert disabling.wait(5)
-        hooks.call(delivery.record, works[1], gone, receiver.url, "127.0.0.1", None)
+        hooks.call(attempts.record, works[1:], gone)
     finally:
         first.join(10)
 
     assert [attempt.status_code for attempt in hooks.attempts()] == [500, 410, 410]
     assert hooks.endpoint_row(endpoint).disabled is True
-    assert len(hooks.messages(webhooks.ENDPOINT_DISABLED)) == 1
+    assert len(hooks.messages(ENDPOINT_DISABLED)) == 1
 
 
 # -- redeliver and test sends -------------------------------------------------------------------
@@ -586,7 +565,7 @@ def test_redeliver_sends_the_same_message_again_with_a_new_schedule(make_hooks, 
     assert hooks.delivery(delivery_id).status == "failed"
     enqueued.clear()
 
-    row = hooks.call(lambda: delivery.redeliver(db.session.get(delivery.WebhookDelivery, delivery_id)))
+    row = hooks.call(lambda: deliveries.redeliver(db.session.get(WebhookDelivery, delivery_id)))
 
     assert (row.status, row.trigger, row.tries, row.finished_at) == ("pending", "manual", 0, None)
     assert enqueued.deliveries == [delivery_id]
@@ -614,8 +593,8 @@ def test_redeliver_is_refused_while_the_delivery_is_being_sent(hooks, receiver, 
     (delivery_id,) = hooks.publish(consumer)
     hooks.claim(delivery_id)
 
-    with pytest.raises(delivery.DeliveryBusy):
-        hooks.call(lambda: delivery.redeliver(db.session.get(delivery.WebhookDelivery, delivery_id)))
+    with pytest.raises(deliveries.DeliveryBusy):
+        hooks.call(lambda: deliveries.redeliver(db.session.get(WebhookDelivery, delivery_id)))
 
     row = hooks.delivery(delivery_id)
     assert (row.status, row.trigger, row.tries) == ("sending", "scheduled", 1)
@@ -623,8 +602,8 @@ def test_redeliver_is_refused_while_the_delivery_is_being_sent(hooks, receiver, 
 
 
 def send_test(hooks, endpoint_id: str, request_id: str | None = None):
-    """``delivery.send_test`` as the API calls it; returns the attempt row."""
-    attempt_id = hooks.call(lambda: delivery.send_test(db.session.get(delivery.WebhookEndpoint, endpoint_id), request_id).id)
+    """``deliveries.send_test`` as the API calls it; returns the attempt row."""
+    attempt_id = hooks.call(lambda: deliveries.send_test(db.session.get(WebhookEndpoint, endpoint_id), request_id).id)
     (found,) = [row for row in hooks.attempts() if row.id == attempt_id]
     return found
 
@@ -640,15 +619,15 @@ def test_a_test_send_to_a_disabled_endpoint_is_one_attempt_that_changes_nothing_
     assert (attempt.trigger, attempt.status_code, attempt.succeeded, attempt.request_id) == ("test", status, False, "req-test")
     (request,) = receiver.received
     body = verified(hooks, endpoint, request)
-    assert body["type"] == webhooks.TEST_EVENT
+    assert body["type"] == TEST_EVENT
     assert body["data"]["endpoint_id"] == endpoint
     row = hooks.delivery(attempt.delivery_id)
     assert (row.status, row.next_attempt_at) == ("failed", None)  # never retried
     found = hooks.endpoint_row(endpoint)
     assert (found.disabled, found.disabled_reason, found.failing_since) == (True, "disabled when registered", None)
-    assert hooks.messages(webhooks.ENDPOINT_DISABLED) == []
+    assert hooks.messages(ENDPOINT_DISABLED) == []
     clock.advance(3600)
-    assert dispatched(hooks, enqueued) == []
+    assert hooks.dispatch()["due"] == 0
     assert len(receiver.received) == 1
 
 
@@ -734,7 +713,7 @@ def test_delivery_json_lists_the_attempts_a_consumer_sees(hooks, receiver):
     receiver.reply(Reply(502, body=b"bad gateway"))
     hooks.deliver(delivery_id)
 
-    found = json.loads(json.dumps(delivery.delivery_json(hooks.delivery(delivery_id), attempts=hooks.attempts(delivery_id))))
+    found = json.loads(json.dumps(deliveries.delivery_json(hooks.delivery(delivery_id), attempts=hooks.attempts(delivery_id))))
 
     assert found["status"] == "pending"
     assert found["attempt_count"] == 1

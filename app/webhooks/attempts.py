@@ -1,0 +1,521 @@
+"""The worker's batches: claim due deliveries, sign and send them at once, record the attempts.
+
+A batch is claimed with one ``UPDATE ... RETURNING`` that also reads what the attempts send (the
+message, the endpoint's URL and secrets), takes each delivery's attempt number (the fencing
+token every later write is conditional on) and a lease, and honours each endpoint's
+WEBHOOK_ENDPOINT_CONCURRENCY. Its deliveries are sent concurrently over kept-alive connections
+(``sender.Pools``), each to the address the SSRF guard checked just before. Their outcomes are
+written back with one multi-row insert of attempts, one update of the deliveries and one commit.
+A worker that dies mid-batch leaves the leases to lapse; the dispatcher records those attempts
+as lost and schedules the next, so a delivery is never stranded. Retries are a due time on the
+row, never a Celery countdown (DESIGN, "Worker rules").
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from celery.exceptions import SoftTimeLimitExceeded
+from flask import current_app
+from sqlalchemy import and_, case, func, insert, literal, or_, select, tuple_, update
+
+from app import queue
+from app.extensions import db
+from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookMessage
+from app.models.base import isoformat, new_id, utcnow
+from app.models.webhooks import FAILED, PENDING, SCHEDULED, SENDING, SUCCEEDED, TEST
+from app.observability import metrics, tracing
+from app.webhooks import endpoints, messages, secrets
+from app.webhooks.guard import UnsafeURL
+from app.webhooks.sender import Result, send
+from app.webhooks.settings import ATTEMPT_MARGIN, DRAIN, SecretKeyUnset, settings
+
+log = logging.getLogger("frontdoor.webhooks")
+
+USER_AGENT = "Frontdoor-Webhooks/1.0"
+# An attempt whose worker vanished: recorded like a network failure, then retried on schedule.
+LOST = "the worker was lost during the attempt (its lease lapsed)"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """An endpoint's encrypted secrets, as ``endpoints.signing_secrets`` reads them."""
+
+    secret_encrypted: bytes
+    previous_secret_encrypted: bytes | None
+    previous_secret_expires_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A delivery this worker holds: its attempt number (the fencing token) and what it sends.
+
+    ``body`` and ``keys`` are None for an attempt recorded without sending (a lost one)."""
+
+    delivery_id: str
+    endpoint_id: str
+    number: int
+    tries: int
+    trigger: str
+    url: str
+    created_at: datetime | None = None  # the delivery's: its lag is counted from here
+    message_id: str | None = None
+    request_id: str | None = None
+    body: bytes | None = None
+    keys: Keys | None = None
+    failing_since: datetime | None = None  # the endpoint's, as claimed
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What one attempt saw, and the address it connected to (None when it sent nothing)."""
+
+    result: Result
+    address: str | None = None
+
+
+# -- claiming ----------------------------------------------------------------------------------
+
+
+def claim(limit: int, ids: Sequence[str] | None = None, now: datetime | None = None) -> list[Claim]:
+    """Take up to ``limit`` pending, due deliveries (only those in ``ids`` when given), oldest
+    due first, no more per endpoint than its free slots under WEBHOOK_ENDPOINT_CONCURRENCY
+    (attempts in flight under a live lease count against them), and never one of a disabled
+    endpoint. Commits; returns the claims with what each sends.
+
+    On Postgres the endpoints are locked first (``FOR UPDATE SKIP LOCKED``): two workers never
+    count one endpoint's free slots at once, and neither waits for the other. That takes a
+    statement of its own: under READ COMMITTED one statement reads from one snapshot, so a claim
+    committed between its start and its lock would go uncounted. On SQLite the claim's write
+    lock serialises claims.
+    """
+    config = settings()
+    now = now or utcnow()
+    due = and_(WebhookDelivery.status == PENDING, WebhookDelivery.next_attempt_at <= now)
+    if ids is not None:
+        due = and_(due, WebhookDelivery.id.in_(list(ids)))
+    enabled = select(WebhookEndpoint.id).where(
+        WebhookEndpoint.disabled.is_(False), WebhookEndpoint.id.in_(select(WebhookDelivery.endpoint_id).where(due))
+    )
+    postgres = db.session.get_bind().dialect.name == "postgresql"
+    if postgres:
+        locked = list(db.session.execute(enabled.order_by(WebhookEndpoint.id).limit(limit).with_for_update(skip_locked=True)).scalars())
+        if not locked:
+            db.session.rollback()
+            return []
+        mine = WebhookDelivery.endpoint_id.in_(locked)
+    else:
+        mine = WebhookDelivery.endpoint_id.in_(enabled)
+    in_flight = (
+        select(WebhookDelivery.endpoint_id, func.count().label("busy"))
+        .where(mine, WebhookDelivery.status == SENDING, WebhookDelivery.lease_expires_at > now)
+        .group_by(WebhookDelivery.endpoint_id)
+        .subquery()
+    )
+    ranked = (
+        select(
+            WebhookDelivery.id,
+            WebhookDelivery.endpoint_id,
+            WebhookDelivery.next_attempt_at,
+            func.row_number()
+            .over(partition_by=WebhookDelivery.endpoint_id, order_by=(WebhookDelivery.next_attempt_at, WebhookDelivery.id))
+            .label("rank"),
+        )
+        .where(due, mine)
+        .subquery()
+    )
+    picked = (
+        select(ranked.c.id)
+        .outerjoin(in_flight, in_flight.c.endpoint_id == ranked.c.endpoint_id)
+        .where(ranked.c.rank + func.coalesce(in_flight.c.busy, 0) <= config.endpoint_concurrency)
+        .order_by(ranked.c.next_attempt_at, ranked.c.id)
+        .limit(limit)
+    )
+    taken = (
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id.in_(picked.scalar_subquery()), WebhookDelivery.status == PENDING)
+        .values(
+            status=SENDING,
+            attempts=WebhookDelivery.attempts + 1,
+            tries=WebhookDelivery.tries + 1,
+            lease_expires_at=now + timedelta(seconds=config.lease),
+            last_attempt_at=now,
+        )
+    )
+    columns = (
+        WebhookDelivery.id,
+        WebhookDelivery.endpoint_id,
+        WebhookDelivery.message_id,
+        WebhookDelivery.attempts,
+        WebhookDelivery.tries,
+        WebhookDelivery.trigger,
+        WebhookDelivery.created_at,
+    )
+    sends = (
+        WebhookMessage.type,
+        WebhookMessage.data,
+        WebhookMessage.created_at.label("message_created_at"),
+        WebhookMessage.request_id,
+        WebhookEndpoint.url,
+        WebhookEndpoint.secret_encrypted,
+        WebhookEndpoint.previous_secret_encrypted,
+        WebhookEndpoint.previous_secret_expires_at,
+        WebhookEndpoint.failing_since,
+    )
+    joined = (WebhookDelivery.message_id == WebhookMessage.id, WebhookDelivery.endpoint_id == WebhookEndpoint.id)
+    if postgres:  # UPDATE ... FROM: the message and the endpoint come back with the claim
+        rows = db.session.execute(taken.where(*joined).returning(*columns, *sends)).all()
+    else:  # SQLite's RETURNING names the updated table only: the rest is read in the same transaction
+        claimed = {row.id: row for row in db.session.execute(taken.returning(*columns)).all()}
+        found = db.session.execute(
+            select(WebhookDelivery.id, *sends).where(WebhookDelivery.id.in_(claimed), *joined)
+        ).all() if claimed else []
+        rows = [_Both(claimed[row.id], row) for row in found]
+    db.session.commit()
+    return [
+        Claim(
+            delivery_id=row.id,
+            endpoint_id=row.endpoint_id,
+            number=row.attempts,
+            tries=row.tries,
+            trigger=row.trigger,
+            url=row.url,
+            created_at=row.created_at,
+            message_id=row.message_id,
+            request_id=row.request_id,
+            body=messages.payload(row.type, row.message_created_at, row.data),
+            keys=Keys(row.secret_encrypted, row.previous_secret_encrypted, row.previous_secret_expires_at),
+            failing_since=row.failing_since,
+        )
+        for row in rows
+    ]
+
+
+class _Both:
+    """A claimed delivery's columns and its message's and endpoint's, as one row."""
+
+    def __init__(self, delivery, sends):
+        self._delivery, self._sends = delivery, sends
+
+    def __getattr__(self, name: str):
+        return getattr(self._delivery, name) if name in self._delivery._fields else getattr(self._sends, name)
+
+
+# -- sending -----------------------------------------------------------------------------------
+
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _threads(size: int) -> ThreadPoolExecutor:
+    """This process's sending threads (made on first use: after a Celery worker forks)."""
+    global _executor
+    with _executor_lock:
+        if _executor is None or _executor._max_workers < size:
+            _executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="webhook-send")
+        return _executor
+
+
+def attempt(work: Claim, trace: list[tuple[str, str]] = ()) -> Sent:
+    """Sign and send one claimed delivery; never raises.
+
+    The URL is checked again (resolved, every address public or allowed) and the request goes
+    to the address checked. A secret that cannot be read or a URL refused is a failed attempt
+    that sent nothing.
+    """
+    config = settings()
+    try:
+        signing = endpoints.signing_secrets(work.keys)
+    except (secrets.SecretUnreadable, SecretKeyUnset) as exc:
+        return Sent(Result(None, 0, error=str(getattr(exc, "detail", exc))[:500]))
+    try:
+        target = config.guard.check(work.url)
+    except UnsafeURL as exc:
+        return Sent(Result(None, 0, error=f"refused: {exc}"[:500]))
+    timestamp = utcnow()
+    headers = {
+        "webhook-id": work.message_id,
+        "webhook-timestamp": str(int(timestamp.timestamp())),
+        "webhook-signature": secrets.sign(signing, work.message_id, timestamp, work.body.decode()),
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+        "accept-encoding": "identity",  # the excerpt is the body's first bytes as sent
+        **dict(trace),
+    }
+    return Sent(send(target, headers, work.body, config.timeout, config.verify), target.address)
+
+
+def send_batch(works: list[Claim]) -> list[Sent]:
+    """Make the claimed attempts at once (one thread each, up to WEBHOOK_BATCH_SIZE); return
+    what each saw, in order. An attempt not done within WEBHOOK_TIMEOUT + ATTEMPT_MARGIN
+    seconds (stuck outside the HTTP exchange, as in a hung DNS lookup), or cut by the task's
+    soft time limit, is a failed attempt. No transaction is open meanwhile."""
+    config = settings()
+    context = tracing.current()  # the trace of the request that published the event, when known
+    trace = context.fields() if context is not None else []
+    limit = config.timeout + ATTEMPT_MARGIN
+    late = Sent(Result(None, int(limit * 1000), error=f"the attempt took longer than {limit:g} s"))
+    if len(works) == 1:  # no thread to hand over to
+        try:
+            return [attempt(works[0], trace)]
+        except SoftTimeLimitExceeded:
+            return [late]
+    app = current_app._get_current_object()  # the threads read its settings and secret box
+    pending = [_threads(config.batch_size).submit(_in_app, app, attempt, work, trace) for work in works]
+    try:
+        wait_for(pending, timeout=limit)
+    except SoftTimeLimitExceeded:
+        pass
+    return [future.result() if future.done() and future.exception() is None else late for future in pending]
+
+
+def _in_app(app, function, *args):
+    with app.app_context():
+        return function(*args)
+
+
+# -- recording ---------------------------------------------------------------------------------
+
+
+def _next_delay(tries: int, result: Result) -> float | None:
+    """Seconds until the next try after a failed one, or None when the schedule is spent.
+
+    The retry schedule's entry for this try with jitter (WEBHOOK_RETRY_JITTER, a fraction);
+    a 429 or 503 with ``Retry-After`` waits what the receiver asked, up to
+    WEBHOOK_MAX_RETRY_AFTER.
+    """
+    config = settings()
+    if tries >= config.max_tries:
+        return None
+    if result.retry_after is not None:
+        return min(result.retry_after, config.max_retry_after)
+    delay = config.retry_schedule[tries - 1]
+    return delay * (1 + random.uniform(-config.retry_jitter, config.retry_jitter))
+
+
+def _next_state(work: Claim, result: Result, now: datetime) -> dict:
+    """The delivery's columns after this attempt: succeeded, failed (schedule spent, 410, a
+    test send) or pending again at its next try."""
+    values = {"last_status_code": result.status_code, "last_error": result.error}
+    delay = None if result.succeeded or result.status_code == 410 or work.trigger == TEST else _next_delay(work.tries, result)
+    if result.succeeded:
+        return {**values, "status": SUCCEEDED, "finished_at": now, "next_attempt_at": None}
+    if delay is None:
+        return {**values, "status": FAILED, "finished_at": now, "next_attempt_at": None}
+    return {**values, "status": PENDING, "finished_at": None, "next_attempt_at": now + timedelta(seconds=delay)}
+
+
+def _by_delivery(column, values: dict[str, object]):
+    """``CASE id WHEN ... THEN ... END`` for ``column``: one value per delivery, typed as the column."""
+    return case({key: literal(value, column.type) for key, value in values.items()}, value=WebhookDelivery.id)
+
+
+def record(works: list[Claim], sent: list[Sent], now: datetime | None = None) -> dict[str, str]:
+    """Store the attempts and each delivery's next state, in one transaction: one update of the
+    deliveries (conditional on each claim's attempt number), one multi-row insert of attempts,
+    one commit. An endpoint whose health changes (a failure, a first success after failures) is
+    updated too, and disabled on a 410 or after WEBHOOK_DISABLE_AFTER seconds of failures.
+
+    Returns ``{delivery_id: new status}`` for the attempts recorded; a claim that was lost (the
+    delivery taken over, or deleted with its endpoint) is left out and changes nothing.
+    """
+    now = now or utcnow()
+    if not works:
+        return {}
+    states = {work.delivery_id: _next_state(work, done.result, now) for work, done in zip(works, sent, strict=True)}
+    # A test send says nothing of the endpoint's health, nor does an attempt whose worker died.
+    judged = [(work, done.result) for work, done in zip(works, sent, strict=True) if work.trigger != TEST and done.result.error != LOST]
+    healthy = {work.endpoint_id for work, result in judged if result.succeeded}
+    failing = {work.endpoint_id for work, result in judged if not result.succeeded} - healthy
+    recovered = {work.endpoint_id for work, result in judged if result.succeeded and work.failing_since is not None}
+    if (failing or recovered) and db.session.get_bind().dialect.name == "postgresql":
+        # The endpoints' rows before the deliveries', as an endpoint's deletion takes them: one
+        # lock order, so Postgres never finds two transactions waiting on each other.
+        db.session.execute(
+            select(WebhookEndpoint.id).where(WebhookEndpoint.id.in_(failing | recovered)).order_by(WebhookEndpoint.id).with_for_update()
+        ).all()
+    columns = ("status", "next_attempt_at", "finished_at", "last_status_code", "last_error")
+    recorded = set(
+        db.session.execute(
+            update(WebhookDelivery)
+            .where(
+                tuple_(WebhookDelivery.id, WebhookDelivery.attempts).in_([(work.delivery_id, work.number) for work in works]),
+                WebhookDelivery.status == SENDING,
+            )
+            .values(
+                lease_expires_at=None,
+                trigger=SCHEDULED,
+                **{
+                    name: _by_delivery(getattr(WebhookDelivery, name), {key: state[name] for key, state in states.items()})
+                    for name in columns
+                },
+            )
+            .returning(WebhookDelivery.id)
+        ).scalars()
+    )
+    rows = [
+        {
+            "id": new_id("atm"),
+            "delivery_id": work.delivery_id,
+            "endpoint_id": work.endpoint_id,
+            "number": work.number,
+            "trigger": work.trigger,
+            "url": work.url,
+            "address": done.address,
+            "status_code": done.result.status_code,
+            "succeeded": done.result.succeeded,
+            "duration_ms": done.result.duration_ms,
+            # Postgres text has no NUL
+            "response_excerpt": None if done.result.excerpt is None else done.result.excerpt.replace("\x00", "\ufffd"),
+            "error": done.result.error,
+            "request_id": work.request_id,
+            "created_at": now,
+        }
+        for work, done in zip(works, sent, strict=True)
+        if work.delivery_id in recorded
+    ]
+    if rows:
+        db.session.execute(insert(WebhookAttempt), rows)
+    kept = {work.endpoint_id for work in works if work.delivery_id in recorded}
+    disabled = _track_health(healthy & recovered & kept, failing & kept, [(w, r) for w, r in judged if w.delivery_id in recorded], now)
+    db.session.commit()
+    for work, done in zip(works, sent, strict=True):
+        if work.delivery_id not in recorded:
+            log.info("webhook attempt not recorded: the claim was lost", extra={"delivery_id": work.delivery_id})
+            continue
+        result = done.result
+        metrics.WEBHOOK_ATTEMPTS.labels("succeeded" if result.succeeded else "failed").inc()
+        if result.succeeded and work.trigger != TEST and work.created_at is not None:
+            metrics.WEBHOOK_LAG_SECONDS.observe(max((now - work.created_at).total_seconds(), 0.0))
+        log.info(
+            "webhook attempt",
+            extra={
+                "delivery_id": work.delivery_id,
+                "endpoint_id": work.endpoint_id,
+                "attempt": work.number,
+                "status_code": result.status_code,
+                "duration_ms": result.duration_ms,
+                "outcome": states[work.delivery_id]["status"],
+                "request_id": work.request_id,
+            },
+        )
+    if disabled:
+        messages.fan_out_later(disabled)
+    return {delivery_id: states[delivery_id]["status"] for delivery_id in recorded}
+
+
+def _track_health(recovered: set[str], failing: set[str], judged: list[tuple[Claim, Result]], now: datetime) -> list[str]:
+    """Clear the failure record of endpoints that answered again; extend (or start) it for those
+    that failed, and disable those that answered 410 or have failed for WEBHOOK_DISABLE_AFTER
+    seconds. Returns the ids of the ``webhook.endpoint.disabled`` messages recorded (in the
+    caller's transaction)."""
+    if recovered:
+        db.session.execute(
+            update(WebhookEndpoint).where(WebhookEndpoint.id.in_(recovered), WebhookEndpoint.failing_since.is_not(None)).values(failing_since=None)
+        )
+    if not failing:
+        return []
+    # A run of failures is continuous: a silence longer than the longest retry gap (nothing
+    # was sent, so nothing failed) starts a new run rather than extending the old one.
+    silence = now - timedelta(seconds=_longest_gap())
+    restart = or_(WebhookEndpoint.failing_since.is_(None), WebhookEndpoint.last_failure_at.is_(None), WebhookEndpoint.last_failure_at < silence)
+    rows = db.session.execute(
+        update(WebhookEndpoint)
+        .where(WebhookEndpoint.id.in_(failing))
+        .values(failing_since=case((restart, literal(now, WebhookEndpoint.failing_since.type)), else_=WebhookEndpoint.failing_since), last_failure_at=now)
+        .returning(WebhookEndpoint.id, WebhookEndpoint.consumer_id, WebhookEndpoint.url, WebhookEndpoint.failing_since, WebhookEndpoint.disabled)
+    ).all()
+    gone = {work.endpoint_id for work, result in judged if result.status_code == 410}
+    made = []
+    for endpoint in rows:
+        if endpoint.disabled:
+            continue
+        if endpoint.id in gone:
+            reason = "the receiver answered 410 Gone"
+        elif endpoint.failing_since is not None and endpoint.failing_since <= now - timedelta(seconds=settings().disable_after):
+            reason = f"every attempt failed since {isoformat(endpoint.failing_since)}"
+        else:
+            continue
+        message_id = disable(endpoint, reason, now)
+        if message_id is not None:
+            made.append(message_id)
+    return made
+
+
+def _longest_gap() -> float:
+    """The longest a failing delivery waits between two tries (seconds): the longest retry
+    delay with its jitter, plus a dispatch interval and a lease for the try itself."""
+    config = settings()
+    return max((*config.retry_schedule, 0.0)) * (1 + config.retry_jitter) + config.dispatch_interval + config.lease
+
+
+def disable(endpoint, reason: str, now: datetime) -> str | None:
+    """Disable ``endpoint`` (a row with ``id``, ``consumer_id``, ``url``, ``failing_since``),
+    fail its pending deliveries, and record a ``webhook.endpoint.disabled`` message for its
+    consumer (fanned out to its other endpoints after the caller commits). Returns the message
+    id, or None when another attempt disabled it first. In the caller's transaction; the
+    conditional write decides between attempts recorded at the same moment."""
+    done = db.session.execute(
+        update(WebhookEndpoint)
+        .where(WebhookEndpoint.id == endpoint.id, WebhookEndpoint.disabled.is_(False))
+        .values(disabled=True, disabled_reason=reason, disabled_at=now)
+    ).rowcount
+    if not done:
+        return None
+    db.session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.endpoint_id == endpoint.id, WebhookDelivery.status == PENDING)
+        .values(status=FAILED, finished_at=now, next_attempt_at=None, last_error=f"endpoint disabled: {reason}"[:500])
+    )
+    data = {"endpoint_id": endpoint.id, "url": endpoint.url, "reason": reason, "failing_since": isoformat(endpoint.failing_since)}
+    message = messages.new_message(
+        endpoint.consumer_id, messages.ENDPOINT_DISABLED, data, event_id=f"{endpoint.id}.disabled.{int(now.timestamp() * 1000)}", created_at=now
+    )
+    db.session.add(message)
+    db.session.flush()
+    log.warning("webhook endpoint disabled", extra={"endpoint_id": endpoint.id, "reason": reason})
+    return message.id
+
+
+# -- the worker's loop -------------------------------------------------------------------------
+
+
+def deliver(ids: Sequence[str] | None = None, drain: float = DRAIN) -> dict[str, int]:
+    """Claim, send and record batches of due deliveries (the first only among ``ids`` when
+    given: the ones a fan-out or a redelivery just made due) while any are due, for up to
+    ``drain`` seconds; then, if work was still being found, send a deliver message to carry on.
+    Returns counts of the new statuses."""
+    config = settings()
+    started = time.monotonic()
+    counts: dict[str, int] = {}
+    first = True
+    while True:
+        works = claim(config.batch_size, ids if first else None)
+        if works:
+            for status in record(works, send_batch(works)).values():
+                counts[status] = counts.get(status, 0) + 1
+        elif not first:
+            return counts
+        first = False
+        if time.monotonic() - started >= drain:
+            wake()
+            return counts
+
+
+def wake(ids: Sequence[str] | None = None) -> bool:
+    """Ask a worker to deliver what is due now (``ids`` first), rather than at beat's next
+    dispatch; returns False when the message could not be sent (beat's pass finds the work)."""
+    try:
+        queue.send(queue.DELIVER, (list(ids),) if ids else ())
+        return True
+    except Exception:
+        log.warning("deliver enqueue failed; the dispatcher will send it", exc_info=True)
+        return False
