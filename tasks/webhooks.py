@@ -7,14 +7,16 @@ from celery import shared_task
 
 from app import queue
 from app.webhooks import attempts, dispatch, messages
+from app.webhooks.settings import settings
 
 
 # Each task is safe to run twice: fan-out claims its message with a conditional write, and a
 # batch claims its deliveries with one (each attempt number fences every later write).
 @shared_task(name=queue.FAN_OUT, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def fan_out_task(message_id: str) -> int:
-    """Create the deliveries of message ``message_id`` and send them (and what else is due); return how many were made."""
-    created = messages.fan_out(message_id)
+    """Create the deliveries of message ``message_id`` (and of other messages waiting for their
+    fan-out, up to a batch) and send them, then what else is due; return how many were made."""
+    created = messages.fan_out(message_id, more=settings().batch_size - 1)
     if created:
         attempts.deliver(created)
     return len(created)

@@ -9,7 +9,7 @@ import logging
 import re
 from datetime import datetime
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy.orm import undefer
 
 from app import queue
@@ -136,33 +136,49 @@ def fan_out_later(message_ids: list[str]) -> None:
     queue.send_each(queue.FAN_OUT, message_ids, "fan-out")
 
 
-def fan_out(message_id: str) -> list[str]:
+def fan_out(message_id: str, more: int = 0) -> list[str]:
     """Make one pending delivery per enabled endpoint of the message's consumer whose filters
     match its type, mark the message fanned out, commit; return the new deliveries' ids (the
-    caller sends them). A message already fanned out gets nothing more: safe to run twice.
-    Three statements and a commit: the claim (returning what the rest needs), the endpoints,
-    one multi-row insert."""
+    caller sends them). With ``more``, up to that many other messages still waiting for their
+    fan-out (the oldest; their own fan-out tasks are queued behind this one) are fanned out in
+    the same transaction, so that one batch sends them all. A message already fanned out gets
+    nothing more: safe to run twice. Three statements and a commit: the claim (returning what
+    the rest needs), the endpoints, one multi-row insert."""
     now = utcnow()
+    wanted = WebhookMessage.id == message_id
+    if more > 0:
+        waiting = (
+            select(WebhookMessage.id)
+            .where(WebhookMessage.fanned_out_at.is_(None), WebhookMessage.id != message_id)
+            .order_by(WebhookMessage.created_at)
+            .limit(more)
+        )
+        if db.session.get_bind().dialect.name == "postgresql":
+            waiting = waiting.with_for_update(skip_locked=True)  # another fan-out's are its own
+        wanted = or_(wanted, WebhookMessage.id.in_(waiting.scalar_subquery()))
     # The conditional write comes first: it is the claim (two fan-outs, one winner), and on
     # SQLite a transaction that starts by writing never has to upgrade a read lock.
-    message = db.session.execute(
+    claimed = db.session.execute(
         update(WebhookMessage)
-        .where(WebhookMessage.id == message_id, WebhookMessage.fanned_out_at.is_(None))
+        .where(wanted, WebhookMessage.fanned_out_at.is_(None))
         .values(fanned_out_at=now)
-        .returning(WebhookMessage.consumer_id, WebhookMessage.type)
-    ).one_or_none()
-    if message is None:
+        .returning(WebhookMessage.id, WebhookMessage.consumer_id, WebhookMessage.type)
+    ).all()
+    if not claimed:
         db.session.rollback()
         return []
-    endpoints = db.session.execute(
-        select(WebhookEndpoint.id, WebhookEndpoint.event_types).where(
-            WebhookEndpoint.consumer_id == message.consumer_id, WebhookEndpoint.disabled.is_(False)
+    endpoints: dict[str, list] = {}
+    for endpoint in db.session.execute(
+        select(WebhookEndpoint.id, WebhookEndpoint.consumer_id, WebhookEndpoint.event_types).where(
+            WebhookEndpoint.consumer_id.in_({message.consumer_id for message in claimed}), WebhookEndpoint.disabled.is_(False)
         )
-    ).all()
+    ):
+        endpoints.setdefault(endpoint.consumer_id, []).append(endpoint)
     rows = [
-        {"id": new_id("dlv"), "message_id": message_id, "endpoint_id": endpoint.id, "consumer_id": message.consumer_id,
+        {"id": new_id("dlv"), "message_id": message.id, "endpoint_id": endpoint.id, "consumer_id": message.consumer_id,
          "status": PENDING, "trigger": SCHEDULED, "attempts": 0, "tries": 0, "next_attempt_at": now, "created_at": now}
-        for endpoint in endpoints
+        for message in claimed
+        for endpoint in endpoints.get(message.consumer_id, ())
         if matches(endpoint.event_types or [], message.type)
     ]
     if rows:

@@ -9,6 +9,7 @@ from app.models import Job, JobEvent
 from app.models.base import utcnow
 from app.webhooks import messages
 from tasks.webhooks import fan_out_task
+from tests.unit.webhooks.conftest import BOTH
 
 FILTERS = {
     "exact": ["job.succeeded"],
@@ -207,3 +208,20 @@ def test_dispatch_publishes_job_events(hooks, receiver, enqueued):
     assert hooks.dispatch()["published"] == 1
     (message,) = hooks.messages("job.succeeded")
     assert enqueued.messages == [message["id"]]
+
+
+@BOTH
+def test_a_fan_out_takes_other_messages_waiting_for_theirs_into_the_same_batch(hooks, receiver, enqueued):
+    consumer, other = hooks.consumer(), hooks.consumer()
+    mine = hooks.endpoint(consumer, receiver.url)
+    theirs = hooks.endpoint(other, receiver.url)
+    first, second, third = hooks.message(consumer), hooks.message(other), hooks.message(consumer)
+
+    created = hooks.call(messages.fan_out, first, 1)  # one more: the oldest other one waiting
+
+    rows = {row.id: row for row in hooks.deliveries()}
+    assert sorted(created) == sorted(rows)
+    assert sorted((row.message_id, row.endpoint_id) for row in rows.values()) == sorted([(first, mine), (second, theirs)])
+    assert hooks.fan_out(second) == []  # its own fan-out task, run later, finds it done
+    assert [(row["id"], row["fanned_out"]) for row in hooks.messages()] == [(first, True), (second, True), (third, False)]
+    assert len(hooks.fan_out(third)) == 1

@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy import update
 
 from app.extensions import db
-from app.webhooks import attempts
 from app.models import WebhookDelivery, WebhookEndpoint
 from app.models.base import utcnow
+from app.webhooks import attempts
 from tests.unit.webhooks.conftest import BOTH, Reply
 
 

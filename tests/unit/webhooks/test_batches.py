@@ -1,0 +1,141 @@
+"""Batches: one claim sends many deliveries at once, each outcome recorded, connections kept alive, caps kept."""
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from app.webhooks import attempts
+from app.webhooks.messages import ENDPOINT_DISABLED
+from app.webhooks.sender import POOLS
+from tests.unit.webhooks.conftest import BOTH, SCHEDULE, Reply
+
+
+@BOTH
+def test_one_batch_records_each_outcome_of_a_mixed_set_of_receivers(make_hooks, make_receiver, clock, enqueued):
+    hooks = make_hooks(WEBHOOK_TIMEOUT=0.5)
+    consumer = hooks.consumer()
+    replies = {
+        "ok": Reply(200),
+        "error": Reply(500, body=b"boom"),
+        "gone": Reply(410),
+        "busy": Reply(429, headers={"Retry-After": "120"}),
+        "hung": Reply(200, delay=3.0),  # past WEBHOOK_TIMEOUT
+    }
+    receivers = {name: make_receiver() for name in replies}
+    endpoints = {name: hooks.endpoint(consumer, receivers[name].url) for name in replies}
+    for name, reply in replies.items():
+        receivers[name].reply(reply)
+    deliveries = hooks.publish(consumer)  # one message, one delivery per endpoint
+    by_endpoint = {row.endpoint_id: row.id for row in hooks.deliveries()}
+    assert len(deliveries) == 5
+
+    started = time.monotonic()
+    statuses = hooks.batch()
+    took = time.monotonic() - started
+
+    # Sent at once: the hung receiver cost its timeout once, not on top of the others.
+    assert took < 2.5, took
+    delivery = {name: by_endpoint[endpoints[name]] for name in replies}
+    assert statuses == {
+        delivery["ok"]: "succeeded",
+        delivery["error"]: "pending",
+        delivery["gone"]: "failed",
+        delivery["busy"]: "pending",
+        delivery["hung"]: "pending",
+    }
+    attempt = {name: hooks.attempts(delivery[name])[0] for name in replies}
+    assert {name: (row.status_code, row.succeeded) for name, row in attempt.items()} == {
+        "ok": (200, True), "error": (500, False), "gone": (410, False), "busy": (429, False), "hung": (None, False),
+    }
+    assert attempt["error"].response_excerpt == "boom"
+    assert "timeout" in attempt["hung"].error and attempt["hung"].duration_ms >= 500
+    assert len({row.created_at for row in attempt.values()}) == 1  # recorded together, in one transaction
+    rows = {name: hooks.delivery(delivery[name]) for name in replies}
+    assert rows["error"].next_attempt_at == attempt["error"].created_at + timedelta(seconds=SCHEDULE[0])
+    assert rows["busy"].next_attempt_at == attempt["busy"].created_at + timedelta(seconds=120)  # Retry-After, not the schedule
+    assert rows["hung"].next_attempt_at == attempt["hung"].created_at + timedelta(seconds=SCHEDULE[0])
+    assert all(row.lease_expires_at is None for row in rows.values())
+    assert hooks.endpoint_row(endpoints["gone"]).disabled is True
+    assert [hooks.endpoint_row(endpoints[name]).disabled for name in ("ok", "error", "busy", "hung")] == [False] * 4
+    assert hooks.endpoint_row(endpoints["ok"]).failing_since is None
+    assert hooks.endpoint_row(endpoints["error"]).failing_since == attempt["error"].created_at
+    assert len(hooks.messages(ENDPOINT_DISABLED)) == 1
+    assert [len(receivers[name].received) for name in replies] == [1] * 5
+
+
+class KeepAliveReceiver:
+    """An HTTP/1.1 receiver that keeps connections open, answers 200 after ``delay`` seconds,
+    and counts the connections it was sent on and the most requests it held at once."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay = delay
+        self.peers: list[tuple[str, int]] = []
+        self.in_flight = self.most_in_flight = 0
+        self.lock = threading.Lock()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with owner.lock:
+                    owner.peers.append(self.client_address)
+                    owner.in_flight += 1
+                    owner.most_in_flight = max(owner.most_in_flight, owner.in_flight)
+                time.sleep(owner.delay)
+                with owner.lock:
+                    owner.in_flight -= 1
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, format, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def keep_alive_receiver():
+    receiver = KeepAliveReceiver(delay=0.02)
+    yield receiver
+    receiver.close()
+    POOLS.clear()  # its pooled connections, to a port that is gone
+
+
+@BOTH
+def test_a_workers_batches_reuse_kept_alive_connections_and_keep_the_endpoints_cap(make_hooks, keep_alive_receiver, enqueued):
+    hooks = make_hooks(WEBHOOK_ENDPOINT_CONCURRENCY=4, WEBHOOK_BATCH_SIZE=20)
+    consumer = hooks.consumer()
+    hooks.endpoint(consumer, keep_alive_receiver.url)
+    deliveries = [hooks.publish(consumer)[0] for _ in range(24)]
+
+    # Two workers at once, each claiming and sending batches until nothing is due.
+    counts: list[dict] = []
+    workers = [threading.Thread(target=lambda: counts.append(hooks.call(attempts.deliver, None, 30.0))) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+
+    assert sum(found.get("succeeded", 0) for found in counts) == 24
+    assert {hooks.delivery(delivery_id).status for delivery_id in deliveries} == {"succeeded"}
+    assert len(keep_alive_receiver.peers) == 24
+    assert keep_alive_receiver.most_in_flight <= 4  # the endpoint's cap, across both workers
+    # Connections were kept alive and reused: at most one per slot, not one per delivery.
+    assert len(set(keep_alive_receiver.peers)) <= 4, sorted(set(keep_alive_receiver.peers))
