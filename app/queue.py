@@ -2,8 +2,9 @@
 
 Nothing under ``app/`` imports ``tasks``: a message names its task (the constants below, which
 ``tasks/`` registers its functions under) and carries ids only. Every row that names a unit of
-work (a job, a message, a delivery) is also the outbox: when a message cannot be sent, ``send_each``
-marks those rows with the caller's UPDATE, and beat's pass sends them again.
+work is also the outbox: a job or a webhook message whose task message cannot be sent is found
+again by beat's pass (``send_each`` marks the rows with the caller's UPDATE where the pass needs
+it), and a due delivery needs no message of its own (beat wakes a worker, which claims it).
 """
 from __future__ import annotations
 

@@ -683,17 +683,14 @@ def test_a_delivery_whose_worker_is_killed_mid_request_completes_after_its_lease
 @pytest.mark.redis
 def test_a_batch_whose_worker_is_killed_mid_request_is_taken_over_and_each_delivery_succeeds_once(stack, receiver):
     stack.beat()
-    first_worker = stack.worker("worker-1", GATEWAY_WEBHOOK_ENDPOINT_CONCURRENCY="6")
     api = stack.api()
     endpoint = api.create_endpoint(receiver.url("/batch"))
     receiver.secrets["/batch"] = [endpoint["secret"]]
     hold = receiver.holds["/batch"] = Hold(count=6)
-    stack.until(lambda: " ready." in first_worker.text(), 30, "the worker ready")
-
-    # Published at once, so that all six are in flight before the first attempt's deadline (2 s).
-    with ThreadPoolExecutor(6) as pool:
-        sent = [message["id"] for message in pool.map(lambda n: api.publish("report.ready", {"report": n}), range(6))]
-    assert hold.arrived.wait(30), stack.logs()
+    # Published before the worker starts: its first fan-out takes all six messages into one batch.
+    sent = [api.publish("report.ready", {"report": n})["id"] for n in range(6)]
+    first_worker = stack.worker("worker-1", GATEWAY_WEBHOOK_ENDPOINT_CONCURRENCY="6")
+    assert hold.arrived.wait(30), stack.logs()  # all six in flight at once
     killed_at = time.monotonic()
     pids = services.kill_group(first_worker.process)
     assert len(pids) >= 2, pids
