@@ -100,7 +100,8 @@ class WebhookDelivery(db.Model):
         UniqueConstraint("message_id", "endpoint_id", name="uq_webhook_deliveries_message_endpoint"),
         Index("ix_webhook_deliveries_status_due", "status", "next_attempt_at"),
         Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at"),
-        Index("ix_webhook_deliveries_endpoint_status", "endpoint_id", "status"),
+        # A claim's range per endpoint: its oldest due deliveries, and its attempts in flight.
+        Index("ix_webhook_deliveries_endpoint_status_due", "endpoint_id", "status", "next_attempt_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("dlv"))

@@ -24,7 +24,18 @@ from datetime import datetime, timedelta
 
 from celery.exceptions import SoftTimeLimitExceeded
 from flask import current_app
-from sqlalchemy import and_, case, func, insert, literal, or_, select, tuple_, update
+from sqlalchemy import (
+    and_,
+    case,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    true,
+    tuple_,
+    update,
+)
 
 from app import queue
 from app.extensions import db
@@ -86,78 +97,92 @@ class Sent:
 
 def claim(limit: int, ids: Sequence[str] | None = None, now: datetime | None = None) -> list[Claim]:
     """Take up to ``limit`` pending, due deliveries (only those in ``ids`` when given), oldest
-    due first, no more per endpoint than its free slots under WEBHOOK_ENDPOINT_CONCURRENCY
-    (attempts in flight under a live lease count against them), and never one of a disabled
-    endpoint. Commits; returns the claims with what each sends.
+    due first within an endpoint, no more per endpoint than its free slots under
+    WEBHOOK_ENDPOINT_CONCURRENCY (attempts in flight under a live lease count against them),
+    and never one of a disabled endpoint. Commits; returns the claims with what each sends.
 
-    On Postgres the endpoints are locked first (``FOR UPDATE SKIP LOCKED``): two workers never
-    count one endpoint's free slots at once, and neither waits for the other. That takes a
-    statement of its own: under READ COMMITTED one statement reads from one snapshot, so a claim
-    committed between its start and its lock would go uncounted. On SQLite the claim's write
-    lock serialises claims.
+    First the endpoints: up to ``limit`` with due deliveries, the least recently claimed first
+    (so that endpoints take turns however many have work), are marked claimed and, on
+    Postgres, locked (``FOR UPDATE SKIP LOCKED``): two workers never count one endpoint's free
+    slots at once, and neither waits for the other. This takes a statement of its own, because
+    under READ COMMITTED one statement reads one snapshot, in which a claim committed between
+    its start and its lock would go uncounted; on SQLite the write serialises claims. Then one
+    ``UPDATE ... RETURNING`` takes each endpoint's oldest due deliveries (an index range per
+    endpoint, so a claim costs the same whatever the backlog) with their messages and the
+    endpoints' URLs and secrets.
     """
     config = settings()
     now = now or utcnow()
-    due = and_(WebhookDelivery.status == PENDING, WebhookDelivery.next_attempt_at <= now)
+    d = WebhookDelivery
+    due = and_(d.status == PENDING, d.next_attempt_at <= now)
     if ids is not None:
-        due = and_(due, WebhookDelivery.id.in_(list(ids)))
-    enabled = select(WebhookEndpoint.id).where(
-        WebhookEndpoint.disabled.is_(False), WebhookEndpoint.id.in_(select(WebhookDelivery.endpoint_id).where(due))
-    )
+        due = and_(due, d.id.in_(list(ids)))
     postgres = db.session.get_bind().dialect.name == "postgresql"
-    if postgres:
-        locked = list(db.session.execute(enabled.order_by(WebhookEndpoint.id).limit(limit).with_for_update(skip_locked=True)).scalars())
-        if not locked:
-            db.session.rollback()
-            return []
-        mine = WebhookDelivery.endpoint_id.in_(locked)
-    else:
-        mine = WebhookDelivery.endpoint_id.in_(enabled)
-    in_flight = (
-        select(WebhookDelivery.endpoint_id, func.count().label("busy"))
-        .where(mine, WebhookDelivery.status == SENDING, WebhookDelivery.lease_expires_at > now)
-        .group_by(WebhookDelivery.endpoint_id)
-        .subquery()
-    )
-    ranked = (
-        select(
-            WebhookDelivery.id,
-            WebhookDelivery.endpoint_id,
-            WebhookDelivery.next_attempt_at,
-            func.row_number()
-            .over(partition_by=WebhookDelivery.endpoint_id, order_by=(WebhookDelivery.next_attempt_at, WebhookDelivery.id))
-            .label("rank"),
-        )
-        .where(due, mine)
-        .subquery()
-    )
-    picked = (
-        select(ranked.c.id)
-        .outerjoin(in_flight, in_flight.c.endpoint_id == ranked.c.endpoint_id)
-        .where(ranked.c.rank + func.coalesce(in_flight.c.busy, 0) <= config.endpoint_concurrency)
-        .order_by(ranked.c.next_attempt_at, ranked.c.id)
+    turn = (
+        select(WebhookEndpoint.id)
+        .where(WebhookEndpoint.disabled.is_(False), select(d.id).where(d.endpoint_id == WebhookEndpoint.id, due).exists())
+        .order_by(WebhookEndpoint.claimed_at.asc().nulls_first(), WebhookEndpoint.id)
         .limit(limit)
     )
+    if postgres:
+        turn = turn.with_for_update(skip_locked=True)
+    locked = list(
+        db.session.execute(
+            update(WebhookEndpoint).where(WebhookEndpoint.id.in_(turn.scalar_subquery())).values(claimed_at=now).returning(WebhookEndpoint.id)
+        ).scalars()
+    )
+    if not locked:
+        db.session.rollback()
+        return []
+    busy = (
+        select(func.count())
+        .where(d.endpoint_id == WebhookEndpoint.id, d.status == SENDING, d.lease_expires_at > now)
+        .correlate(WebhookEndpoint)
+        .scalar_subquery()
+    )
+    if postgres:
+        firsts = (
+            # Ordered as the index is (by id within one due time too): no peers for the window to
+            # read ahead, so a backlog due at one moment is not read whole.
+            select(d.id, d.next_attempt_at, func.row_number().over(order_by=(d.next_attempt_at, d.id)).label("rank"))
+            .where(d.endpoint_id == WebhookEndpoint.id, due)
+            .order_by(d.next_attempt_at, d.id)
+            .limit(config.endpoint_concurrency)
+            .lateral()
+        )
+        picked = (
+            select(firsts.c.id)
+            .select_from(WebhookEndpoint)
+            .join(firsts, true())
+            .where(WebhookEndpoint.id.in_(locked), firsts.c.rank + busy <= config.endpoint_concurrency)
+            .order_by(firsts.c.next_attempt_at)
+            .limit(limit)
+            .scalar_subquery()
+        )
+    else:  # no LATERAL: each endpoint's free slots, then its oldest due deliveries, in this write transaction
+        free = dict(db.session.execute(select(WebhookEndpoint.id, config.endpoint_concurrency - busy).where(WebhookEndpoint.id.in_(locked))).all())
+        chosen = []
+        for endpoint_id, slots in free.items():
+            if slots > 0:
+                chosen += db.session.execute(
+                    select(d.id).where(d.endpoint_id == endpoint_id, due).order_by(d.next_attempt_at, d.id).limit(slots)
+                ).scalars()
+        picked = chosen[:limit]
+        if not picked:
+            db.session.commit()
+            return []
     taken = (
-        update(WebhookDelivery)
-        .where(WebhookDelivery.id.in_(picked.scalar_subquery()), WebhookDelivery.status == PENDING)
+        update(d)
+        .where(d.id.in_(picked), d.status == PENDING)
         .values(
             status=SENDING,
-            attempts=WebhookDelivery.attempts + 1,
-            tries=WebhookDelivery.tries + 1,
+            attempts=d.attempts + 1,
+            tries=d.tries + 1,
             lease_expires_at=now + timedelta(seconds=config.lease),
             last_attempt_at=now,
         )
     )
-    columns = (
-        WebhookDelivery.id,
-        WebhookDelivery.endpoint_id,
-        WebhookDelivery.message_id,
-        WebhookDelivery.attempts,
-        WebhookDelivery.tries,
-        WebhookDelivery.trigger,
-        WebhookDelivery.created_at,
-    )
+    columns = (d.id, d.endpoint_id, d.message_id, d.attempts, d.tries, d.trigger, d.created_at)
     sends = (
         WebhookMessage.type,
         WebhookMessage.data,
@@ -169,14 +194,12 @@ def claim(limit: int, ids: Sequence[str] | None = None, now: datetime | None = N
         WebhookEndpoint.previous_secret_expires_at,
         WebhookEndpoint.failing_since,
     )
-    joined = (WebhookDelivery.message_id == WebhookMessage.id, WebhookDelivery.endpoint_id == WebhookEndpoint.id)
+    joined = (d.message_id == WebhookMessage.id, d.endpoint_id == WebhookEndpoint.id)
     if postgres:  # UPDATE ... FROM: the message and the endpoint come back with the claim
         rows = db.session.execute(taken.where(*joined).returning(*columns, *sends)).all()
     else:  # SQLite's RETURNING names the updated table only: the rest is read in the same transaction
         claimed = {row.id: row for row in db.session.execute(taken.returning(*columns)).all()}
-        found = db.session.execute(
-            select(WebhookDelivery.id, *sends).where(WebhookDelivery.id.in_(claimed), *joined)
-        ).all() if claimed else []
+        found = db.session.execute(select(d.id, *sends).where(d.id.in_(claimed), *joined)).all() if claimed else []
         rows = [_Both(claimed[row.id], row) for row in found]
     db.session.commit()
     return [
