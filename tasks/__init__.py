@@ -61,8 +61,10 @@ def celery_init_app(app: Flask) -> Celery:
         },
         task_annotations={
             queue.RUN_JOB: {"soft_time_limit": float(config["JOB_SOFT_TIME_LIMIT"]), "time_limit": time_limit},
-            # A batch must end before its leases lapse, or the dispatcher would take it over.
+            # A batch must end before its leases lapse, or the dispatcher would take it over; a
+            # fan-out sends the batch it made.
             queue.DELIVER: {"soft_time_limit": attempt_soft, "time_limit": attempt_hard},
+            queue.FAN_OUT: {"soft_time_limit": attempt_soft, "time_limit": attempt_hard},
         },
         broker_connection_retry_on_startup=True,
         # A worker whose broker is away keeps trying (after 2, 4, 6 s and so on, up to 30 s

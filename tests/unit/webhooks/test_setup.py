@@ -113,9 +113,10 @@ def test_deliveries_have_their_own_queue_and_time_limits_inside_the_lease(make_a
     assert route({}, "frontdoor.webhooks.deliver", (), {})["queue"].name == "webhooks"
     assert route({}, "frontdoor.webhooks.fan_out", (), {})["queue"].name == "webhooks"
     assert route({}, "frontdoor.webhooks.dispatch", (), {})["queue"].name == "celery"
-    deliver = celery.tasks["frontdoor.webhooks.deliver"]
-    assert deliver.time_limit < 30 and deliver.soft_time_limit < deliver.time_limit
-    assert deliver.acks_late and deliver.reject_on_worker_lost
+    for name in ("frontdoor.webhooks.deliver", "frontdoor.webhooks.fan_out"):  # a fan-out sends its batch
+        task = celery.tasks[name]
+        assert task.time_limit < 30 and task.soft_time_limit < task.time_limit, name
+        assert task.acks_late and task.reject_on_worker_lost, name
 
 
 def test_beat_dispatches_and_sweeps_webhooks_at_their_intervals(app):
