@@ -519,18 +519,36 @@ def deliver(ids: Sequence[str] | None = None, drain: float = DRAIN) -> dict[str,
     config = settings()
     started = time.monotonic()
     counts: dict[str, int] = {}
+    freed: set[str] = set()  # the endpoints whose slots the last batch gave back
     first = True
     while True:
         works = claim(config.batch_size, ids if first else None)
         if works:
             for status in record(works, send_batch(works)).values():
                 counts[status] = counts.get(status, 0) + 1
+            freed = {work.endpoint_id for work in works}
         elif not first:
+            # The claim skips an endpoint another worker is claiming at that moment, and that
+            # one may have counted these slots as taken: if deliveries of them are due, hand
+            # them on at once rather than leave them to beat's next pass.
+            if freed and _still_due(freed):
+                wake()
             return counts
         first = False
         if time.monotonic() - started >= drain:
             wake()
             return counts
+
+
+def _still_due(endpoint_ids: set[str]) -> bool:
+    """Whether a delivery of one of the endpoints is pending and due now."""
+    found = db.session.execute(
+        select(WebhookDelivery.id)
+        .where(WebhookDelivery.endpoint_id.in_(endpoint_ids), WebhookDelivery.status == PENDING, WebhookDelivery.next_attempt_at <= utcnow())
+        .limit(1)
+    ).first()
+    db.session.rollback()
+    return found is not None
 
 
 def wake(ids: Sequence[str] | None = None) -> bool:

@@ -7,7 +7,9 @@ from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from sqlalchemy import text
 
+from app.extensions import db
 from app.webhooks import attempts
 from app.webhooks.messages import ENDPOINT_DISABLED
 from app.webhooks.sender import POOLS
@@ -139,3 +141,37 @@ def test_a_workers_batches_reuse_kept_alive_connections_and_keep_the_endpoints_c
     assert keep_alive_receiver.most_in_flight <= 4  # the endpoint's cap, across both workers
     # Connections were kept alive and reused: at most one per slot, not one per delivery.
     assert len(set(keep_alive_receiver.peers)) <= 4, sorted(set(keep_alive_receiver.peers))
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database", ["postgres"], indirect=True)
+def test_a_worker_that_finds_its_freed_endpoint_held_by_another_claim_hands_its_due_deliveries_on(make_hooks, receiver, enqueued, monkeypatch):
+    hooks = make_hooks(WEBHOOK_ENDPOINT_CONCURRENCY=1)
+    consumer = hooks.consumer()
+    endpoint = hooks.endpoint(consumer, receiver.url)
+    first, second = hooks.publish(consumer)[0], hooks.publish(consumer)[0]
+    recorded = attempts.record
+    holder: list = []
+
+    def record_then_another_claim_holds_the_endpoint(works, sent, now=None):
+        statuses = recorded(works, sent, now)
+        # Another worker's claim takes the endpoint's row now (it counted the slot as taken).
+        connection = db.engine.connect()
+        connection.execute(text("SELECT id FROM webhook_endpoints WHERE id = :id FOR UPDATE"), {"id": endpoint})
+        holder.append(connection)
+        return statuses
+
+    monkeypatch.setattr(attempts, "record", record_then_another_claim_holds_the_endpoint)
+    with hooks.app.app_context():
+        try:
+            counts = attempts.deliver([first])
+        finally:
+            for connection in holder:
+                connection.rollback()
+                connection.close()
+
+    assert counts == {"succeeded": 1}
+    assert hooks.delivery(second).status == "pending"
+    assert enqueued.wakes == 1  # not left for beat's next pass
+    monkeypatch.setattr(attempts, "record", recorded)
+    assert hooks.deliver(second) == "succeeded"
