@@ -158,7 +158,7 @@ def wait_arrivals(base: str, label: str, count: int, deadline: float, procs: lis
             if proc.poll() is not None:
                 raise RuntimeError(f"a worker or web process exited with {proc.returncode} ({label}: {got} of {count} arrived)")
         if time.monotonic() > deadline:
-            names = ("gateway-worker", "naive-worker", "gateway-web", "naive-web")
+            names = ("gateway-worker", "naive-worker", "gateway-web", "naive-web", "gateway-beat")
             raise RuntimeError(f"{label}: {got} of {count} deliveries arrived before the deadline; the processes' output ends:\n"
                                + "".join(tail(logs, name) for name in names))
 
@@ -324,6 +324,23 @@ def record_events(endpoint_id: str, count: int, fan_out: bool) -> list[tuple[str
     return made
 
 
+def hold(endpoint_id: str, due: bool) -> None:
+    """Set the endpoint's pending deliveries due now (``due``) or in a day: made before the
+    clock, they must not be found by beat's dispatch pass, which wakes a worker for what is due."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.extensions import db
+    from app.models import WebhookDelivery
+    from app.models.base import utcnow
+
+    when = utcnow() + (timedelta(0) if due else timedelta(days=1))
+    db.session.execute(update(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint_id, WebhookDelivery.status == "pending")
+                       .values(next_attempt_at=when))
+    db.session.commit()
+
+
 def delivery_rows(endpoint_id: str) -> tuple[list, dict]:
     """The endpoint's deliveries and their attempts (by delivery id)."""
     from sqlalchemy import select
@@ -413,6 +430,9 @@ class Harness:
                     work["headers"]["X-API-Key"] = api_key
                 else:
                     work["items"] = record_events(work["endpoint_id"], count, fan_out=name == "gateway" and fan_out)
+                    if name == "gateway" and fan_out:
+                        hold(work["endpoint_id"], due=False)
+                        work["held"] = True
         return work
 
     def send_one(self, peer: Peer, work: dict, item) -> str:
@@ -465,6 +485,9 @@ class Harness:
         offset = arrived(self.base, work["label"])
         if peer.name in self.posters:
             self.posters[peer.name].close()  # a fresh keep-alive connection per run
+        if work.get("held"):
+            with self.app.app_context():
+                hold(work["endpoint_id"], due=True)
         before = Counters.read(peer, self.receiver_proc, self.redis_url)
         enqueued: dict[str, float] = {}
         with self.app.app_context():
@@ -480,8 +503,12 @@ class Harness:
             idle_at = self.wait_idle(peer, deadline)
             after = Counters.read(peer, self.receiver_proc, self.redis_url)
         records = receiver_get(self.base, f"/records?label={work['label']}")[offset:]
-        last_arrival = max(r[0] for r in records)
+        arrivals = sorted(r[0] for r in records)
+        last_arrival = arrivals[-1]
         run = {
+            # the longest pause between two arrivals (or before the first): a due delivery that
+            # no running task claimed waits for beat's next dispatch pass
+            "gap_ms": max(b - a for a, b in zip([first, *arrivals], arrivals, strict=False)) * 1000,
             "count": count,
             "enqueue_s": enqueue_seconds,
             "arrival_rate": count / (last_arrival - first),
@@ -942,6 +969,12 @@ def measure(args, tmp: Path, redis_url: str, prefix: str) -> dict:
                     celery, "-A", "naive_webhooks.celery_app", *worker_args, "--hostname", f"naive-{prefix}@%h",
                 ], child_env(**naive_env), BENCH, tmp))
                 naive_worker = procs[-1]
+                # Beat, as the Procfile runs it: its dispatch pass (every WEBHOOK_DISPATCH_INTERVAL) wakes a
+                # worker for due deliveries that no running task claimed.
+                procs.append(start("gateway-beat", [
+                    celery, "-A", "tasks", "beat", "--loglevel", "INFO", "--schedule", str(tmp / "beat-schedule"),
+                ], child_env(**gateway_env), ROOT, tmp))
+                beat = procs[-1]
                 # The web peers: the gateway as the Procfile runs it, and the naive view under the same settings.
                 web_concurrency, web_threads = os.environ.get("WEB_CONCURRENCY", "2"), os.environ.get("WEB_THREADS", "8")
                 procs.append(start("gateway-web", [gunicorn, "--config", "gunicorn.conf.py", "app:create_app()"], child_env(
@@ -955,7 +988,7 @@ def measure(args, tmp: Path, redis_url: str, prefix: str) -> dict:
                     "--chdir", str(BENCH), "naive_events:app",
                 ], child_env(**naive_env, NAIVE_EVENTS_URL=f"{receiver_base}/in/{NAIVE_EVENTS_LABEL}"), BENCH, tmp))
                 naive_web = procs[-1]
-                harness.procs = [gateway_worker, naive_worker, gateway_web, naive_web]
+                harness.procs = [gateway_worker, naive_worker, gateway_web, naive_web, beat]
                 gateway_keys = (f"{prefix}:celery:webhooks", f"{prefix}:celery:unacked")
                 naive_keys = (f"{prefix}:naive:celery", f"{prefix}:naive:unacked")
                 peers = {
@@ -1062,7 +1095,7 @@ def report(args, measured: dict, redis_url: str) -> None:
         print("  naive-events: the same POSTs to bench/naive_events.py (a Flask view that enqueues one naive task per event,"
               " same gunicorn settings), the naive worker; the same clock")
         print(f"\n  {'peer':<15}{'deliv/s':>8}{'rounds':>16}{'idle/s':>8}{'burst p50':>11}{'p99':>8}{'worker CPU':>11}"
-              f"{'@arrival':>9}{'main':>6}{'web':>6}{'receiver':>9}{'Redis':>6}{'Postgres':>9}{'busy':>6}{'others':>7}")
+              f"{'@arrival':>9}{'main':>6}{'web':>6}{'receiver':>9}{'Redis':>6}{'Postgres':>9}{'busy':>6}{'others':>7}{'max gap':>9}")
         table = {}
         postgres_db = measured["database"].startswith("PostgreSQL")
         for name in PEERS:
@@ -1080,13 +1113,15 @@ def report(args, measured: dict, redis_url: str) -> None:
             web = f"{row['web_cpu']:>6.2f}" if name in WEB_PEERS else f"{'-':>6}"
             print(f"  {name:<15}{row['rate']:>8.1f}{rounds:>16}{row['idle_rate']:>8.1f}{row['p50']:>9.0f}ms{row['p99']:>6.0f}ms"
                   f"{row['worker_cpu']:>11.2f}{row['worker_cpu_at_arrival']:>9.2f}{row['main_cpu']:>6.2f}{web}"
-                  f"{row['receiver_cpu']:>9.2f}{row['redis_cpu']:>6.2f}{postgres}{row['busy'] * 100:>5.0f}%{row['others']:>7.2f}")
+                  f"{row['receiver_cpu']:>9.2f}{row['redis_cpu']:>6.2f}{postgres}{row['busy'] * 100:>5.0f}%{row['others']:>7.2f}"
+                  f"{max(r['gap_ms'] for r in runs):>7.0f}ms")
         print("  idle/s: the same K over first send to the worker's queue empty again (every message it was sent finished);"
               " burst p50/p99: send to arrival at the receiver (all K sent at once, or one POST after another: mostly queueing);"
               "\n  CPU columns, ms per delivery: the worker's process tree until it was idle again (@arrival: until the K-th"
               " arrival), its main process alone (the consumer), the web process tree, the receiver's, the Redis server's and"
               " every postgres process's (other clients included);\n  busy: all CPUs over the run, from /proc/stat; others:"
-              " CPUs used meanwhile by processes outside the run")
+              " CPUs used meanwhile by processes outside the run; max gap: the longest pause between two arrivals"
+              " (or before the first) in any round")
         print("\ntargets (the issue's):")
         for name, against, target in TARGETS:
             ratio = table[name]["rate"] / table[against]["rate"]
@@ -1193,6 +1228,13 @@ def report_profile(out: dict) -> None:
     print(out["cprofile"])
 
 
+def terminated(*_) -> None:
+    """SIGTERM: exit through the ``finally`` clauses (children stopped, keys and database
+    dropped); a second SIGTERM does not cut that cleanup short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(143)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=500, help="deliveries per peer and round (default 500)")
@@ -1222,7 +1264,7 @@ def main() -> int:
     prefix = f"bench-{secrets.token_hex(4)}"
     # The children import this checkout's app and tasks too (see sys.path above).
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the cleanup in finally runs
+    signal.signal(signal.SIGTERM, terminated)  # so that the cleanup in finally runs
     tmp = Path(tempfile.mkdtemp(prefix="frontdoor-bench-webhooks-"))
     try:
         digest = code_digest()
