@@ -354,7 +354,7 @@ def delivery_rows(endpoint_id: str) -> tuple[list, dict]:
         select(d.id, d.message_id, d.status, d.attempts, d.last_attempt_at, d.finished_at).where(d.endpoint_id == endpoint_id)
     ).all()
     attempts: dict[str, list] = defaultdict(list)
-    for row in db.session.execute(select(a.delivery_id, a.created_at, a.duration_ms, a.status_code).where(a.endpoint_id == endpoint_id)):
+    for row in db.session.execute(select(a.delivery_id, a.number, a.created_at, a.duration_ms, a.status_code, a.error).where(a.endpoint_id == endpoint_id)):
         attempts[row.delivery_id].append(row)
     db.session.rollback()  # no read snapshot held (SQLite WAL, Postgres) while workers write
     return rows, attempts
@@ -548,7 +548,7 @@ class Harness:
         if rows:
             if peer.name != "events":  # the brief's end for the worker-only peers: the last row succeeded
                 run["rate"] = count / (max(row.finished_at for row in rows).timestamp() - first)
-            run.update(self.check_rows(rows, enqueued))
+            run.update(self.check_rows(rows, enqueued, attempts))
             firsts = [min(attempts[row.id], key=lambda a: a.created_at) for row in rows if attempts[row.id]]
             run["http_ms"] = [a.duration_ms for a in firsts]
             # claim -> record: the claim's clock reading (last_attempt_at) to the attempt row's
@@ -575,13 +575,13 @@ class Harness:
                 wait_arrivals(self.base, work["label"], offset + index, time.monotonic() + 30, self.procs, self.logs)
                 time.sleep(SEQUENTIAL_GAP)
             deadline = time.monotonic() + 30
-            rows, _ = wait_final(work["endpoint_id"], len(work["items"]), deadline) if peer.name in GATEWAY_PEERS else ([], {})
+            rows, attempts = wait_final(work["endpoint_id"], len(work["items"]), deadline) if peer.name in GATEWAY_PEERS else ([], {})
             self.wait_idle(peer, deadline)
         records = receiver_get(self.base, f"/records?label={work['label']}")[offset:]
         result = {"latency": [r[0] - enqueued[r[1]] for r in records if r[1] in enqueued], **self.check(records, enqueued)}
         if rows:
             result["recorded"] = [row.finished_at.timestamp() - enqueued[row.message_id] for row in rows if row.message_id in enqueued]
-            result.update(self.check_rows(rows, enqueued))
+            result.update(self.check_rows(rows, enqueued, attempts))
         return result
 
     def check(self, records: list, enqueued: dict[str, float]) -> dict:
@@ -595,11 +595,15 @@ class Harness:
         }
 
     @staticmethod
-    def check_rows(rows: list, enqueued: dict[str, float]) -> dict:
+    def check_rows(rows: list, enqueued: dict[str, float], attempts: dict) -> dict:
+        """Every row succeeded on its first attempt; the failed attempts' outcomes, to print."""
+        failed = [f"{row.id} attempt {a.number} at {a.created_at:%H:%M:%S.%f}: status {a.status_code}, {a.duration_ms} ms, {a.error}"
+                  for row in rows for a in sorted(attempts[row.id], key=lambda a: a.number) if a.status_code != 200]
         return {
             "not_succeeded": sum(1 for row in rows if row.status != "succeeded"),
             "retried": sum(1 for row in rows if row.attempts > 1),
             "rows_unknown": sum(1 for row in rows if row.message_id not in enqueued),
+            "failed_attempts": failed,
         }
 
     def verify(self, records: list) -> int:
@@ -1180,6 +1184,10 @@ def report(args, measured: dict, redis_url: str) -> None:
                     problems.append(f"{name}: {total} {what}")
         for problem in problems:
             print(f"WARNING: {problem}")
+        for name in GATEWAY_PEERS:
+            for run in peers[name].runs + ([peers[name].sequential] if peers[name].sequential else []):
+                for line in run.get("failed_attempts", []):
+                    print(f"  {name}: failed attempt {line}")
         if not problems:
             print("  every expected webhook-id arrived exactly once, and no other, with a signature standardwebhooks verifies;"
                   " every gateway row succeeded on its first attempt")
