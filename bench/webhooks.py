@@ -1276,6 +1276,8 @@ def main() -> int:
                         help="then deliver N in this process in two shapes, stages timed, and N more under cProfile (default 0: no)")
     parser.add_argument("--py-spy", nargs="?", const=shutil.which("py-spy") or "py-spy", default=None, metavar="PATH",
                         help="then sample the gateway worker with py-spy during one more gateway burst (default: py-spy on PATH)")
+    parser.add_argument("--logs", type=Path, default=None, metavar="DIR",
+                        help="copy the processes' output (workers, beat, web, receiver) to DIR at the end (default: not kept)")
     args = parser.parse_args()
     if args.py_spy and not shutil.which(args.py_spy):
         parser.error(f"py-spy not found at {args.py_spy!r} (pip install py-spy)")
@@ -1303,6 +1305,10 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
+        if args.logs:
+            args.logs.mkdir(parents=True, exist_ok=True)
+            for path in [*tmp.glob("*.out"), *tmp.glob("*.err")]:
+                shutil.copy(path, args.logs / path.name)
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
