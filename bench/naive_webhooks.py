@@ -2,10 +2,10 @@
 
 ``deliver(url, message_id, body)`` computes the Standard Webhooks signature by hand
 (``v1,`` + base64 HMAC-SHA256 of ``{id}.{timestamp}.{body}`` with the secret's bytes) and calls
-``requests.post`` (a new session, so a new connection, per call, as the gateway's sender makes
-too). No database, no claim, no attempt log, no SSRF check, no retry schedule: what sending a
-webhook costs before a gateway does anything. The body travels in the task message; the
-gateway's tasks carry only an id and read the rest from SQL.
+``requests.post`` (a new session, so a new connection, per call; the gateway's sender keeps
+connections alive in pools). No database, no claim, no attempt log, no SSRF check, no retry
+schedule: what sending a webhook costs before a gateway does anything. The body travels in the
+task message; the gateway's tasks carry only ids and read the rest from SQL.
 
 Configured from the environment, which bench/webhooks.py sets: ``NAIVE_BROKER_URL``,
 ``NAIVE_KEY_PREFIX`` (the Redis key prefix of its queue) and ``NAIVE_SECRET`` (``whsec_`` +
