@@ -9,7 +9,8 @@ Deliveries per second to a local receiver, one Celery worker per side with the s
   one insert, one commit), again while any are due. The events are recorded and fanned out in
   this process (``app.webhooks.messages.record_message`` + ``fan_out``, no HTTP publishing)
   before the clock starts; the clock starts at the first deliver message
-  (``app.webhooks.attempts.wake([delivery_id])``, one per delivery);
+  (``app.webhooks.attempts.wake()``, one per WEBHOOK_BATCH_SIZE deliveries and at most
+  ``dispatch.MAX_WAKES``, as beat's dispatch pass sends them for due deliveries);
 - ``gateway-fanout``: the same worker, the events recorded here (``record_message``) and one
   fan-out message sent per event: the worker's ``fan_out`` task makes the delivery and delivers it;
 - ``naive``: bench/naive_webhooks.py, one task per delivery that signs with ``hmac`` and calls
@@ -452,8 +453,12 @@ class Harness:
         finally:
             os.kill(self.beat.pid, signal.SIGCONT)
 
-    def send_one(self, peer: Peer, work: dict, item) -> str:
-        """Hand one delivery to ``peer``; return the ``webhook-id`` it must arrive with."""
+    def send_one(self, peer: Peer, work: dict, item, index: int | None = None) -> str:
+        """Hand one delivery to ``peer``; return the ``webhook-id`` it must arrive with. In a
+        gateway burst (``index``, the item's place in it) the deliveries are due already and a
+        deliver message goes with every WEBHOOK_BATCH_SIZE-th, at most MAX_WAKES, as beat's
+        dispatch pass sends them for due deliveries; one at a time, each gets its own message
+        naming it, as a redelivery does."""
         name = peer.name
         if name == "naive":
             import naive_webhooks
@@ -462,8 +467,16 @@ class Harness:
             return item[0]
         if name == "gateway":
             from app.webhooks import attempts
+            from app.webhooks.dispatch import MAX_WAKES
 
-            if not attempts.wake([item[1]]):
+            batch = self.app.extensions["webhooks"].batch_size
+            if index is None:
+                woken = attempts.wake([item[1]])
+            elif index % batch == 0 and index // batch < MAX_WAKES:
+                woken = attempts.wake()
+            else:
+                return item[0]
+            if not woken:
                 raise RuntimeError(f"could not send the deliver message of {item[1]}")
             return item[0]
         if name == "gateway-fanout":
@@ -480,7 +493,7 @@ class Harness:
     def wait_idle(self, peer: Peer, deadline: float) -> float:
         """Wait until the peer's worker has finished every message it was sent (its queue and
         its unacknowledged messages both empty, twice in a row); return that time (epoch s).
-        A gateway burst sends a deliver message per delivery while one task drains the batch:
+        A gateway burst sends several deliver messages while one task drains the deliveries:
         the others still run (finding nothing due) after the last delivery arrived."""
         client, (queue_key, unacked_key), empty = redis_client(self.redis_url), peer.queue_keys, 0
         while empty < 2:
@@ -509,9 +522,9 @@ class Harness:
         enqueued: dict[str, float] = {}
         with self.app.app_context():
             first = time.time()
-            for item in work["items"]:
+            for index, item in enumerate(work["items"]):
                 sent = time.time()
-                enqueued[self.send_one(peer, work, item)] = sent
+                enqueued[self.send_one(peer, work, item, index)] = sent
             enqueue_seconds = time.time() - first
             deadline = time.monotonic() + self.args.deadline
             wait_arrivals(self.base, work["label"], offset + count, deadline, self.procs, self.logs)
@@ -1107,7 +1120,7 @@ def report(args, measured: dict, redis_url: str) -> None:
         print(f"one Celery worker per side, --concurrency {args.concurrency} (prefork), Redis broker, late acks, prefetch 1;"
               f" WEBHOOK_ENDPOINT_CONCURRENCY {measured['cap']} (one endpoint per run), WEBHOOK_BATCH_SIZE {measured['batch_size']}")
         print("  gateway: events recorded and fanned out in this process (record_message + fan_out, no HTTP publishing) before"
-              " the clock;\n    clock from the first deliver message (attempts.wake([delivery_id]), one per delivery) to the"
+              " the clock;\n    clock from the first deliver message (attempts.wake(), one per WEBHOOK_BATCH_SIZE due deliveries, at most 8, as beat's dispatch) to the"
               " last delivery row's finished_at (succeeded); attempt logging on")
         print("  gateway-fanout: events recorded here (record_message), clock from the first fan-out message (one per event):"
               " the worker's fan_out task makes the delivery and delivers it; clock to the last row's finished_at")
