@@ -20,7 +20,7 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.wrappers import Response
 
-from app import jobs, ratelimit
+from app import ratelimit
 from app.api import schemas
 from app.api.common import (
     PAGE,
@@ -44,6 +44,7 @@ from app.gateway.runtime import Gateway
 from app.jobs import resource as job_resource
 from app.jobs import service as job_service
 from app.jobs.calls import Call, kept_headers
+from app.jobs.settings import settings as job_settings
 from app.models import Job, JobItem
 from app.models.jobs import BATCH, REQUEST, STATUSES
 
@@ -218,7 +219,7 @@ def create() -> tuple:
     # The body carries the requests' own bodies, each up to a route's limit: MAX_BODY_SIZE, not
     # API_MAX_BODY_SIZE (0: none, as for the routes).
     data = body(JobCreate, current_app.config["MAX_BODY_SIZE"] or None, "MAX_BODY_SIZE")
-    settings = jobs.settings()
+    settings = job_settings()
     gateway: Gateway = current_app.extensions["gateway"]
     routes: dict[int, list] = {}  # [route, calls] by route object: labels need not be unique
     if data.kind == BATCH:
@@ -251,7 +252,7 @@ def _own(job_id: str, payload: bool = False) -> Job:
 
 
 def _retry_after(job: Job) -> dict[str, str]:
-    return {} if job.final else {"Retry-After": str(jobs.settings().retry_after)}
+    return {} if job.final else {"Retry-After": str(job_settings().retry_after)}
 
 
 @bp.get("/jobs")

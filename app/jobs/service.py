@@ -18,9 +18,9 @@ from app.gateway.idempotency import IdempotencyKeyReused, valid_key
 from app.gateway.router import AmbiguousPath
 from app.gateway.types import GatewayRequest, GatewayResponse
 from app.identity import Principal
-from app.jobs import settings
 from app.jobs.calls import Call, call_from_request, principal_json
 from app.jobs.resource import item_counts, job_json, status_url
+from app.jobs.settings import settings
 from app.models import Job, JobEvent, JobItem
 from app.models.base import utcnow
 from app.models.jobs import BATCH, CANCELED, NOT_STARTED, REQUEST, RUNNING

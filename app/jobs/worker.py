@@ -20,10 +20,10 @@ from sqlalchemy.orm import undefer
 
 from app.errors import ProblemError
 from app.extensions import db, lock_rows
-from app.jobs import Settings, settings
 from app.jobs.calls import Call, Outcome, make_call, principal_from
 from app.jobs.resource import problem_json
 from app.jobs.service import enqueue, record_event
+from app.jobs.settings import JobSettings, settings
 from app.models import Job, JobEvent, JobItem
 from app.models.base import UTCDateTime, utcnow
 from app.models.jobs import (
@@ -162,7 +162,7 @@ def _context(job: Job) -> tuple:
     return job.client or {}, principal_from(job.principal), job.request_id or ""
 
 
-def _run_request(job: Job, attempt: int, config: Settings) -> str | None:
+def _run_request(job: Job, attempt: int, config: JobSettings) -> str | None:
     call = Call(job.method, job.raw_path, job.query or "", [tuple(h) for h in job.request_headers or ()], job.request_body or b"", job.route)
     client, principal, request_id = _context(job)
     outcome = make_call(current_app.extensions["gateway"], call, client, principal, request_id, config.max_result_size, problem_json)
@@ -171,7 +171,7 @@ def _run_request(job: Job, attempt: int, config: Settings) -> str | None:
     return _finish(job.id, attempt, SUCCEEDED, outcome=outcome)
 
 
-def _run_batch(job: Job, attempt: int, config: Settings, heartbeat: Heartbeat) -> str | None:
+def _run_batch(job: Job, attempt: int, config: JobSettings, heartbeat: Heartbeat) -> str | None:
     """Run the batch's unfinished items, ``batch_concurrency`` at a time; each finished item is
     stored at once, so a batch taken over after a lost worker resumes where it stopped."""
     items = list(
@@ -305,7 +305,7 @@ def _finish(
     return status
 
 
-def _due(job: Job, now: datetime, config: Settings) -> bool:
+def _due(job: Job, now: datetime, config: JobSettings) -> bool:
     """Whether a job waiting for a worker has waited long enough to be enqueued again: one never
     enqueued (its enqueue failed) after a sweep interval, else after JOB_REQUEUE_AFTER seconds,
     doubled for each message already sent (up to an hour), so a queue with no worker does not
