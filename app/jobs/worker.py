@@ -4,6 +4,10 @@ Every write a worker makes is conditional on ``status = running`` and on the att
 it claimed (a fencing token): a worker whose claim lapsed, or whose job was canceled, cannot
 overwrite anything. Transactions start with their write, so SQLite never has to upgrade a
 read lock (which fails at once under contention) and Postgres needs no SELECT ... FOR UPDATE.
+
+A request job takes two transactions: the claim (``UPDATE ... RETURNING`` the row, its stored
+request included, then ``COMMIT``) and the end (``UPDATE ... RETURNING`` what the event shows,
+the event's ``INSERT``, ``COMMIT``).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from app.models.jobs import (
     FAILED,
     FINAL,
     NOT_STARTED,
+    REQUEST,
     RUNNING,
     SUCCEEDED,
 )
@@ -56,13 +61,28 @@ def _mine(job_id: str, attempt: int):
     return and_(Job.id == job_id, Job.status == RUNNING, Job.attempts == attempt)
 
 
+# What the job's event (``record_event``: the job resource without URLs) and the end's
+# bookkeeping read: returned by the final UPDATE, so the row is not read again.
+SHOWN = (
+    Job.id, Job.kind, Job.consumer_id, Job.status, Job.progress, Job.progress_message, Job.route, Job.request_id,
+    Job.attempts, Job.created_at, Job.started_at, Job.finished_at, Job.expires_at, Job.error, Job.method, Job.path,
+    Job.query, Job.result_status, Job.result_size,
+)
+# What running the job reads besides: the stored request and who sent it.
+TO_RUN = (*SHOWN, Job.raw_path, Job.request_headers, Job.request_body, Job.client, Job.principal)
+
+# The UPDATEs below name the columns they return; the session holds no job to keep in step.
+NO_SYNC = {"synchronize_session": False}
+
+
 def claim(job_id: str, lease: float) -> Job | None:
     """Take ``job_id`` for this worker: notStarted, or running with a lapsed claim (its worker
-    died). Returns the claimed job (``attempts`` is the fencing token), or None when the job
-    has ended, was canceled, or is held by a live worker: a duplicate message does nothing.
+    died). Returns the claimed job (``attempts`` is the fencing token; not attached to the
+    session), or None when the job has ended, was canceled, or is held by a live worker: a
+    duplicate message does nothing. One ``UPDATE ... RETURNING`` and its ``COMMIT``.
     """
     now = utcnow()
-    claimed = db.session.execute(
+    row = db.session.execute(
         update(Job)
         .where(
             Job.id == job_id,
@@ -74,14 +94,14 @@ def claim(job_id: str, lease: float) -> Job | None:
             # Typed, so that the value goes through UTCDateTime like every other timestamp.
             started_at=func.coalesce(Job.started_at, literal(now, UTCDateTime())),
             lease_expires_at=now + timedelta(seconds=lease),
+            # A request job has nothing to report between its claim and its call.
             progress_message="running",
         )
-    ).rowcount
+        .returning(*TO_RUN),
+        execution_options=NO_SYNC,
+    ).one_or_none()
     db.session.commit()
-    if not claimed:
-        return None
-    # The stored request comes with the row: a request job needs it next.
-    return db.session.get(Job, job_id, populate_existing=True, options=[undefer(Job.request_headers), undefer(Job.request_body)])
+    return None if row is None else Job(**row._asdict())
 
 
 class Heartbeat:
@@ -287,12 +307,12 @@ def _finish(
     where = _mine(job_id, attempt)
     if lapsed_before is not None:
         where = and_(where, Job.lease_expires_at < lapsed_before)
-    finished = db.session.execute(update(Job).where(where).values(**values)).rowcount
-    if not finished:
+    row = db.session.execute(update(Job).where(where).values(**values).returning(*SHOWN), execution_options=NO_SYNC).one_or_none()
+    if row is None:
         db.session.rollback()
         return None
-    job = db.session.get(Job, job_id, populate_existing=True)
-    if status != SUCCEEDED:
+    job = Job(**row._asdict())
+    if status != SUCCEEDED and job.kind != REQUEST:
         # Sub-requests that never finished were not sent, or their answer is not kept.
         db.session.execute(
             update(JobItem).where(JobItem.job_id == job_id, JobItem.finished_at.is_(None)).values(status=CANCELED)
