@@ -27,6 +27,7 @@ from app.identity import Principal
 from app.jobs.calls import Call, call_from_request, principal_json
 from app.jobs.resource import item_counts, job_json, status_url
 from app.jobs.settings import settings
+from app.jobs.waiting import announce
 from app.models import Job, JobEvent, JobItem
 from app.models.base import new_id, utcnow
 from app.models.jobs import BATCH, CANCELED, NOT_STARTED, REQUEST, RUNNING
@@ -267,6 +268,7 @@ def cancel(job: Job) -> Job:
     db.session.refresh(job)
     record_event(job)
     db.session.commit()
+    announce(job.id, CANCELED)
     metrics.JOBS.labels(CANCELED).inc()
     if job.consumer_id is not None:
         from app.webhooks import messages

@@ -22,6 +22,7 @@ class JobSettings:
     max_attempts: int
     requeue_after: float
     sweep_interval: float
+    wait_max: float
 
     @classmethod
     def from_config(cls, config: dict) -> JobSettings:
@@ -38,6 +39,7 @@ class JobSettings:
             max_attempts=max(1, int(config["JOB_MAX_ATTEMPTS"])),
             requeue_after=float(config["JOB_REQUEUE_AFTER"]),
             sweep_interval=float(config["JOB_SWEEP_INTERVAL"]),
+            wait_max=max(0.0, float(config["JOB_WAIT_MAX"])),
         )
 
 

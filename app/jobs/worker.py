@@ -7,7 +7,7 @@ read lock (which fails at once under contention) and Postgres needs no SELECT ..
 
 A request job takes two transactions: the claim (``UPDATE ... RETURNING`` the row, its stored
 request included, then ``COMMIT``) and the end (``UPDATE ... RETURNING`` what the event shows,
-the event's ``INSERT``, ``COMMIT``).
+the event's ``INSERT``, ``COMMIT``), after which its waiters are woken (``app.jobs.waiting``).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from app.jobs.calls import Call, Outcome, make_call, principal_from
 from app.jobs.resource import problem_json
 from app.jobs.service import enqueue, record_event
 from app.jobs.settings import JobSettings, settings
+from app.jobs.waiting import announce
 from app.models import Job, JobEvent, JobItem
 from app.models.base import UTCDateTime, utcnow
 from app.models.jobs import (
@@ -319,6 +320,7 @@ def _finish(
         )
     record_event(job)
     db.session.commit()
+    announce(job_id, status)
     metrics.JOBS.labels(status).inc()
     if job.consumer_id is not None:  # an anonymous job's event has no subscriber
         messages.publish_job_events_later()
