@@ -1,18 +1,22 @@
 """Submitting and cancelling jobs: a request becomes a job once per Idempotency-Key, is sent to a
 worker after its commit, and ends with an outbox event for webhooks.
 
-A submission is one transaction, ``INSERT`` (the job, then a batch's items) and ``COMMIT``, then
-one message: the row is written with SQLAlchemy Core from values built here, so nothing is read
-back, and an ``Idempotency-Key`` costs a lookup only when the insert meets an earlier job's key.
+A submission is one ``INSERT`` that commits by itself (a batch: the job's and its items' in one
+transaction), then one message: the row is written with SQLAlchemy Core from values built here,
+so nothing is read back, and an ``Idempotency-Key`` costs a lookup only when the insert meets an
+earlier job's key.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 from flask import Flask, request
 from sqlalchemy import insert, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from werkzeug.datastructures import Headers
 from werkzeug.routing import MapAdapter
@@ -118,6 +122,11 @@ def _write(
         values["route"] = ", ".join(sorted({c.route or "" for c in calls}))[:200]
         values["progress_message"] = f"0 of {len(calls)} requests done"
     session = db.session
+    if kind == REQUEST and not session().in_transaction():
+        with committed_alone() as conn:
+            conn.execute(insert(Job.__table__), values)
+        return Job(**values)
+    # A batch's rows, or a request whose caller has a transaction open (its writes commit with the job).
     session.execute(insert(Job.__table__), values)
     if kind == BATCH:
         session.execute(
@@ -140,6 +149,14 @@ def _write(
         )
     session.commit()
     return Job(**values)
+
+
+@contextmanager
+def committed_alone() -> Iterator[Connection]:
+    """A connection of its own on which each statement commits by itself: a write that is one
+    statement needs no BEGIN and COMMIT round trips around it."""
+    with db.engine.connect() as conn:
+        yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def replay_of(key: str, principal: Principal | None) -> bool:
@@ -223,20 +240,22 @@ def idempotency_key(value: str | None) -> str | None:
     return None if value is None else valid_key(value)
 
 
+def event_row(job: Job) -> dict:
+    """The outbox row (``job_events``) for ``job``'s final state, as column values."""
+    return {
+        "id": new_id("evt"),
+        "job_id": job.id,
+        "consumer_id": job.consumer_id,
+        "type": EVENT_TYPES[job.status],
+        "data": job_json(job, urls=False),
+        "created_at": utcnow(),
+        "published_at": None,
+    }
+
+
 def record_event(job: Job) -> None:
     """Insert the outbox row for ``job``'s final state (in the caller's transaction)."""
-    db.session.execute(
-        insert(JobEvent.__table__),
-        {
-            "id": new_id("evt"),
-            "job_id": job.id,
-            "consumer_id": job.consumer_id,
-            "type": EVENT_TYPES[job.status],
-            "data": job_json(job, urls=False),
-            "created_at": utcnow(),
-            "published_at": None,
-        },
-    )
+    db.session.execute(insert(JobEvent.__table__), event_row(job))
 
 
 def cancel(job: Job) -> Job:

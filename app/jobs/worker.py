@@ -5,9 +5,11 @@ it claimed (a fencing token): a worker whose claim lapsed, or whose job was canc
 overwrite anything. Transactions start with their write, so SQLite never has to upgrade a
 read lock (which fails at once under contention) and Postgres needs no SELECT ... FOR UPDATE.
 
-A request job takes two transactions: the claim (``UPDATE ... RETURNING`` the row, its stored
-request included, then ``COMMIT``) and the end (``UPDATE ... RETURNING`` what the event shows,
-the event's ``INSERT``, ``COMMIT``), after which its waiters are woken (``app.jobs.waiting``).
+A request job takes two statements, each committed on its own (no BEGIN or COMMIT round trips):
+the claim, ``UPDATE ... RETURNING`` the row with its stored request; and on PostgreSQL the end,
+``WITH ended AS (UPDATE ... RETURNING) INSERT INTO job_events ... SELECT FROM ended``, so the
+event exists exactly when the fenced final write does (on SQLite, which has no UPDATE in a WITH,
+the UPDATE and the INSERT in one transaction). Then its waiters are woken (``app.jobs.waiting``).
 """
 from __future__ import annotations
 
@@ -19,14 +21,25 @@ from typing import Self
 
 from celery.exceptions import SoftTimeLimitExceeded
 from flask import current_app
-from sqlalchemy import and_, delete, exists, func, literal, or_, select, update
+from sqlalchemy import (
+    JSON,
+    and_,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import undefer
 
 from app.errors import ProblemError
 from app.extensions import db, lock_rows
 from app.jobs.calls import Call, Outcome, make_call, principal_from
 from app.jobs.resource import problem_json
-from app.jobs.service import enqueue, record_event
+from app.jobs.service import committed_alone, enqueue, event_row, record_event
 from app.jobs.settings import JobSettings, settings
 from app.jobs.waiting import announce
 from app.models import Job, JobEvent, JobItem
@@ -80,28 +93,27 @@ def claim(job_id: str, lease: float) -> Job | None:
     """Take ``job_id`` for this worker: notStarted, or running with a lapsed claim (its worker
     died). Returns the claimed job (``attempts`` is the fencing token; not attached to the
     session), or None when the job has ended, was canceled, or is held by a live worker: a
-    duplicate message does nothing. One ``UPDATE ... RETURNING`` and its ``COMMIT``.
+    duplicate message does nothing. One ``UPDATE ... RETURNING``, committed by itself.
     """
     now = utcnow()
-    row = db.session.execute(
-        update(Job)
-        .where(
-            Job.id == job_id,
-            or_(Job.status == NOT_STARTED, and_(Job.status == RUNNING, Job.lease_expires_at < now)),
-        )
-        .values(
-            status=RUNNING,
-            attempts=Job.attempts + 1,
-            # Typed, so that the value goes through UTCDateTime like every other timestamp.
-            started_at=func.coalesce(Job.started_at, literal(now, UTCDateTime())),
-            lease_expires_at=now + timedelta(seconds=lease),
-            # A request job has nothing to report between its claim and its call.
-            progress_message="running",
-        )
-        .returning(*TO_RUN),
-        execution_options=NO_SYNC,
-    ).one_or_none()
-    db.session.commit()
+    with committed_alone() as conn:
+        row = conn.execute(
+            update(Job.__table__)
+            .where(
+                Job.id == job_id,
+                or_(Job.status == NOT_STARTED, and_(Job.status == RUNNING, Job.lease_expires_at < now)),
+            )
+            .values(
+                status=RUNNING,
+                attempts=Job.attempts + 1,
+                # Typed, so that the value goes through UTCDateTime like every other timestamp.
+                started_at=func.coalesce(Job.started_at, literal(now, UTCDateTime())),
+                lease_expires_at=now + timedelta(seconds=lease),
+                # A request job has nothing to report between its claim and its call.
+                progress_message="running",
+            )
+            .returning(*TO_RUN)
+        ).one_or_none()
     return None if row is None else Job(**row._asdict())
 
 
@@ -188,8 +200,8 @@ def _run_request(job: Job, attempt: int, config: JobSettings) -> str | None:
     client, principal, request_id = _context(job)
     outcome = make_call(current_app.extensions["gateway"], call, client, principal, request_id, config.max_result_size, problem_json)
     if not outcome.ok:
-        return _finish(job.id, attempt, FAILED, error=outcome.error)
-    return _finish(job.id, attempt, SUCCEEDED, outcome=outcome)
+        return _finish(job.id, attempt, FAILED, error=outcome.error, claimed=job)
+    return _finish(job.id, attempt, SUCCEEDED, outcome=outcome, claimed=job)
 
 
 def _run_batch(job: Job, attempt: int, config: JobSettings, heartbeat: Heartbeat) -> str | None:
@@ -283,10 +295,13 @@ def _finish(
     outcome: Outcome | None = None,
     error: dict | None = None,
     lapsed_before: datetime | None = None,
+    claimed: Job | None = None,
 ) -> str | None:
     """Make the job final (when it is still this attempt's) and record its event; return
     ``status``, or None when the job was no longer this worker's to finish. With
-    ``lapsed_before`` only a job whose lease lapsed before then is finished (the sweeper)."""
+    ``lapsed_before`` only a job whose lease lapsed before then is finished (the sweeper).
+    ``claimed``: the request job as this worker claimed it, whose event can then be written
+    in the same statement as the final UPDATE (PostgreSQL)."""
     now = utcnow()
     values = {
         "status": status,
@@ -305,6 +320,11 @@ def _finish(
             result_body=outcome.body,
             result_size=len(outcome.body or b""),
         )
+    if claimed is not None and claimed.kind == REQUEST and lapsed_before is None and db.engine.dialect.name == "postgresql":
+        job = _end_request(claimed, attempt, values)
+        if job is None:
+            return None
+        return _ended(job)
     where = _mine(job_id, attempt)
     if lapsed_before is not None:
         where = and_(where, Job.lease_expires_at < lapsed_before)
@@ -320,11 +340,39 @@ def _finish(
         )
     record_event(job)
     db.session.commit()
-    announce(job_id, status)
-    metrics.JOBS.labels(status).inc()
+    return _ended(job)
+
+
+def _end_request(claimed: Job, attempt: int, values: dict) -> Job | None:
+    """PostgreSQL: the final UPDATE, fenced by ``attempt``, and its event's INSERT as one
+    statement committed by itself; return the job as it ended, or None (and nothing written)
+    when it was no longer this attempt's. The event shows the claimed row with ``values`` (a
+    request job's row changes only through this worker's writes, or a cancel, which fences it out)."""
+    job = Job(**{**{column.key: getattr(claimed, column.key) for column in SHOWN}, **values})
+    event = event_row(job)
+    ended = (
+        update(Job.__table__).where(_mine(claimed.id, attempt)).values(**values).returning(Job.id, Job.consumer_id).cte("ended")
+    )
+    types = {"data": JSON(), "created_at": UTCDateTime()}
+    columns = ["id", "job_id", "consumer_id", "type", "data", "created_at"]
+    chosen = {"job_id": ended.c.id, "consumer_id": ended.c.consumer_id}
+    statement = insert(JobEvent.__table__).from_select(
+        columns,
+        select(*(chosen.get(name, literal(event[name], types.get(name))) for name in columns)),
+    )
+    with committed_alone() as conn:
+        written = conn.execute(statement.returning(JobEvent.job_id)).one_or_none()
+    return job if written is not None else None
+
+
+def _ended(job: Job) -> str:
+    """What follows a job's final commit: its waiters are woken, it is counted, and its event
+    is published to the consumer's webhooks."""
+    announce(job.id, job.status)
+    metrics.JOBS.labels(job.status).inc()
     if job.consumer_id is not None:  # an anonymous job's event has no subscriber
         messages.publish_job_events_later()
-    return status
+    return job.status
 
 
 def _due(job: Job, now: datetime, config: JobSettings) -> bool:
