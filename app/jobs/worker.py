@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from datetime import datetime, timedelta
 from typing import Self
 
@@ -23,16 +24,19 @@ from celery.exceptions import SoftTimeLimitExceeded
 from flask import current_app
 from sqlalchemy import (
     JSON,
+    LargeBinary,
     and_,
+    bindparam,
     delete,
     exists,
     func,
     insert,
-    literal,
     or_,
     select,
     update,
 )
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import undefer
 
 from app.errors import ProblemError
@@ -89,31 +93,79 @@ TO_RUN = (*SHOWN, Job.raw_path, Job.request_headers, Job.request_body, Job.clien
 NO_SYNC = {"synchronize_session": False}
 
 
-def claim(job_id: str, lease: float) -> Job | None:
+def _claim_statement():
+    """``UPDATE jobs ... RETURNING``: take a job that is notStarted, or running with a lapsed claim."""
+    now = bindparam("now", type_=UTCDateTime())
+    return (
+        update(Job.__table__)
+        .where(
+            Job.id == bindparam("job_id"),
+            or_(Job.status == NOT_STARTED, and_(Job.status == RUNNING, Job.lease_expires_at < now)),
+        )
+        .values(
+            status=RUNNING,
+            attempts=Job.attempts + 1,
+            started_at=func.coalesce(Job.started_at, now),
+            lease_expires_at=bindparam("lease_until", type_=UTCDateTime()),
+            # A request job has nothing to report between its claim and its call.
+            progress_message="running",
+        )
+        .returning(*TO_RUN)
+    )
+
+
+def _end_statement():
+    """PostgreSQL: ``WITH ended AS (UPDATE jobs ... RETURNING) INSERT INTO job_events ... SELECT
+    FROM ended``: a request job's final write, fenced by its attempt, and its event, or neither."""
+    nullable = JSON(none_as_null=True)
+    ended = (
+        update(Job.__table__)
+        .where(Job.id == bindparam("job_id"), Job.status == RUNNING, Job.attempts == bindparam("attempt"))
+        .values(
+            status=bindparam("status"),
+            progress=bindparam("progress"),
+            progress_message=bindparam("status"),
+            finished_at=bindparam("finished_at", type_=UTCDateTime()),
+            expires_at=bindparam("expires_at", type_=UTCDateTime()),
+            lease_expires_at=None,
+            error=bindparam("error", type_=nullable),
+            result_status=bindparam("result_status"),
+            result_headers=bindparam("result_headers", type_=nullable),
+            result_body=bindparam("result_body", type_=LargeBinary()),
+            result_size=bindparam("result_size"),
+        )
+        .returning(Job.id, Job.consumer_id)
+        .cte("ended")
+    )
+    event = select(
+        bindparam("event_id"),
+        ended.c.id,
+        ended.c.consumer_id,
+        bindparam("event_type"),
+        bindparam("event_data", type_=JSON()),
+        bindparam("event_created_at", type_=UTCDateTime()),
+    )
+    return (
+        insert(JobEvent.__table__)
+        .from_select(["id", "job_id", "consumer_id", "type", "data", "created_at"], event)
+        .returning(JobEvent.job_id)
+    )
+
+
+# Built once: a job's two statements are the same every time but for their values.
+CLAIM, END = _claim_statement(), _end_statement()
+
+
+def claim(job_id: str, lease: float, conn: Connection) -> Job | None:
     """Take ``job_id`` for this worker: notStarted, or running with a lapsed claim (its worker
     died). Returns the claimed job (``attempts`` is the fencing token; not attached to the
     session), or None when the job has ended, was canceled, or is held by a live worker: a
-    duplicate message does nothing. One ``UPDATE ... RETURNING``, committed by itself.
+    duplicate message does nothing. One ``UPDATE ... RETURNING``, committed by itself on
+    ``conn`` (a ``committed_alone`` connection).
     """
     now = utcnow()
-    with committed_alone() as conn:
-        row = conn.execute(
-            update(Job.__table__)
-            .where(
-                Job.id == job_id,
-                or_(Job.status == NOT_STARTED, and_(Job.status == RUNNING, Job.lease_expires_at < now)),
-            )
-            .values(
-                status=RUNNING,
-                attempts=Job.attempts + 1,
-                # Typed, so that the value goes through UTCDateTime like every other timestamp.
-                started_at=func.coalesce(Job.started_at, literal(now, UTCDateTime())),
-                lease_expires_at=now + timedelta(seconds=lease),
-                # A request job has nothing to report between its claim and its call.
-                progress_message="running",
-            )
-            .returning(*TO_RUN)
-        ).one_or_none()
+    values = {"job_id": job_id, "now": now, "lease_until": now + timedelta(seconds=lease)}
+    row = conn.execute(CLAIM, values).one_or_none()
     return None if row is None else Job(**row._asdict())
 
 
@@ -164,29 +216,34 @@ def run(job_id: str) -> str | None:
     """Run the job ``job_id`` if it can be claimed; return its final status, or None when
     this call did nothing (ended, canceled, or held by another worker). Safe to call twice."""
     config = settings()
-    job = claim(job_id, config.lease)
-    if job is None:
-        log.info("job not claimed", extra={"job_id": job_id})
-        return None
-    attempt = job.attempts
-    if attempt == 1 and job.started_at is not None and job.created_at is not None:
-        metrics.JOB_QUEUE_SECONDS.observe(max((job.started_at - job.created_at).total_seconds(), 0.0))
-    if attempt > config.max_attempts:
-        error = JobAbandoned(f"The job's worker was lost on each of {config.max_attempts} attempts")
-        return _finish(job_id, attempt, FAILED, error=problem_json(error))
-    request_id = job.request_id
-    log.info("job started", extra={"job_id": job_id, "attempt": attempt, "request_id": request_id})
-    until = (job.started_at or utcnow()) + timedelta(seconds=config.time_limit)
-    with Heartbeat(job_id, attempt, config.lease, until) as heartbeat:
-        try:
-            if job.kind == BATCH:
-                status = _run_batch(job, attempt, config, heartbeat)
-            else:
-                status = _run_request(job, attempt, config)
-        except SoftTimeLimitExceeded:
-            db.session.rollback()  # the limit may have struck inside a write
-            error = JobTimeout(f"The job ran longer than JOB_SOFT_TIME_LIMIT ({config.soft_time_limit:g} s)")
-            status = _finish(job_id, attempt, FAILED, error=problem_json(error))
+    with ExitStack() as held:
+        # A request job's claim and end share one connection: one pool checkout (and ping).
+        conn = held.enter_context(committed_alone())
+        job = claim(job_id, config.lease, conn)
+        if job is None:
+            log.info("job not claimed", extra={"job_id": job_id})
+            return None
+        if job.kind == BATCH:
+            held.close()  # a batch writes through the session and its own connections
+        attempt = job.attempts
+        if attempt == 1 and job.started_at is not None and job.created_at is not None:
+            metrics.JOB_QUEUE_SECONDS.observe(max((job.started_at - job.created_at).total_seconds(), 0.0))
+        if attempt > config.max_attempts:
+            error = JobAbandoned(f"The job's worker was lost on each of {config.max_attempts} attempts")
+            return _finish(job_id, attempt, FAILED, error=problem_json(error))
+        request_id = job.request_id
+        log.info("job started", extra={"job_id": job_id, "attempt": attempt, "request_id": request_id})
+        until = (job.started_at or utcnow()) + timedelta(seconds=config.time_limit)
+        with Heartbeat(job_id, attempt, config.lease, until) as heartbeat:
+            try:
+                if job.kind == BATCH:
+                    status = _run_batch(job, attempt, config, heartbeat)
+                else:
+                    status = _run_request(job, attempt, config, conn)
+            except SoftTimeLimitExceeded:
+                db.session.rollback()  # the limit may have struck inside a write
+                error = JobTimeout(f"The job ran longer than JOB_SOFT_TIME_LIMIT ({config.soft_time_limit:g} s)")
+                status = _finish(job_id, attempt, FAILED, error=problem_json(error))
     log.info("job ended", extra={"job_id": job_id, "status": status, "request_id": request_id})
     return status
 
@@ -195,13 +252,13 @@ def _context(job: Job) -> tuple:
     return job.client or {}, principal_from(job.principal), job.request_id or ""
 
 
-def _run_request(job: Job, attempt: int, config: JobSettings) -> str | None:
+def _run_request(job: Job, attempt: int, config: JobSettings, conn: Connection) -> str | None:
     call = Call(job.method, job.raw_path, job.query or "", [tuple(h) for h in job.request_headers or ()], job.request_body or b"", job.route)
     client, principal, request_id = _context(job)
     outcome = make_call(current_app.extensions["gateway"], call, client, principal, request_id, config.max_result_size, problem_json)
     if not outcome.ok:
-        return _finish(job.id, attempt, FAILED, error=outcome.error, claimed=job)
-    return _finish(job.id, attempt, SUCCEEDED, outcome=outcome, claimed=job)
+        return _finish(job.id, attempt, FAILED, error=outcome.error, claimed=(job, conn))
+    return _finish(job.id, attempt, SUCCEEDED, outcome=outcome, claimed=(job, conn))
 
 
 def _run_batch(job: Job, attempt: int, config: JobSettings, heartbeat: Heartbeat) -> str | None:
@@ -295,13 +352,13 @@ def _finish(
     outcome: Outcome | None = None,
     error: dict | None = None,
     lapsed_before: datetime | None = None,
-    claimed: Job | None = None,
+    claimed: tuple[Job, Connection] | None = None,
 ) -> str | None:
     """Make the job final (when it is still this attempt's) and record its event; return
     ``status``, or None when the job was no longer this worker's to finish. With
     ``lapsed_before`` only a job whose lease lapsed before then is finished (the sweeper).
-    ``claimed``: the request job as this worker claimed it, whose event can then be written
-    in the same statement as the final UPDATE (PostgreSQL)."""
+    ``claimed``: the request job as this worker claimed it and the connection it claimed it
+    on; its event is then written in the same statement as the final UPDATE (PostgreSQL)."""
     now = utcnow()
     values = {
         "status": status,
@@ -320,8 +377,8 @@ def _finish(
             result_body=outcome.body,
             result_size=len(outcome.body or b""),
         )
-    if claimed is not None and claimed.kind == REQUEST and lapsed_before is None and db.engine.dialect.name == "postgresql":
-        job = _end_request(claimed, attempt, values)
+    if claimed is not None and claimed[0].kind == REQUEST and lapsed_before is None and db.engine.dialect.name == "postgresql":
+        job = _end_request(*claimed, attempt, values)
         if job is None:
             return None
         return _ended(job)
@@ -343,25 +400,37 @@ def _finish(
     return _ended(job)
 
 
-def _end_request(claimed: Job, attempt: int, values: dict) -> Job | None:
+def _end_request(claimed: Job, conn: Connection, attempt: int, values: dict) -> Job | None:
     """PostgreSQL: the final UPDATE, fenced by ``attempt``, and its event's INSERT as one
-    statement committed by itself; return the job as it ended, or None (and nothing written)
-    when it was no longer this attempt's. The event shows the claimed row with ``values`` (a
-    request job's row changes only through this worker's writes, or a cancel, which fences it out)."""
+    statement committed by itself (END), on ``conn``; return the job as it ended, or None (and
+    nothing written) when it was no longer this attempt's. The event shows the claimed row with
+    ``values`` (a request job's row changes only through this worker's writes, or a cancel,
+    which fences it out). A connection that died during the call is replaced once: the write is
+    fenced, so trying it again cannot end the job twice."""
     job = Job(**{**{column.key: getattr(claimed, column.key) for column in SHOWN}, **values})
     event = event_row(job)
-    ended = (
-        update(Job.__table__).where(_mine(claimed.id, attempt)).values(**values).returning(Job.id, Job.consumer_id).cte("ended")
-    )
-    types = {"data": JSON(), "created_at": UTCDateTime()}
-    columns = ["id", "job_id", "consumer_id", "type", "data", "created_at"]
-    chosen = {"job_id": ended.c.id, "consumer_id": ended.c.consumer_id}
-    statement = insert(JobEvent.__table__).from_select(
-        columns,
-        select(*(chosen.get(name, literal(event[name], types.get(name))) for name in columns)),
-    )
-    with committed_alone() as conn:
-        written = conn.execute(statement.returning(JobEvent.job_id)).one_or_none()
+    params = {
+        "job_id": claimed.id,
+        "attempt": attempt,
+        "progress": job.progress,
+        "result_status": None,
+        "result_headers": None,
+        "result_body": None,
+        "result_size": None,
+        **{key: value for key, value in values.items() if key != "lease_expires_at"},
+        "event_id": event["id"],
+        "event_type": event["type"],
+        "event_data": event["data"],
+        "event_created_at": event["created_at"],
+    }
+    try:
+        written = conn.execute(END, params).one_or_none()
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        log.warning("the database connection was lost during the job; ending it on a new one", extra={"job_id": claimed.id})
+        with committed_alone() as fresh:
+            written = fresh.execute(END, params).one_or_none()
     return job if written is not None else None
 
 
