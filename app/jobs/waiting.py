@@ -11,6 +11,7 @@ in between.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -32,8 +33,9 @@ SUBSCRIBE_TIMEOUT = 1.0
 
 
 class Listener(Protocol):
-    def wait(self, seconds: float) -> None:
-        """Return when the job's end may have been announced, or after at most ``seconds``."""
+    def wait(self, seconds: float) -> bool:
+        """Return when the job's end may have been announced, or after at most ``seconds``:
+        True when its end was announced, False otherwise (polling never knows)."""
 
 
 class JobEnds(Protocol):
@@ -49,12 +51,14 @@ class JobEnds(Protocol):
 
 
 class RedisJobEnds:
-    """Announcements published on a Redis channel per job; a listener subscribes to it (its own
-    connection, closed when the wait ends) and blocks on the socket."""
+    """Announcements published on a Redis channel per job; a listener subscribes to it and
+    blocks on the socket. Each thread keeps one subscription connection for its waits (a web
+    thread waits on one job at a time), unsubscribed between them."""
 
     def __init__(self, client: redis.Redis, key_prefix: str):
         self.client = client
         self.prefix = f"{key_prefix}:jobs:ended:"
+        self._local = threading.local()
 
     def announce(self, job_id: str, status: str) -> None:
         try:
@@ -64,47 +68,78 @@ class RedisJobEnds:
 
     @contextmanager
     def listen(self, job_id: str) -> Iterator[Listener]:
-        pubsub = self.client.pubsub()
+        channel = self.prefix + job_id
+        pubsub = self._subscribed(channel)
+        if pubsub is None:
+            yield _Polling()
+            return
         try:
-            try:
-                pubsub.subscribe(self.prefix + job_id)
-                # Subscribed before the job is read: an end announced after that read wakes us.
-                deadline = time.monotonic() + SUBSCRIBE_TIMEOUT
-                while True:
-                    message = pubsub.get_message(timeout=max(deadline - time.monotonic(), 0.0))
-                    if message is not None and message["type"] == "subscribe":
-                        break
-                    if time.monotonic() >= deadline:
-                        raise redis.TimeoutError("no subscription confirmed")
-            except redis.RedisError:
-                log.warning("cannot wait on Redis for a job's end; polling instead", extra={"job_id": job_id}, exc_info=True)
-                yield _Polling()
-                return
-            yield _Subscribed(pubsub)
+            yield _Subscribed(pubsub, channel)
         finally:
-            pubsub.close()
+            try:
+                pubsub.unsubscribe(channel)  # its confirmation is read (and skipped) by the next wait
+            except redis.RedisError:
+                self.close()
+
+    def _subscribed(self, channel: str) -> redis.client.PubSub | None:
+        """This thread's subscription connection, subscribed to ``channel`` (confirmed by Redis,
+        so that an announcement after this returns reaches it); a new connection if the kept one
+        fails. None, logged, when Redis cannot be reached: the wait then polls."""
+        for attempt in (1, 2):
+            pubsub = getattr(self._local, "pubsub", None)
+            if pubsub is None:
+                pubsub = self._local.pubsub = self.client.pubsub()
+            try:
+                pubsub.subscribe(channel)
+                deadline = time.monotonic() + SUBSCRIBE_TIMEOUT
+                while (left := deadline - time.monotonic()) > 0:
+                    message = pubsub.get_message(timeout=left)
+                    if message is not None and message["type"] == "subscribe" and _name(message) == channel:
+                        return pubsub
+                raise redis.TimeoutError("Redis did not confirm the subscription")
+            except redis.RedisError:
+                self.close()
+                if attempt == 2:
+                    log.warning("cannot wait on Redis for a job's end; polling instead", extra={"channel": channel}, exc_info=True)
+        return None
+
+    def close(self) -> None:
+        """Close this thread's subscription connection (the next wait opens another)."""
+        pubsub = getattr(self._local, "pubsub", None)
+        self._local.pubsub = None
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except redis.RedisError:
+                pass
+
+
+def _name(message: dict) -> str:
+    channel = message["channel"]
+    return channel.decode() if isinstance(channel, bytes) else channel
 
 
 class _Subscribed:
-    def __init__(self, pubsub: redis.client.PubSub):
-        self.pubsub = pubsub
+    def __init__(self, pubsub: redis.client.PubSub, channel: str):
+        self.pubsub, self.channel = pubsub, channel
         self.fallback: _Polling | None = None
 
-    def wait(self, seconds: float) -> None:
+    def wait(self, seconds: float) -> bool:
         if self.fallback is not None:
             return self.fallback.wait(seconds)
         deadline = time.monotonic() + seconds
         try:
             while (left := deadline - time.monotonic()) > 0:
                 message = self.pubsub.get_message(timeout=left)
-                if message is not None and message["type"] == "message":
-                    return None
+                # Skip what an earlier wait of this thread left: its unsubscribe, a late end.
+                if message is not None and message["type"] == "message" and _name(message) == self.channel:
+                    return True
         except redis.RedisError:
             # The subscription is gone: an announcement may have been missed, so read the job
             # now, and poll for the rest of the wait.
             log.warning("lost the Redis subscription of a job wait; polling instead", exc_info=True)
             self.fallback = _Polling()
-        return None
+        return False
 
 
 class PolledJobEnds:
@@ -122,9 +157,10 @@ class _Polling:
     def __init__(self) -> None:
         self.pause = POLL_FIRST
 
-    def wait(self, seconds: float) -> None:
+    def wait(self, seconds: float) -> bool:
         time.sleep(max(min(self.pause, seconds), 0.0))
         self.pause = min(self.pause * 2, POLL_MAX)
+        return False
 
 
 def init_app(app: Flask) -> None:
@@ -145,14 +181,18 @@ def announce(job_id: str, status: str) -> None:
 def wait_for_end(job_id: str, seconds: float, read: Callable[[], Job]) -> Job:
     """The job as ``read()`` gives it once it is final, or after ``seconds`` when it is not.
 
-    ``read`` reads the job (and raises when it cannot be shown: 404, 410); it is called once
-    after the listener is in place, then once each time the listener wakes. The database
+    ``read`` reads the job (and raises when it cannot be shown: 404, 410). A job already final
+    is answered from the first read. Otherwise the listener is put in place and the job read
+    again (it may have ended in between), then once each time the listener wakes. The database
     session is closed (its connection back in the pool) before each wait, so a waiting request
     holds a thread, and with Redis a Redis connection, but no database connection.
     """
+    job = read()
+    if job.final or seconds <= 0:
+        return job
+    deadline = time.monotonic() + seconds
     with job_ends().listen(job_id) as listener:
         job = read()
-        deadline = time.monotonic() + seconds
         while not job.final and (left := deadline - time.monotonic()) > 0:
             db.session.close()
             listener.wait(left)

@@ -175,3 +175,19 @@ def test_a_wait_still_answers_when_redis_cannot_be_reached(app, upstream):
     assert response.status_code == 200
     assert response.json["status"] == "succeeded"
     assert job_row(app, job_id).status == "succeeded"
+
+
+@pytest.mark.redis
+def test_a_threads_waits_one_after_another_wake_only_on_their_own_jobs_end(redis_url, key_prefix):
+    # One subscription connection serves a thread's waits in turn: what an earlier wait leaves
+    # behind (its job's end announced late) does not end a later wait on another job.
+    ends = RedisJobEnds(new_redis(redis_url), key_prefix)
+    with ends.listen("job_a") as first:
+        ends.announce("job_a", "succeeded")
+        assert first.wait(5) is True
+    ends.announce("job_a", "succeeded")  # again, after that wait is over
+    with ends.listen("job_b") as second:
+        assert second.wait(0.3) is False
+        ends.announce("job_b", "failed")
+        assert second.wait(5) is True
+    ends.close()
