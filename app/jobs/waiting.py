@@ -191,6 +191,7 @@ def wait_for_end(job_id: str, seconds: float, read: Callable[[], Job]) -> Job:
     if job.final or seconds <= 0:
         return job
     deadline = time.monotonic() + seconds
+    db.session.close()  # each read after this one reads the row, not the session's copy of it
     with job_ends().listen(job_id) as listener:
         job = read()
         while not job.final and (left := deadline - time.monotonic()) > 0:

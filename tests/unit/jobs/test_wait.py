@@ -191,3 +191,30 @@ def test_a_threads_waits_one_after_another_wake_only_on_their_own_jobs_end(redis
         ends.announce("job_b", "failed")
         assert second.wait(5) is True
     ends.close()
+
+
+@pytest.mark.parametrize("waiting_app", BACKENDS, indirect=True)
+def test_a_job_that_ends_between_the_first_read_and_the_subscription_is_answered_final(waiting_app, upstream):
+    # Its end is announced before the wait listens: the read after subscribing must see it.
+    from app.extensions import db
+    from app.jobs import waiting
+    from app.jobs.resource import owned
+    from tests.unit.jobs.support import set_job
+
+    app = waiting_app()
+    job_id = submit(app.test_client(), {"path": "/async/get"}).json["id"]
+    reads = []
+
+    def read():
+        job = owned(job_id, None)
+        if not reads:  # the worker ends the job right after the first read
+            set_job(app, job_id, status="succeeded")
+            waiting.announce(job_id, "succeeded")
+        reads.append(job.status)
+        return job
+
+    with app.test_request_context():
+        job = waiting.wait_for_end(job_id, 3, read)
+        db.session.close()
+    assert job.status == "succeeded"
+    assert reads == ["notStarted", "succeeded"]
