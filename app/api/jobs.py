@@ -279,7 +279,7 @@ WAIT = Param(
     "the job is final, or when the wait is over with the job as it is then. Waits longer than GATEWAY_JOB_WAIT_MAX "
     "(20 s by default) are cut to it; 0 or absent answers at once. Not a number of seconds (``abc``, ``-1``): 400",
 )
-_SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")
+_SECONDS = re.compile(r"[0-9]{1,30}(\.[0-9]{1,30})?")  # plain decimal: no sign, exponent, inf or nan
 
 
 def _wait_seconds() -> float:
