@@ -102,6 +102,9 @@ def defaults(app: Flask) -> dict:
         "JOB_MAX_ATTEMPTS": 3,
         "JOB_REQUEUE_AFTER": 60.0,  # a job still notStarted this long after its enqueue is enqueued again
         "JOB_SWEEP_INTERVAL": 10.0,  # how often beat looks for stuck and expired jobs
+        # GET /_gateway/jobs/{id}?wait=N answers once the job is final or N s have passed: N is
+        # capped here, inside the 30 s a router (Heroku's) gives a request. The wait holds a web thread.
+        "JOB_WAIT_MAX": 20.0,
         # Webhooks. Times are seconds, sizes bytes.
         # Fernet keys (or passphrases of 32+ characters), comma-separated, newest first: the
         # first encrypts endpoint secrets, every one decrypts. Required unless the database is

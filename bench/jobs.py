@@ -59,6 +59,7 @@ SUBMIT_PATH = "/async"  # the async route on both peers
 WARM_JOBS = 10  # per peer, before the latency rounds: worker start-up, pools, first-call paths
 JOB_DEADLINE = 30.0  # seconds one job may take before the run is abandoned
 NOOP_BODY = b"{}"
+WAIT = 10.0  # seconds: the ?wait= of the gateway's waited jobs (its cap, GATEWAY_JOB_WAIT_MAX, is 20)
 
 ROUTE_FILE = """\
 # Written by bench/jobs.py for one run.
@@ -322,22 +323,26 @@ class Peer:
     worker: subprocess.Popen | None = None
     submits: list[dict] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
+    waited: list[Sample] = field(default_factory=list)  # the gateway's jobs followed with ?wait= instead of polls
     worker_cpu: float = 0.0  # seconds, over the measured jobs
     web_cpu: float = 0.0
 
 
-def one_job(client: Client, interval: float, worker: subprocess.Popen) -> Sample:
-    """Submit one job and poll its status URL every ``interval`` s until it has succeeded."""
+def one_job(client: Client, interval: float, worker: subprocess.Popen, wait: float = 0.0) -> Sample:
+    """Submit one job and poll its status URL every ``interval`` s until it has succeeded; with
+    ``wait`` (seconds), each poll is a ``GET ...?wait=`` that the gateway answers once the job
+    has ended (AIP-151's WaitOperation), and the first one is sent at once."""
     sent = time.perf_counter()
     status, headers, body = client.request("POST", SUBMIT_PATH, BODY)
     accepted = time.perf_counter()
     if status != 202:
         raise RuntimeError(f"submit answered {status}: {body[:300]!r}")
     job_id = json.loads(body)["id"]
-    poll = urlsplit(headers["location"]).path
+    poll = urlsplit(headers["location"]).path + (f"?wait={wait:g}" if wait else "")
     polls = 0
     while True:
-        time.sleep(interval)
+        if not wait:
+            time.sleep(interval)
         status, _, body = client.request("GET", poll)
         polls += 1
         state = json.loads(body).get("status") if status == 200 else None
@@ -484,6 +489,13 @@ def measure(args: argparse.Namespace, tmp: Path, redis_url: str, prefix: str) ->
                     observed = [s.observed_ms for s in samples]
                     print(f"  round {index + 1}  {name:<8} p50 {percentile(observed, 50):7.2f} ms"
                           f"  p99 {percentile(observed, 99):7.2f} ms", flush=True)
+            # The gateway's own way to follow a job: one GET ...?wait= instead of polls.
+            peer = peers["gateway"]
+            assert peer.worker is not None
+            peer.waited = [one_job(clients["gateway"], args.poll_interval, peer.worker, wait=WAIT) for _ in range(per_round)]
+            waited = [s.observed_ms for s in peer.waited]
+            print(f"  waited   gateway  p50 {percentile(waited, 50):7.2f} ms  p99 {percentile(waited, 99):7.2f} ms"
+                  f"  ({len(waited)} jobs, GET ?wait={WAIT:g} instead of polls)", flush=True)
             for client in clients.values():
                 client.close()
             rows = {name: row_times(db_url, name, [s.job_id for s in peer.samples]) for name, peer in peers.items()}
@@ -531,6 +543,8 @@ def summarise(measured: dict) -> dict[str, dict]:
             "worker_cpu": peer.worker_cpu * 1000 / jobs,
             "web_cpu": peer.web_cpu * 1000 / jobs,
             "jobs": len(peer.samples),
+            "waited_p50": percentile([s.observed_ms for s in peer.waited], 50),
+            "waited_p99": percentile([s.observed_ms for s in peer.waited], 99),
             "unsucceeded": sum(1 for t in times if t[3] != "succeeded" or t[4] != 200) + len(peer.samples) - len(times),
         }
     return table
@@ -559,6 +573,8 @@ def report(args: argparse.Namespace, measured: dict, redis_url: str) -> None:
           f"{gw['row_p99'] / bare['row_p99']:>9.2f}{gw['p50'] / bare['p50']:>12.2f}{gw['p99'] / bare['p99']:>12.2f}")
     print("  p50/p99: submit-to-succeeded from the job rows, created_at -> finished_at; polled: as a client sees it,"
           f" from sending the POST until a poll (every {args.poll_interval * 1000:g} ms) reads 'succeeded'")
+    print(f"  gateway waited p50 {gw['waited_p50']:.2f} ms, p99 {gw['waited_p99']:.2f} ms: the POST, then one GET ?wait={WAIT:g}"
+          f" answered when the job has ended (x{gw['waited_p50'] / bare['p50']:.2f} of the bare peer's polled p50)")
 
     print("\nsubmit path (wrk, no worker running)")
     print(f"  {'peer':<10}{'submits/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU ms/submit':>15}{'non-2xx':>9}{'sock err':>10}{'rows short':>12}")

@@ -47,6 +47,7 @@ END_TO_END_SECONDS = {
     "test_broker_restart.py": 30,
     "test_slow_clients.py": 16,
     "test_api_limits.py": 5,
+    "test_job_wait.py": 27,
 }
 NEW_MODULE_SECONDS = 30
 

@@ -20,7 +20,7 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.wrappers import Response
 
-from app import jobs, ratelimit
+from app import ratelimit
 from app.api import schemas
 from app.api.common import (
     PAGE,
@@ -36,7 +36,7 @@ from app.api.common import (
     status_filter,
     with_status,
 )
-from app.api.inputs import CONTROL, column_length
+from app.api.inputs import CONTROL, BadRequest, column_length
 from app.auth.views import current_principal, policy
 from app.extensions import db
 from app.gateway.router import AmbiguousPath, has_dot_segment, refuse_ambiguous
@@ -44,6 +44,8 @@ from app.gateway.runtime import Gateway
 from app.jobs import resource as job_resource
 from app.jobs import service as job_service
 from app.jobs.calls import Call, kept_headers
+from app.jobs.settings import settings as job_settings
+from app.jobs.waiting import wait_for_end
 from app.models import Job, JobItem
 from app.models.jobs import BATCH, REQUEST, STATUSES
 
@@ -218,7 +220,7 @@ def create() -> tuple:
     # The body carries the requests' own bodies, each up to a route's limit: MAX_BODY_SIZE, not
     # API_MAX_BODY_SIZE (0: none, as for the routes).
     data = body(JobCreate, current_app.config["MAX_BODY_SIZE"] or None, "MAX_BODY_SIZE")
-    settings = jobs.settings()
+    settings = job_settings()
     gateway: Gateway = current_app.extensions["gateway"]
     routes: dict[int, list] = {}  # [route, calls] by route object: labels need not be unique
     if data.kind == BATCH:
@@ -251,7 +253,7 @@ def _own(job_id: str, payload: bool = False) -> Job:
 
 
 def _retry_after(job: Job) -> dict[str, str]:
-    return {} if job.final else {"Retry-After": str(jobs.settings().retry_after)}
+    return {} if job.final else {"Retry-After": str(job_settings().retry_after)}
 
 
 @bp.get("/jobs")
@@ -269,13 +271,40 @@ def index() -> tuple:
     return reply(schemas.Page[schemas.Job], {"data": [job_resource.job_json(row) for row in rows], "next_cursor": next_cursor})
 
 
+WAIT = Param(
+    "wait",
+    "query",
+    {"type": "number", "minimum": 0},
+    "Seconds to wait for the job to end before answering (AIP-151's WaitOperation): the answer comes as soon as "
+    "the job is final, or when the wait is over with the job as it is then. Waits longer than GATEWAY_JOB_WAIT_MAX "
+    "(20 s by default) are cut to it; 0 or absent answers at once. Not a number of seconds (``abc``, ``-1``): 400",
+)
+_SECONDS = re.compile(r"[0-9]{1,30}(\.[0-9]{1,30})?")  # plain decimal: no sign, exponent, inf or nan
+
+
+def _wait_seconds() -> float:
+    """``?wait=``: seconds (a decimal number, at least 0), cut to JOB_WAIT_MAX; 0 when absent.
+    Raises BadRequest (400) naming the parameter for anything else."""
+    value = request.args.get("wait")
+    if value is None:
+        return 0.0
+    if not _SECONDS.fullmatch(value):
+        raise BadRequest(
+            f"wait must be a number of seconds from 0 (e.g. wait=10 or wait=2.5), not {value[:40]!r}",
+            errors=[{"field": "wait", "message": "must be a number of seconds, at least 0"}],
+        )
+    return min(float(value), job_settings().wait_max)
+
+
 @bp.get("/jobs/<id:job_id>")
 @policy("optional")
-@operation("Read a job", {200: JOB}, errors=(404, 410))
+@operation("Read a job", {200: JOB}, errors=(400, 404, 410), params=(WAIT,))
 def read(job_id: str) -> tuple:
     """The job resource; ``Retry-After`` (seconds) while it is not final. 410 once its result
-    has expired."""
-    job = _own(job_id)
+    has expired. With ``?wait=N`` the answer waits up to N seconds (at most
+    GATEWAY_JOB_WAIT_MAX) for the job to end; it is not final when the wait ran out first."""
+    seconds = _wait_seconds()
+    job = wait_for_end(job_id, seconds, lambda: _own(job_id)) if seconds > 0 else _own(job_id)
     return reply(schemas.Job, job_resource.job_json(job, items=job_resource.item_counts(job)), 200, _retry_after(job))
 
 

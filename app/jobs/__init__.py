@@ -1,67 +1,32 @@
-"""Async jobs: their settings, and wiring them into the app.
+"""Async jobs: wiring them into the app.
 
-Submitting and cancelling are in ``app.jobs.service``, the job resource (JSON, URLs, finding a
-job for its owner) in ``app.jobs.resource``, the worker's side (claim, run, sweep) in
+Their settings are in ``app.jobs.settings``; submitting and cancelling in ``app.jobs.service``;
+the job resource (JSON, URLs, finding a job for its owner) in ``app.jobs.resource``; waiting
+for a job to end in ``app.jobs.waiting``; the worker's side (claim, run, sweep) in
 ``app.jobs.worker``.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from functools import partial
 
-from flask import Flask, current_app
+from flask import Flask
 
 log = logging.getLogger("frontdoor.jobs")
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The JOB_* configuration, read once per app. Seconds and bytes."""
-
-    retry_after: int
-    result_ttl: float
-    retention: float
-    max_result_size: int
-    batch_max: int
-    batch_concurrency: int
-    soft_time_limit: float
-    time_limit: float
-    lease: float
-    max_attempts: int
-    requeue_after: float
-    sweep_interval: float
-
-    @classmethod
-    def from_config(cls, config: dict) -> Settings:
-        return cls(
-            retry_after=max(1, int(config["JOB_RETRY_AFTER"])),
-            result_ttl=float(config["JOB_RESULT_TTL"]),
-            retention=float(config["JOB_RETENTION"]),
-            max_result_size=int(config["JOB_MAX_RESULT_SIZE"]),
-            batch_max=int(config["JOB_BATCH_MAX"]),
-            batch_concurrency=max(1, int(config["JOB_BATCH_CONCURRENCY"])),
-            soft_time_limit=float(config["JOB_SOFT_TIME_LIMIT"]),
-            time_limit=float(config["JOB_TIME_LIMIT"]),
-            lease=float(config["JOB_LEASE"]),
-            max_attempts=max(1, int(config["JOB_MAX_ATTEMPTS"])),
-            requeue_after=float(config["JOB_REQUEUE_AFTER"]),
-            sweep_interval=float(config["JOB_SWEEP_INTERVAL"]),
-        )
-
-
-def settings() -> Settings:
-    return current_app.extensions["jobs"]
-
-
 def init_app(app: Flask) -> None:
-    """Read the JOB_* settings; warn about upstreams whose job calls could outlast the soft
-    time limit (every attempt waiting its full ``job_timeout``), since such a job would fail
-    with ``job-timeout`` rather than with the upstream's own timeout."""
-    app.extensions["jobs"] = config = Settings.from_config(app.config)
-    from app.jobs.service import accept  # the services import this package's settings()
+    """Read the JOB_* settings, register the async routes' submit handler and the waiter for
+    job ends; warn about upstreams whose job calls could outlast the soft time limit (every
+    attempt waiting its full ``job_timeout``), since such a job would fail with ``job-timeout``
+    rather than with the upstream's own timeout."""
+    from app.jobs import waiting
+    from app.jobs.service import accept
+    from app.jobs.settings import JobSettings
 
+    app.extensions["jobs"] = config = JobSettings.from_config(app.config)
     app.extensions["job_submit"] = partial(accept, app)
+    waiting.init_app(app)
     gateway = app.extensions.get("gateway")
     if gateway is None:
         return

@@ -1,28 +1,39 @@
 """Submitting and cancelling jobs: a request becomes a job once per Idempotency-Key, is sent to a
-worker after its commit, and ends with an outbox event for webhooks."""
+worker after its commit, and ends with an outbox event for webhooks.
+
+A submission is one ``INSERT`` that commits by itself (a batch: the job's and its items' in one
+transaction), then one message: the row is written with SQLAlchemy Core from values built here,
+so nothing is read back, and an ``Idempotency-Key`` costs a lookup only when the insert meets an
+earlier job's key.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 from flask import Flask, request
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 from werkzeug.datastructures import Headers
 from werkzeug.routing import MapAdapter
 
 from app import queue
 from app.errors import ProblemError, database_errors
-from app.extensions import db, insert_once
+from app.extensions import db
 from app.gateway.idempotency import IdempotencyKeyReused, valid_key
 from app.gateway.router import AmbiguousPath
 from app.gateway.types import GatewayRequest, GatewayResponse
 from app.identity import Principal
-from app.jobs import settings
 from app.jobs.calls import Call, call_from_request, principal_json
 from app.jobs.resource import item_counts, job_json, status_url
+from app.jobs.settings import settings
+from app.jobs.waiting import announce
 from app.models import Job, JobEvent, JobItem
-from app.models.base import utcnow
+from app.models.base import new_id, utcnow
 from app.models.jobs import BATCH, CANCELED, NOT_STARTED, REQUEST, RUNNING
 from app.observability import metrics
 
@@ -58,61 +69,94 @@ def create(
     """
     digest = _digest(kind, calls)
     scope = _scope(principal, client_ip) if idempotency_key else None
-    return insert_once(
-        idempotency_key,
-        lambda: _by_key(scope, idempotency_key),
-        lambda earlier: _same(earlier, digest),
-        lambda: _write(kind, calls, principal, client, request_id, scope, idempotency_key, digest),
-    )
+    try:
+        return _write(kind, calls, principal, client, request_id, scope, idempotency_key, digest), True
+    except IntegrityError:
+        # Insert first, look up only on a conflict: a new key (the usual case) costs no query.
+        db.session.rollback()
+        earlier = _by_key(scope, idempotency_key) if idempotency_key else None
+        if earlier is None:
+            raise
+        return _same(earlier, digest), False
 
 
 def _write(
     kind: str, calls: list[Call], principal: Principal | None, client: dict, request_id: str, scope: str | None, key: str | None, digest: str
 ) -> Job:
-    """Add the job (and its batch items) and commit; a duplicate key raises IntegrityError."""
+    """Insert the job (and its batch items) and commit; return the job as written (not attached
+    to the session: every column is known here, nothing is read back). A key already used in
+    ``scope`` raises IntegrityError."""
     now = utcnow()
-    job = Job(
-        kind=kind,
-        consumer_id=principal.consumer_id if principal else None,
-        status=NOT_STARTED,
-        progress=0,
-        progress_message="queued",
-        client=client,
-        principal=principal_json(principal),
-        idempotency_scope=scope,
-        idempotency_key=key,
-        request_hash=digest,
-        request_id=request_id,
-        created_at=now,
-        enqueued_at=now,  # optimistic: cleared below if the enqueue fails, so beat retries it sooner
-        enqueues=1,
-    )
+    values = {
+        "id": new_id("job"),
+        "kind": kind,
+        "consumer_id": principal.consumer_id if principal else None,
+        "status": NOT_STARTED,
+        "progress": 0,
+        "progress_message": "queued",
+        "route": None,
+        "method": None,
+        "path": None,
+        "raw_path": None,
+        "query": None,
+        "request_headers": None,
+        "request_body": None,
+        "client": client,
+        "principal": principal_json(principal),
+        "idempotency_scope": scope,
+        "idempotency_key": key,
+        "request_hash": digest,
+        "request_id": request_id,
+        "attempts": 0,
+        "enqueues": 1,
+        "created_at": now,
+        "enqueued_at": now,  # optimistic: cleared if the enqueue fails, so beat retries it sooner
+    }
     if kind == REQUEST:
         call = calls[0]
-        job.route, job.method, job.path, job.raw_path = call.route, call.method, call.path, call.raw_path
-        job.query, job.request_headers, job.request_body = call.query, call.headers, call.body
-    else:
-        job.route = ", ".join(sorted({c.route or "" for c in calls}))[:200]
-        job.progress_message = f"0 of {len(calls)} requests done"
-    db.session.add(job)
-    if kind == BATCH:
-        db.session.flush()  # the job's id for its items; a duplicate key fails here
-        db.session.add_all(
-            JobItem(
-                job_id=job.id,
-                position=position,
-                route=call.route,
-                method=call.method,
-                path=call.path,
-                raw_path=call.raw_path,
-                query=call.query,
-                request_headers=call.headers,
-                request_body=call.body,
-            )
-            for position, call in enumerate(calls)
+        values.update(
+            route=call.route, method=call.method, path=call.path, raw_path=call.raw_path,
+            query=call.query, request_headers=call.headers, request_body=call.body,
         )
-    _commit_keeping(job)
-    return job
+    else:
+        values["route"] = ", ".join(sorted({c.route or "" for c in calls}))[:200]
+        values["progress_message"] = f"0 of {len(calls)} requests done"
+    session = db.session
+    if kind == REQUEST and not session().in_transaction():
+        with committed_alone() as conn:
+            conn.execute(insert(Job.__table__), values)
+        return Job(**values)
+    # A batch's rows, or a request whose caller has a transaction open (its writes commit with the job).
+    session.execute(insert(Job.__table__), values)
+    if kind == BATCH:
+        session.execute(
+            insert(JobItem.__table__),
+            [
+                {
+                    "job_id": values["id"],
+                    "position": position,
+                    "status": NOT_STARTED,
+                    "route": call.route,
+                    "method": call.method,
+                    "path": call.path,
+                    "raw_path": call.raw_path,
+                    "query": call.query,
+                    "request_headers": call.headers,
+                    "request_body": call.body,
+                }
+                for position, call in enumerate(calls)
+            ],
+        )
+    session.commit()
+    return Job(**values)
+
+
+@contextmanager
+def committed_alone() -> Iterator[Connection]:
+    """A connection of its own on which each statement commits by itself: a write that is one
+    statement needs no BEGIN and COMMIT round trips around it."""
+    with db.engine.connect() as conn:
+        yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def replay_of(key: str, principal: Principal | None) -> bool:
@@ -125,17 +169,6 @@ def _scope(principal: Principal | None, client_ip: str | None = None) -> str:
     if principal:
         return principal.consumer_id
     return f"ip:{(request.remote_addr if client_ip is None else client_ip) or ''}"
-
-
-def _commit_keeping(job: Job) -> None:
-    """Commit without expiring ``job``: every column was just written from here, so reading it
-    back (one more query per submission) would only return the same values."""
-    session = db.session()
-    session.expire_on_commit = False
-    try:
-        session.commit()
-    finally:
-        session.expire_on_commit = True
 
 
 def _digest(kind: str, calls: list[Call]) -> str:
@@ -207,16 +240,22 @@ def idempotency_key(value: str | None) -> str | None:
     return None if value is None else valid_key(value)
 
 
+def event_row(job: Job) -> dict:
+    """The outbox row (``job_events``) for ``job``'s final state, as column values."""
+    return {
+        "id": new_id("evt"),
+        "job_id": job.id,
+        "consumer_id": job.consumer_id,
+        "type": EVENT_TYPES[job.status],
+        "data": job_json(job, urls=False),
+        "created_at": utcnow(),
+        "published_at": None,
+    }
+
+
 def record_event(job: Job) -> None:
-    """Add the outbox row for ``job``'s final state (in the caller's transaction)."""
-    db.session.add(
-        JobEvent(
-            job_id=job.id,
-            consumer_id=job.consumer_id,
-            type=EVENT_TYPES[job.status],
-            data=job_json(job, urls=False),
-        )
-    )
+    """Insert the outbox row for ``job``'s final state (in the caller's transaction)."""
+    db.session.execute(insert(JobEvent.__table__), event_row(job))
 
 
 def cancel(job: Job) -> Job:
@@ -248,6 +287,7 @@ def cancel(job: Job) -> Job:
     db.session.refresh(job)
     record_event(job)
     db.session.commit()
+    announce(job.id, CANCELED)
     metrics.JOBS.labels(CANCELED).inc()
     if job.consumer_id is not None:
         from app.webhooks import messages

@@ -323,6 +323,15 @@ def test_status_carries_retry_after_only_while_the_job_is_not_final(app, client,
     assert done.json["resourceLocation"] == f"http://localhost{PREFIX}/{job_id}/result"
 
 
+def test_the_openapi_document_declares_the_wait_parameter_of_a_job_read(client):
+    read = client.get("/_gateway/openapi.json").json["paths"][f"{PREFIX}/{{job_id}}"]["get"]
+    (wait,) = [param for param in read["parameters"] if param["name"] == "wait"]
+    assert wait["in"] == "query" and wait["required"] is False
+    assert wait["schema"] == {"type": "number", "minimum": 0}
+    assert "GATEWAY_JOB_WAIT_MAX" in wait["description"]
+    assert "400" in read["responses"]
+
+
 def test_the_result_is_the_upstreams_answer_as_it_was(app, client, upstream):
     direct = client.get("/sync/base64/SGVsbG8sIGpvYnMh")
     job_id = submit(client, {"path": "/sync/base64/SGVsbG8sIGpvYnMh"}).json["id"]

@@ -366,3 +366,25 @@ def test_final_statuses_and_queue_waits_are_counted(app, client, upstream):
     assert counted("frontdoor_jobs_total", status="succeeded") == succeeded + 1
     assert counted("frontdoor_jobs_total", status="canceled") == canceled + 1
     assert counted("frontdoor_job_queue_wait_seconds_count") == waits + 1  # only the job that started
+
+
+@pytest.mark.postgres
+def test_a_job_whose_database_connection_is_cut_during_its_call_still_ends_once(jobs_app, postgres_database, upstream):
+    # PostgreSQL ends the worker's sessions (a restart, an idle timeout) while the upstream call runs.
+    import psycopg
+
+    app = jobs_app(SQLALCHEMY_DATABASE_URI=postgres_database)
+    client = app.test_client()
+    job_id = client.post("/async/gate/cut").json["id"]
+    worker_thread = Background(app, job_id)
+    upstream.wait_entered()
+    with psycopg.connect(postgres_database, autocommit=True) as admin:
+        cut = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()[0]
+    assert cut >= 1
+    upstream.gate.set()
+
+    assert worker_thread.join() == "succeeded"
+    assert job_row(app, job_id).result_body == b"released"
+    assert [event.type for event in events(app, job_id)] == ["job.succeeded"]
