@@ -47,7 +47,7 @@ def defaults(app: Flask) -> dict:
         "SQLALCHEMY_DATABASE_URI": f"sqlite:///{instance / 'frontdoor.sqlite'}",
         # hide_parameters: a failed statement's error (logged with its traceback) leaves out the
         # bound values, which may be a job's stored request or a key's hash.
-        "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True, "hide_parameters": True},
+        "SQLALCHEMY_ENGINE_OPTIONS": {"hide_parameters": True},
         "CELERY_BROKER_URL": None,  # derived from REDIS_URL, else SQLite under instance/
         # Identity. A verified key (or a JWT's consumer) is kept in each process this many
         # seconds: revoking a key or disabling a consumer takes effect everywhere within it.
@@ -59,6 +59,10 @@ def defaults(app: Flask) -> dict:
         # PostgreSQL only: a connection attempt gives up after this many seconds (libpq's
         # connect_timeout, at least 2), so an unreachable database fails fast into a 503.
         "DATABASE_CONNECT_TIMEOUT": 3,
+        # A pooled connection left idle longer than this (seconds) is tested before use, so the
+        # first requests after the database comes back get a new one; one in steady use is not
+        # (a round trip saved per checkout), and fails the one statement that finds it dead.
+        "DATABASE_PING_AFTER": 1.0,
         "AUTH_REALM": "frontdoor",  # the realm in WWW-Authenticate (RFC 6750 section 3)
         "JWT_SECRET": None,  # HS256 shared secret; tokens are accepted only when this or JWKS is set
         "JWT_JWKS_URL": None,  # RS256/ES256 public keys (JSON Web Key Set, RFC 7517)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -14,7 +15,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DisconnectionError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase
 
 
@@ -110,10 +111,8 @@ def engine_options(config: dict) -> dict:
     On PostgreSQL a connection attempt gives up after DATABASE_CONNECT_TIMEOUT seconds
     (libpq's ``connect_timeout``: a down database refuses at once, an unreachable one would
     otherwise hold the request's thread for minutes) and an unanswered send after
-    TCP_USER_TIMEOUT (libpq's ``tcp_user_timeout``, milliseconds). ``pool_pre_ping`` (in the
-    defaults) tests a pooled connection before use, so the first requests after the database
-    comes back get a new connection rather than a dead one. ``connect_args`` given in the
-    configuration win over these.
+    TCP_USER_TIMEOUT (libpq's ``tcp_user_timeout``, milliseconds). ``connect_args`` given in
+    the configuration win over these. (Pooled connections are tested by ``ping_when_idle``.)
     """
     options = dict(config["SQLALCHEMY_ENGINE_OPTIONS"])
     if config["SQLALCHEMY_DATABASE_URI"].startswith("postgresql"):
@@ -125,11 +124,37 @@ def engine_options(config: dict) -> dict:
     return options
 
 
+def ping_when_idle(engine: Engine, after: float) -> None:
+    """Test a pooled connection before use when it was idle longer than ``after`` seconds:
+    SQLAlchemy's ``pool_pre_ping`` recipe ("Disconnect Handling - Pessimistic", a custom ping on
+    checkout), but without its round trip on every checkout of a busy pool. A connection that
+    fails the test is replaced (the pool retries the checkout); one used within ``after``
+    seconds is trusted, and a database that went away meanwhile fails that one statement
+    (which invalidates the pool's older connections too)."""
+
+    @event.listens_for(engine, "checkin")
+    def idle_from(dbapi_connection, record) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def test_if_idle(dbapi_connection, record, proxy) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < after:  # new, or in steady use
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:  # the driver's error for a dead connection, whatever its class
+            raise DisconnectionError(f"a pooled connection failed its test: {exc}") from exc
+
+
 def init_app(app: Flask) -> None:
     """Bind the database, migrations and (when ``REDIS_URL`` is set) a Redis client. The models
     register their tables with ``db.metadata`` when ``app.models`` is imported (create_app does)."""
     app.config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options(app.config)
     db.init_app(app)
+    with app.app_context():
+        for engine in db.engines.values():
+            ping_when_idle(engine, float(app.config["DATABASE_PING_AFTER"]))
     migrate.init_app(app, db, directory=str(Path(app.root_path).parent / "migrations"))
     url = app.config["REDIS_URL"]
     app.extensions["redis"] = new_redis(url) if url else None

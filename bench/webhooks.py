@@ -721,10 +721,19 @@ class Stages:
                      *((name, counter(name)) for name in ("checkout", "begin", "commit", "rollback"))]
         for name, function in listeners:
             event.listen(engine, name, function)
+        ping = engine.dialect.do_ping  # the checkout's test of an idle connection (app.extensions.ping_when_idle)
+
+        def counted_ping(dbapi_connection):
+            if self.active:
+                self.events["ping"] += 1
+            return ping(dbapi_connection)
+
+        engine.dialect.do_ping = counted_ping
 
         def undo() -> None:
             for name, function in listeners:
                 event.remove(engine, name, function)
+            del engine.dialect.do_ping
         return undo
 
     @contextlib.contextmanager
@@ -738,15 +747,14 @@ class Stages:
             self.total_wall += time.perf_counter() - wall
             self.total_cpu += time.process_time() - cpu
 
-    def summary(self, pre_ping: bool) -> dict:
+    def summary(self) -> dict:
         """Per delivery: statements, transactions, commits, rollbacks, round trips (statements +
-        BEGIN + COMMIT + ROLLBACK + one pre-ping per checkout, as psycopg sends them)."""
+        BEGIN + COMMIT + ROLLBACK + the tests of idle connections at checkout, as psycopg sends them)."""
         n = max(self.delivered, 1)
         statements = sum(self.statements.values())
-        trips = statements + self.events["begin"] + self.events["commit"] + self.events["rollback"]
-        trips += self.events["checkout"] if pre_ping else 0
+        trips = statements + self.events["begin"] + self.events["commit"] + self.events["rollback"] + self.events["ping"]
         return {"statements": statements / n, "transactions": self.events["begin"] / n, "commits": self.events["commit"] / n,
-                "rollbacks": self.events["rollback"] / n, "checkouts": self.events["checkout"] / n, "round_trips": trips / n,
+                "rollbacks": self.events["rollback"] / n, "checkouts": self.events["checkout"] / n, "pings": self.events["ping"] / n, "round_trips": trips / n,
                 "batches": sum(1 for size in self.claimed if size), "claims": len(self.claimed)}
 
 
@@ -778,7 +786,7 @@ def profile(args, app, receiver_base: str, secret: str) -> dict:
         items = [message_id for message_id, _ in record_events(endpoint_id, WARM_DELIVERIES + 3 * count, fan_out=False)]
         out["batch_size"], out["endpoint_concurrency"] = config.batch_size, config.endpoint_concurrency
         guard, engine = config.guard, db.engine
-    out["pre_ping"] = bool(app.config["SQLALCHEMY_ENGINE_OPTIONS"].get("pool_pre_ping"))
+    out["pre_ping"] = float(app.config["DATABASE_PING_AFTER"])
 
     def make(message_ids: list[str]) -> list[str]:
         with app.app_context():
@@ -827,7 +835,7 @@ def profile(args, app, receiver_base: str, secret: str) -> dict:
             undo()
             stages.restore()
         stages.delivered = sum(stages.claimed)
-        out["shapes"][shape] = {"stages": stages, **stages.summary(out["pre_ping"])}
+        out["shapes"][shape] = {"stages": stages, **stages.summary()}
 
     make(items[WARM_DELIVERIES + 2 * count:])
     profiler = cProfile.Profile()
@@ -1262,9 +1270,8 @@ def report_profile(out: dict) -> None:
         print(f"  per delivery: {found['statements']:.2f} statements ({kinds}), {stages.sql_wall * 1000 / n:.3f} ms wall in"
               f" cursor.execute; {found['transactions']:.2f} transactions, {found['commits']:.2f} commits,"
               f" {found['rollbacks']:.2f} rollbacks, {found['checkouts']:.2f} pool checkouts"
-              f"{' (each pre-pinged: pool_pre_ping)' if out['pre_ping'] else ''};"
-              f" round trips to the database {found['round_trips']:.2f} (statements + BEGIN + COMMIT + ROLLBACK"
-              f"{' + pings' if out['pre_ping'] else ''})")
+              f" ({found['pings']:.2f} tested, idle over DATABASE_PING_AFTER {out['pre_ping']:g} s);"
+              f" round trips to the database {found['round_trips']:.2f} (statements + BEGIN + COMMIT + ROLLBACK + tests)")
     print(f"\ncProfile of the backlog shape once more ({count} deliveries; profiler overhead included):")
     print(out["cprofile"])
 
