@@ -122,9 +122,10 @@ def defaults(app: Flask) -> dict:
         "WEBHOOK_MAX_RETRY_AFTER": 36000.0,  # the longest Retry-After (429/503) a retry waits
         "WEBHOOK_DISABLE_AFTER": 5 * 24 * 3600.0,  # an endpoint failing this long is disabled
         "WEBHOOK_SECRET_OVERLAP": 24 * 3600.0,  # after a rotation the old secret signs too, this long
-        # Attempts in flight to one endpoint across all workers; keep it below the worker's
-        # concurrency, so that one slow receiver never holds every worker process.
-        "WEBHOOK_ENDPOINT_CONCURRENCY": 2,
+        # Requests in flight to one endpoint across all workers: what one receiver gets at once.
+        # A claim takes an endpoint's free slots together, so a slow receiver mostly holds one
+        # batch (its threads, and its worker process until WEBHOOK_TIMEOUT), not every process.
+        "WEBHOOK_ENDPOINT_CONCURRENCY": 10,
         # Deliveries a worker process claims and sends at once (one statement claims them, one
         # records them); each is sent on a thread of its own, over pooled keep-alive connections.
         "WEBHOOK_BATCH_SIZE": 20,
