@@ -123,8 +123,8 @@ def defaults(app: Flask) -> dict:
         "WEBHOOK_DISABLE_AFTER": 5 * 24 * 3600.0,  # an endpoint failing this long is disabled
         "WEBHOOK_SECRET_OVERLAP": 24 * 3600.0,  # after a rotation the old secret signs too, this long
         # Requests in flight to one endpoint across all workers: what one receiver gets at once.
-        # A claim takes an endpoint's free slots together, so a slow receiver mostly holds one
-        # batch (its threads, and its worker process until WEBHOOK_TIMEOUT), not every process.
+        # A claim takes up to half of an endpoint's slots, so a slow receiver mostly holds two
+        # batches (their threads, and their worker processes until WEBHOOK_TIMEOUT).
         "WEBHOOK_ENDPOINT_CONCURRENCY": 10,
         # Deliveries a worker process claims and sends at once (one statement claims them, one
         # records them); each is sent on a thread of its own, over pooled keep-alive connections.

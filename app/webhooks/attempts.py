@@ -16,6 +16,7 @@ import logging
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
@@ -98,8 +99,9 @@ class Sent:
 def claim(limit: int, ids: Sequence[str] | None = None, now: datetime | None = None) -> list[Claim]:
     """Take up to ``limit`` pending, due deliveries (only those in ``ids`` when given), oldest
     due first within an endpoint, no more per endpoint than its free slots under
-    WEBHOOK_ENDPOINT_CONCURRENCY (attempts in flight under a live lease count against them),
-    and never one of a disabled endpoint. Commits; returns the claims with what each sends.
+    WEBHOOK_ENDPOINT_CONCURRENCY (attempts in flight under a live lease count against them) nor
+    than half its cap (rounded up), and never one of a disabled endpoint. Commits; returns the
+    claims with what each sends.
 
     First the endpoints: up to ``limit`` with due deliveries, the least recently claimed first
     (so that endpoints take turns however many have work), are marked claimed and, on
@@ -140,6 +142,7 @@ def claim(limit: int, ids: Sequence[str] | None = None, now: datetime | None = N
         .correlate(WebhookEndpoint)
         .scalar_subquery()
     )
+    share = _share(config)
     if postgres:
         firsts = (
             # Ordered as the index is (by id within one due time too): no peers for the window to
@@ -147,7 +150,7 @@ def claim(limit: int, ids: Sequence[str] | None = None, now: datetime | None = N
             select(d.id, d.next_attempt_at, func.row_number().over(order_by=(d.next_attempt_at, d.id)).label("rank"))
             .where(d.endpoint_id == WebhookEndpoint.id, due)
             .order_by(d.next_attempt_at, d.id)
-            .limit(config.endpoint_concurrency)
+            .limit(share)
             .lateral()
         )
         picked = (
@@ -161,6 +164,7 @@ def claim(limit: int, ids: Sequence[str] | None = None, now: datetime | None = N
         )
     else:  # no LATERAL: each endpoint's free slots, then its oldest due deliveries, in this write transaction
         free = dict(db.session.execute(select(WebhookEndpoint.id, config.endpoint_concurrency - busy).where(WebhookEndpoint.id.in_(locked))).all())
+        free = {endpoint_id: min(slots, share) for endpoint_id, slots in free.items()}
         chosen = []
         for endpoint_id, slots in free.items():
             if slots > 0:
@@ -219,6 +223,12 @@ def claim(limit: int, ids: Sequence[str] | None = None, now: datetime | None = N
         )
         for row in rows
     ]
+
+
+def _share(config) -> int:
+    """At most half an endpoint's slots (rounded up) per claim: with a busy endpoint, a second
+    worker's batch is sent while the first one's is recorded and claimed again."""
+    return -(-config.endpoint_concurrency // 2)
 
 
 class _Both:
@@ -520,9 +530,13 @@ def deliver(ids: Sequence[str] | None = None, drain: float = DRAIN) -> dict[str,
     started = time.monotonic()
     counts: dict[str, int] = {}
     freed: set[str] = set()  # the endpoints whose slots the last batch gave back
-    first = True
+    first, helped = True, False
     while True:
         works = claim(config.batch_size, ids if first else None)
+        if works and not helped and max(Counter(work.endpoint_id for work in works).values()) >= _share(config):
+            # An endpoint had more due than one claim takes: another worker's batch can be sent
+            # while this one's is recorded.
+            helped = wake()
         if works:
             for status in record(works, send_batch(works)).values():
                 counts[status] = counts.get(status, 0) + 1

@@ -146,7 +146,7 @@ def test_a_workers_batches_reuse_kept_alive_connections_and_keep_the_endpoints_c
 @pytest.mark.postgres
 @pytest.mark.parametrize("database", ["postgres"], indirect=True)
 def test_a_worker_that_finds_its_freed_endpoint_held_by_another_claim_hands_its_due_deliveries_on(make_hooks, receiver, enqueued, monkeypatch):
-    hooks = make_hooks(WEBHOOK_ENDPOINT_CONCURRENCY=1)
+    hooks = make_hooks(WEBHOOK_ENDPOINT_CONCURRENCY=4)
     consumer = hooks.consumer()
     endpoint = hooks.endpoint(consumer, receiver.url)
     first, second = hooks.publish(consumer)[0], hooks.publish(consumer)[0]
@@ -175,3 +175,16 @@ def test_a_worker_that_finds_its_freed_endpoint_held_by_another_claim_hands_its_
     assert enqueued.wakes == 1  # not left for beat's next pass
     monkeypatch.setattr(attempts, "record", recorded)
     assert hooks.deliver(second) == "succeeded"
+
+
+def test_a_claim_that_takes_an_endpoints_share_asks_another_worker_to_help_once(make_hooks, receiver, enqueued):
+    hooks = make_hooks(WEBHOOK_ENDPOINT_CONCURRENCY=4)  # two per claim
+    consumer = hooks.consumer()
+    hooks.endpoint(consumer, receiver.url)
+    deliveries = [hooks.publish(consumer)[0] for _ in range(6)]
+
+    counts = hooks.call(attempts.deliver, None, 30.0)
+
+    assert counts == {"succeeded": 6}  # three batches of two
+    assert enqueued.wakes == 1  # after the first: another worker's batch can overlap; not again
+    assert {hooks.delivery(delivery_id).status for delivery_id in deliveries} == {"succeeded"}

@@ -357,27 +357,27 @@ def test_with_the_endpoint_at_its_cap_a_claim_leaves_the_delivery_pending(make_h
 
 
 @BOTH
-def test_a_batch_takes_no_more_per_endpoint_than_its_free_slots_oldest_first(make_hooks, make_receiver, clock, enqueued):
-    hooks = make_hooks(WEBHOOK_ENDPOINT_CONCURRENCY=2)
+def test_a_claim_takes_no_more_per_endpoint_than_its_free_slots_nor_half_its_cap_oldest_first(make_hooks, make_receiver, clock, enqueued):
+    hooks = make_hooks(WEBHOOK_ENDPOINT_CONCURRENCY=4)
     consumer, other = hooks.consumer(), hooks.consumer()
     crowded_receiver, idle_receiver = make_receiver(), make_receiver()
     crowded = hooks.endpoint(consumer, crowded_receiver.url)
     idle = hooks.endpoint(other, idle_receiver.url)
-    crowded_deliveries = [hooks.publish(consumer)[0] for _ in range(4)]
-    idle_deliveries = [hooks.publish(other)[0] for _ in range(3)]
-    held = hooks.claim(crowded_deliveries[0])  # one slot of two taken
-    assert held is not None
+    crowded_deliveries = [hooks.publish(consumer)[0] for _ in range(6)]
+    idle_deliveries = [hooks.publish(other)[0] for _ in range(5)]
+    assert hooks.claim(crowded_deliveries[0]) is not None  # one slot of four taken
 
-    works = hooks.call(attempts.claim, 50)
+    first = hooks.call(attempts.claim, 50)  # two each: half the cap, so that another worker's batch overlaps
+    second = hooks.call(attempts.claim, 50)  # what is left: one slot of the crowded endpoint, two of the idle one
 
-    assert sorted(work.delivery_id for work in works) == sorted([crowded_deliveries[1], *idle_deliveries[:2]])
-    assert sorted(work.endpoint_id for work in works) == sorted([crowded, idle, idle])
+    assert sorted(work.delivery_id for work in first) == sorted([*crowded_deliveries[1:3], *idle_deliveries[:2]])
+    assert sorted(work.delivery_id for work in second) == sorted([crowded_deliveries[3], *idle_deliveries[2:4]])
     assert hooks.batch() == {}  # every slot taken
+    works = first + second
     statuses = hooks.call(lambda: attempts.record(works, attempts.send_batch(works)))
     assert statuses == {work.delivery_id: "succeeded" for work in works}
-    assert (len(crowded_receiver.received), len(idle_receiver.received)) == (1, 2)
-    # The slots freed: the next batch takes the rest, still two per endpoint at most.
-    assert sorted(hooks.batch()) == sorted([crowded_deliveries[2], idle_deliveries[2]])
+    assert (len(crowded_receiver.received), len(idle_receiver.received)) == (3, 4)
+    assert sorted(work.endpoint_id for work in works) == sorted([crowded] * 3 + [idle] * 4)
 
 
 def test_dispatch_wakes_a_worker_per_batch_of_due_deliveries_and_no_more_than_eight(make_hooks, receiver, clock, enqueued):
