@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -14,7 +15,7 @@ from flask_sqlalchemy import SQLAlchemy
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DisconnectionError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase
 
@@ -85,16 +86,13 @@ Row = TypeVar("Row")
 def insert_once(key: str | None, earlier: Callable[[], Row | None], same: Callable[[Row], Row], write: Callable[[], Row]) -> tuple[Row, bool]:
     """The idempotent insert: return ``(row, created)``.
 
-    With a ``key`` (an Idempotency-Key, an event id), the row ``earlier()`` finds under it is
-    the answer, checked by ``same(row)`` (which returns it, or raises when the key was used for
-    another request). Else ``write()`` adds and commits the new row; when a unique constraint on
-    the key refuses it (another request with the key committed first), the session is rolled back
-    and that request's row is the answer. Without a key, ``write()`` alone.
+    ``write()`` inserts and commits the new row. With a ``key`` (an Idempotency-Key, an event
+    id) that a unique constraint guards, a refused insert (IntegrityError: the key was used
+    before, or by a request that committed first) rolls the session back, and the row
+    ``earlier()`` finds under the key is the answer, checked by ``same(row)`` (which returns it,
+    or raises when the key was used for another request). Insert first, look up only on a
+    conflict: a new key, the usual case, costs no query.
     """
-    if key is not None:
-        found = earlier()
-        if found is not None:
-            return same(found), False
     try:
         return write(), True
     except IntegrityError:
@@ -103,6 +101,14 @@ def insert_once(key: str | None, earlier: Callable[[], Row | None], same: Callab
         if found is None:
             raise
         return same(found), False
+
+
+@contextmanager
+def committed_alone() -> Iterator[Connection]:
+    """A connection of its own on which each statement commits by itself (autocommit): a write
+    that is one statement needs no BEGIN and COMMIT round trips around it."""
+    with db.engine.connect() as conn:
+        yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def engine_options(config: dict) -> dict:

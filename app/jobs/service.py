@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 
 from flask import Flask, request
 from sqlalchemy import insert, select, update
-from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError
 from werkzeug.datastructures import Headers
 from werkzeug.routing import MapAdapter
 
 from app import queue
 from app.errors import ProblemError, database_errors
-from app.extensions import db
+from app.extensions import committed_alone, db, insert_once
 from app.gateway.idempotency import IdempotencyKeyReused, valid_key
 from app.gateway.router import AmbiguousPath
 from app.gateway.types import GatewayRequest, GatewayResponse
@@ -69,15 +65,12 @@ def create(
     """
     digest = _digest(kind, calls)
     scope = _scope(principal, client_ip) if idempotency_key else None
-    try:
-        return _write(kind, calls, principal, client, request_id, scope, idempotency_key, digest), True
-    except IntegrityError:
-        # Insert first, look up only on a conflict: a new key (the usual case) costs no query.
-        db.session.rollback()
-        earlier = _by_key(scope, idempotency_key) if idempotency_key else None
-        if earlier is None:
-            raise
-        return _same(earlier, digest), False
+    return insert_once(
+        idempotency_key,
+        lambda: _by_key(scope, idempotency_key),
+        lambda earlier: _same(earlier, digest),
+        lambda: _write(kind, calls, principal, client, request_id, scope, idempotency_key, digest),
+    )
 
 
 def _write(
@@ -149,14 +142,6 @@ def _write(
         )
     session.commit()
     return Job(**values)
-
-
-@contextmanager
-def committed_alone() -> Iterator[Connection]:
-    """A connection of its own on which each statement commits by itself: a write that is one
-    statement needs no BEGIN and COMMIT round trips around it."""
-    with db.engine.connect() as conn:
-        yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def replay_of(key: str, principal: Principal | None) -> bool:

@@ -40,10 +40,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import undefer
 
 from app.errors import ProblemError
-from app.extensions import db, lock_rows
+from app.extensions import committed_alone, db, lock_rows
 from app.jobs.calls import Call, Outcome, make_call, principal_from
 from app.jobs.resource import problem_json
-from app.jobs.service import committed_alone, enqueue, event_row, record_event
+from app.jobs.service import enqueue, event_row, record_event
 from app.jobs.settings import JobSettings, settings
 from app.jobs.waiting import announce
 from app.models import Job, JobEvent, JobItem

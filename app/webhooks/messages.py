@@ -14,7 +14,7 @@ from sqlalchemy.orm import undefer
 
 from app import queue
 from app.errors import ProblemError
-from app.extensions import db, insert_once
+from app.extensions import committed_alone, db, insert_once
 from app.models import WebhookDelivery, WebhookEndpoint, WebhookMessage
 from app.models.base import isoformat, new_id, utcnow
 from app.models.webhooks import PENDING, SCHEDULED
@@ -99,7 +99,7 @@ def new_message(consumer_id: str, event_type: str, data: object, **fields) -> We
 
 
 def record_message(consumer_id: str, event_type: str, data: object, event_id: str | None = None, request_id: str | None = None, fanned_out: bool = False) -> tuple[WebhookMessage, bool]:
-    """Write a message and commit; return ``(message, created)``.
+    """Write a message and commit (one INSERT, no read back); return ``(message, created)``.
 
     With ``event_id`` a repeat of an earlier event (same id, type and data) returns the earlier
     message with ``created`` False; raises EventIdReused (409) when the id names another event.
@@ -109,12 +109,17 @@ def record_message(consumer_id: str, event_type: str, data: object, event_id: st
 
     def write() -> WebhookMessage:
         now = utcnow()
-        message = new_message(
-            consumer_id, event_type, data, event_id=event_id, request_id=request_id, created_at=now, fanned_out_at=now if fanned_out else None
-        )
-        db.session.add(message)
-        db.session.commit()
-        return message
+        values = {
+            "id": new_id("msg"), "consumer_id": consumer_id, "event_id": event_id, "type": event_type, "data": data,
+            "payload_hash": digest, "request_id": request_id, "created_at": now, "fanned_out_at": now if fanned_out else None,
+        }
+        if db.session().in_transaction():  # the caller's writes commit with it
+            db.session.execute(insert(WebhookMessage), values)
+            db.session.commit()
+        else:  # one statement that commits by itself; nothing is read back
+            with committed_alone() as conn:
+                conn.execute(insert(WebhookMessage), values)
+        return WebhookMessage(**values)
 
     return insert_once(event_id, lambda: _by_event_id(consumer_id, event_id), lambda earlier: _same(earlier, digest), write)
 
