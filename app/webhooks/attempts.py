@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from celery.exceptions import SoftTimeLimitExceeded
 from flask import current_app
@@ -33,13 +33,14 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     true,
     tuple_,
     update,
 )
 
 from app import queue
-from app.extensions import db
+from app.extensions import committed_alone, db
 from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookMessage
 from app.models.base import isoformat, new_id, utcnow
 from app.models.webhooks import FAILED, PENDING, SCHEDULED, SENDING, SUCCEEDED, TEST
@@ -352,10 +353,11 @@ def _by_delivery(column, values: dict[str, object]):
 
 
 def record(works: list[Claim], sent: list[Sent], now: datetime | None = None) -> dict[str, str]:
-    """Store the attempts and each delivery's next state, in one transaction: one update of the
-    deliveries (conditional on each claim's attempt number), one multi-row insert of attempts,
-    one commit. An endpoint whose health changes (a failure, a first success after failures) is
-    updated too, and disabled on a 410 or after WEBHOOK_DISABLE_AFTER seconds of failures.
+    """Store the attempts and each delivery's next state together: one update of the deliveries
+    (conditional on each claim's attempt number) and one multi-row insert of attempts, which on
+    Postgres are one statement that commits by itself when no endpoint's health changes. An
+    endpoint whose health changes (a failure, a first success after failures) is updated in
+    the same transaction, and disabled on a 410 or after WEBHOOK_DISABLE_AFTER seconds of failures.
 
     Returns ``{delivery_id: new status}`` for the attempts recorded; a claim that was lost (the
     delivery taken over, or deleted with its endpoint) is left out and changes nothing.
@@ -369,57 +371,29 @@ def record(works: list[Claim], sent: list[Sent], now: datetime | None = None) ->
     healthy = {work.endpoint_id for work, result in judged if result.succeeded}
     failing = {work.endpoint_id for work, result in judged if not result.succeeded} - healthy
     recovered = {work.endpoint_id for work, result in judged if result.succeeded and work.failing_since is not None}
-    if (failing or recovered) and db.session.get_bind().dialect.name == "postgresql":
+    postgres = db.session.get_bind().dialect.name == "postgresql"
+    if postgres and not (failing or recovered):  # the usual case: one statement that commits by itself
+        with committed_alone() as conn:
+            recorded = _outcomes_postgres(conn, works, sent, states, now)
+        return _recorded(works, sent, states, recorded, [], now)
+    if postgres:
         # The endpoints' rows before the deliveries', as an endpoint's deletion takes them: one
         # lock order, so Postgres never finds two transactions waiting on each other.
         db.session.execute(
             select(WebhookEndpoint.id).where(WebhookEndpoint.id.in_(failing | recovered)).order_by(WebhookEndpoint.id).with_for_update()
         ).all()
-    columns = ("status", "next_attempt_at", "finished_at", "last_status_code", "last_error")
-    recorded = set(
-        db.session.execute(
-            update(WebhookDelivery)
-            .where(
-                tuple_(WebhookDelivery.id, WebhookDelivery.attempts).in_([(work.delivery_id, work.number) for work in works]),
-                WebhookDelivery.status == SENDING,
-            )
-            .values(
-                lease_expires_at=None,
-                trigger=SCHEDULED,
-                **{
-                    name: _by_delivery(getattr(WebhookDelivery, name), {key: state[name] for key, state in states.items()})
-                    for name in columns
-                },
-            )
-            .returning(WebhookDelivery.id)
-        ).scalars()
-    )
-    rows = [
-        {
-            "id": new_id("atm"),
-            "delivery_id": work.delivery_id,
-            "endpoint_id": work.endpoint_id,
-            "number": work.number,
-            "trigger": work.trigger,
-            "url": work.url,
-            "address": done.address,
-            "status_code": done.result.status_code,
-            "succeeded": done.result.succeeded,
-            "duration_ms": done.result.duration_ms,
-            # Postgres text has no NUL
-            "response_excerpt": None if done.result.excerpt is None else done.result.excerpt.replace("\x00", "\ufffd"),
-            "error": done.result.error,
-            "request_id": work.request_id,
-            "created_at": now,
-        }
-        for work, done in zip(works, sent, strict=True)
-        if work.delivery_id in recorded
-    ]
-    if rows:
-        db.session.execute(insert(WebhookAttempt), rows)
+        recorded = _outcomes_postgres(db.session, works, sent, states, now)
+    else:
+        recorded = _outcomes(works, sent, states, now)
     kept = {work.endpoint_id for work in works if work.delivery_id in recorded}
     disabled = _track_health(healthy & recovered & kept, failing & kept, [(w, r) for w, r in judged if w.delivery_id in recorded], now)
     db.session.commit()
+    return _recorded(works, sent, states, recorded, disabled, now)
+
+
+def _recorded(works: list[Claim], sent: list[Sent], states: dict[str, dict], recorded: set[str], disabled: list[str], now: datetime) -> dict[str, str]:
+    """After the commit: count and log each attempt recorded, fan out the endpoint-disabled
+    messages; return ``{delivery_id: new status}``."""
     for work, done in zip(works, sent, strict=True):
         if work.delivery_id not in recorded:
             log.info("webhook attempt not recorded: the claim was lost", extra={"delivery_id": work.delivery_id})
@@ -443,6 +417,118 @@ def record(works: list[Claim], sent: list[Sent], now: datetime | None = None) ->
     if disabled:
         messages.fan_out_later(disabled)
     return {delivery_id: states[delivery_id]["status"] for delivery_id in recorded}
+
+
+def _attempt_row(work: Claim, done: Sent, now: datetime) -> dict:
+    return {
+        "id": new_id("atm"),
+        "delivery_id": work.delivery_id,
+        "endpoint_id": work.endpoint_id,
+        "number": work.number,
+        "trigger": work.trigger,
+        "url": work.url,
+        "address": done.address,
+        "status_code": done.result.status_code,
+        "succeeded": done.result.succeeded,
+        "duration_ms": done.result.duration_ms,
+        # Postgres text has no NUL
+        "response_excerpt": None if done.result.excerpt is None else done.result.excerpt.replace("\x00", "\ufffd"),
+        "error": done.result.error,
+        "request_id": work.request_id,
+        "created_at": now,
+    }
+
+
+def _outcomes(works: list[Claim], sent: list[Sent], states: dict[str, dict], now: datetime) -> set[str]:
+    """Write the deliveries' next states (one UPDATE, conditional on each claim's attempt
+    number) and the attempts of those it changed (one multi-row INSERT), in the session's
+    transaction; return the ids of the deliveries recorded."""
+    columns = ("status", "next_attempt_at", "finished_at", "last_status_code", "last_error")
+    recorded = set(
+        db.session.execute(
+            update(WebhookDelivery)
+            .where(
+                tuple_(WebhookDelivery.id, WebhookDelivery.attempts).in_([(work.delivery_id, work.number) for work in works]),
+                WebhookDelivery.status == SENDING,
+            )
+            .values(
+                lease_expires_at=None,
+                trigger=SCHEDULED,
+                **{
+                    name: _by_delivery(getattr(WebhookDelivery, name), {key: state[name] for key, state in states.items()})
+                    for name in columns
+                },
+            )
+            .returning(WebhookDelivery.id)
+        ).scalars()
+    )
+    rows = [_attempt_row(work, done, now) for work, done in zip(works, sent, strict=True) if work.delivery_id in recorded]
+    if rows:
+        db.session.execute(insert(WebhookAttempt), rows)
+    return recorded
+
+
+# Postgres: the same writes as one statement, whatever the batch's size (its values travel as
+# arrays): the deliveries' UPDATE in a CTE, and the INSERT of attempts for the rows it changed.
+_OUTCOMES = text("""
+WITH outcome AS (
+    SELECT * FROM unnest(CAST(:ids AS text[]), CAST(:numbers AS integer[]), CAST(:statuses AS text[]),
+                         CAST(:due AS timestamp[]), CAST(:finished AS timestamp[]), CAST(:codes AS integer[]),
+                         CAST(:errors AS text[]))
+        AS outcome(id, number, status, next_attempt_at, finished_at, status_code, error)
+), recorded AS (
+    UPDATE webhook_deliveries AS d
+    SET status = outcome.status, next_attempt_at = outcome.next_attempt_at, finished_at = outcome.finished_at,
+        last_status_code = outcome.status_code, last_error = outcome.error, lease_expires_at = NULL, trigger = :scheduled
+    FROM outcome
+    WHERE d.id = outcome.id AND d.attempts = outcome.number AND d.status = :sending
+    RETURNING d.id
+)
+INSERT INTO webhook_attempts (id, delivery_id, endpoint_id, number, trigger, url, address, status_code, succeeded,
+                              duration_ms, response_excerpt, error, request_id, created_at)
+SELECT a.id, a.delivery_id, a.endpoint_id, a.number, a.trigger, a.url, a.address, a.status_code, a.succeeded,
+       a.duration_ms, a.response_excerpt, a.error, a.request_id, :now
+FROM unnest(CAST(:a_ids AS text[]), CAST(:a_endpoints AS text[]), CAST(:a_triggers AS text[]), CAST(:a_urls AS text[]),
+            CAST(:a_addresses AS text[]), CAST(:a_codes AS integer[]), CAST(:a_succeeded AS boolean[]),
+            CAST(:a_durations AS integer[]), CAST(:a_excerpts AS text[]), CAST(:a_errors AS text[]),
+            CAST(:a_request_ids AS text[]), CAST(:ids AS text[]), CAST(:numbers AS integer[]))
+    AS a(id, endpoint_id, trigger, url, address, status_code, succeeded, duration_ms, response_excerpt, error,
+         request_id, delivery_id, number)
+JOIN recorded ON recorded.id = a.delivery_id
+RETURNING delivery_id
+""")
+
+
+def _outcomes_postgres(conn, works: list[Claim], sent: list[Sent], states: dict[str, dict], now: datetime) -> set[str]:
+    """``_outcomes`` on Postgres, as one statement on ``conn`` (a connection or the session)."""
+
+    def naive(value: datetime | None) -> datetime | None:  # the columns hold UTC without a zone (UTCDateTime)
+        return None if value is None else value.astimezone(UTC).replace(tzinfo=None)
+
+    rows = [_attempt_row(work, done, now) for work, done in zip(works, sent, strict=True)]
+    order = [states[work.delivery_id] for work in works]
+    return set(
+        conn.execute(
+            _OUTCOMES,
+            {
+                "ids": [work.delivery_id for work in works],
+                "numbers": [work.number for work in works],
+                "statuses": [state["status"] for state in order],
+                "due": [naive(state["next_attempt_at"]) for state in order],
+                "finished": [naive(state["finished_at"]) for state in order],
+                "codes": [state["last_status_code"] for state in order],
+                "errors": [state["last_error"] for state in order],
+                "scheduled": SCHEDULED,
+                "sending": SENDING,
+                "now": naive(now),
+                **{f"a_{key}": [row[column] for row in rows] for key, column in (
+                    ("ids", "id"), ("endpoints", "endpoint_id"), ("triggers", "trigger"), ("urls", "url"),
+                    ("addresses", "address"), ("codes", "status_code"), ("succeeded", "succeeded"), ("durations", "duration_ms"),
+                    ("excerpts", "response_excerpt"), ("errors", "error"), ("request_ids", "request_id"),
+                )},
+            },
+        ).scalars()
+    )
 
 
 def _track_health(recovered: set[str], failing: set[str], judged: list[tuple[Claim, Result]], now: datetime) -> list[str]:
