@@ -12,6 +12,7 @@ row, never a Celery countdown (DESIGN, "Worker rules").
 """
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -26,7 +27,9 @@ from datetime import UTC, datetime, timedelta
 from celery.exceptions import SoftTimeLimitExceeded
 from flask import current_app
 from sqlalchemy import (
+    Integer,
     and_,
+    bindparam,
     case,
     func,
     insert,
@@ -38,11 +41,12 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.sql import Executable
 
 from app import queue
 from app.extensions import committed_alone, db
 from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookMessage
-from app.models.base import isoformat, new_id, utcnow
+from app.models.base import UTCDateTime, isoformat, new_id, utcnow
 from app.models.webhooks import FAILED, PENDING, SCHEDULED, SENDING, SUCCEEDED, TEST
 from app.observability import metrics, tracing
 from app.webhooks import endpoints, messages, secrets
@@ -116,95 +120,29 @@ def claim(limit: int, ids: Sequence[str] | None = None, now: datetime | None = N
     """
     config = settings()
     now = now or utcnow()
-    d = WebhookDelivery
-    due = and_(d.status == PENDING, d.next_attempt_at <= now)
-    if ids is not None:
-        due = and_(due, d.id.in_(list(ids)))
     postgres = db.session.get_bind().dialect.name == "postgresql"
-    turn = (
-        select(WebhookEndpoint.id)
-        .where(WebhookEndpoint.disabled.is_(False), select(d.id).where(d.endpoint_id == WebhookEndpoint.id, due).exists())
-        .order_by(WebhookEndpoint.claimed_at.asc().nulls_first(), WebhookEndpoint.id)
-        .limit(limit)
-    )
-    if postgres:
-        turn = turn.with_for_update(skip_locked=True)
-    locked = list(
-        db.session.execute(
-            update(WebhookEndpoint).where(WebhookEndpoint.id.in_(turn.scalar_subquery())).values(claimed_at=now).returning(WebhookEndpoint.id)
-        ).scalars()
-    )
+    built = _claim_statements(postgres, ids is not None, config.endpoint_concurrency, _share(config))
+    params = {"now": now, "limit": limit, "lease_until": now + timedelta(seconds=config.lease)}
+    if ids is not None:
+        params["ids"] = list(ids)
+    locked = list(db.session.execute(built.lock, params).scalars())
     if not locked:
         db.session.rollback()
         return []
-    busy = (
-        select(func.count())
-        .where(d.endpoint_id == WebhookEndpoint.id, d.status == SENDING, d.lease_expires_at > now)
-        .correlate(WebhookEndpoint)
-        .scalar_subquery()
-    )
-    share = _share(config)
-    if postgres:
-        firsts = (
-            # Ordered as the index is (by id within one due time too): no peers for the window to
-            # read ahead, so a backlog due at one moment is not read whole.
-            select(d.id, d.next_attempt_at, func.row_number().over(order_by=(d.next_attempt_at, d.id)).label("rank"))
-            .where(d.endpoint_id == WebhookEndpoint.id, due)
-            .order_by(d.next_attempt_at, d.id)
-            .limit(share)
-            .lateral()
-        )
-        picked = (
-            select(firsts.c.id)
-            .select_from(WebhookEndpoint)
-            .join(firsts, true())
-            .where(WebhookEndpoint.id.in_(locked), firsts.c.rank + busy <= config.endpoint_concurrency)
-            .order_by(firsts.c.next_attempt_at)
-            .limit(limit)
-            .scalar_subquery()
-        )
+    if postgres:  # UPDATE ... FROM: the message and the endpoint come back with the claim
+        rows = db.session.execute(built.take, {**params, "locked": locked}).all()
     else:  # no LATERAL: each endpoint's free slots, then its oldest due deliveries, in this write transaction
-        free = dict(db.session.execute(select(WebhookEndpoint.id, config.endpoint_concurrency - busy).where(WebhookEndpoint.id.in_(locked))).all())
-        free = {endpoint_id: min(slots, share) for endpoint_id, slots in free.items()}
-        chosen = []
-        for endpoint_id, slots in free.items():
+        picked: list[str] = []
+        for endpoint_id, slots in db.session.execute(built.free, {**params, "locked": locked}).all():
             if slots > 0:
-                chosen += db.session.execute(
-                    select(d.id).where(d.endpoint_id == endpoint_id, due).order_by(d.next_attempt_at, d.id).limit(slots)
-                ).scalars()
-        picked = chosen[:limit]
+                picked += db.session.execute(built.pick, {**params, "endpoint": endpoint_id, "slots": slots}).scalars()
+        picked = picked[:limit]
         if not picked:
             db.session.commit()
             return []
-    taken = (
-        update(d)
-        .where(d.id.in_(picked), d.status == PENDING)
-        .values(
-            status=SENDING,
-            attempts=d.attempts + 1,
-            tries=d.tries + 1,
-            lease_expires_at=now + timedelta(seconds=config.lease),
-            last_attempt_at=now,
-        )
-    )
-    columns = (d.id, d.endpoint_id, d.message_id, d.attempts, d.tries, d.trigger, d.created_at)
-    sends = (
-        WebhookMessage.type,
-        WebhookMessage.data,
-        WebhookMessage.created_at.label("message_created_at"),
-        WebhookMessage.request_id,
-        WebhookEndpoint.url,
-        WebhookEndpoint.secret_encrypted,
-        WebhookEndpoint.previous_secret_encrypted,
-        WebhookEndpoint.previous_secret_expires_at,
-        WebhookEndpoint.failing_since,
-    )
-    joined = (d.message_id == WebhookMessage.id, d.endpoint_id == WebhookEndpoint.id)
-    if postgres:  # UPDATE ... FROM: the message and the endpoint come back with the claim
-        rows = db.session.execute(taken.where(*joined).returning(*columns, *sends)).all()
-    else:  # SQLite's RETURNING names the updated table only: the rest is read in the same transaction
-        claimed = {row.id: row for row in db.session.execute(taken.returning(*columns)).all()}
-        found = db.session.execute(select(d.id, *sends).where(d.id.in_(claimed), *joined)).all() if claimed else []
+        # SQLite's RETURNING names the updated table only: the rest is read in the same transaction
+        claimed = {row.id: row for row in db.session.execute(built.take, {**params, "picked": picked}).all()}
+        found = db.session.execute(built.sends, {"claimed": list(claimed)}).all() if claimed else []
         rows = [_Both(claimed[row.id], row) for row in found]
     db.session.commit()
     return [
@@ -224,6 +162,94 @@ def claim(limit: int, ids: Sequence[str] | None = None, now: datetime | None = N
         )
         for row in rows
     ]
+
+
+@dataclass(frozen=True)
+class _ClaimStatements:
+    lock: Executable  # mark (and on Postgres lock) the endpoints whose turn it is
+    take: Executable  # claim the picked deliveries
+    free: Executable | None = None  # SQLite: each locked endpoint's free slots (at most its share)
+    pick: Executable | None = None  # SQLite: one endpoint's oldest due deliveries
+    sends: Executable | None = None  # SQLite: what the claimed deliveries send
+
+
+@functools.lru_cache(maxsize=16)
+def _claim_statements(postgres: bool, with_ids: bool, cap: int, share: int) -> _ClaimStatements:
+    """The claim's statements, built once per shape (their values are bound parameters: ``now``,
+    ``limit``, ``lease_until``, ``ids``, ``locked`` and SQLite's ``endpoint``, ``slots``,
+    ``picked``, ``claimed``): a claim spends no time composing them."""
+    d = WebhookDelivery
+    now = bindparam("now", type_=UTCDateTime())
+    due = and_(d.status == PENDING, d.next_attempt_at <= now)
+    if with_ids:
+        due = and_(due, d.id.in_(bindparam("ids", expanding=True)))
+    turn = (
+        select(WebhookEndpoint.id)
+        .where(WebhookEndpoint.disabled.is_(False), select(d.id).where(d.endpoint_id == WebhookEndpoint.id, due).exists())
+        .order_by(WebhookEndpoint.claimed_at.asc().nulls_first(), WebhookEndpoint.id)
+        .limit(bindparam("limit", type_=Integer()))
+    )
+    if postgres:
+        turn = turn.with_for_update(skip_locked=True)
+    lock = update(WebhookEndpoint).where(WebhookEndpoint.id.in_(turn.scalar_subquery())).values(claimed_at=now).returning(WebhookEndpoint.id)
+    busy = (
+        select(func.count())
+        .where(d.endpoint_id == WebhookEndpoint.id, d.status == SENDING, d.lease_expires_at > now)
+        .correlate(WebhookEndpoint)
+        .scalar_subquery()
+    )
+    locked = WebhookEndpoint.id.in_(bindparam("locked", expanding=True))
+    taking = update(d).values(
+        status=SENDING,
+        attempts=d.attempts + 1,
+        tries=d.tries + 1,
+        lease_expires_at=bindparam("lease_until", type_=UTCDateTime()),
+        last_attempt_at=now,
+    )
+    columns = (d.id, d.endpoint_id, d.message_id, d.attempts, d.tries, d.trigger, d.created_at)
+    sends = (
+        WebhookMessage.type,
+        WebhookMessage.data,
+        WebhookMessage.created_at.label("message_created_at"),
+        WebhookMessage.request_id,
+        WebhookEndpoint.url,
+        WebhookEndpoint.secret_encrypted,
+        WebhookEndpoint.previous_secret_encrypted,
+        WebhookEndpoint.previous_secret_expires_at,
+        WebhookEndpoint.failing_since,
+    )
+    joined = (d.message_id == WebhookMessage.id, d.endpoint_id == WebhookEndpoint.id)
+    if postgres:
+        firsts = (
+            # Ordered as the index is (by id within one due time too): no peers for the window to
+            # read ahead, so a backlog due at one moment is not read whole.
+            select(d.id, d.next_attempt_at, func.row_number().over(order_by=(d.next_attempt_at, d.id)).label("rank"))
+            .where(d.endpoint_id == WebhookEndpoint.id, due)
+            .order_by(d.next_attempt_at, d.id)
+            .limit(share)
+            .lateral()
+        )
+        picked = (
+            select(firsts.c.id)
+            .select_from(WebhookEndpoint)
+            .join(firsts, true())
+            .where(locked, firsts.c.rank + busy <= cap)
+            .order_by(firsts.c.next_attempt_at)
+            .limit(bindparam("limit", type_=Integer()))
+            .scalar_subquery()
+        )
+        take = taking.where(d.id.in_(picked), d.status == PENDING, *joined).returning(*columns, *sends)
+        return _ClaimStatements(lock, take)
+    free = select(WebhookEndpoint.id, func.min(cap - busy, share)).where(locked)
+    pick = (
+        select(d.id)
+        .where(d.endpoint_id == bindparam("endpoint"), due)
+        .order_by(d.next_attempt_at, d.id)
+        .limit(bindparam("slots", type_=Integer()))
+    )
+    take = taking.where(d.id.in_(bindparam("picked", expanding=True)), d.status == PENDING).returning(*columns)
+    found = select(d.id, *sends).where(d.id.in_(bindparam("claimed", expanding=True)), *joined)
+    return _ClaimStatements(lock, take, free, pick, found)
 
 
 def _share(config) -> int:
