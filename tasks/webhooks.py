@@ -16,6 +16,7 @@ from app.webhooks.settings import settings
 def fan_out_task(message_id: str) -> int:
     """Create the deliveries of message ``message_id`` (and of other messages waiting for their
     fan-out, up to a batch) and send them, then what else is due; return how many were made."""
+    messages.taking_fan_outs()
     created = messages.fan_out(message_id, more=settings().batch_size - 1)
     if created:
         attempts.deliver(created)

@@ -9,12 +9,14 @@ import logging
 import re
 from datetime import datetime
 
+from flask import current_app
+from redis.exceptions import RedisError
 from sqlalchemy import insert, or_, select, update
 from sqlalchemy.orm import undefer
 
 from app import queue
 from app.errors import ProblemError
-from app.extensions import committed_alone, db, insert_once
+from app.extensions import committed_alone, db, insert_once, redis_client
 from app.models import WebhookDelivery, WebhookEndpoint, WebhookMessage
 from app.models.base import isoformat, new_id, utcnow
 from app.models.webhooks import PENDING, SCHEDULED
@@ -136,9 +138,43 @@ def _same(earlier: WebhookMessage, digest: str) -> WebhookMessage:
     return earlier
 
 
+# With Redis: set while a fan-out message is queued and its task has not started. A fan-out takes
+# every message waiting for one (up to a batch), so a message committed meanwhile needs no
+# message of its own. Seconds: a fan-out message lost with the mark set only delays others this long.
+FAN_OUT_PENDING_TTL = 5
+
+
+def _pending_key() -> str:
+    return f"{current_app.config['KEY_PREFIX']}:webhooks:fan-out-pending"
+
+
 def fan_out_later(message_ids: list[str]) -> None:
-    """Send a fan-out message per message id; a lost one is redone by the dispatcher."""
+    """Have the messages fanned out (after their commit): one fan-out message takes them all,
+    and other messages waiting, up to a batch. With Redis, none is sent while one is queued and
+    not yet started (it will take these too); without it, or when Redis fails, one per message.
+    A lost one is redone by the dispatcher."""
+    if not message_ids:
+        return
+    client = redis_client(current_app)
+    if client is not None:
+        try:
+            if not client.set(_pending_key(), "1", nx=True, ex=FAN_OUT_PENDING_TTL):
+                return
+            message_ids = message_ids[:1]
+        except RedisError:
+            log.warning("the fan-out mark could not be read; sending the fan-out messages", exc_info=True)
     queue.send_each(queue.FAN_OUT, message_ids, "fan-out")
+
+
+def taking_fan_outs() -> None:
+    """Clear the pending mark as a fan-out starts, before it reads the waiting messages: a
+    message committed after that read sees no mark and sends a fan-out of its own."""
+    client = redis_client(current_app)
+    if client is not None:
+        try:
+            client.delete(_pending_key())
+        except RedisError:
+            log.warning("the fan-out mark could not be cleared; it lapses by itself", exc_info=True)
 
 
 def fan_out(message_id: str, more: int = 0) -> list[str]:
@@ -189,6 +225,8 @@ def fan_out(message_id: str, more: int = 0) -> list[str]:
     if rows:
         db.session.execute(insert(WebhookDelivery), rows)
     db.session.commit()
+    if more > 0 and len(claimed) > more:  # a full batch: more messages may be waiting
+        fan_out_later([message_id])
     return [row["id"] for row in rows]
 
 

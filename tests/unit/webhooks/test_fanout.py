@@ -11,6 +11,8 @@ from app.webhooks import messages
 from tasks.webhooks import fan_out_task
 from tests.unit.webhooks.conftest import BOTH
 
+FAN_OUT_LATER = messages.fan_out_later  # the real one: the enqueued fixture stands in for it
+
 FILTERS = {
     "exact": ["job.succeeded"],
     "wildcard": ["job.*"],
@@ -225,3 +227,26 @@ def test_a_fan_out_takes_other_messages_waiting_for_theirs_into_the_same_batch(h
     assert hooks.fan_out(second) == []  # its own fan-out task, run later, finds it done
     assert [(row["id"], row["fanned_out"]) for row in hooks.messages()] == [(first, True), (second, True), (third, False)]
     assert len(hooks.fan_out(third)) == 1
+
+
+@pytest.mark.redis
+def test_with_redis_one_queued_fan_out_serves_every_event_published_before_it_starts(make_hooks, redis_url, key_prefix, receiver, monkeypatch):
+    from app import queue
+
+    hooks = make_hooks(REDIS_URL=redis_url, KEY_PREFIX=key_prefix)
+    consumer = hooks.consumer()
+    hooks.endpoint(consumer, receiver.url)
+    sent: list[tuple] = []
+    monkeypatch.setattr(queue, "send", lambda task, args=(), retry_policy=None: sent.append((task, tuple(args))))
+    monkeypatch.setattr(messages, "fan_out_later", FAN_OUT_LATER)
+
+    published = [hooks.message(consumer) for _ in range(3)]
+    for message_id in published:
+        hooks.call(messages.fan_out_later, [message_id])
+    assert sent == [(queue.FAN_OUT, (published[0],))]  # the others wait for the queued one
+
+    assert hooks.call(fan_out_task, published[0]) == 3  # it takes all three
+    assert [row["fanned_out"] for row in hooks.messages()] == [True] * 3
+    later = hooks.message(consumer)
+    hooks.call(messages.fan_out_later, [later])  # the mark was cleared as that fan-out started
+    assert sent[-1] == (queue.FAN_OUT, (later,))
