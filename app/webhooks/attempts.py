@@ -641,7 +641,6 @@ def deliver(ids: Sequence[str] | None = None, drain: float = DRAIN) -> dict[str,
     config = settings()
     started = time.monotonic()
     counts: dict[str, int] = {}
-    freed: set[str] = set()  # the endpoints whose slots the last batch gave back
     first, helped = True, False
     while True:
         works = claim(config.batch_size, ids if first else None)
@@ -652,12 +651,13 @@ def deliver(ids: Sequence[str] | None = None, drain: float = DRAIN) -> dict[str,
         if works:
             for status in record(works, send_batch(works)).values():
                 counts[status] = counts.get(status, 0) + 1
-            freed = {work.endpoint_id for work in works}
         elif not first:
-            # The claim skips an endpoint another worker is claiming at that moment, and that
-            # one may have counted these slots as taken: if deliveries of them are due, hand
-            # them on at once rather than leave them to beat's next pass.
-            if freed and _still_due(freed):
+            # A claim skips an endpoint another worker is claiming at that moment (which may
+            # count slots this one is about to free, or take only its own deliveries): if one
+            # with free slots still has deliveries due, hand them on at once rather than leave
+            # them to beat's next pass. Not from a task that found nothing to do, so that two
+            # such tasks never wake each other in turn.
+            if (counts or ids) and _claimable(config):
                 wake()
             return counts
         first = False
@@ -666,11 +666,22 @@ def deliver(ids: Sequence[str] | None = None, drain: float = DRAIN) -> dict[str,
             return counts
 
 
-def _still_due(endpoint_ids: set[str]) -> bool:
-    """Whether a delivery of one of the endpoints is pending and due now."""
+def _claimable(config) -> bool:
+    """Whether an enabled endpoint with a free slot has a delivery pending and due now."""
+    d, now = WebhookDelivery, utcnow()
+    busy = (
+        select(func.count())
+        .where(d.endpoint_id == WebhookEndpoint.id, d.status == SENDING, d.lease_expires_at > now)
+        .correlate(WebhookEndpoint)
+        .scalar_subquery()
+    )
     found = db.session.execute(
-        select(WebhookDelivery.id)
-        .where(WebhookDelivery.endpoint_id.in_(endpoint_ids), WebhookDelivery.status == PENDING, WebhookDelivery.next_attempt_at <= utcnow())
+        select(WebhookEndpoint.id)
+        .where(
+            WebhookEndpoint.disabled.is_(False),
+            select(d.id).where(d.endpoint_id == WebhookEndpoint.id, d.status == PENDING, d.next_attempt_at <= now).exists(),
+            busy < config.endpoint_concurrency,
+        )
         .limit(1)
     ).first()
     db.session.rollback()

@@ -225,8 +225,8 @@ def fan_out(message_id: str, more: int = 0) -> list[str]:
     if rows:
         db.session.execute(insert(WebhookDelivery), rows)
     db.session.commit()
-    if more > 0 and len(claimed) > more:  # a full batch: more messages may be waiting
-        fan_out_later([message_id])
+    if more > 0 and sum(1 for message in claimed if message.id != message_id) >= more:
+        fan_out_later([message_id])  # it took as many others as it could: more may be waiting
     return [row["id"] for row in rows]
 
 

@@ -250,3 +250,19 @@ def test_with_redis_one_queued_fan_out_serves_every_event_published_before_it_st
     later = hooks.message(consumer)
     hooks.call(messages.fan_out_later, [later])  # the mark was cleared as that fan-out started
     assert sent[-1] == (queue.FAN_OUT, (later,))
+
+
+@BOTH
+def test_a_fan_out_whose_own_message_was_taken_still_asks_for_another_when_it_took_a_full_share(hooks, receiver, enqueued):
+    consumer = hooks.consumer()
+    hooks.endpoint(consumer, receiver.url)
+    first, second, third = hooks.message(consumer), hooks.message(consumer), hooks.message(consumer)
+    hooks.fan_out(first)  # its own fan-out message comes later, and finds it done
+    enqueued.clear()
+
+    created = hooks.call(messages.fan_out, first, 1)  # takes one other: as many as it may
+
+    assert len(created) == 1
+    assert enqueued.messages == [first]  # more may be waiting: another fan-out is asked for
+    assert [row["fanned_out"] for row in hooks.messages()] == [True, True, False]
+    assert (second, third) == (hooks.messages()[1]["id"], hooks.messages()[2]["id"])
