@@ -57,6 +57,7 @@ class _Watched:
     def __init__(self):
         self.sockets: list[socket.socket] = []
         self.expired = False
+        self.reused = False  # the connection in use was kept alive from an earlier request
 
     def add(self, sock: socket.socket | None) -> None:
         # The socket itself, not its connection: http.client drops the connection's reference
@@ -101,6 +102,9 @@ class _Reusing:
 
     def _get_conn(self, timeout: float | None = None) -> HTTPConnection:
         connection = super()._get_conn(timeout)
+        watched = getattr(_attempt, "watched", None)
+        if watched is not None and connection.sock is not None:
+            watched.reused = True
         _watch(connection.sock)  # None until it connects: then _Watching adds it
         return connection
 
@@ -197,18 +201,7 @@ def send(target: Target, headers: dict[str, str], body: bytes, timeout: float, v
     started = time.monotonic()
     deadline.start()
     try:
-        response = pool.urlopen(
-            "POST",
-            path,
-            body=body,
-            headers={**headers, "Host": host_field(target)},
-            retries=False,
-            redirect=False,
-            assert_same_host=False,
-            timeout=Timeout(connect=min(timeout, 10.0), read=timeout),
-            preload_content=False,
-            release_conn=False,
-        )
+        response = _post(pool, watched, path, body, {**headers, "Host": host_field(target)}, timeout)
         try:
             raw = response.read(EXCERPT_BYTES, decode_content=True) or b""
             retry_after = parse_retry_after(response.headers.get("Retry-After")) if response.status in (429, 503) else None
@@ -230,6 +223,36 @@ def send(target: Target, headers: dict[str, str], body: bytes, timeout: float, v
     # so the text is cut again, and a character cut at the end is dropped rather than replaced.
     excerpt = raw[:EXCERPT_BYTES].decode("utf-8", "replace").encode()[:EXCERPT_BYTES].decode("utf-8", "ignore")
     return Result(response.status, _ms(started), excerpt, None, retry_after)
+
+
+# A kept-alive connection the receiver closed as the request went out (its keep-alive timeout
+# ran out at that moment) fails with no answer at all; the request is made again on a new
+# connection, as browsers and Go's HTTP client do: at most this many times, within the deadline.
+STALE_RETRIES = 2
+
+
+def _post(pool: HTTPConnectionPool, watched: _Watched, path: str, body: bytes, headers: dict[str, str], timeout: float):
+    """The pool's POST, made again when it failed on a reused connection before any answer came."""
+    retried = 0
+    while True:
+        watched.reused = False
+        try:
+            return pool.urlopen(
+                "POST",
+                path,
+                body=body,
+                headers=headers,
+                retries=False,
+                redirect=False,
+                assert_same_host=False,
+                timeout=Timeout(connect=min(timeout, 10.0), read=timeout),
+                preload_content=False,
+                release_conn=False,
+            )
+        except urllib3.exceptions.ProtocolError:  # reset, or closed before a status line
+            retried += 1
+            if not watched.reused or watched.expired or retried > STALE_RETRIES:
+                raise
 
 
 def host_field(target: Target) -> str:

@@ -553,3 +553,61 @@ def test_https_without_verification_when_configured(https_receiver):
     receiver = https_receiver("other.test")
     result = send(receiver.target(f"https://receiver.test:{receiver.port}/x"), HEADERS, b"{}", timeout=5, verify=False)
     assert (result.status_code, result.error) == (200, None)
+
+
+class ClosingKeptAlive:
+    """An HTTP/1.1 receiver that keeps connections open but, on a connection's second request,
+    closes it without an answer (as a server whose keep-alive timeout ran out just then)."""
+
+    def __init__(self):
+        self.requests: list[tuple[int, int]] = []  # (client port, request number on that connection)
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                self.served = 0
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.served += 1
+                owner.requests.append((self.client_address[1], self.served))
+                if self.served > 1:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, format, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_kept_alive_connection_closed_as_the_request_goes_out_is_replaced_and_the_post_made_again():
+    from app.webhooks.sender import Pools
+
+    receiver, pools = ClosingKeptAlive(), Pools()
+    try:
+        target = Target(url=f"http://receiver.test:{receiver.port}/", scheme="http", host="receiver.test", port=receiver.port, address="127.0.0.1")
+        first = send(target, HEADERS, b"{}", timeout=5, pools=pools)
+        second = send(target, HEADERS, b"{}", timeout=5, pools=pools)  # on the kept connection: closed unanswered
+    finally:
+        pools.clear()
+        receiver.close()
+
+    assert (first.status_code, second.status_code, second.error) == (200, 200, None)
+    (port, _), (same, number), (other, again) = receiver.requests
+    assert (same, number) == (port, 2) and other != port and again == 1  # made again on a new connection
