@@ -11,8 +11,10 @@ Deliveries per second to a local receiver, one Celery worker per side with the s
   before the clock starts; the clock starts at the first deliver message
   (``app.webhooks.attempts.wake()``, one per WEBHOOK_BATCH_SIZE deliveries and at most
   ``dispatch.MAX_WAKES``, as beat's dispatch pass sends them for due deliveries);
-- ``gateway-fanout``: the same worker, the events recorded here (``record_message``) and one
-  fan-out message sent per event: the worker's ``fan_out`` task makes the delivery and delivers it;
+- ``gateway-fanout``: the same worker, the events recorded here (``record_message``) and each
+  handed to ``messages.fan_out_later`` as the API does after its commit (with Redis, no second
+  fan-out message while one is queued): the worker's ``fan_out`` task makes the deliveries and
+  delivers them;
 - ``naive``: bench/naive_webhooks.py, one task per delivery that signs with ``hmac`` and calls
   ``requests.post``; no database at all;
 - ``events``: end to end as a user sees it: the gateway's web process (gunicorn, gunicorn.conf.py)
@@ -480,10 +482,9 @@ class Harness:
                 raise RuntimeError(f"could not send the deliver message of {item[1]}")
             return item[0]
         if name == "gateway-fanout":
-            from app import queue
+            from app.webhooks import messages
 
-            if queue.send_each(queue.FAN_OUT, [item[0]], "fan-out"):
-                raise RuntimeError(f"could not send the fan-out message of {item[0]}")
+            messages.fan_out_later([item[0]])  # as the API does after each event's commit
             return item[0]
         status, body = self.posters[name].post(work["path"], item[1], work["headers"])
         if status != 202:
@@ -1130,8 +1131,9 @@ def report(args, measured: dict, redis_url: str) -> None:
         print("  gateway: events recorded and fanned out in this process (record_message + fan_out, no HTTP publishing) before"
               " the clock;\n    clock from the first deliver message (attempts.wake(), one per WEBHOOK_BATCH_SIZE due deliveries, at most 8, as beat's dispatch) to the"
               " last delivery row's finished_at (succeeded); attempt logging on")
-        print("  gateway-fanout: events recorded here (record_message), clock from the first fan-out message (one per event):"
-              " the worker's fan_out task makes the delivery and delivers it; clock to the last row's finished_at")
+        print("  gateway-fanout: events recorded here (record_message), each handed to messages.fan_out_later as the API does"
+              " (with Redis, no second fan-out message while one is queued): the worker's fan_out task makes the deliveries and"
+              " delivers them; clock from the first fan_out_later to the last row's finished_at")
         print("  naive: bench/naive_webhooks.py, hmac + requests.post per task, no database; clock to the receiver's K-th arrival")
         print("  events: POST /_gateway/events to the gateway's web process (gunicorn.conf.py, WEB_CONCURRENCY x WEB_THREADS)"
               " with a consumer's API key, one after another, each waiting for its 202;\n    the same worker; clock from the"
