@@ -303,8 +303,7 @@ def read(job_id: str) -> tuple:
     """The job resource; ``Retry-After`` (seconds) while it is not final. 410 once its result
     has expired. With ``?wait=N`` the answer waits up to N seconds (at most
     GATEWAY_JOB_WAIT_MAX) for the job to end; it is not final when the wait ran out first."""
-    seconds = _wait_seconds()
-    job = wait_for_end(job_id, seconds, lambda: _own(job_id)) if seconds > 0 else _own(job_id)
+    job = wait_for_end(job_id, _wait_seconds(), lambda: _own(job_id))
     return reply(schemas.Job, job_resource.job_json(job, items=job_resource.item_counts(job)), 200, _retry_after(job))
 
 

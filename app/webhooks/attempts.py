@@ -192,12 +192,7 @@ def _claim_statements(postgres: bool, with_ids: bool, cap: int, share: int) -> _
     if postgres:
         turn = turn.with_for_update(skip_locked=True)
     lock = update(WebhookEndpoint).where(WebhookEndpoint.id.in_(turn.scalar_subquery())).values(claimed_at=now).returning(WebhookEndpoint.id)
-    busy = (
-        select(func.count())
-        .where(d.endpoint_id == WebhookEndpoint.id, d.status == SENDING, d.lease_expires_at > now)
-        .correlate(WebhookEndpoint)
-        .scalar_subquery()
-    )
+    busy = select(func.count()).where(in_flight(WebhookEndpoint.id, now)).correlate(WebhookEndpoint).scalar_subquery()
     locked = WebhookEndpoint.id.in_(bindparam("locked", expanding=True))
     taking = update(d).values(
         status=SENDING,
@@ -250,6 +245,14 @@ def _claim_statements(postgres: bool, with_ids: bool, cap: int, share: int) -> _
     take = taking.where(d.id.in_(bindparam("picked", expanding=True)), d.status == PENDING).returning(*columns)
     found = select(d.id, *sends).where(d.id.in_(bindparam("claimed", expanding=True)), *joined)
     return _ClaimStatements(lock, take, free, pick, found)
+
+
+def in_flight(endpoint_id, now):
+    """The condition on deliveries that are attempts in flight to ``endpoint_id`` (a value, or
+    a column to correlate with): being sent under a live lease. What an endpoint's cap counts."""
+    return and_(
+        WebhookDelivery.endpoint_id == endpoint_id, WebhookDelivery.status == SENDING, WebhookDelivery.lease_expires_at > now
+    )
 
 
 def _share(config) -> int:
@@ -412,7 +415,7 @@ def record(works: list[Claim], sent: list[Sent], now: datetime | None = None) ->
     else:
         recorded = _outcomes(works, sent, states, now)
     kept = {work.endpoint_id for work in works if work.delivery_id in recorded}
-    disabled = _track_health(healthy & recovered & kept, failing & kept, [(w, r) for w, r in judged if w.delivery_id in recorded], now)
+    disabled = _track_health(recovered & kept, failing & kept, [(w, r) for w, r in judged if w.delivery_id in recorded], now)
     db.session.commit()
     return _recorded(works, sent, states, recorded, disabled, now)
 
@@ -669,12 +672,7 @@ def deliver(ids: Sequence[str] | None = None, drain: float = DRAIN) -> dict[str,
 def _claimable(config) -> bool:
     """Whether an enabled endpoint with a free slot has a delivery pending and due now."""
     d, now = WebhookDelivery, utcnow()
-    busy = (
-        select(func.count())
-        .where(d.endpoint_id == WebhookEndpoint.id, d.status == SENDING, d.lease_expires_at > now)
-        .correlate(WebhookEndpoint)
-        .scalar_subquery()
-    )
+    busy = select(func.count()).where(in_flight(WebhookEndpoint.id, now)).correlate(WebhookEndpoint).scalar_subquery()
     found = db.session.execute(
         select(WebhookEndpoint.id)
         .where(

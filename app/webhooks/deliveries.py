@@ -33,12 +33,8 @@ def send_test(endpoint: WebhookEndpoint, request_id: str | None) -> WebhookAttem
     # The endpoint's row first (a write: SQLite's write lock, Postgres's row lock), so that no
     # claim counts its free slots meanwhile.
     db.session.execute(update(WebhookEndpoint).where(WebhookEndpoint.id == endpoint.id).values(claimed_at=now))
-    in_flight = db.session.execute(
-        select(func.count()).where(
-            WebhookDelivery.endpoint_id == endpoint.id, WebhookDelivery.status == SENDING, WebhookDelivery.lease_expires_at > now
-        )
-    ).scalar_one()
-    if in_flight >= config.endpoint_concurrency:
+    busy = db.session.execute(select(func.count()).where(attempts.in_flight(endpoint.id, now))).scalar_one()
+    if busy >= config.endpoint_concurrency:
         db.session.rollback()
         raise EndpointBusy(endpoint.id)
     data = {"endpoint_id": endpoint.id, "message": "a test delivery from the gateway"}

@@ -50,25 +50,34 @@ class Reply:
 
 @dataclass(frozen=True)
 class Received:
-    """One request the receiver got: path, headers (names in lower case) and body."""
+    """One request the receiver got: path, headers (names in lower case), body, and the
+    client's address and port (one per connection)."""
 
     method: str
     path: str
     headers: dict[str, str]
     body: bytes
+    peer: tuple[str, int] = ("", 0)
 
 
 class Receiver:
     """A webhook receiver on loopback: records every request and answers the replies queued
-    with ``reply(...)`` in order, then 200. ``close()`` stops it (connections are refused)."""
+    with ``reply(...)`` in order, then ``default`` (200). Each answer closes its connection,
+    unless ``keep_alive`` (HTTP/1.1: connections stay open for the next request).
+    ``most_in_flight`` is the most requests it held at once. ``close()`` stops it (connections
+    are refused)."""
 
-    def __init__(self):
+    def __init__(self, keep_alive: bool = False, default: Reply | None = None):
         self.received: list[Received] = []
         self.script: collections.deque[Reply] = collections.deque()
         self.lock = threading.Lock()
+        self.keep_alive, self.default = keep_alive, default or Reply()
+        self.in_flight = self.most_in_flight = 0
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
             def do_POST(self):
                 owner.handle(self)
 
@@ -90,20 +99,26 @@ class Receiver:
 
     def handle(self, handler: BaseHTTPRequestHandler) -> None:
         body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        headers = {name.lower(): value for name, value in handler.headers.items()}
         with self.lock:
-            self.received.append(
-                Received(handler.command, handler.path, {name.lower(): value for name, value in handler.headers.items()}, body)
-            )
-            reply = self.script.popleft() if self.script else Reply()
-        if reply.delay:
-            time.sleep(reply.delay)
-        handler.send_response(reply.status)
-        for name, value in reply.headers.items():
-            handler.send_header(name, value)
-        handler.send_header("Content-Length", str(len(reply.body)))
-        handler.send_header("Connection", "close")
-        handler.end_headers()
-        handler.wfile.write(reply.body)
+            self.received.append(Received(handler.command, handler.path, headers, body, handler.client_address))
+            reply = self.script.popleft() if self.script else self.default
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if reply.delay:
+                time.sleep(reply.delay)
+            handler.send_response(reply.status)
+            for name, value in reply.headers.items():
+                handler.send_header(name, value)
+            handler.send_header("Content-Length", str(len(reply.body)))
+            if not self.keep_alive:
+                handler.send_header("Connection", "close")
+            handler.end_headers()
+            handler.wfile.write(reply.body)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
 
     def close(self) -> None:
         if not self.closed:
@@ -115,11 +130,11 @@ class Receiver:
 
 @pytest.fixture
 def make_receiver():
-    """``make_receiver()``: a new Receiver, stopped after the test."""
+    """``make_receiver(**options)``: a new Receiver, stopped after the test."""
     made: list[Receiver] = []
 
-    def build() -> Receiver:
-        made.append(Receiver())
+    def build(**options) -> Receiver:
+        made.append(Receiver(**options))
         return made[-1]
 
     yield build

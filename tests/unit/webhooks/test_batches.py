@@ -4,7 +4,6 @@ from __future__ import annotations
 import threading
 import time
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from sqlalchemy import text
@@ -69,54 +68,10 @@ def test_one_batch_records_each_outcome_of_a_mixed_set_of_receivers(make_hooks, 
     assert [len(receivers[name].received) for name in replies] == [1] * 5
 
 
-class KeepAliveReceiver:
-    """An HTTP/1.1 receiver that keeps connections open, answers 200 after ``delay`` seconds,
-    and counts the connections it was sent on and the most requests it held at once."""
-
-    def __init__(self, delay: float = 0.0):
-        self.delay = delay
-        self.peers: list[tuple[str, int]] = []
-        self.in_flight = self.most_in_flight = 0
-        self.lock = threading.Lock()
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with owner.lock:
-                    owner.peers.append(self.client_address)
-                    owner.in_flight += 1
-                    owner.most_in_flight = max(owner.most_in_flight, owner.in_flight)
-                time.sleep(owner.delay)
-                with owner.lock:
-                    owner.in_flight -= 1
-                self.send_response(200)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, format, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
-
-
 @pytest.fixture
-def keep_alive_receiver():
-    receiver = KeepAliveReceiver(delay=0.02)
-    yield receiver
-    receiver.close()
+def keep_alive_receiver(make_receiver):
+    """A receiver that keeps connections open and takes 20 ms per answer."""
+    yield make_receiver(keep_alive=True, default=Reply(delay=0.02))
     POOLS.clear()  # its pooled connections, to a port that is gone
 
 
@@ -137,10 +92,11 @@ def test_a_workers_batches_reuse_kept_alive_connections_and_keep_the_endpoints_c
 
     assert sum(found.get("succeeded", 0) for found in counts) == 24
     assert {hooks.delivery(delivery_id).status for delivery_id in deliveries} == {"succeeded"}
-    assert len(keep_alive_receiver.peers) == 24
+    peers = [request.peer for request in keep_alive_receiver.received]
+    assert len(peers) == 24
     assert keep_alive_receiver.most_in_flight <= 4  # the endpoint's cap, across both workers
     # Connections were kept alive and reused: at most one per slot, not one per delivery.
-    assert len(set(keep_alive_receiver.peers)) <= 4, sorted(set(keep_alive_receiver.peers))
+    assert len(set(peers)) <= 4, sorted(set(peers))
 
 
 @pytest.mark.postgres

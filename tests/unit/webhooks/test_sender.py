@@ -47,6 +47,7 @@ class Seen:
     path: str
     headers: dict[str, str]
     body: bytes
+    peer: tuple = ("", 0)  # the client's address and port: one per connection
 
 
 class _V6Server(ThreadingHTTPServer):
@@ -56,10 +57,12 @@ class _V6Server(ThreadingHTTPServer):
 @dataclass
 class Receiver:
     """An HTTP (or, given an SSL context, HTTPS) server on loopback in a thread: it records each
-    request in ``seen`` and answers with ``answer``. ``release`` ends any answer that waits."""
+    request in ``seen`` and answers with ``answer``. ``release`` ends any answer that waits.
+    With ``keep_alive`` it speaks HTTP/1.1 and keeps connections open between requests."""
 
     host: str = "127.0.0.1"
     context: ssl.SSLContext | None = None
+    keep_alive: bool = False
     answer: Answer = field(default_factory=reply)
     seen: list[Seen] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
@@ -68,9 +71,11 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if self.keep_alive else "HTTP/1.0"
+
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                receiver.seen.append(Seen(self.command, self.path, dict(self.headers.items()), body))
+                receiver.seen.append(Seen(self.command, self.path, dict(self.headers.items()), body, self.client_address))
                 receiver.answer(self)
 
             do_GET = do_POST
@@ -555,59 +560,27 @@ def test_https_without_verification_when_configured(https_receiver):
     assert (result.status_code, result.error) == (200, None)
 
 
-class ClosingKeptAlive:
-    """An HTTP/1.1 receiver that keeps connections open but, on a connection's second request,
-    closes it without an answer (as a server whose keep-alive timeout ran out just then)."""
-
-    def __init__(self):
-        self.requests: list[tuple[int, int]] = []  # (client port, request number on that connection)
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def setup(self):
-                super().setup()
-                self.served = 0
-
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                self.served += 1
-                owner.requests.append((self.client_address[1], self.served))
-                if self.served > 1:
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, format, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def test_a_kept_alive_connection_closed_as_the_request_goes_out_is_replaced_and_the_post_made_again():
+def test_a_kept_alive_connection_closed_as_the_request_goes_out_is_replaced_and_the_post_made_again(receivers):
     from app.webhooks.sender import Pools
 
-    receiver, pools = ClosingKeptAlive(), Pools()
+    def close_the_second(handler):
+        """A connection's second request is closed unanswered, as by a server whose keep-alive
+        timeout ran out just then."""
+        handler.served = getattr(handler, "served", 0) + 1
+        if handler.served > 1:
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
+            return
+        reply()(handler)
+
+    receiver, pools = receivers(keep_alive=True, answer=close_the_second), Pools()
     try:
-        target = Target(url=f"http://receiver.test:{receiver.port}/", scheme="http", host="receiver.test", port=receiver.port, address="127.0.0.1")
+        target = receiver.target(f"http://receiver.test:{receiver.port}/")
         first = send(target, HEADERS, b"{}", timeout=5, pools=pools)
         second = send(target, HEADERS, b"{}", timeout=5, pools=pools)  # on the kept connection: closed unanswered
     finally:
         pools.clear()
-        receiver.close()
 
     assert (first.status_code, second.status_code, second.error) == (200, 200, None)
-    (port, _), (same, number), (other, again) = receiver.requests
-    assert (same, number) == (port, 2) and other != port and again == 1  # made again on a new connection
+    port, same, other = (seen.peer[1] for seen in receiver.seen)
+    assert same == port and other != port  # made again on a new connection
