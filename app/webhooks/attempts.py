@@ -8,7 +8,10 @@ WEBHOOK_ENDPOINT_CONCURRENCY. Its deliveries are sent concurrently over kept-ali
 written back with one multi-row insert of attempts, one update of the deliveries and one commit.
 A worker that dies mid-batch leaves the leases to lapse; the dispatcher records those attempts
 as lost and schedules the next, so a delivery is never stranded. Retries are a due time on the
-row, never a Celery countdown (DESIGN, "Worker rules").
+row, never a Celery countdown (DESIGN, "Worker rules"). Statements run as Core on the session's
+connection (``db.session.connection()``), in its transaction: an ORM-enabled ``UPDATE`` pays
+for bookkeeping (session synchronisation) that rows never loaded as objects do not need, about
+0.5 ms of CPU a statement.
 """
 from __future__ import annotations
 
@@ -125,24 +128,25 @@ def claim(limit: int, ids: Sequence[str] | None = None, now: datetime | None = N
     params = {"now": now, "limit": limit, "lease_until": now + timedelta(seconds=config.lease)}
     if ids is not None:
         params["ids"] = list(ids)
-    locked = list(db.session.execute(built.lock, params).scalars())
+    conn = db.session.connection()  # Core execution: no ORM bookkeeping for rows never loaded as objects
+    locked = list(conn.execute(built.lock, params).scalars())
     if not locked:
         db.session.rollback()
         return []
     if postgres:  # UPDATE ... FROM: the message and the endpoint come back with the claim
-        rows = db.session.execute(built.take, {**params, "locked": locked}).all()
+        rows = conn.execute(built.take, {**params, "locked": locked}).all()
     else:  # no LATERAL: each endpoint's free slots, then its oldest due deliveries, in this write transaction
         picked: list[str] = []
-        for endpoint_id, slots in db.session.execute(built.free, {**params, "locked": locked}).all():
+        for endpoint_id, slots in conn.execute(built.free, {**params, "locked": locked}).all():
             if slots > 0:
-                picked += db.session.execute(built.pick, {**params, "endpoint": endpoint_id, "slots": slots}).scalars()
+                picked += conn.execute(built.pick, {**params, "endpoint": endpoint_id, "slots": slots}).scalars()
         picked = picked[:limit]
         if not picked:
             db.session.commit()
             return []
         # SQLite's RETURNING names the updated table only: the rest is read in the same transaction
-        claimed = {row.id: row for row in db.session.execute(built.take, {**params, "picked": picked}).all()}
-        found = db.session.execute(built.sends, {"claimed": list(claimed)}).all() if claimed else []
+        claimed = {row.id: row for row in conn.execute(built.take, {**params, "picked": picked}).all()}
+        found = conn.execute(built.sends, {"claimed": list(claimed)}).all() if claimed else []
         rows = [_Both(claimed[row.id], row) for row in found]
     db.session.commit()
     return [
@@ -408,10 +412,10 @@ def record(works: list[Claim], sent: list[Sent], now: datetime | None = None) ->
     if postgres:
         # The endpoints' rows before the deliveries', as an endpoint's deletion takes them: one
         # lock order, so Postgres never finds two transactions waiting on each other.
-        db.session.execute(
+        db.session.connection().execute(
             select(WebhookEndpoint.id).where(WebhookEndpoint.id.in_(failing | recovered)).order_by(WebhookEndpoint.id).with_for_update()
         ).all()
-        recorded = _outcomes_postgres(db.session, works, sent, states, now)
+        recorded = _outcomes_postgres(db.session.connection(), works, sent, states, now)
     else:
         recorded = _outcomes(works, sent, states, now)
     kept = {work.endpoint_id for work in works if work.delivery_id in recorded}
@@ -474,7 +478,7 @@ def _outcomes(works: list[Claim], sent: list[Sent], states: dict[str, dict], now
     transaction; return the ids of the deliveries recorded."""
     columns = ("status", "next_attempt_at", "finished_at", "last_status_code", "last_error")
     recorded = set(
-        db.session.execute(
+        db.session.connection().execute(
             update(WebhookDelivery)
             .where(
                 tuple_(WebhookDelivery.id, WebhookDelivery.attempts).in_([(work.delivery_id, work.number) for work in works]),
@@ -493,7 +497,7 @@ def _outcomes(works: list[Claim], sent: list[Sent], states: dict[str, dict], now
     )
     rows = [_attempt_row(work, done, now) for work, done in zip(works, sent, strict=True) if work.delivery_id in recorded]
     if rows:
-        db.session.execute(insert(WebhookAttempt), rows)
+        db.session.connection().execute(insert(WebhookAttempt), rows)
     return recorded
 
 
@@ -529,7 +533,7 @@ RETURNING delivery_id
 
 
 def _outcomes_postgres(conn, works: list[Claim], sent: list[Sent], states: dict[str, dict], now: datetime) -> set[str]:
-    """``_outcomes`` on Postgres, as one statement on ``conn`` (a connection or the session)."""
+    """``_outcomes`` on Postgres, as one statement on the connection ``conn``."""
 
     def naive(value: datetime | None) -> datetime | None:  # the columns hold UTC without a zone (UTCDateTime)
         return None if value is None else value.astimezone(UTC).replace(tzinfo=None)
@@ -566,7 +570,7 @@ def _track_health(recovered: set[str], failing: set[str], judged: list[tuple[Cla
     seconds. Returns the ids of the ``webhook.endpoint.disabled`` messages recorded (in the
     caller's transaction)."""
     if recovered:
-        db.session.execute(
+        db.session.connection().execute(
             update(WebhookEndpoint).where(WebhookEndpoint.id.in_(recovered), WebhookEndpoint.failing_since.is_not(None)).values(failing_since=None)
         )
     if not failing:
@@ -575,7 +579,7 @@ def _track_health(recovered: set[str], failing: set[str], judged: list[tuple[Cla
     # was sent, so nothing failed) starts a new run rather than extending the old one.
     silence = now - timedelta(seconds=_longest_gap())
     restart = or_(WebhookEndpoint.failing_since.is_(None), WebhookEndpoint.last_failure_at.is_(None), WebhookEndpoint.last_failure_at < silence)
-    rows = db.session.execute(
+    rows = db.session.connection().execute(
         update(WebhookEndpoint)
         .where(WebhookEndpoint.id.in_(failing))
         .values(failing_since=case((restart, literal(now, WebhookEndpoint.failing_since.type)), else_=WebhookEndpoint.failing_since), last_failure_at=now)
@@ -611,14 +615,14 @@ def disable(endpoint, reason: str, now: datetime) -> str | None:
     consumer (fanned out to its other endpoints after the caller commits). Returns the message
     id, or None when another attempt disabled it first. In the caller's transaction; the
     conditional write decides between attempts recorded at the same moment."""
-    done = db.session.execute(
+    done = db.session.connection().execute(
         update(WebhookEndpoint)
         .where(WebhookEndpoint.id == endpoint.id, WebhookEndpoint.disabled.is_(False))
         .values(disabled=True, disabled_reason=reason, disabled_at=now)
     ).rowcount
     if not done:
         return None
-    db.session.execute(
+    db.session.connection().execute(
         update(WebhookDelivery)
         .where(WebhookDelivery.endpoint_id == endpoint.id, WebhookDelivery.status == PENDING)
         .values(status=FAILED, finished_at=now, next_attempt_at=None, last_error=f"endpoint disabled: {reason}"[:500])
@@ -673,7 +677,7 @@ def _claimable(config) -> bool:
     """Whether an enabled endpoint with a free slot has a delivery pending and due now."""
     d, now = WebhookDelivery, utcnow()
     busy = select(func.count()).where(in_flight(WebhookEndpoint.id, now)).correlate(WebhookEndpoint).scalar_subquery()
-    found = db.session.execute(
+    found = db.session.connection().execute(
         select(WebhookEndpoint.id)
         .where(
             WebhookEndpoint.disabled.is_(False),

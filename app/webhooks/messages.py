@@ -199,7 +199,8 @@ def fan_out(message_id: str, more: int = 0) -> list[str]:
         wanted = or_(wanted, WebhookMessage.id.in_(waiting.scalar_subquery()))
     # The conditional write comes first: it is the claim (two fan-outs, one winner), and on
     # SQLite a transaction that starts by writing never has to upgrade a read lock.
-    claimed = db.session.execute(
+    conn = db.session.connection()  # Core execution, in the session's transaction (attempts' docstring)
+    claimed = conn.execute(
         update(WebhookMessage)
         .where(wanted, WebhookMessage.fanned_out_at.is_(None))
         .values(fanned_out_at=now)
@@ -209,7 +210,7 @@ def fan_out(message_id: str, more: int = 0) -> list[str]:
         db.session.rollback()
         return []
     endpoints: dict[str, list] = {}
-    for endpoint in db.session.execute(
+    for endpoint in conn.execute(
         select(WebhookEndpoint.id, WebhookEndpoint.consumer_id, WebhookEndpoint.event_types).where(
             WebhookEndpoint.consumer_id.in_({message.consumer_id for message in claimed}), WebhookEndpoint.disabled.is_(False)
         )
@@ -223,7 +224,7 @@ def fan_out(message_id: str, more: int = 0) -> list[str]:
         if matches(endpoint.event_types or [], message.type)
     ]
     if rows:
-        db.session.execute(insert(WebhookDelivery), rows)
+        conn.execute(insert(WebhookDelivery), rows)
     db.session.commit()
     if more > 0 and sum(1 for message in claimed if message.id != message_id) >= more:
         fan_out_later([message_id])  # it took as many others as it could: more may be waiting
