@@ -698,30 +698,46 @@ class Stages:
         self.patched.clear()
 
     def listen(self, engine) -> Callable[[], None]:
-        """Count ``engine``'s statements and transactions while ``active``; returns the undo."""
+        """Count what goes to the database while ``active``, at the driver (psycopg), so that
+        statements run through SQLAlchemy and those run on psycopg's cursor directly (the
+        claim's and the record's) count alike: statements (``Cursor.execute``), BEGIN, COMMIT
+        and ROLLBACK (the commands psycopg sends itself), pool checkouts (SQLAlchemy's event)
+        and the tests of idle connections at checkout. Returns the undo."""
+        import psycopg
         from sqlalchemy import event
 
-        def before(conn, cursor, statement, parameters, context, executemany):
-            if self.active:
-                self.statements[statement.lstrip().split(None, 1)[0].upper()] += 1
+        execute, executemany = psycopg.Cursor.execute, psycopg.Cursor.executemany
+        command = psycopg.Connection._exec_command  # BEGIN, COMMIT, ROLLBACK (psycopg 3)
+
+        def counted(run):
+            def counted_run(cursor, query, *args, **kwargs):
+                if not self.active:
+                    return run(cursor, query, *args, **kwargs)
+                text = query.decode() if isinstance(query, bytes) else str(query)
+                self.statements[text.lstrip().split(None, 1)[0].upper()] += 1
                 stack = self.stack()
                 self.by_stage[stack[-1] if stack else "-"] += 1
-                conn.info["bench_started"] = time.perf_counter()
+                started = time.perf_counter()
+                try:
+                    return run(cursor, query, *args, **kwargs)
+                finally:
+                    self.sql_wall += time.perf_counter() - started
+            return counted_run
 
-        def after(conn, cursor, statement, parameters, context, executemany):
-            if "bench_started" in conn.info:
-                self.sql_wall += time.perf_counter() - conn.info.pop("bench_started")
+        def counted_command(connection, sent, *args, **kwargs):
+            if self.active:
+                word = (sent.decode() if isinstance(sent, bytes) else str(sent)).split(None, 1)[0].lower()
+                if word in ("begin", "commit", "rollback"):
+                    self.events[word] += 1
+            return command(connection, sent, *args, **kwargs)
 
-        def counter(name: str):
-            def count(*_):
-                if self.active:
-                    self.events[name] += 1
-            return count
+        def checkout(*_):
+            if self.active:
+                self.events["checkout"] += 1
 
-        listeners = [("before_cursor_execute", before), ("after_cursor_execute", after),
-                     *((name, counter(name)) for name in ("checkout", "begin", "commit", "rollback"))]
-        for name, function in listeners:
-            event.listen(engine, name, function)
+        psycopg.Cursor.execute, psycopg.Cursor.executemany = counted(execute), counted(executemany)
+        psycopg.Connection._exec_command = counted_command
+        event.listen(engine, "checkout", checkout)
         ping = engine.dialect.do_ping  # the checkout's test of an idle connection (app.extensions.ping_when_idle)
 
         def counted_ping(dbapi_connection):
@@ -732,8 +748,9 @@ class Stages:
         engine.dialect.do_ping = counted_ping
 
         def undo() -> None:
-            for name, function in listeners:
-                event.remove(engine, name, function)
+            psycopg.Cursor.execute, psycopg.Cursor.executemany = execute, executemany
+            psycopg.Connection._exec_command = command
+            event.remove(engine, "checkout", checkout)
             del engine.dialect.do_ping
         return undo
 
