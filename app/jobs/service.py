@@ -19,7 +19,7 @@ from werkzeug.routing import MapAdapter
 
 from app import queue
 from app.errors import ProblemError, database_errors
-from app.extensions import committed_alone, db, insert_once
+from app.extensions import db, insert_alone, insert_once
 from app.gateway.idempotency import IdempotencyKeyReused, valid_key
 from app.gateway.router import AmbiguousPath
 from app.gateway.types import GatewayRequest, GatewayResponse
@@ -116,8 +116,7 @@ def _write(
         values["progress_message"] = f"0 of {len(calls)} requests done"
     session = db.session
     if kind == REQUEST and not session().in_transaction():
-        with committed_alone() as conn:
-            conn.execute(insert(Job.__table__), values)
+        insert_alone(Job.__table__, values)
         return Job(**values)
     # A batch's rows, or a request whose caller has a transaction open (its writes commit with the job).
     session.execute(insert(Job.__table__), values)

@@ -48,11 +48,10 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects.postgresql import psycopg as postgresql_psycopg
 from sqlalchemy.sql import Executable
 
 from app import queue
-from app.extensions import committed_alone, db
+from app.extensions import DriverStatement, committed_alone, db, driver, naive_utc
 from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookMessage
 from app.models.base import UTCDateTime, isoformat, new_id, utcnow
 from app.models.webhooks import FAILED, PENDING, SCHEDULED, SENDING, SUCCEEDED, TEST
@@ -266,27 +265,10 @@ def _claim_sqlite(built: _ClaimStatements, params: dict, limit: int) -> list:
     return [_Both(claimed[row.id], row) for row in found]
 
 
-@dataclass(frozen=True)
-class _DriverStatement:
-    """A Core statement compiled once for psycopg: its text and its constants' values."""
-
-    sql: str
-    constants: dict
-
-    @classmethod
-    def of(cls, statement: Executable) -> _DriverStatement:
-        compiled = statement.compile(dialect=postgresql_psycopg.dialect())
-        return cls(compiled.string, dict(compiled.params))
-
-    def params(self, values: dict) -> dict:
-        """The constants with ``values``, datetimes as the naive UTC the columns hold (UTCDateTime)."""
-        return {**self.constants, **{key: _naive(value) if isinstance(value, datetime) else value for key, value in values.items()}}
-
-
 @functools.lru_cache(maxsize=16)
-def _postgres_claim(with_ids: bool, cap: int, share: int) -> tuple[_DriverStatement, _DriverStatement]:
+def _postgres_claim(with_ids: bool, cap: int, share: int) -> tuple[DriverStatement, DriverStatement]:
     built = _claim_statements(True, with_ids, cap, share)
-    return _DriverStatement.of(built.lock), _DriverStatement.of(built.take)
+    return DriverStatement.of(built.lock), DriverStatement.of(built.take)
 
 
 # psycopg prepares a statement run five times on a connection; Postgres would still plan the
@@ -300,29 +282,19 @@ _GENERIC_PLANS = "SET LOCAL plan_cache_mode = force_generic_plan"
 _CLAIM_TIMES = ("created_at", "message_created_at", "previous_secret_expires_at", "failing_since")
 
 
-def _claim_postgres(statements: tuple[_DriverStatement, _DriverStatement], params: dict) -> list:
+def _claim_postgres(statements: tuple[DriverStatement, DriverStatement], params: dict) -> list:
     """The claim on Postgres: the endpoints locked (``FOR UPDATE SKIP LOCKED``) and marked, then
     their deliveries taken with what they send (``UPDATE ... FROM ... RETURNING``), in one
-    transaction on a pooled connection, their prepared plans reused (``_GENERIC_PLANS``).
-
-    The statements are the Core ones, compiled once and run on psycopg's cursor: through
-    SQLAlchemy's execution (parameter and result processing, its transaction bookkeeping) the
-    same claim cost twice the CPU (about 0.65 against 0.32 ms, bench/README.md)."""
+    transaction on psycopg's cursor (``app.extensions.driver``), their prepared plans reused
+    (``_GENERIC_PLANS``)."""
     lock, take = statements
-    with db.engine.connect() as conn:
-        driver = conn.connection.driver_connection
-        with driver.transaction(), driver.cursor(row_factory=namedtuple_row) as cursor:
-            cursor.execute(_GENERIC_PLANS)
-            locked = [row.id for row in cursor.execute(lock.sql, lock.params(params))]
-            if not locked:
-                return []
-            rows = cursor.execute(take.sql, take.params({**params, "locked": locked})).fetchall()
+    with db.engine.connect() as conn, driver(conn) as raw, raw.transaction(), raw.cursor(row_factory=namedtuple_row) as cursor:
+        cursor.execute(_GENERIC_PLANS)
+        locked = [row.id for row in cursor.execute(lock.sql, lock.params(params))]
+        if not locked:
+            return []
+        rows = cursor.execute(take.sql, take.params({**params, "locked": locked})).fetchall()
     return [row._replace(**{name: _aware(getattr(row, name)) for name in _CLAIM_TIMES}) for row in rows]
-
-
-def _naive(value: datetime | None) -> datetime | None:
-    """As the columns hold times: UTC without a zone (UTCDateTime)."""
-    return None if value is None else value.astimezone(UTC).replace(tzinfo=None)
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -484,8 +456,8 @@ def record(works: list[Claim], sent: list[Sent], now: datetime | None = None) ->
     recovered = {work.endpoint_id for work, result in judged if result.succeeded and work.failing_since is not None}
     postgres = db.session.get_bind().dialect.name == "postgresql"
     if postgres and not (failing or recovered):  # the usual case: one statement that commits by itself
-        with committed_alone() as conn:
-            recorded = _outcomes_postgres(conn.connection.driver_connection, works, sent, states, now)
+        with committed_alone() as conn, driver(conn) as raw:
+            recorded = _outcomes_postgres(raw, works, sent, states, now)
         return _recorded(works, sent, states, recorded, [], now)
     if postgres:
         # The endpoints' rows before the deliveries', as an endpoint's deletion takes them: one
@@ -493,7 +465,8 @@ def record(works: list[Claim], sent: list[Sent], now: datetime | None = None) ->
         db.session.connection().execute(
             select(WebhookEndpoint.id).where(WebhookEndpoint.id.in_(failing | recovered)).order_by(WebhookEndpoint.id).with_for_update()
         ).all()
-        recorded = _outcomes_postgres(db.session.connection().connection.driver_connection, works, sent, states, now)
+        with driver(db.session.connection()) as raw:
+            recorded = _outcomes_postgres(raw, works, sent, states, now)
     else:
         recorded = _outcomes(works, sent, states, now)
     kept = {work.endpoint_id for work in works if work.delivery_id in recorded}
@@ -582,7 +555,7 @@ def _outcomes(works: list[Claim], sent: list[Sent], states: dict[str, dict], now
 # Postgres: the same writes as one statement, whatever the batch's size (its values travel as
 # arrays): the deliveries' UPDATE in a CTE, and the INSERT of attempts for the rows it changed.
 # Run on psycopg's cursor, as the claim's statements are (``_claim_postgres``).
-_OUTCOMES = _DriverStatement.of(text("""
+_OUTCOMES = DriverStatement.of(text("""
 WITH outcome AS (
     SELECT * FROM unnest(CAST(:ids AS text[]), CAST(:numbers AS integer[]), CAST(:statuses AS text[]),
                          CAST(:due AS timestamp[]), CAST(:finished AS timestamp[]), CAST(:codes AS integer[]),
@@ -620,8 +593,8 @@ def _outcomes_postgres(driver, works: list[Claim], sent: list[Sent], states: dic
         "ids": [work.delivery_id for work in works],
         "numbers": [work.number for work in works],
         "statuses": [state["status"] for state in order],
-        "due": [_naive(state["next_attempt_at"]) for state in order],
-        "finished": [_naive(state["finished_at"]) for state in order],
+        "due": [naive_utc(state["next_attempt_at"]) for state in order],
+        "finished": [naive_utc(state["finished_at"]) for state in order],
         "codes": [state["last_status_code"] for state in order],
         "errors": [state["last_error"] for state in order],
         "scheduled": SCHEDULED,

@@ -16,7 +16,7 @@ from sqlalchemy.orm import undefer
 
 from app import queue
 from app.errors import ProblemError
-from app.extensions import committed_alone, db, insert_once, redis_client
+from app.extensions import db, insert_alone, insert_once, redis_client
 from app.models import WebhookDelivery, WebhookEndpoint, WebhookMessage
 from app.models.base import isoformat, new_id, utcnow
 from app.models.webhooks import PENDING, SCHEDULED
@@ -119,8 +119,7 @@ def record_message(consumer_id: str, event_type: str, data: object, event_id: st
             db.session.execute(insert(WebhookMessage), values)
             db.session.commit()
         else:  # one statement that commits by itself; nothing is read back
-            with committed_alone() as conn:
-                conn.execute(insert(WebhookMessage), values)
+            insert_alone(WebhookMessage.__table__, values)
         return WebhookMessage(**values)
 
     return insert_once(event_id, lambda: _by_event_id(consumer_id, event_id), lambda earlier: _same(earlier, digest), write)

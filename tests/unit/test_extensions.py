@@ -1,12 +1,28 @@
-"""Pooled database connections: tested on checkout only after they were idle."""
+"""Pooled database connections: tested on checkout only after they were idle; statements on psycopg's cursor."""
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta, timezone
 
-from sqlalchemy import create_engine, text
+import psycopg
+import pytest
+from flask import Flask
+from sqlalchemy import (
+    JSON,
+    Column,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    select,
+    text,
+)
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.pool import QueuePool
 
-from app.extensions import ping_when_idle
+from app.extensions import db, driver, insert_alone, ping_when_idle
+from app.models.base import UTCDateTime
 
 
 def test_a_pooled_connection_is_tested_only_after_it_was_idle_and_replaced_when_the_test_fails(tmp_path, monkeypatch):
@@ -39,3 +55,47 @@ def test_a_pooled_connection_is_tested_only_after_it_was_idle_and_replaced_when_
         assert tested[-1] is first and replaced is not first
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_statements_on_psycopgs_cursor_store_what_core_would_and_fail_as_sqlalchemy_does(postgres_database):
+    """``insert_alone`` on Postgres runs on psycopg's cursor: the row reads back as a Core
+    insert's would (JSON, SQL NULL for a ``none_as_null`` column, times as naive UTC), a
+    conflict is SQLAlchemy's IntegrityError (what ``insert_once`` catches), and a connection
+    the server dropped is an OperationalError that is not handed out again."""
+    app = Flask(__name__)
+    app.config.update(SQLALCHEMY_DATABASE_URI=postgres_database.replace("postgresql://", "postgresql+psycopg://", 1))
+    db.init_app(app)
+    metadata = MetaData()
+    table = Table(
+        "driver_probe", metadata,
+        Column("id", String(16), primary_key=True),
+        Column("data", JSON),
+        Column("nothing", JSON(none_as_null=True)),
+        Column("at", UTCDateTime()),
+        Column("body", LargeBinary),
+    )
+    with app.app_context():
+        metadata.create_all(db.engine)
+        at = datetime(2026, 12, 7, 13, 0, 1, 500000, tzinfo=timezone(timedelta(hours=2)))
+        insert_alone(table, {"id": "a", "data": {"k": [1, "é"]}, "nothing": None, "at": at, "body": b"\x00\xff"})
+        insert_alone(table, {"id": "b", "data": None, "nothing": None, "at": None, "body": None})
+        with db.engine.connect() as conn:
+            rows = {row.id: row for row in conn.execute(select(table, table.c.data.is_(None).label("sql_null"), text("nothing IS NULL AS nothing_null")))}
+        assert rows["a"].data == {"k": [1, "é"]} and rows["a"].body == b"\x00\xff"
+        assert rows["a"].at == at.astimezone(UTC)
+        assert rows["a"].nothing_null and rows["b"].nothing_null  # none_as_null: SQL NULL
+        assert rows["b"].data is None and not rows["b"].sql_null  # JSON null, as Core stores None
+        with pytest.raises(IntegrityError):
+            insert_alone(table, {"id": "a", "data": {}, "nothing": None, "at": None, "body": None})
+
+        with db.engine.connect() as conn:
+            backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        with psycopg.connect(postgres_database, autocommit=True) as killer:  # outside the pool
+            killer.execute("SELECT pg_terminate_backend(%s)", (backend,))
+        with pytest.raises(OperationalError) as failed, db.engine.connect() as conn, driver(conn) as raw:
+            raw.execute("SELECT 1")  # on the pooled connection the server dropped
+        assert failed.value.connection_invalidated
+        insert_alone(table, {"id": "c", "data": {}, "nothing": None, "at": None, "body": None})  # a new connection
+        metadata.drop_all(db.engine)
+        db.engine.dispose()
