@@ -1,6 +1,7 @@
 """Extension singletons, created here and bound to an app in ``init_app``."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import sqlite3
 import time
@@ -24,6 +25,7 @@ from sqlalchemy.dialects.postgresql import psycopg as postgresql_psycopg
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.sql import Executable
 
 
@@ -168,15 +170,16 @@ def driver_insert(table: Table, columns: tuple[str, ...]) -> DriverStatement:
 
 
 @contextmanager
-def driver(conn: Connection) -> Iterator[psycopg.Connection]:
-    """psycopg's connection under ``conn`` (Postgres). Its errors are raised as SQLAlchemy
-    raises them (an IntegrityError, an OperationalError, ...: ``DBAPIError.instance``), and a
-    lost connection is invalidated, so that the pool does not hand it out again."""
-    raw = conn.connection.driver_connection
+def driver(conn: Connection | PoolProxiedConnection) -> Iterator[psycopg.Connection]:
+    """psycopg's connection under ``conn`` (a Connection, or the pool's own proxy from
+    ``engine.raw_connection()``; Postgres). Its errors are raised as SQLAlchemy raises them (an
+    IntegrityError, an OperationalError, ...: ``DBAPIError.instance``), and a lost connection
+    is invalidated, so that the pool does not hand it out again."""
+    raw = conn.driver_connection if isinstance(conn, PoolProxiedConnection) else conn.connection.driver_connection
     try:
         yield raw
     except psycopg.Error as exc:
-        lost = conn.dialect.is_disconnect(exc, raw, None)
+        lost = db.engine.dialect.is_disconnect(exc, raw, None)
         if lost:
             conn.invalidate(exc)
         raise DBAPIError.instance(None, None, exc, psycopg.Error, connection_invalidated=lost) from exc
@@ -184,14 +187,24 @@ def driver(conn: Connection) -> Iterator[psycopg.Connection]:
 
 def insert_alone(table: Table, values: dict) -> None:
     """Insert one row that commits by itself: on Postgres one round trip on psycopg's cursor
-    (``driver_insert``), elsewhere SQLAlchemy Core. Raises IntegrityError on a conflict."""
-    with committed_alone() as conn:
-        if conn.dialect.name != "postgresql":
+    (``driver_insert``) over a pooled connection switched to autocommit for it, elsewhere
+    SQLAlchemy Core (``committed_alone``). Raises IntegrityError on a conflict."""
+    if db.engine.dialect.name != "postgresql":
+        with committed_alone() as conn:
             conn.execute(insert(table), values)
-            return
-        statement = driver_insert(table, tuple(values))
-        with driver(conn) as raw, raw.cursor() as cursor:
-            cursor.execute(statement.sql, statement.params(values))
+        return
+    statement = driver_insert(table, tuple(values))
+    pooled = db.engine.raw_connection()
+    try:
+        with driver(pooled) as raw:
+            raw.autocommit = True
+            try:
+                raw.execute(statement.sql, statement.params(values))
+            finally:
+                with contextlib.suppress(psycopg.Error):  # a lost connection is invalidated above
+                    raw.autocommit = False
+    finally:
+        pooled.close()
 
 
 def engine_options(config: dict) -> dict:

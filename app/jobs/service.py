@@ -63,7 +63,8 @@ def create(
     callers to the client address (after TRUSTED_PROXY_HOPS): ``client_ip``, else the current
     request's. Call in an app context; enqueueing is the caller's job, after this commit.
     """
-    digest = _digest(kind, calls)
+    # What a repeat of the key is compared with: only a keyed submission can be repeated.
+    digest = _digest(kind, calls) if idempotency_key else None
     scope = _scope(principal, client_ip) if idempotency_key else None
     return insert_once(
         idempotency_key,
@@ -74,7 +75,7 @@ def create(
 
 
 def _write(
-    kind: str, calls: list[Call], principal: Principal | None, client: dict, request_id: str, scope: str | None, key: str | None, digest: str
+    kind: str, calls: list[Call], principal: Principal | None, client: dict, request_id: str, scope: str | None, key: str | None, digest: str | None
 ) -> Job:
     """Insert the job (and its batch items) and commit; return the job as written (not attached
     to the session: every column is known here, nothing is read back). A key already used in
@@ -165,7 +166,7 @@ def _by_key(scope: str | None, key: str) -> Job | None:
     ).scalar_one_or_none()
 
 
-def _same(earlier: Job, digest: str) -> Job:
+def _same(earlier: Job, digest: str | None) -> Job:
     if earlier.request_hash != digest:
         raise IdempotencyMismatch(
             "This Idempotency-Key was used for a different request; send a new key for a new job"
