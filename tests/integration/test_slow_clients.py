@@ -1,13 +1,15 @@
 """Clients that send slowly or badly, against the gateway under gunicorn (app.server's worker):
 200 held half-sent requests do not stop it answering others; a client past its deadline gets
 a 408; pipelined requests, OPTIONS *, a missing Host, a malformed chunked body and requests
-gunicorn cannot parse get the answers HTTP asks for, as problem+json."""
+gunicorn cannot parse get the answers HTTP asks for, as problem+json; connections opened
+together are spread over the workers."""
 from __future__ import annotations
 
 import json
 import resource
 import socket
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -284,3 +286,27 @@ def test_the_gateway_answers_while_slow_clients_time_out_together(impatient):
     finally:
         for sock in held:
             sock.close()
+
+
+def test_kept_alive_connections_opened_together_are_spread_over_the_workers(gateway):
+    """32 connections opened at once, each kept for a request: both workers serve some (each
+    listens on its own socket, SO_REUSEPORT), as a load balancer's pool of connections needs.
+    On one shared socket one worker often took all 32."""
+    marker = f"spread-{time.monotonic_ns()}"
+    sockets = [connect(gateway) for _ in range(32)]
+    try:
+        for number, sock in enumerate(sockets):
+            sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: gateway\r\nX-Request-ID: {marker}-{number}\r\n\r\n".encode())
+        assert all(read_answer(sock, bytearray())[0] == 200 for sock in sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+    deadline = time.monotonic() + 5
+    while True:  # the access lines are written by each worker's log thread
+        lines = [json.loads(line) for line in gateway.log.read_text().splitlines() if marker in line]
+        if len(lines) == 32 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    served = Counter(line["pid"] for line in lines)
+    assert len(lines) == 32 and len(served) == 2, served
+    assert min(served.values()) >= 4, served
