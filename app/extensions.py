@@ -20,7 +20,7 @@ from flask_sqlalchemy import SQLAlchemy
 from psycopg.types.json import Json
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from sqlalchemy import JSON, Table, bindparam, event, insert
+from sqlalchemy import ARRAY, JSON, String, Table, any_, bindparam, event, insert
 from sqlalchemy.dialects.postgresql import psycopg as postgresql_psycopg
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
@@ -156,6 +156,15 @@ class DriverStatement:
                 value = Json(value)
             bound[key] = value
         return bound
+
+
+def among(column, name: str, postgres: bool):
+    """``column`` is one of the list bound as ``name``: ``= ANY(array)`` on Postgres (one
+    parameter, so the statement compiles once to a fixed text: DriverStatement), an expanding
+    ``IN`` elsewhere."""
+    if postgres:
+        return column == any_(bindparam(name, type_=ARRAY(String())))
+    return column.in_(bindparam(name, expanding=True))
 
 
 def naive_utc(value: datetime | None) -> datetime | None:

@@ -31,11 +31,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 from flask import current_app
 from psycopg.rows import namedtuple_row
 from sqlalchemy import (
-    ARRAY,
     Integer,
-    String,
     and_,
-    any_,
     bindparam,
     case,
     func,
@@ -51,7 +48,14 @@ from sqlalchemy import (
 from sqlalchemy.sql import Executable
 
 from app import queue
-from app.extensions import DriverStatement, committed_alone, db, driver, naive_utc
+from app.extensions import (
+    DriverStatement,
+    among,
+    committed_alone,
+    db,
+    driver,
+    naive_utc,
+)
 from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookMessage
 from app.models.base import UTCDateTime, isoformat, new_id, utcnow
 from app.models.webhooks import FAILED, PENDING, SCHEDULED, SENDING, SUCCEEDED, TEST
@@ -162,14 +166,6 @@ class _ClaimStatements:
     sends: Executable | None = None  # SQLite: what the claimed deliveries send
 
 
-def _among(column, name: str, postgres: bool):
-    """``column`` is one of the list bound as ``name``: ``= ANY(array)`` on Postgres (one
-    parameter, so the statement compiles once to a fixed text), an expanding ``IN`` elsewhere."""
-    if postgres:
-        return column == any_(bindparam(name, type_=ARRAY(String())))
-    return column.in_(bindparam(name, expanding=True))
-
-
 @functools.lru_cache(maxsize=16)
 def _claim_statements(postgres: bool, with_ids: bool, cap: int, share: int) -> _ClaimStatements:
     """The claim's statements, built once per shape (their values are bound parameters: ``now``,
@@ -179,7 +175,7 @@ def _claim_statements(postgres: bool, with_ids: bool, cap: int, share: int) -> _
     now = bindparam("now", type_=UTCDateTime())
     due = and_(d.status == PENDING, d.next_attempt_at <= now)
     if with_ids:
-        due = and_(due, _among(d.id, "ids", postgres))
+        due = and_(due, among(d.id, "ids", postgres))
     turn = (
         select(WebhookEndpoint.id)
         .where(WebhookEndpoint.disabled.is_(False), select(d.id).where(d.endpoint_id == WebhookEndpoint.id, due).exists())
@@ -190,7 +186,7 @@ def _claim_statements(postgres: bool, with_ids: bool, cap: int, share: int) -> _
         turn = turn.with_for_update(skip_locked=True)
     lock = update(WebhookEndpoint).where(WebhookEndpoint.id.in_(turn.scalar_subquery())).values(claimed_at=now).returning(WebhookEndpoint.id)
     busy = select(func.count()).where(in_flight(WebhookEndpoint.id, now)).correlate(WebhookEndpoint).scalar_subquery()
-    locked = _among(WebhookEndpoint.id, "locked", postgres)
+    locked = among(WebhookEndpoint.id, "locked", postgres)
     taking = update(d).values(
         status=SENDING,
         attempts=d.attempts + 1,

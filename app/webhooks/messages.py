@@ -3,6 +3,7 @@ id), fanning it out into one delivery per matching endpoint, and the jobs' outbo
 messages."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -10,15 +11,25 @@ import re
 from datetime import datetime
 
 from flask import current_app
+from psycopg.rows import namedtuple_row
 from redis.exceptions import RedisError
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import Integer, bindparam, insert, or_, select, text, update
 from sqlalchemy.orm import undefer
+from sqlalchemy.sql import Executable
 
 from app import queue
 from app.errors import ProblemError
-from app.extensions import db, insert_alone, insert_once, redis_client
+from app.extensions import (
+    DriverStatement,
+    among,
+    db,
+    driver,
+    insert_alone,
+    insert_once,
+    redis_client,
+)
 from app.models import WebhookDelivery, WebhookEndpoint, WebhookMessage
-from app.models.base import isoformat, new_id, utcnow
+from app.models.base import UTCDateTime, isoformat, new_id, utcnow
 from app.models.webhooks import PENDING, SCHEDULED
 
 log = logging.getLogger("frontdoor.webhooks")
@@ -183,51 +194,94 @@ def fan_out(message_id: str, more: int = 0) -> list[str]:
     fan-out (the oldest; their own fan-out tasks are queued behind this one) are fanned out in
     the same transaction, so that one batch sends them all. A message already fanned out gets
     nothing more: safe to run twice. Three statements and a commit: the claim (returning what
-    the rest needs), the endpoints, one multi-row insert."""
+    the rest needs), the endpoints, one multi-row insert; on Postgres on psycopg's cursor
+    (``app.extensions.driver``), with the statements compiled once."""
     now = utcnow()
-    wanted = WebhookMessage.id == message_id
-    if more > 0:
+    values = {"message_id": message_id, "more": more, "now": now}
+    if db.engine.dialect.name == "postgresql":
+        claim, endpoints = _postgres_fan_out(more > 0)
+        with db.engine.connect() as conn, driver(conn) as raw, raw.transaction(), raw.cursor(row_factory=namedtuple_row) as cursor:
+            claimed = cursor.execute(claim.sql, claim.params(values)).fetchall()
+            found = cursor.execute(endpoints.sql, endpoints.params({"consumers": list({m.consumer_id for m in claimed})})).fetchall() if claimed else []
+            rows = _deliveries(claimed, found, now)
+            if rows:
+                cursor.execute(_DELIVERIES.sql, _DELIVERIES.params({
+                    "now": now, "status": PENDING, "trigger": SCHEDULED,
+                    **{key: [row[column] for row in rows] for key, column in (
+                        ("ids", "id"), ("messages", "message_id"), ("endpoints", "endpoint_id"), ("consumers", "consumer_id"))},
+                }))
+    else:
+        # The conditional write comes first: it is the claim (two fan-outs, one winner), and on
+        # SQLite a transaction that starts by writing never has to upgrade a read lock.
+        claim, endpoints = _fan_out_statements(False, more > 0)
+        conn = db.session.connection()
+        claimed = conn.execute(claim, values).all()
+        found = conn.execute(endpoints, {"consumers": list({m.consumer_id for m in claimed})}).all() if claimed else []
+        rows = _deliveries(claimed, found, now)
+        if rows:
+            conn.execute(insert(WebhookDelivery), rows)
+        db.session.commit()
+    if more > 0 and sum(1 for message in claimed if message.id != message_id) >= more:
+        fan_out_later([message_id])  # it took as many others as it could: more may be waiting
+    return [row["id"] for row in rows]
+
+
+@functools.lru_cache(maxsize=4)
+def _fan_out_statements(postgres: bool, with_more: bool) -> tuple[Executable, Executable]:
+    """The fan-out's claim of its messages (``message_id``, and with ``with_more`` up to
+    ``more`` others waiting, which on Postgres another fan-out has not locked) and its read of
+    the endpoints of their ``consumers``, built once."""
+    wanted = WebhookMessage.id == bindparam("message_id")
+    if with_more:
         waiting = (
             select(WebhookMessage.id)
-            .where(WebhookMessage.fanned_out_at.is_(None), WebhookMessage.id != message_id)
+            .where(WebhookMessage.fanned_out_at.is_(None), WebhookMessage.id != bindparam("message_id"))
             .order_by(WebhookMessage.created_at)
-            .limit(more)
+            .limit(bindparam("more", type_=Integer()))
         )
-        if db.session.get_bind().dialect.name == "postgresql":
+        if postgres:
             waiting = waiting.with_for_update(skip_locked=True)  # another fan-out's are its own
         wanted = or_(wanted, WebhookMessage.id.in_(waiting.scalar_subquery()))
-    # The conditional write comes first: it is the claim (two fan-outs, one winner), and on
-    # SQLite a transaction that starts by writing never has to upgrade a read lock.
-    conn = db.session.connection()  # Core execution, in the session's transaction (attempts' docstring)
-    claimed = conn.execute(
+    claim = (
         update(WebhookMessage)
         .where(wanted, WebhookMessage.fanned_out_at.is_(None))
-        .values(fanned_out_at=now)
+        .values(fanned_out_at=bindparam("now", type_=UTCDateTime()))
         .returning(WebhookMessage.id, WebhookMessage.consumer_id, WebhookMessage.type)
-    ).all()
-    if not claimed:
-        db.session.rollback()
-        return []
+    )
+    endpoints = select(WebhookEndpoint.id, WebhookEndpoint.consumer_id, WebhookEndpoint.event_types).where(
+        among(WebhookEndpoint.consumer_id, "consumers", postgres), WebhookEndpoint.disabled.is_(False)
+    )
+    return claim, endpoints
+
+
+@functools.lru_cache(maxsize=2)
+def _postgres_fan_out(with_more: bool) -> tuple[DriverStatement, DriverStatement]:
+    claim, endpoints = _fan_out_statements(True, with_more)
+    return DriverStatement.of(claim), DriverStatement.of(endpoints)
+
+
+# Postgres: a fan-out's deliveries in one INSERT whatever their number (the values as arrays).
+_DELIVERIES = DriverStatement.of(text("""
+INSERT INTO webhook_deliveries (id, message_id, endpoint_id, consumer_id, status, trigger, attempts, tries, next_attempt_at, created_at)
+SELECT d.id, d.message_id, d.endpoint_id, d.consumer_id, :status, :trigger, 0, 0, :now, :now
+FROM unnest(CAST(:ids AS text[]), CAST(:messages AS text[]), CAST(:endpoints AS text[]), CAST(:consumers AS text[]))
+    AS d(id, message_id, endpoint_id, consumer_id)
+"""))
+
+
+def _deliveries(claimed: list, found: list, now: datetime) -> list[dict]:
+    """One pending delivery (as column values) per claimed message and enabled endpoint of its
+    consumer whose filters match the message's type."""
     endpoints: dict[str, list] = {}
-    for endpoint in conn.execute(
-        select(WebhookEndpoint.id, WebhookEndpoint.consumer_id, WebhookEndpoint.event_types).where(
-            WebhookEndpoint.consumer_id.in_({message.consumer_id for message in claimed}), WebhookEndpoint.disabled.is_(False)
-        )
-    ):
+    for endpoint in found:
         endpoints.setdefault(endpoint.consumer_id, []).append(endpoint)
-    rows = [
+    return [
         {"id": new_id("dlv"), "message_id": message.id, "endpoint_id": endpoint.id, "consumer_id": message.consumer_id,
          "status": PENDING, "trigger": SCHEDULED, "attempts": 0, "tries": 0, "next_attempt_at": now, "created_at": now}
         for message in claimed
         for endpoint in endpoints.get(message.consumer_id, ())
         if matches(endpoint.event_types or [], message.type)
     ]
-    if rows:
-        conn.execute(insert(WebhookDelivery), rows)
-    db.session.commit()
-    if more > 0 and sum(1 for message in claimed if message.id != message_id) >= more:
-        fan_out_later([message_id])  # it took as many others as it could: more may be waiting
-    return [row["id"] for row in rows]
 
 
 def publish_job_events(limit: int = 500) -> int:
