@@ -413,10 +413,11 @@ def measure(args: argparse.Namespace, tmp: Path, redis_url: str, prefix: str) ->
 
             procs.append(start("gateway", [gunicorn, "--config", "gunicorn.conf.py", "app:create_app()"], gateway_env, ROOT, tmp))
             gateway_web = procs[-1]
-            # The same gunicorn settings as the gateway's: gthread, WEB_CONCURRENCY x WEB_THREADS, keep-alive.
+            # The same gunicorn settings as the gateway's: gthread, WEB_CONCURRENCY x WEB_THREADS, keep-alive,
+            # a listening socket per worker (reuse_port: otherwise one worker may take every wrk connection).
             procs.append(start("bare", [
                 gunicorn, "--bind", f"127.0.0.1:{ports['bare']}", "--workers", web_concurrency, "--worker-class",
-                "gthread", "--threads", web_threads, "--keep-alive", "75", *quiet, "--chdir", str(BENCH), "bare_tasks:web",
+                "gthread", "--threads", web_threads, "--keep-alive", "75", "--reuse-port", *quiet, "--chdir", str(BENCH), "bare_tasks:web",
             ], bare_env, BENCH, tmp))
             peers = {"gateway": Peer("gateway", base["gateway"], gateway_web), "bare": Peer("bare", base["bare"], procs[-1])}
             wait_ready("upstream", base["upstream"], "/", upstream, tmp)

@@ -296,7 +296,7 @@ def measure(args: argparse.Namespace, tmp: Path, redis_url: str, key_prefix: str
         # The naive peer: sync workers, one request at a time each, which is what its code assumes.
         procs.append(start("naive", [
             gunicorn, "--bind", f"127.0.0.1:{ports['naive']}", "--workers", str(NAIVE_WORKERS),
-            "--worker-class", "sync", *quiet, "naive:app",
+            "--worker-class", "sync", "--reuse-port", *quiet, "naive:app",
         ], child_env(NAIVE_UPSTREAM=base["upstream"]), BENCH, tmp))
         running["gateway"] = procs[1]
         running["naive"] = procs[2]
@@ -309,7 +309,7 @@ def measure(args: argparse.Namespace, tmp: Path, redis_url: str, key_prefix: str
         for peer, module in (("floor", "floor_urllib3:app"), ("floor-requests", "floor_requests:app")):
             procs.append(start(peer, [
                 gunicorn, "--bind", f"127.0.0.1:{ports[peer]}", "--workers", workers,
-                "--worker-class", "gthread", "--threads", threads, *quiet, module,
+                "--worker-class", "gthread", "--threads", threads, "--reuse-port", *quiet, module,  # as gunicorn.conf.py
             ], child_env(FLOOR_UPSTREAM=base["upstream"], WEB_THREADS=threads), BENCH, tmp))
             running[peer] = procs[-1]
         wait_ready("naive", urls["naive"], procs[2], tmp)

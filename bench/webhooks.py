@@ -1045,7 +1045,7 @@ def measure(args, tmp: Path, redis_url: str, prefix: str) -> dict:
                 gateway_web = procs[-1]
                 procs.append(start("naive-web", [
                     gunicorn, "--bind", f"127.0.0.1:{ports['naive-web']}", "--workers", web_concurrency, "--worker-class", "gthread",
-                    "--threads", web_threads, "--keep-alive", "75", "--log-level", "warning", "--no-control-socket",
+                    "--threads", web_threads, "--keep-alive", "75", "--reuse-port", "--log-level", "warning", "--no-control-socket",
                     "--chdir", str(BENCH), "naive_events:app",
                 ], child_env(**naive_env, NAIVE_EVENTS_URL=f"{receiver_base}/in/{NAIVE_EVENTS_LABEL}"), BENCH, tmp))
                 naive_web = procs[-1]
