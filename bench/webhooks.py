@@ -438,6 +438,10 @@ class Harness:
                         work["items"] = record_events(work["endpoint_id"], count, fan_out=True)
                         hold(work["endpoint_id"], due=False)
                     work["held"] = True
+                elif name == "gateway-fanout" and what == "seq":
+                    # One at a time each message is recorded just before it is sent: one recorded
+                    # earlier would be waiting, and the first fan-out takes every waiting message.
+                    work["items"] = [None] * count
                 else:
                     work["items"] = record_events(work["endpoint_id"], count, fan_out=False)
         return work
@@ -575,7 +579,8 @@ class Harness:
     def one_at_a_time(self, peer: Peer, work: dict) -> dict:
         """Deliveries sent one after another: send, wait for its arrival, pause, next. For
         ``gateway`` each delivery is made (``fan_out``, here) just before the clock starts:
-        made all at once, the first deliver task would claim them all."""
+        made all at once, the first deliver task would claim them all; for ``gateway-fanout``
+        each message is recorded just before, for the same reason."""
         from app.webhooks import messages
 
         enqueued: dict[str, float] = {}
@@ -584,6 +589,8 @@ class Harness:
             for index, item in enumerate(work["items"], 1):
                 if peer.name == "gateway":
                     item = (item[0], messages.fan_out(item[0])[0])
+                elif peer.name == "gateway-fanout":
+                    item = record_events(work["endpoint_id"], 1, fan_out=False)[0]
                 sent = time.time()
                 enqueued[self.send_one(peer, work, item)] = sent
                 wait_arrivals(self.base, work["label"], offset + index, time.monotonic() + 30, self.procs, self.logs)
