@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from celery.exceptions import SoftTimeLimitExceeded
-from flask import current_app
 from psycopg.rows import namedtuple_row
 from sqlalchemy import (
     Integer,
@@ -337,18 +336,17 @@ def _threads(size: int) -> ThreadPoolExecutor:
         return _executor
 
 
-def attempt(work: Claim, trace: list[tuple[str, str]] = ()) -> Sent:
-    """Sign and send one claimed delivery; never raises.
+def attempt(work: Claim, signing: list[str] | Sent, config, trace: list[tuple[str, str]] = ()) -> Sent:
+    """Sign and send one claimed delivery with ``signing`` (its endpoint's secrets, or the
+    failed attempt reading them was: ``signing_for``); never raises. Needs no app context
+    (``config``: the app's webhook Settings), so a sending thread runs it as it is.
 
     The URL is checked again (resolved, every address public or allowed) and the request goes
     to the address checked. A secret that cannot be read or a URL refused is a failed attempt
     that sent nothing.
     """
-    config = settings()
-    try:
-        signing = endpoints.signing_secrets(work.keys)
-    except (secrets.SecretUnreadable, SecretKeyUnset) as exc:
-        return Sent(Result(None, 0, error=str(getattr(exc, "detail", exc))[:500]))
+    if isinstance(signing, Sent):
+        return signing
     try:
         target = config.guard.check(work.url)
     except UnsafeURL as exc:
@@ -366,6 +364,19 @@ def attempt(work: Claim, trace: list[tuple[str, str]] = ()) -> Sent:
     return Sent(send(target, headers, work.body, config.timeout, config.verify), target.address)
 
 
+def signing_for(works: list[Claim]) -> dict[str, list[str] | Sent]:
+    """Each endpoint's secrets to sign with (decrypted once per batch, in the app context), or
+    the failed attempt its deliveries are when they cannot be read."""
+    found: dict[str, list[str] | Sent] = {}
+    for work in works:
+        if work.endpoint_id not in found:
+            try:
+                found[work.endpoint_id] = endpoints.signing_secrets(work.keys)
+            except (secrets.SecretUnreadable, SecretKeyUnset) as exc:
+                found[work.endpoint_id] = Sent(Result(None, 0, error=str(getattr(exc, "detail", exc))[:500]))
+    return found
+
+
 def send_batch(works: list[Claim]) -> list[Sent]:
     """Make the claimed attempts at once (one thread each, up to WEBHOOK_BATCH_SIZE); return
     what each saw, in order. An attempt not done within WEBHOOK_TIMEOUT + ATTEMPT_MARGIN
@@ -376,23 +387,19 @@ def send_batch(works: list[Claim]) -> list[Sent]:
     trace = context.fields() if context is not None else []
     limit = config.timeout + ATTEMPT_MARGIN
     late = Sent(Result(None, int(limit * 1000), error=f"the attempt took longer than {limit:g} s"))
+    signing = signing_for(works)
     if len(works) == 1:  # no thread to hand over to
         try:
-            return [attempt(works[0], trace)]
+            return [attempt(works[0], signing[works[0].endpoint_id], config, trace)]
         except SoftTimeLimitExceeded:
             return [late]
-    app = current_app._get_current_object()  # the threads read its settings and secret box
-    pending = [_threads(config.batch_size).submit(_in_app, app, attempt, work, trace) for work in works]
+    pool = _threads(config.batch_size)
+    pending = [pool.submit(attempt, work, signing[work.endpoint_id], config, trace) for work in works]
     try:
         wait_for(pending, timeout=limit)
     except SoftTimeLimitExceeded:
         pass
     return [future.result() if future.done() and future.exception() is None else late for future in pending]
-
-
-def _in_app(app, function, *args):
-    with app.app_context():
-        return function(*args)
 
 
 # -- recording ---------------------------------------------------------------------------------
