@@ -8,10 +8,11 @@ WEBHOOK_ENDPOINT_CONCURRENCY. Its deliveries are sent concurrently over kept-ali
 written back with one multi-row insert of attempts, one update of the deliveries and one commit.
 A worker that dies mid-batch leaves the leases to lapse; the dispatcher records those attempts
 as lost and schedules the next, so a delivery is never stranded. Retries are a due time on the
-row, never a Celery countdown (DESIGN, "Worker rules"). Statements run as Core on the session's
-connection (``db.session.connection()``), in its transaction: an ORM-enabled ``UPDATE`` pays
-for bookkeeping (session synchronisation) that rows never loaded as objects do not need, about
-0.5 ms of CPU a statement.
+row, never a Celery countdown (DESIGN, "Worker rules"). On Postgres the claim's and the record's
+statements, compiled once from Core, run on psycopg's cursor (``app.extensions.driver``); the
+rest run as Core on the session's connection (``db.session.connection()``), never as ORM-enabled
+``UPDATE``s, whose session bookkeeping (about 0.5 ms of CPU a statement) rows never loaded as
+objects do not need.
 """
 from __future__ import annotations
 
@@ -245,14 +246,16 @@ def _claim_sqlite(built: _ClaimStatements, params: dict, limit: int) -> list:
     RETURNING names the updated table only) what the claimed deliveries send, in one transaction."""
     conn = db.session.connection()
     locked = list(conn.execute(built.lock, params).scalars())
+    if not locked:
+        db.session.rollback()
+        return []
     picked: list[str] = []
-    if locked:
-        for endpoint_id, slots in conn.execute(built.free, {**params, "locked": locked}).all():
-            if slots > 0:
-                picked += conn.execute(built.pick, {**params, "endpoint": endpoint_id, "slots": slots}).scalars()
+    for endpoint_id, slots in conn.execute(built.free, {**params, "locked": locked}).all():
+        if slots > 0:
+            picked += conn.execute(built.pick, {**params, "endpoint": endpoint_id, "slots": slots}).scalars()
     picked = picked[:limit]
     if not picked:
-        db.session.rollback()
+        db.session.commit()  # the endpoints' turn is taken, as on Postgres
         return []
     claimed = {row.id: row for row in conn.execute(built.take, {**params, "picked": picked}).all()}
     found = conn.execute(built.sends, {"claimed": list(claimed)}).all() if claimed else []
