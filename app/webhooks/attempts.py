@@ -126,8 +126,9 @@ def claim(limit: int, ids: Sequence[str] | None = None, now: datetime | None = N
     under READ COMMITTED one statement reads one snapshot, in which a claim committed between
     its start and its lock would go uncounted; on SQLite the write serialises claims. Then one
     ``UPDATE ... RETURNING`` takes each endpoint's oldest due deliveries (an index range per
-    endpoint, so a claim costs the same whatever the backlog) with their messages and the
-    endpoints' URLs and secrets.
+    endpoint, so this statement costs the same whatever the backlog) with their messages and
+    the endpoints' URLs and secrets. The first statement looks at every enabled endpoint for
+    due work: about 2 ms on Postgres with 1,000 endpoints that all have some.
     """
     config = settings()
     now = now or utcnow()
