@@ -17,6 +17,7 @@ import redis
 from flask import Flask
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
+from psycopg.rows import namedtuple_row
 from psycopg.types.json import Json
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -194,26 +195,44 @@ def driver(conn: Connection | PoolProxiedConnection) -> Iterator[psycopg.Connect
         raise DBAPIError.instance(None, None, exc, psycopg.Error, connection_invalidated=lost) from exc
 
 
+@contextmanager
+def driver_transaction() -> Iterator[psycopg.Cursor]:
+    """A cursor (rows as named tuples) in a transaction of its own on a pooled connection
+    (Postgres): committed when the block ends, rolled back when it raises; errors as ``driver``."""
+    with db.engine.connect() as conn, driver(conn) as raw, raw.transaction(), raw.cursor(row_factory=namedtuple_row) as cursor:
+        yield cursor
+
+
+@contextmanager
+def driver_alone() -> Iterator[psycopg.Cursor]:
+    """A cursor on which each statement commits by itself (autocommit), on a pooled connection
+    switched back when the block ends (Postgres): a write that is one statement needs no BEGIN
+    and COMMIT round trips around it. Errors as ``driver``."""
+    pooled = db.engine.raw_connection()  # the pool's connection, without a SQLAlchemy Connection around it
+    try:
+        with driver(pooled) as raw:
+            raw.autocommit = True
+            try:
+                with raw.cursor() as cursor:
+                    yield cursor
+            finally:
+                with contextlib.suppress(psycopg.Error):  # a lost connection is invalidated by driver()
+                    raw.autocommit = False
+    finally:
+        pooled.close()
+
+
 def insert_alone(table: Table, values: dict) -> None:
     """Insert one row that commits by itself: on Postgres one round trip on psycopg's cursor
-    (``driver_insert``) over a pooled connection switched to autocommit for it, elsewhere
-    SQLAlchemy Core (``committed_alone``). Raises IntegrityError on a conflict."""
+    (``driver_insert``, ``driver_alone``), elsewhere SQLAlchemy Core (``committed_alone``).
+    Raises IntegrityError on a conflict."""
     if db.engine.dialect.name != "postgresql":
         with committed_alone() as conn:
             conn.execute(insert(table), values)
         return
     statement = driver_insert(table, tuple(values))
-    pooled = db.engine.raw_connection()
-    try:
-        with driver(pooled) as raw:
-            raw.autocommit = True
-            try:
-                raw.execute(statement.sql, statement.params(values))
-            finally:
-                with contextlib.suppress(psycopg.Error):  # a lost connection is invalidated above
-                    raw.autocommit = False
-    finally:
-        pooled.close()
+    with driver_alone() as cursor:
+        cursor.execute(statement.sql, statement.params(values))
 
 
 def engine_options(config: dict) -> dict:

@@ -107,7 +107,7 @@ class _BurstWriter(logging.StreamHandler):
 
 
 class _Listener(QueueListener):
-    """A QueueListener that looks at its queue every BACKGROUND_INTERVAL seconds when it is
+    """A QueueListener that looks at its queue every ``metrics.BACKGROUND_INTERVAL`` seconds when it is
     empty, rather than blocking on it: a blocked writer is woken by every line put on the
     queue (a context switch and a hand-over of the GIL per request), which cost more than
     writing the line. A burst is handled line after line, then written at once (_BurstWriter)."""
@@ -119,10 +119,8 @@ class _Listener(QueueListener):
             except queue.Empty:
                 if not block:
                     raise
-                time.sleep(BACKGROUND_INTERVAL)
+                time.sleep(metrics.BACKGROUND_INTERVAL)
 
-
-BACKGROUND_INTERVAL = 0.05  # seconds: the longest a line waits before it is written
 
 
 # pybreaker logs its Redis errors; they belong in the same JSON stream, not as bare tracebacks.

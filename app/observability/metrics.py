@@ -123,7 +123,8 @@ BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
 _later: queue.SimpleQueue | None = None
 _updater: threading.Thread | None = None
 _STOP = object()
-BACKGROUND_INTERVAL = 0.05  # seconds between the updater's looks at its queue
+# Seconds between a background thread's looks at its queue (this updater's, the log writer's).
+BACKGROUND_INTERVAL = 0.05
 
 
 def _apply(metric, labels: tuple, method: str, value: float) -> None:

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from celery.exceptions import SoftTimeLimitExceeded
-from psycopg.rows import namedtuple_row
 from sqlalchemy import (
     Integer,
     and_,
@@ -51,9 +50,10 @@ from app import queue
 from app.extensions import (
     DriverStatement,
     among,
-    committed_alone,
     db,
     driver,
+    driver_alone,
+    driver_transaction,
     naive_utc,
 )
 from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookMessage
@@ -292,7 +292,7 @@ def _claim_postgres(statements: tuple[DriverStatement, DriverStatement], params:
     transaction on psycopg's cursor (``app.extensions.driver``), their prepared plans reused and
     the commit not waiting for the disk (``_CLAIM_SETTINGS``)."""
     lock, take = statements
-    with db.engine.connect() as conn, driver(conn) as raw, raw.transaction(), raw.cursor(row_factory=namedtuple_row) as cursor:
+    with driver_transaction() as cursor:
         cursor.execute(_CLAIM_SETTINGS)
         locked = [row.id for row in cursor.execute(lock.sql, lock.params(params))]
         if not locked:
@@ -468,8 +468,8 @@ def record(works: list[Claim], sent: list[Sent], now: datetime | None = None) ->
     recovered = {work.endpoint_id for work, result in judged if result.succeeded and work.failing_since is not None}
     postgres = db.session.get_bind().dialect.name == "postgresql"
     if postgres and not (failing or recovered):  # the usual case: one statement that commits by itself
-        with committed_alone() as conn, driver(conn) as raw:
-            recorded = _outcomes_postgres(raw, works, sent, states, now)
+        with driver_alone() as cursor:
+            recorded = _outcomes_postgres(cursor, works, sent, states, now)
         return _recorded(works, sent, states, recorded, [], now)
     if postgres:
         # The endpoints' rows before the deliveries', as an endpoint's deletion takes them: one
@@ -477,8 +477,8 @@ def record(works: list[Claim], sent: list[Sent], now: datetime | None = None) ->
         db.session.connection().execute(
             select(WebhookEndpoint.id).where(WebhookEndpoint.id.in_(failing | recovered)).order_by(WebhookEndpoint.id).with_for_update()
         ).all()
-        with driver(db.session.connection()) as raw:
-            recorded = _outcomes_postgres(raw, works, sent, states, now)
+        with driver(db.session.connection()) as raw, raw.cursor() as cursor:
+            recorded = _outcomes_postgres(cursor, works, sent, states, now)
     else:
         recorded = _outcomes(works, sent, states, now)
     kept = {work.endpoint_id for work in works if work.delivery_id in recorded}
@@ -596,9 +596,9 @@ RETURNING delivery_id
 """))
 
 
-def _outcomes_postgres(driver, works: list[Claim], sent: list[Sent], states: dict[str, dict], now: datetime) -> set[str]:
-    """``_outcomes`` on Postgres, as one statement on ``driver`` (a psycopg connection, in the
-    caller's transaction or committing by itself)."""
+def _outcomes_postgres(cursor, works: list[Claim], sent: list[Sent], states: dict[str, dict], now: datetime) -> set[str]:
+    """``_outcomes`` on Postgres, as one statement on psycopg's ``cursor`` (in the caller's
+    transaction, or committing by itself)."""
     rows = [_attempt_row(work, done, now) for work, done in zip(works, sent, strict=True)]
     order = [states[work.delivery_id] for work in works]
     values = {
@@ -618,8 +618,7 @@ def _outcomes_postgres(driver, works: list[Claim], sent: list[Sent], states: dic
             ("excerpts", "response_excerpt"), ("errors", "error"), ("request_ids", "request_id"),
         )},
     }
-    with driver.cursor() as cursor:
-        return {row[0] for row in cursor.execute(_OUTCOMES.sql, _OUTCOMES.params(values))}
+    return {row[0] for row in cursor.execute(_OUTCOMES.sql, _OUTCOMES.params(values))}
 
 
 def _track_health(recovered: set[str], failing: set[str], judged: list[tuple[Claim, Result]], now: datetime) -> list[str]:

@@ -11,7 +11,6 @@ import re
 from datetime import datetime
 
 from flask import current_app
-from psycopg.rows import namedtuple_row
 from redis.exceptions import RedisError
 from sqlalchemy import Integer, bindparam, insert, or_, select, text, update
 from sqlalchemy.orm import undefer
@@ -23,7 +22,7 @@ from app.extensions import (
     DriverStatement,
     among,
     db,
-    driver,
+    driver_transaction,
     insert_alone,
     insert_once,
     redis_client,
@@ -200,7 +199,7 @@ def fan_out(message_id: str, more: int = 0) -> list[str]:
     values = {"message_id": message_id, "more": more, "now": now}
     if db.engine.dialect.name == "postgresql":
         claim, endpoints = _postgres_fan_out(more > 0)
-        with db.engine.connect() as conn, driver(conn) as raw, raw.transaction(), raw.cursor(row_factory=namedtuple_row) as cursor:
+        with driver_transaction() as cursor:
             claimed = cursor.execute(claim.sql, claim.params(values)).fetchall()
             found = cursor.execute(endpoints.sql, endpoints.params({"consumers": list({m.consumer_id for m in claimed})})).fetchall() if claimed else []
             rows = _deliveries(claimed, found, now)

@@ -85,14 +85,14 @@ class _Deadlines:
     an attempt's.) Deadlines wait in a heap; an ended attempt's entry is dropped when it comes up."""
 
     def __init__(self):
-        self._owner: int | None = None  # the pid that started the thread (a fork starts its own)
+        self._running = False  # the thread starts on first use (again in a forked process: __init__ at fork)
         self._starting = threading.Lock()
 
     def add(self, when: float, watched: _Watched) -> None:
         """Cut ``watched`` at ``when`` (``time.monotonic()``) unless it has ended by then."""
-        if self._owner != os.getpid():
+        if not self._running:
             with self._starting:
-                if self._owner != os.getpid():
+                if not self._running:
                     self._start()
         with self._changed:
             heapq.heappush(self._heap, (when, next(self._order), watched))
@@ -103,7 +103,7 @@ class _Deadlines:
         self._heap: list[tuple[float, int, _Watched]] = []
         self._order = itertools.count()
         self._changed = threading.Condition()
-        self._owner = os.getpid()
+        self._running = True
         threading.Thread(target=self._run, name="webhook-deadlines", daemon=True).start()
 
     def _run(self) -> None:
