@@ -148,6 +148,12 @@ class Receiver:
     def url(self, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
+    def endpoint(self, api, path: str, **fields) -> dict:
+        """An endpoint created through ``api`` for ``path`` here, its secret the one ``path`` verifies with."""
+        created = api.create_endpoint(self.url(path), **fields)
+        self.secrets[path] = [created["secret"]]
+        return created
+
     def start(self) -> Receiver:
         receiver = self
 
@@ -491,8 +497,7 @@ def test_a_receiver_failing_with_500_gets_the_delivery_once_it_recovers(stack, r
     stack.beat()
     stack.worker()
     api = stack.api()
-    endpoint = api.create_endpoint(receiver.url("/flaky"))
-    receiver.secrets["/flaky"] = [endpoint["secret"]]
+    endpoint = receiver.endpoint(api, "/flaky")
     receiver.answers["/flaky"] = lambda n: 500 if n <= 3 else 200
 
     message = api.publish("invoice.paid", {"invoice": "in_1", "amount": 1200})
@@ -543,8 +548,7 @@ def test_two_hundred_events_published_while_the_receiver_is_down_all_arrive_once
     worker = stack.worker()
     api = stack.api()
     receiver = make_receiver(start=False)  # its port is closed: connection refused
-    endpoint = api.create_endpoint(receiver.url("/bulk"))
-    receiver.secrets["/bulk"] = [endpoint["secret"]]
+    endpoint = receiver.endpoint(api, "/bulk")
     stack.until(lambda: " ready." in worker.text(), 30, "the worker ready")
 
     # 200 events, and the first 20 of them twice more (a publisher retrying), all at once.
@@ -601,11 +605,9 @@ def test_two_hundred_events_published_while_the_receiver_is_down_all_arrive_once
 def test_a_410_disables_the_endpoint_and_its_consumer_hears_of_it(running, receiver):
     stack = running
     api = stack.api()
-    gone = api.create_endpoint(receiver.url("/gone"))  # every event type
-    watcher = api.create_endpoint(receiver.url("/watch"), event_types=["webhook.*"])
-    orders = api.create_endpoint(receiver.url("/orders"), event_types=["order.*"])
-    for path, endpoint in (("/gone", gone), ("/watch", watcher), ("/orders", orders)):
-        receiver.secrets[path] = [endpoint["secret"]]
+    gone = receiver.endpoint(api, "/gone")  # every event type
+    receiver.endpoint(api, "/watch", event_types=["webhook.*"])
+    receiver.endpoint(api, "/orders", event_types=["order.*"])
     receiver.answers["/gone"] = lambda n: 410
 
     first = api.publish("order.created", {"order": 1})
@@ -645,8 +647,7 @@ def test_a_delivery_whose_worker_is_killed_mid_request_completes_after_its_lease
     stack.beat()
     first_worker = stack.worker("worker-1")
     api = stack.api()
-    endpoint = api.create_endpoint(receiver.url("/held"))
-    receiver.secrets["/held"] = [endpoint["secret"]]
+    endpoint = receiver.endpoint(api, "/held")
     hold = receiver.holds["/held"] = Hold()
 
     message = api.publish("report.ready", {"report": 7})
@@ -684,8 +685,7 @@ def test_a_delivery_whose_worker_is_killed_mid_request_completes_after_its_lease
 def test_a_batch_whose_worker_is_killed_mid_request_is_taken_over_and_each_delivery_succeeds_once(stack, receiver):
     stack.beat()
     api = stack.api()
-    endpoint = api.create_endpoint(receiver.url("/batch"))
-    receiver.secrets["/batch"] = [endpoint["secret"]]
+    endpoint = receiver.endpoint(api, "/batch")
     hold = receiver.holds["/batch"] = Hold(count=6)
     # Published before the worker starts: its first fan-out takes all six messages into one batch.
     sent = [api.publish("report.ready", {"report": n})["id"] for n in range(6)]
@@ -718,8 +718,7 @@ def test_a_batch_whose_worker_is_killed_mid_request_is_taken_over_and_each_deliv
 def test_a_worker_reuses_kept_alive_connections_to_a_receiver(running, receiver):
     stack = running
     api = stack.api()
-    endpoint = api.create_endpoint(receiver.url("/kept"))
-    receiver.secrets["/kept"] = [endpoint["secret"]]
+    receiver.endpoint(api, "/kept")
 
     sent = [api.publish("order.created", {"order": n})["id"] for n in range(30)]
     stack.until(lambda: len(receiver.on("/kept")) >= 30, 30, "thirty deliveries")
@@ -773,8 +772,7 @@ def test_a_worker_without_the_allow_list_refuses_to_deliver_to_loopback(stack, r
     stack.beat()
     stack.worker(**NO_ALLOW_LIST)
     api = stack.api()
-    endpoint = api.create_endpoint(receiver.url("/inside"))
-    receiver.secrets["/inside"] = [endpoint["secret"]]
+    endpoint = receiver.endpoint(api, "/inside")
 
     message = api.publish("secret.plans", {"plan": 1})
     delivery = stack.until(
@@ -819,8 +817,7 @@ def test_a_redirect_is_not_followed(running, make_receiver):
 def test_a_finished_job_is_delivered_as_a_signed_job_succeeded_event(running, receiver):
     stack = running
     api = stack.api()
-    endpoint = api.create_endpoint(receiver.url("/jobs"), event_types=["job.*"])
-    receiver.secrets["/jobs"] = [endpoint["secret"]]
+    receiver.endpoint(api, "/jobs", event_types=["job.*"])
 
     submitted = requests.post(f"{stack.gateway.url}/async/anything/report", json={"q": 1}, headers={"X-API-Key": api.key}, timeout=10)
     assert submitted.status_code == 202, submitted.text
@@ -847,8 +844,7 @@ def test_one_request_id_finds_the_access_line_the_task_lines_and_the_attempt(run
     stack = running
     beat, worker = stack.beat_process, stack.worker_process
     api = stack.api()
-    endpoint = api.create_endpoint(receiver.url("/traced"))
-    receiver.secrets["/traced"] = [endpoint["secret"]]
+    endpoint = receiver.endpoint(api, "/traced")
     request_id = f"trace-{services.unique('rid')}"
 
     published = requests.post(
@@ -895,8 +891,7 @@ def test_one_request_id_finds_the_access_line_the_task_lines_and_the_attempt(run
 def test_a_receiver_answering_within_the_webhook_timeout_succeeds(running, receiver):
     stack = running
     api = stack.api()
-    endpoint = api.create_endpoint(receiver.url("/slow"))
-    receiver.secrets["/slow"] = [endpoint["secret"]]
+    endpoint = receiver.endpoint(api, "/slow")
     receiver.answers["/slow"] = lambda n: (time.sleep(1.5), 200)[1]  # inside WEBHOOK_TIMEOUT (2 s), past the soft limit a short lease once gave
     message = api.publish("report.ready", {"report": 8})
     delivery = stack.until(lambda: next((d for d in api.deliveries(endpoint["id"]) if d["attempts"]), None), 30, "an attempt")
