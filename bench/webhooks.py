@@ -1070,7 +1070,7 @@ def measure(args, tmp: Path, redis_url: str, prefix: str) -> dict:
                 for name in WEB_PEERS:
                     wait_ready("gateway-web" if name == "events" else "naive-web", peers[name].base, "/healthz", peers[name].web, tmp)
                     harness.posters[name] = Poster(peers[name].base)
-                for name in PEERS:  # the first ones wait for the workers to boot
+                for name in args.peers:  # the first ones wait for the workers to boot
                     try:
                         harness.burst(peers[name], harness.prepare(peers[name], "warm", WARM_DELIVERIES))
                     except RuntimeError as exc:
@@ -1079,7 +1079,7 @@ def measure(args, tmp: Path, redis_url: str, prefix: str) -> dict:
                       f" one worker per side, --concurrency {args.concurrency} (prefork); WEBHOOK_ENDPOINT_CONCURRENCY {cap},"
                       f" WEBHOOK_BATCH_SIZE {app.extensions['webhooks'].batch_size}", flush=True)
                 for index in range(args.rounds):
-                    order = PEERS[index % len(PEERS):] + PEERS[:index % len(PEERS)]
+                    order = args.peers[index % len(args.peers):] + args.peers[:index % len(args.peers)]
                     for name in order:  # each peer's work made just before its run, the workers idle
                         run = harness.burst(peers[name], harness.prepare(peers[name], f"r{index + 1}", args.events))
                         peers[name].runs.append(run)
@@ -1088,19 +1088,20 @@ def measure(args, tmp: Path, redis_url: str, prefix: str) -> dict:
                               f"  web {run['web_cpu']:.2f}  machine busy {run['busy'] * 100:.0f}%, other processes {run['others']:.2f} CPUs",
                               flush=True)
                 if args.sequential:
-                    for name in PEERS:
+                    for name in args.peers:
                         work = harness.prepare(peers[name], "seq", args.sequential, fan_out=False)
                         peers[name].sequential = harness.one_at_a_time(peers[name], work)
-                if args.py_spy:
-                    work = harness.prepare(peers["gateway"], "py-spy", args.events)
+                spied_peer = next((name for name in args.peers if name in GATEWAY_PEERS), None)
+                if args.py_spy and spied_peer:
+                    work = harness.prepare(peers[spied_peer], "py-spy", args.events)
                     out = tmp / "py-spy.txt"
                     spy = spy_start(args.py_spy, gateway_worker.pid, out, tmp)
                     time.sleep(1.0)  # py-spy attaches to the worker and its pool processes
-                    run = harness.burst(peers["gateway"], work)
+                    run = harness.burst(peers[spied_peer], work)
                     spy_stop(spy)
                     if not out.exists():
                         raise RuntimeError(f"py-spy wrote nothing; its output ends:\n{tail(tmp, 'py-spy')}")
-                    spied = {"run": run, **spy_summary(out)}
+                    spied = {"run": run, "peer": spied_peer, **spy_summary(out)}
                 for poster in harness.posters.values():
                     poster.close()
                 for proc in harness.procs:
@@ -1168,7 +1169,7 @@ def report(args, measured: dict, redis_url: str) -> None:
               f"{'@arrival':>9}{'main':>6}{'web':>6}{'receiver':>9}{'Redis':>6}{'Postgres':>9}{'busy':>6}{'others':>7}{'max gap':>9}")
         table = {}
         postgres_db = measured["database"].startswith("PostgreSQL")
-        for name in PEERS:
+        for name in args.peers:
             runs = peers[name].runs
             row = table[name] = {
                 "rate": statistics.median(r["rate"] for r in runs),
@@ -1194,31 +1195,34 @@ def report(args, measured: dict, redis_url: str) -> None:
               " (or before the first) in any round")
         print("\ntargets (the issue's):")
         for name, against, target in TARGETS:
+            if name not in table or against not in table:
+                continue
             ratio = table[name]["rate"] / table[against]["rate"]
             print(f"  {name}/{against} deliveries/s: {ratio:5.2f}  (target >= {target:.1f})  {verdict(ratio, target)}"
                   f"   [{table[name]['rate']:.1f} against {table[against]['rate']:.1f}; worker CPU per delivery"
                   f" x{table[name]['worker_cpu'] / table[against]['worker_cpu']:.2f} of {against}'s,"
                   f" worker + web x{(table[name]['worker_cpu'] + table[name]['web_cpu']) / (table[against]['worker_cpu'] + table[against]['web_cpu']):.2f}]")
-        if args.sequential:
+        if args.sequential and {"gateway", "naive"} <= set(args.peers):
             gw, naive = ms(peers["gateway"].sequential["latency"], 50), ms(peers["naive"].sequential["latency"], 50)
             print(f"  one at a time, gateway p50 / naive p50: {gw / naive:5.2f}  (target <= {SEQUENTIAL_TARGET:.1f})"
                   f"  {verdict(gw / naive, SEQUENTIAL_TARGET, at_least=False)}   [{gw:.2f} ms against {naive:.2f} ms]")
-        gw = [r for name in GATEWAY_PEERS for r in peers[name].runs]
-        print(f"\n  gateway rows (all three gateway peers): claim-to-record p50 {statistics.median(ms(r['service_ms'], 50, 1) for r in gw):.2f} ms"
-              f" (last_attempt_at to the attempt's created_at), HTTP p50 {statistics.median(ms(r['http_ms'], 50, 1) for r in gw):.0f} ms"
-              f" (duration_ms, whole ms); gateway's deliveries/s to the K-th arrival"
-              f" {statistics.median(r['arrival_rate'] for r in peers['gateway'].runs):.1f}")
+        gw = [r for name in GATEWAY_PEERS if name in args.peers for r in peers[name].runs]
+        if gw:
+            print(f"\n  gateway rows (all three gateway peers): claim-to-record p50 {statistics.median(ms(r['service_ms'], 50, 1) for r in gw):.2f} ms"
+                  f" (last_attempt_at to the attempt's created_at), HTTP p50 {statistics.median(ms(r['http_ms'], 50, 1) for r in gw):.0f} ms"
+                  " (duration_ms, whole ms)" + (f"; gateway's deliveries/s to the K-th arrival"
+                  f" {statistics.median(r['arrival_rate'] for r in peers['gateway'].runs):.1f}" if "gateway" in args.peers else ""))
         print("  sending K took (ms, median): " + ", ".join(
-            f"{name} {statistics.median(r['enqueue_s'] for r in peers[name].runs) * 1000:.0f}" for name in PEERS))
+            f"{name} {statistics.median(r['enqueue_s'] for r in peers[name].runs) * 1000:.0f}" for name in args.peers))
         if args.sequential:
             print(f"\none at a time ({args.sequential} per peer, {SEQUENTIAL_GAP * 1000:g} ms apart), send to arrival at the receiver"
                   " (gateway: each delivery made just before; events peers: POST to arrival):")
-            for name in PEERS:
+            for name in args.peers:
                 seq = peers[name].sequential
                 extra = (f"   send to row finished_at p50 {ms(seq['recorded'], 50):.2f} ms" if "recorded" in seq else "")
                 print(f"  {name:<16}p50 {ms(seq['latency'], 50):6.2f} ms  p99 {ms(seq['latency'], 99):6.2f} ms{extra}")
         problems = []
-        for name in PEERS:
+        for name in args.peers:
             runs = peers[name].runs + ([peers[name].sequential] if peers[name].sequential else [])
             for key, what in (("duplicates", "webhook-ids seen twice"), ("unknown", "unexpected requests"),
                               ("missing", "expected webhook-ids that never arrived"),
@@ -1232,6 +1236,8 @@ def report(args, measured: dict, redis_url: str) -> None:
         for problem in problems:
             print(f"WARNING: {problem}")
         for name in GATEWAY_PEERS:
+            if name not in args.peers:
+                continue
             for run in peers[name].runs + ([peers[name].sequential] if peers[name].sequential else []):
                 for line in run.get("failed_attempts", []):
                     print(f"  {name}: failed attempt {line}")
@@ -1247,7 +1253,7 @@ def report(args, measured: dict, redis_url: str) -> None:
 def report_spy(spied: dict) -> None:
     run, total = spied["run"], max(spied["total"], 1)
     per = 1000 / SPY_RATE / run["count"]  # ms per delivery that one sample stands for
-    print(f"\npy-spy on the gateway worker (main + pool processes), one more gateway burst of {run['count']}"
+    print(f"\npy-spy on the gateway worker (main + pool processes), one more {spied['peer']} burst of {run['count']}"
           f" ({run['rate']:.1f} deliveries/s, {run['worker_cpu']:.2f} ms worker CPU per delivery, not in the rates above);"
           f" {spied['total']} samples at {SPY_RATE} Hz;")
     print("py-spy's default (no --idle) leaves out a thread waiting for work, not one waiting for the CPU or the disk:"
@@ -1321,10 +1327,16 @@ def main() -> int:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="then deliver N in this process in two shapes, stages timed, and N more under cProfile (default 0: no)")
     parser.add_argument("--py-spy", nargs="?", const=shutil.which("py-spy") or "py-spy", default=None, metavar="PATH",
-                        help="then sample the gateway worker with py-spy during one more gateway burst (default: py-spy on PATH)")
+                        help="then sample the gateway worker with py-spy during one more burst of the first gateway peer of --peers (default: py-spy on PATH)")
+    parser.add_argument("--peers", default=",".join(PEERS), metavar="A,B",
+                        help=f"the peers to run, comma-separated (default: all, {','.join(PEERS)}); a target is reported when both its peers ran")
     parser.add_argument("--logs", type=Path, default=None, metavar="DIR",
                         help="copy the processes' output (workers, beat, web, receiver) to DIR at the end (default: not kept)")
     args = parser.parse_args()
+    wanted = {name.strip() for name in args.peers.split(",") if name.strip()}
+    if wanted - set(PEERS) or not wanted:
+        parser.error(f"--peers: choose among {', '.join(PEERS)} (got {args.peers!r})")
+    args.peers = tuple(name for name in PEERS if name in wanted)
     if args.py_spy and not shutil.which(args.py_spy):
         parser.error(f"py-spy not found at {args.py_spy!r} (pip install py-spy)")
     if args.py_spy and args.rounds <= 0:
