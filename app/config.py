@@ -136,6 +136,9 @@ def defaults(app: Flask) -> dict:
         "WEBHOOK_SWEEP_INTERVAL": 3600.0,  # how often beat deletes old deliveries
         "WEBHOOK_RETENTION": 30 * 24 * 3600.0,  # finished deliveries, attempts and messages are kept this long
         "WEBHOOK_MAX_PAYLOAD": 256 * 1024,  # an event's data, as JSON
+        # Postgres: an event is answered once its message is committed; true: once its commit is
+        # also on disk (README, "How deliveries survive failures").
+        "WEBHOOK_EVENT_SYNCHRONOUS_COMMIT": False,
         "WEBHOOK_MAX_ENDPOINTS": 100,  # per consumer
         # The SSRF guard: only https receivers with public addresses, unless these allow more.
         "WEBHOOK_ALLOW_HTTP": False,  # http:// URLs too (development)

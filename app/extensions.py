@@ -222,17 +222,33 @@ def driver_alone() -> Iterator[psycopg.Cursor]:
         pooled.close()
 
 
-def insert_alone(table: Table, values: dict) -> None:
+# Sent before a statement in the same simple query: Postgres runs the statements of one simple
+# query as one implicit transaction ("Multiple Statements in a Simple Query", protocol docs), so
+# SET LOCAL applies to that statement's commit alone, in the same round trip.
+_ASYNC_COMMIT = "SET LOCAL synchronous_commit = off; "
+
+
+def insert_alone(table: Table, values: dict, synchronous_commit: bool = True) -> None:
     """Insert one row that commits by itself: on Postgres one round trip on psycopg's cursor
     (``driver_insert``, ``driver_alone``), elsewhere SQLAlchemy Core (``committed_alone``).
-    Raises IntegrityError on a conflict."""
+    Raises IntegrityError on a conflict.
+
+    With ``synchronous_commit`` False (Postgres) the commit does not wait for its WAL to reach
+    the disk (Postgres, "Asynchronous Commit"): the row is committed and visible at once, and
+    on disk within three times ``wal_writer_delay`` (0.6 s by default); a crash of Postgres
+    itself within that window loses it. The statement is then bound by psycopg on the client
+    (``ClientCursor``, its values quoted by libpq) and sent with ``_ASYNC_COMMIT``."""
     if db.engine.dialect.name != "postgresql":
         with committed_alone() as conn:
             conn.execute(insert(table), values)
         return
     statement = driver_insert(table, tuple(values))
     with driver_alone() as cursor:
-        cursor.execute(statement.sql, statement.params(values))
+        if synchronous_commit:
+            cursor.execute(statement.sql, statement.params(values))
+        else:
+            with psycopg.ClientCursor(cursor.connection) as client:
+                client.execute(_ASYNC_COMMIT + statement.sql, statement.params(values))
 
 
 def engine_options(config: dict) -> dict:

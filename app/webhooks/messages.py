@@ -30,6 +30,7 @@ from app.extensions import (
 from app.models import WebhookDelivery, WebhookEndpoint, WebhookMessage
 from app.models.base import UTCDateTime, isoformat, new_id, utcnow
 from app.models.webhooks import PENDING, SCHEDULED
+from app.webhooks.settings import settings
 
 log = logging.getLogger("frontdoor.webhooks")
 
@@ -129,7 +130,7 @@ def record_message(consumer_id: str, event_type: str, data: object, event_id: st
             db.session.execute(insert(WebhookMessage), values)
             db.session.commit()
         else:  # one statement that commits by itself; nothing is read back
-            insert_alone(WebhookMessage.__table__, values)
+            insert_alone(WebhookMessage.__table__, values, settings().event_synchronous_commit)
         return WebhookMessage(**values)
 
     return insert_once(event_id, lambda: _by_event_id(consumer_id, event_id), lambda earlier: _same(earlier, digest), write)

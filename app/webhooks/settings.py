@@ -35,6 +35,7 @@ class Settings:
     sweep_interval: float
     retention: float
     max_payload: int
+    event_synchronous_commit: bool
     max_endpoints: int
     verify: bool | str
     guard: Guard
@@ -62,6 +63,7 @@ class Settings:
             sweep_interval=float(config["WEBHOOK_SWEEP_INTERVAL"]),
             retention=float(config["WEBHOOK_RETENTION"]),
             max_payload=int(config["WEBHOOK_MAX_PAYLOAD"]),
+            event_synchronous_commit=bool(config["WEBHOOK_EVENT_SYNCHRONOUS_COMMIT"]),
             max_endpoints=int(config["WEBHOOK_MAX_ENDPOINTS"]),
             verify=config["WEBHOOK_CA_BUNDLE"] or bool(config["WEBHOOK_VERIFY_TLS"]),
             guard=Guard(allow_http=bool(config["WEBHOOK_ALLOW_HTTP"]), allowed=parse_networks(networks)),

@@ -58,11 +58,14 @@ def test_a_pooled_connection_is_tested_only_after_it_was_idle_and_replaced_when_
 
 
 @pytest.mark.postgres
-def test_statements_on_psycopgs_cursor_store_what_core_would_and_fail_as_sqlalchemy_does(postgres_database):
+@pytest.mark.parametrize("synchronous_commit", [True, False], ids=["synchronous", "asynchronous"])
+def test_statements_on_psycopgs_cursor_store_what_core_would_and_fail_as_sqlalchemy_does(postgres_database, synchronous_commit):
     """``insert_alone`` on Postgres runs on psycopg's cursor: the row reads back as a Core
     insert's would (JSON, SQL NULL for a ``none_as_null`` column, times as naive UTC), a
     conflict is SQLAlchemy's IntegrityError (what ``insert_once`` catches), and a connection
-    the server dropped is an OperationalError that is not handed out again."""
+    the server dropped is an OperationalError that is not handed out again. Without a
+    synchronous commit (values bound on the client) the same holds, and the pooled connection
+    keeps the server's setting for the next statement."""
     app = Flask(__name__)
     app.config.update(SQLALCHEMY_DATABASE_URI=postgres_database.replace("postgresql://", "postgresql+psycopg://", 1))
     db.init_app(app)
@@ -78,16 +81,18 @@ def test_statements_on_psycopgs_cursor_store_what_core_would_and_fail_as_sqlalch
     with app.app_context():
         metadata.create_all(db.engine)
         at = datetime(2026, 12, 7, 13, 0, 1, 500000, tzinfo=timezone(timedelta(hours=2)))
-        insert_alone(table, {"id": "a", "data": {"k": [1, "é"]}, "nothing": None, "at": at, "body": b"\x00\xff"})
-        insert_alone(table, {"id": "b", "data": None, "nothing": None, "at": None, "body": None})
+        insert_alone(table, {"id": "a", "data": {"k": [1, "é", "it's; DROP"]}, "nothing": None, "at": at, "body": b"\x00\xff'"}, synchronous_commit)
+        insert_alone(table, {"id": "b", "data": None, "nothing": None, "at": None, "body": None}, synchronous_commit)
         with db.engine.connect() as conn:
             rows = {row.id: row for row in conn.execute(select(table, table.c.data.is_(None).label("sql_null"), text("nothing IS NULL AS nothing_null")))}
-        assert rows["a"].data == {"k": [1, "é"]} and rows["a"].body == b"\x00\xff"
+            setting = conn.exec_driver_sql("SHOW synchronous_commit").scalar_one()
+        assert setting == "on"  # SET LOCAL lasted for its own statement only
+        assert rows["a"].data == {"k": [1, "é", "it's; DROP"]} and rows["a"].body == b"\x00\xff'"
         assert rows["a"].at == at.astimezone(UTC)
         assert rows["a"].nothing_null and rows["b"].nothing_null  # none_as_null: SQL NULL
         assert rows["b"].data is None and not rows["b"].sql_null  # JSON null, as Core stores None
         with pytest.raises(IntegrityError):
-            insert_alone(table, {"id": "a", "data": {}, "nothing": None, "at": None, "body": None})
+            insert_alone(table, {"id": "a", "data": {}, "nothing": None, "at": None, "body": None}, synchronous_commit)
 
         with db.engine.connect() as conn:
             backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
