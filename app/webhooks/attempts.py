@@ -699,52 +699,87 @@ def disable(endpoint, reason: str, now: datetime) -> str | None:
 
 def deliver(ids: Sequence[str] | None = None, drain: float = DRAIN) -> dict[str, int]:
     """Claim, send and record batches of due deliveries (the first only among ``ids`` when
-    given: the ones a fan-out or a redelivery just made due) while any are due, for up to
-    ``drain`` seconds; then, if work was still being found, send a deliver message to carry on.
-    Returns counts of the new statuses."""
+    given: the ones a fan-out or a redelivery just made due) while a batch may have left some
+    due, for up to ``drain`` seconds; then, if work was still being found, send a deliver
+    message to carry on. Returns counts of the new statuses.
+
+    Work that becomes due later comes with a message of its own (a fan-out, a redelivery,
+    beat's dispatch of retries), so a batch that took everything it was asked for and filled
+    no endpoint's share ends the loop, once its endpoints have no due delivery with a free slot
+    (``_claimable``: one read instead of a claim that finds nothing)."""
     config = settings()
     started = time.monotonic()
     counts: dict[str, int] = {}
-    first, helped = True, False
+    helped = False
+    sent_to: set[str] = set()  # the last batch's endpoints
     while True:
-        works = claim(config.batch_size, ids if first else None)
-        if works and not helped and max(Counter(work.endpoint_id for work in works).values()) >= _share(config):
-            # An endpoint had more due than one claim takes: another worker's batch can be sent
-            # while this one's is recorded.
-            helped = wake()
-        if works:
-            for status in record(works, send_batch(works)).values():
-                counts[status] = counts.get(status, 0) + 1
-        elif not first:
+        works = claim(config.batch_size, ids)
+        if not works:
+            if ids is not None:  # none of those is due any more: the rest may be
+                ids = None
+                continue
             # A claim skips an endpoint another worker is claiming at that moment (which may
             # count slots this one is about to free, or take only its own deliveries): if one
-            # with free slots still has deliveries due, hand them on at once rather than leave
-            # them to beat's next pass. Not from a task that found nothing to do, so that two
-            # such tasks never wake each other in turn.
-            if (counts or ids) and _claimable(config):
+            # this worker just freed still has deliveries due, hand them on at once rather than
+            # leave them to beat's next pass.
+            if sent_to and _claimable(sent_to):
                 wake()
             return counts
-        first = False
+        left = _left_due(works, ids, config)
+        if left >= _share(config) and not helped:
+            # Another worker's batch can be sent while this one's is recorded.
+            helped = wake()
+        for status in record(works, send_batch(works)).values():
+            counts[status] = counts.get(status, 0) + 1
         if time.monotonic() - started >= drain:
             wake()
             return counts
+        sent_to = {work.endpoint_id for work in works}
+        if not left and not _claimable(sent_to):
+            return counts
+        ids = None
 
 
-def _claimable(config) -> bool:
-    """Whether an enabled endpoint with a free slot has a delivery pending and due now."""
-    d, now = WebhookDelivery, utcnow()
-    busy = select(func.count()).where(in_flight(WebhookEndpoint.id, now)).correlate(WebhookEndpoint).scalar_subquery()
-    found = db.session.connection().execute(
-        select(WebhookEndpoint.id)
-        .where(
-            WebhookEndpoint.disabled.is_(False),
-            select(d.id).where(d.endpoint_id == WebhookEndpoint.id, d.status == PENDING, d.next_attempt_at <= now).exists(),
-            busy < config.endpoint_concurrency,
-        )
-        .limit(1)
-    ).first()
+def _left_due(works: list[Claim], ids: Sequence[str] | None, config) -> int:
+    """How many due deliveries the claim that took ``works`` may have left behind: those of
+    ``ids`` it did not take; without ``ids``, a share's worth when it filled the batch or an
+    endpoint's share (there may be more), else none."""
+    if ids is not None:
+        return len(set(ids)) - len(works)
+    if len(works) >= config.batch_size or max(Counter(work.endpoint_id for work in works).values()) >= _share(config):
+        return _share(config)
+    return 0
+
+
+def _claimable(endpoint_ids: set[str]) -> bool:
+    """Whether one of these endpoints (enabled) has a delivery pending and due now, and a free
+    slot: one statement, on Postgres autocommitted on psycopg's cursor."""
+    postgres = db.engine.dialect.name == "postgresql"
+    params = {"endpoints": list(endpoint_ids), "now": utcnow(), "cap": settings().endpoint_concurrency}
+    if postgres:
+        statement = _claimable_statement(True, True)
+        with driver_alone() as cursor:
+            return cursor.execute(statement.sql, statement.params(params)).fetchone() is not None
+    found = db.session.connection().execute(_claimable_statement(False, False), params).first()
     db.session.rollback()
     return found is not None
+
+
+@functools.lru_cache(maxsize=2)
+def _claimable_statement(postgres: bool, compiled: bool):
+    d, now = WebhookDelivery, bindparam("now", type_=UTCDateTime())
+    busy = select(func.count()).where(in_flight(WebhookEndpoint.id, now)).correlate(WebhookEndpoint).scalar_subquery()
+    statement = (
+        select(WebhookEndpoint.id)
+        .where(
+            among(WebhookEndpoint.id, "endpoints", postgres),
+            WebhookEndpoint.disabled.is_(False),
+            select(d.id).where(d.endpoint_id == WebhookEndpoint.id, d.status == PENDING, d.next_attempt_at <= now).exists(),
+            busy < bindparam("cap", type_=Integer()),
+        )
+        .limit(1)
+    )
+    return DriverStatement.of(statement) if compiled else statement
 
 
 def wake(ids: Sequence[str] | None = None) -> bool:

@@ -144,3 +144,26 @@ def test_a_claim_that_takes_an_endpoints_share_asks_another_worker_to_help_once(
     assert counts == {"succeeded": 6}  # three batches of two
     assert enqueued.wakes == 1  # after the first: another worker's batch can overlap; not again
     assert {hooks.delivery(delivery_id).status for delivery_id in deliveries} == {"succeeded"}
+
+
+@BOTH
+def test_a_task_for_new_deliveries_claims_again_only_while_their_endpoints_have_more_due(make_hooks, make_receiver, enqueued):
+    """A deliver task named for a fan-out's deliveries sends them; it claims again only when
+    the endpoints it sent to have more due (their slots are free again), and then takes
+    whatever is due. Work due only elsewhere came with a message of its own (or waits for
+    beat's next pass): the task ends without claiming for it, and hands nothing on."""
+    hooks = make_hooks()
+    consumer, other = hooks.consumer(), hooks.consumer()
+    hooks.endpoint(consumer, make_receiver().url)
+    hooks.endpoint(other, make_receiver().url)
+    elsewhere = hooks.publish(other)[0]  # due, and no task has taken it
+    new = hooks.publish(consumer)[0]
+
+    assert hooks.call(attempts.deliver, [new]) == {"succeeded": 1}
+    assert (hooks.delivery(new).status, hooks.delivery(elsewhere).status) == ("succeeded", "pending")
+
+    waiting = hooks.publish(consumer)[0]
+    newer = hooks.publish(consumer)[0]
+    assert hooks.call(attempts.deliver, [newer]) == {"succeeded": 3}
+    assert {hooks.delivery(delivery_id).status for delivery_id in (newer, waiting, elsewhere)} == {"succeeded"}
+    assert enqueued.wakes == 0
