@@ -9,6 +9,7 @@ of the process: it hands the gateway's own paths to the Flask app and the rest t
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -209,7 +210,7 @@ def send(response: GatewayResponse, environ: dict, start_response: Callable, don
     What werkzeug's ``Response`` does for a WSGI answer: the common case here, the rest (HEAD,
     1xx, 204, 304, Location fields) through it."""
     status, headers = response.status, response.headers
-    if environ["REQUEST_METHOD"] == "HEAD" or status < 200 or status in (204, 304) or "location" in present or "content-location" in present:
+    if environ["REQUEST_METHOD"] == "HEAD" or status < 200 or status in (204, 304) or not _locations_are_uris(headers, present):
         # Not direct_passthrough: werkzeug would then hand the bare iterator to the server and
         # never run the call_on_close callbacks.
         wrapped = Response(response.body, status=status)
@@ -223,6 +224,19 @@ def send(response: GatewayResponse, environ: dict, start_response: Callable, don
         fields.append(("Content-Length", str(sum(len(chunk) for chunk in body))))
     start_response(f"{status} {HTTP_STATUS_CODES.get(status, 'unknown').upper()}", fields)
     return ClosingIterator(body, [response.close, done])
+
+
+# The characters a URI is made of (RFC 3986 section 2): werkzeug's Response sends a Location or
+# Content-Location of only these as it is (its iri_to_uri quotes anything else).
+_URI = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*")
+
+
+def _locations_are_uris(headers: Headers, present: set[str]) -> bool:
+    """Whether ``headers`` (lower-case names ``present``) hold no Location or Content-Location
+    that werkzeug's Response would rewrite: such an answer is sent without one (a job's 202)."""
+    if "location" not in present and "content-location" not in present:
+        return True
+    return all(_URI.fullmatch(value) for name, value in headers.items() if name.lower() in ("location", "content-location"))
 
 
 def _raw_path(environ: dict, path: str) -> str:

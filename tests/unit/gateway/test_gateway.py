@@ -191,3 +191,20 @@ def test_route_matching_is_case_sensitive(make_app, upstream):
 
     assert client.get("/private/things").status_code == 401
     assert client.get("/PRIVATE/things").status_code == 200  # another path: the catch-all's
+
+
+@pytest.mark.parametrize(
+    ("sent", "received"),
+    [
+        ("/dest/items?page=2#top", "/dest/items?page=2#top"),  # a URI already: as it came
+        ("http://other.example/a%20b;c=1", "http://other.example/a%20b;c=1"),
+        ("/dest/a b", "/dest/a%20b"),  # not a URI: quoted as werkzeug's Response does (RFC 3986)
+        ("/dest/\u00e4", "/dest/%C3%A4"),
+    ],
+)
+def test_an_upstreams_location_reaches_the_client_as_a_uri(client, upstream, sent, received):
+    upstream.replace("GET", re.compile("/.*"), status=302, headers={"Location": sent, "Content-Location": sent})
+    response = client.get("/anything")
+    assert response.status_code == 302
+    assert response.headers["Location"] == received
+    assert response.headers["Content-Location"] == received
