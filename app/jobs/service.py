@@ -29,7 +29,7 @@ from app.jobs.resource import item_counts, job_json, status_url
 from app.jobs.settings import settings
 from app.jobs.waiting import announce
 from app.models import Job, JobEvent, JobItem
-from app.models.base import new_id, utcnow
+from app.models.base import new_id, utcnow, written
 from app.models.jobs import BATCH, CANCELED, NOT_STARTED, REQUEST, RUNNING
 from app.observability import metrics
 
@@ -118,7 +118,7 @@ def _write(
     session = db.session
     if kind == REQUEST and not session().in_transaction():
         insert_alone(Job.__table__, values)
-        return Job(**values)
+        return written(Job, values)
     # A batch's rows, or a request whose caller has a transaction open (its writes commit with the job).
     session.execute(insert(Job.__table__), values)
     if kind == BATCH:
@@ -141,7 +141,7 @@ def _write(
             ],
         )
     session.commit()
-    return Job(**values)
+    return written(Job, values)
 
 
 def replay_of(key: str, principal: Principal | None) -> bool:

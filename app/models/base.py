@@ -3,11 +3,27 @@ from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from sqlalchemy import DateTime
+from sqlalchemy.orm import configure_mappers
+from sqlalchemy.orm.instrumentation import manager_of_class
 from sqlalchemy.types import TypeDecorator
 
 from app.extensions import naive_utc
+
+Model = TypeVar("Model")
+
+
+def written(model: type[Model], values: dict) -> Model:
+    """An instance of ``model`` holding ``values``, a row just inserted, to be read (never added
+    to a session: it is transient). Made without the per-attribute events ``model(**values)``
+    runs (about 30 µs for a job's 25 columns, on every submission); columns not in ``values``
+    read None."""
+    configure_mappers()  # what model(...) would do first: a no-op once the mappers are set up
+    instance = manager_of_class(model).new_instance()
+    instance.__dict__.update(values)
+    return instance
 
 
 def new_id(prefix: str) -> str:

@@ -28,7 +28,7 @@ from app.extensions import (
     redis_client,
 )
 from app.models import WebhookDelivery, WebhookEndpoint, WebhookMessage
-from app.models.base import UTCDateTime, isoformat, new_id, utcnow
+from app.models.base import UTCDateTime, isoformat, new_id, utcnow, written
 from app.models.webhooks import PENDING, SCHEDULED
 from app.webhooks.settings import settings
 
@@ -131,7 +131,7 @@ def record_message(consumer_id: str, event_type: str, data: object, event_id: st
             db.session.commit()
         else:  # one statement that commits by itself; nothing is read back
             insert_alone(WebhookMessage.__table__, values, settings().event_synchronous_commit)
-        return WebhookMessage(**values)
+        return written(WebhookMessage, values)
 
     return insert_once(event_id, lambda: _by_event_id(consumer_id, event_id), lambda earlier: _same(earlier, digest), write)
 

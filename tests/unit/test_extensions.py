@@ -1,6 +1,8 @@
 """Pooled database connections: tested on checkout only after they were idle; statements on psycopg's cursor."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -104,3 +106,17 @@ def test_statements_on_psycopgs_cursor_store_what_core_would_and_fail_as_sqlalch
         insert_alone(table, {"id": "c", "data": {}, "nothing": None, "at": None, "body": None})  # a new connection
         metadata.drop_all(db.engine)
         db.engine.dispose()
+
+
+def test_a_written_row_reads_like_the_models_instance_even_first_thing_in_a_new_process():
+    """``written`` makes the object a submission answers with; in a fresh process (a gunicorn
+    worker's first request) the mappers are not configured yet, and it must configure them as
+    ``Job(...)`` would. Run in a new interpreter, where nothing has touched the ORM before."""
+    code = (
+        "from app.models import Job; from app.models.base import written\n"
+        "job = written(Job, {'id': 'job_1', 'status': 'succeeded', 'progress': 100})\n"
+        "print(job.id, job.status, job.progress, job.started_at, job.final)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["job_1", "succeeded", "100", "None", "True"]
