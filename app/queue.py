@@ -35,7 +35,10 @@ def send(task: str, args: Sequence[str] = (), retry_policy: dict | None = None) 
     app's Celery broker, retrying a failed publish per ``retry_policy`` (default SEND_RETRY).
     Raises whatever the broker raises once the retries are spent."""
     celery = current_app.extensions["celery"]
-    celery.send_task(task, args=tuple(args), retry_policy=SEND_RETRY if retry_policy is None else retry_policy)
+    args = tuple(args)
+    # argsrepr (shown by monitoring tools) as Celery would make it; its saferepr, built for
+    # arguments of any size, costs more than the ids these are.
+    celery.send_task(task, args=args, retry_policy=SEND_RETRY if retry_policy is None else retry_policy, argsrepr=repr(args), kwargsrepr="{}")
 
 
 def send_each(task: str, ids: list[str], what: str, unsent: Callable[[list[str]], Executable] | None = None) -> list[str]:
