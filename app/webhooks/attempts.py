@@ -4,8 +4,9 @@ A batch is claimed with one ``UPDATE ... RETURNING`` that also reads what the at
 message, the endpoint's URL and secrets), takes each delivery's attempt number (the fencing
 token every later write is conditional on) and a lease, and honours each endpoint's
 WEBHOOK_ENDPOINT_CONCURRENCY. Its deliveries are sent concurrently over kept-alive connections
-(``sender.Pools``), each to the address the SSRF guard checked just before. Their outcomes are
-written back with one multi-row insert of attempts, one update of the deliveries and one commit.
+(``sender.Pools``), each to the address the SSRF guard checked just before (once per URL and
+batch: ``_Checked``). Their outcomes are written back with one multi-row insert of attempts,
+one update of the deliveries and one commit.
 A worker that dies mid-batch leaves the leases to lapse; the dispatcher records those attempts
 as lost and schedules the next, so a delivery is never stranded. Retries are a due time on the
 row, never a Celery countdown (DESIGN, "Worker rules"). On Postgres the claim's and the record's
@@ -22,8 +23,8 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -61,7 +62,7 @@ from app.models.base import UTCDateTime, isoformat, new_id, utcnow
 from app.models.webhooks import FAILED, PENDING, SCHEDULED, SENDING, SUCCEEDED, TEST
 from app.observability import metrics, tracing
 from app.webhooks import endpoints, messages, secrets
-from app.webhooks.guard import UnsafeURL
+from app.webhooks.guard import Guard, Target, UnsafeURL
 from app.webhooks.sender import Result, send
 from app.webhooks.settings import ATTEMPT_MARGIN, DRAIN, SecretKeyUnset, settings
 
@@ -345,19 +346,19 @@ def _threads(size: int) -> ThreadPoolExecutor:
         return _executor
 
 
-def attempt(work: Claim, signing: list[str] | Sent, config, trace: list[tuple[str, str]] = ()) -> Sent:
+def attempt(work: Claim, signing: list[str] | Sent, config, trace: list[tuple[str, str]] = (), check: Callable[[str], Target] | None = None) -> Sent:
     """Sign and send one claimed delivery with ``signing`` (its endpoint's secrets, or the
     failed attempt reading them was: ``signing_for``); never raises. Needs no app context
     (``config``: the app's webhook Settings), so a sending thread runs it as it is.
 
-    The URL is checked again (resolved, every address public or allowed) and the request goes
-    to the address checked. A secret that cannot be read or a URL refused is a failed attempt
-    that sent nothing.
+    The URL is checked again (resolved, every address public or allowed: ``check``, by default
+    the guard's own) and the request goes to the address checked. A secret that cannot be read
+    or a URL refused is a failed attempt that sent nothing.
     """
     if isinstance(signing, Sent):
         return signing
     try:
-        target = config.guard.check(work.url)
+        target = (check or config.guard.check)(work.url)
     except UnsafeURL as exc:
         return Sent(Result(None, 0, error=f"refused: {exc}"[:500]))
     timestamp = utcnow()
@@ -386,6 +387,31 @@ def signing_for(works: list[Claim]) -> dict[str, list[str] | Sent]:
     return found
 
 
+class _Checked:
+    """The SSRF guard's verdicts for one batch: each URL is resolved and checked once, by the
+    first of its attempts, just before they are sent; the batch's other attempts to it wait
+    for that verdict and connect to the address it checked."""
+
+    def __init__(self, guard: Guard):
+        self.guard = guard
+        self.lock = threading.Lock()
+        self.verdicts: dict[str, Future] = {}
+
+    def __call__(self, url: str) -> Target:
+        """The guard's Target for ``url``; raises what its check raised (UnsafeURL)."""
+        with self.lock:
+            verdict = self.verdicts.get(url)
+            first = verdict is None
+            if first:
+                verdict = self.verdicts[url] = Future()
+        if first:
+            try:
+                verdict.set_result(self.guard.check(url))
+            except BaseException as exc:  # noqa: BLE001 - the waiting attempts get it too, raised again
+                verdict.set_exception(exc)
+        return verdict.result()
+
+
 def send_batch(works: list[Claim]) -> list[Sent]:
     """Make the claimed attempts at once (one thread each, up to WEBHOOK_BATCH_SIZE); return
     what each saw, in order. An attempt not done within WEBHOOK_TIMEOUT + ATTEMPT_MARGIN
@@ -403,7 +429,8 @@ def send_batch(works: list[Claim]) -> list[Sent]:
         except SoftTimeLimitExceeded:
             return [late]
     pool = _threads(config.batch_size)
-    pending = [pool.submit(attempt, work, signing[work.endpoint_id], config, trace) for work in works]
+    check = _Checked(config.guard)
+    pending = [pool.submit(attempt, work, signing[work.endpoint_id], config, trace, check) for work in works]
     try:
         wait_for(pending, timeout=limit)
     except SoftTimeLimitExceeded:

@@ -167,3 +167,51 @@ def test_a_task_for_new_deliveries_claims_again_only_while_their_endpoints_have_
     assert hooks.call(attempts.deliver, [newer]) == {"succeeded": 3}
     assert {hooks.delivery(delivery_id).status for delivery_id in (newer, waiting, elsewhere)} == {"succeeded"}
     assert enqueued.wakes == 0
+
+
+@BOTH
+def test_a_batch_resolves_and_checks_each_url_once_and_sends_every_attempt_to_that_address(make_hooks, make_receiver, enqueued):
+    hooks = make_hooks(WEBHOOK_ENDPOINT_CONCURRENCY=8)
+    consumer = hooks.consumer()
+    first, second = make_receiver(), make_receiver()
+    hooks.endpoint(consumer, first.url)
+    hooks.endpoint(consumer, second.url)
+    for _ in range(3):
+        hooks.publish(consumer)  # one delivery to each endpoint per message
+    guard = hooks.app.extensions["webhooks"].guard
+    resolved: list[str] = []
+    real = guard.resolver
+
+    def resolver(host: str, port: int) -> list[str]:
+        resolved.append(f"{host}:{port}")
+        return real(host, port)
+
+    guard.resolver = resolver
+    try:
+        statuses = hooks.batch()
+    finally:
+        guard.resolver = real
+
+    assert sorted(statuses.values()) == ["succeeded"] * 6
+    assert sorted(resolved) == sorted(f"127.0.0.1:{receiver.server.server_address[1]}" for receiver in (first, second))
+    assert len(first.received) == len(second.received) == 3
+
+
+@BOTH
+def test_a_url_the_guard_refuses_fails_every_attempt_of_the_batch_to_it_and_sends_none(make_hooks, make_receiver, enqueued):
+    hooks = make_hooks(WEBHOOK_ENDPOINT_CONCURRENCY=8)
+    consumer = hooks.consumer()
+    receiver = make_receiver()
+    hooks.endpoint(consumer, receiver.url)
+    deliveries = [hooks.publish(consumer)[0] for _ in range(3)]
+    guard = hooks.app.extensions["webhooks"].guard
+    real = guard.resolver
+    guard.resolver = lambda host, port: ["169.254.169.254"]  # rebound to the metadata address
+    try:
+        statuses = hooks.batch()
+    finally:
+        guard.resolver = real
+
+    assert set(statuses) == set(deliveries)
+    assert receiver.received == []
+    assert {attempt.error.split(":")[0] for delivery_id in deliveries for attempt in hooks.attempts(delivery_id)} == {"refused"}

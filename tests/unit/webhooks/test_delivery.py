@@ -200,7 +200,7 @@ def test_an_attempt_cut_by_the_soft_time_limit_is_recorded_as_failed_and_retried
     hooks.endpoint(consumer, receiver.url)
     (delivery_id,) = hooks.publish(consumer)
 
-    def hung(work, signing, config, trace=()):  # stuck outside the HTTP exchange (a DNS lookup that never returns)
+    def hung(work, signing, config, trace=(), check=None):  # stuck outside the HTTP exchange (a DNS lookup that never returns)
         raise SoftTimeLimitExceeded
 
     monkeypatch.setattr(attempts, "attempt", hung)
