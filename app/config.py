@@ -129,6 +129,9 @@ def defaults(app: Flask) -> dict:
         # Deliveries a worker process claims and sends at once (one statement claims them, one
         # records them); each is sent on a thread of its own, over pooled keep-alive connections.
         "WEBHOOK_BATCH_SIZE": 20,
+        # Seconds a fan-out waits for more events when they arrive faster than fan-outs start
+        # (never for one event at a time, nor for a backlog): bigger batches, this much later.
+        "WEBHOOK_FAN_OUT_LINGER": 0.02,
         # An attempt not recorded by then is taken as lost and retried; at least WEBHOOK_TIMEOUT + 6.
         "WEBHOOK_LEASE": 60.0,
         "WEBHOOK_REQUEUE_AFTER": 30.0,  # a due delivery or a message enqueued but not picked up by then is sent again

@@ -29,6 +29,7 @@ class Settings:
     secret_overlap: float
     endpoint_concurrency: int
     batch_size: int
+    fan_out_linger: float
     lease: float
     requeue_after: float
     dispatch_interval: float
@@ -57,6 +58,7 @@ class Settings:
             secret_overlap=float(config["WEBHOOK_SECRET_OVERLAP"]),
             endpoint_concurrency=max(1, int(config["WEBHOOK_ENDPOINT_CONCURRENCY"])),
             batch_size=max(1, int(config["WEBHOOK_BATCH_SIZE"])),
+            fan_out_linger=max(0.0, float(config["WEBHOOK_FAN_OUT_LINGER"])),
             lease=lease_for(config),
             requeue_after=float(config["WEBHOOK_REQUEUE_AFTER"]),
             dispatch_interval=float(config["WEBHOOK_DISPATCH_INTERVAL"]),

@@ -218,6 +218,13 @@ class Enqueued:
         self.wakes = 0
 
 
+@pytest.fixture(autouse=True)
+def fan_outs_start_afresh(monkeypatch):
+    """What a process's last fan-out took (it decides whether the next one lingers) is not
+    carried from one test to the next."""
+    monkeypatch.setattr(messages, "_last_taken", 0)
+
+
 @pytest.fixture
 def enqueued(monkeypatch) -> Enqueued:
     found = Enqueued()

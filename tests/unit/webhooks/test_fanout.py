@@ -1,6 +1,9 @@
 """Fan-out: a message becomes one delivery per matching enabled endpoint of its consumer; job events become messages."""
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from app.extensions import db
@@ -266,3 +269,38 @@ def test_a_fan_out_whose_own_message_was_taken_still_asks_for_another_when_it_to
     assert enqueued.messages == [first]  # more may be waiting: another fan-out is asked for
     assert [row["fanned_out"] for row in hooks.messages()] == [True, True, False]
     assert (second, third) == (hooks.messages()[1]["id"], hooks.messages()[2]["id"])
+
+
+@BOTH
+def test_a_fan_out_lingers_for_more_events_only_while_they_arrive_faster_than_fan_outs_start(make_hooks, receiver, enqueued):
+    hooks = make_hooks(WEBHOOK_FAN_OUT_LINGER=0.6, WEBHOOK_BATCH_SIZE=4)
+    consumer = hooks.consumer()
+    hooks.endpoint(consumer, receiver.url)
+
+    def fan_out(message_id: str) -> tuple[int, float]:
+        started = time.monotonic()
+        made = hooks.call(fan_out_task, message_id)
+        return made, time.monotonic() - started
+
+    first = [hooks.message(consumer) for _ in range(2)]
+    made, took = fan_out(first[0])  # nothing before it: at once
+    assert made == 2 and took < 0.5
+
+    # The last one took several, not a batch: the next waits, and what is published meanwhile joins it.
+    late = threading.Timer(0.1, hooks.message, (consumer,))
+    late.start()
+    made, took = fan_out(hooks.message(consumer))
+    late.join()
+    assert made == 2 and took >= 0.6
+
+    made, took = fan_out(hooks.message(consumer))  # still after a take of two: it waits, alone
+    assert made == 1 and took >= 0.6
+    made, took = fan_out(hooks.message(consumer))  # one at a time again: no wait
+    assert made == 1 and took < 0.5
+
+    backlog = [hooks.message(consumer) for _ in range(6)]
+    made, took = fan_out(backlog[0])  # after a take of one: at once, a full batch
+    assert made == 4 and took < 0.5
+    made, took = fan_out(backlog[4])  # after a full batch (a backlog): at once
+    assert made == 2 and took < 0.5
+    assert {row.status for row in hooks.deliveries()} == {"succeeded"}
