@@ -177,21 +177,22 @@ def fan_out_later(message_ids: list[str]) -> None:
     queue.send_each(queue.FAN_OUT, message_ids, "fan-out")
 
 
-# Messages the last fan-out of this process took (a Celery pool process runs one task at a time).
-_last_taken = 0
+# Whether the last fan-out of this process took several messages but had room for more: events
+# arriving faster than fan-outs start, not a backlog (a Celery pool process runs one task at a time).
+_streaming = False
 
 
 def taking_fan_outs() -> None:
     """Clear the pending mark as a fan-out starts, before it reads the waiting messages: a
     message committed after that read sees no mark and sends a fan-out of its own.
 
-    When this process's last fan-out took several messages but not a batch (events arriving
-    faster than fan-outs start, not a backlog), first wait WEBHOOK_FAN_OUT_LINGER seconds with
+    When this process's last fan-out took several messages and had room for more (events
+    arriving faster than fan-outs start, not a backlog), first wait WEBHOOK_FAN_OUT_LINGER seconds with
     the mark still set: the events published meanwhile join this batch, rather than every few
     of them paying a task, a claim and a record of their own (as Kafka's producers linger).
     One event at a time, or a backlog, never waits."""
     config = settings()
-    if config.fan_out_linger > 0 and 1 < _last_taken < config.batch_size:
+    if config.fan_out_linger > 0 and _streaming:
         time.sleep(config.fan_out_linger)
     client = redis_client(current_app)
     if client is not None:
@@ -236,10 +237,11 @@ def fan_out(message_id: str, more: int = 0) -> list[str]:
             conn.execute(insert(WebhookDelivery), rows)
         db.session.commit()
     if more > 0:
-        global _last_taken
-        _last_taken = len(claimed)
-    if more > 0 and sum(1 for message in claimed if message.id != message_id) >= more:
-        fan_out_later([message_id])  # it took as many others as it could: more may be waiting
+        full = sum(1 for message in claimed if message.id != message_id) >= more
+        global _streaming
+        _streaming = len(claimed) > 1 and not full
+        if full:
+            fan_out_later([message_id])  # it took as many others as it could: more may be waiting
     return [row["id"] for row in rows]
 
 

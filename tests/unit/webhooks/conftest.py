@@ -222,7 +222,7 @@ class Enqueued:
 def fan_outs_start_afresh(monkeypatch):
     """What a process's last fan-out took (it decides whether the next one lingers) is not
     carried from one test to the next."""
-    monkeypatch.setattr(messages, "_last_taken", 0)
+    monkeypatch.setattr(messages, "_streaming", False)
 
 
 @pytest.fixture
