@@ -259,9 +259,15 @@ def engine_options(config: dict) -> dict:
     otherwise hold the request's thread for minutes) and an unanswered send after
     TCP_USER_TIMEOUT (libpq's ``tcp_user_timeout``, milliseconds). ``connect_args`` given in
     the configuration win over these. (Pooled connections are tested by ``ping_when_idle``.)
+
+    The pool keeps as many connections as a web process has threads (WEB_THREADS, at least
+    SQLAlchemy's 5): with fewer, the threads' concurrent checkouts overflow it, and each
+    overflow connection is opened for one statement and closed again on its return (a new
+    Postgres backend each time).
     """
     options = dict(config["SQLALCHEMY_ENGINE_OPTIONS"])
     if config["SQLALCHEMY_DATABASE_URI"].startswith("postgresql"):
+        options.setdefault("pool_size", max(5, int(config["WEB_THREADS"])))
         options["connect_args"] = {
             "connect_timeout": max(2, int(config["DATABASE_CONNECT_TIMEOUT"])),
             "tcp_user_timeout": TCP_USER_TIMEOUT * 1000,
