@@ -48,8 +48,10 @@ bare_jobs = Table(
 )
 
 # create_engine does not connect: each gunicorn worker and each Celery pool process (both
-# forked before their first query) opens its own connections.
-engine = create_engine(os.environ.get("BARE_DATABASE_URL", "sqlite://"))
+# forked before their first query) opens its own connections. A pool as large as the threads
+# (WEB_THREADS, as the gateway's): SQLAlchemy's default of 5 would open and close a connection
+# for each checkout past it.
+engine = create_engine(os.environ.get("BARE_DATABASE_URL", "sqlite://"), pool_size=max(5, int(os.environ.get("WEB_THREADS", "8"))))
 UPSTREAM = os.environ.get("BARE_UPSTREAM_URL", "http://127.0.0.1:9/").rstrip("/") + "/noop"
 
 celery_app = Celery("bare", broker=os.environ.get("BARE_BROKER_URL", "redis://127.0.0.1:6379/0"))

@@ -396,7 +396,7 @@ def measure(args: argparse.Namespace, tmp: Path, redis_url: str, prefix: str) ->
             )
             bare_env = child_env(
                 BARE_DATABASE_URL=db_url, BARE_BROKER_URL=redis_url, BARE_KEY_PREFIX=f"{prefix}:bare",
-                BARE_UPSTREAM_URL=base["upstream"],
+                BARE_UPSTREAM_URL=base["upstream"], WEB_THREADS=web_threads,
             )
             migrated = subprocess.run(
                 [flask, "--app", "app", "db", "upgrade"], cwd=ROOT, env=gateway_env, capture_output=True, text=True,
