@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -120,3 +121,40 @@ def test_a_written_row_reads_like_the_models_instance_even_first_thing_in_a_new_
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["job_1", "succeeded", "100", "None", "True"]
+
+
+@pytest.mark.postgres
+def test_every_thread_of_a_web_process_keeps_its_postgres_connection_between_requests(postgres_database):
+    """WEB_THREADS threads holding a connection at once, twice: the second time they get the
+    same server backends back (the pool kept them), none opened for one checkout and closed."""
+    from app.extensions import engine_options
+
+    app = Flask(__name__)
+    url = postgres_database.replace("postgresql://", "postgresql+psycopg://", 1)
+    config = {"SQLALCHEMY_DATABASE_URI": url, "SQLALCHEMY_ENGINE_OPTIONS": {}, "WEB_THREADS": 8, "DATABASE_CONNECT_TIMEOUT": 5}
+    app.config.update(SQLALCHEMY_DATABASE_URI=url, SQLALCHEMY_ENGINE_OPTIONS=engine_options(config))
+    db.init_app(app)
+
+    def backends() -> set[int]:
+        together = threading.Barrier(8)
+        found: list[int] = []
+
+        def hold() -> None:
+            with app.app_context(), db.engine.connect() as conn:
+                found.append(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+                together.wait(timeout=10)  # all eight checked out at once
+
+        threads = [threading.Thread(target=hold) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return set(found)
+
+    with app.app_context():
+        try:
+            first = backends()
+            assert len(first) == 8
+            assert backends() == first
+        finally:
+            db.engine.dispose()
