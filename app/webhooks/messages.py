@@ -187,10 +187,10 @@ def taking_fan_outs() -> None:
     message committed after that read sees no mark and sends a fan-out of its own.
 
     When this process's last fan-out took several messages and had room for more (events
-    arriving faster than fan-outs start, not a backlog), first wait WEBHOOK_FAN_OUT_LINGER seconds with
-    the mark still set: the events published meanwhile join this batch, rather than every few
-    of them paying a task, a claim and a record of their own (as Kafka's producers linger).
-    One event at a time, or a backlog, never waits."""
+    arriving faster than fan-outs start, not a backlog), first wait WEBHOOK_FAN_OUT_LINGER
+    seconds with the mark still set: the events published meanwhile join this batch, rather
+    than every few of them paying a task, a claim and a record of their own (as Kafka's
+    producers linger). One event at a time, or a backlog, never waits."""
     config = settings()
     if config.fan_out_linger > 0 and _streaming:
         time.sleep(config.fan_out_linger)
