@@ -39,7 +39,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     from app.observability import metrics, tracing
     from tasks import celery_init_app
 
-    app = Flask(__name__, instance_relative_config=True)
+    # No static route: every path outside the gateway's own goes to the proxy (a route at
+    # /static included), and the gateway serves no files of its own from there.
+    app = Flask(__name__, instance_relative_config=True, static_folder=None)
     app.config.from_mapping(config.defaults(app))
     if test_config is None:
         config.from_environment(app)

@@ -48,6 +48,7 @@ END_TO_END_SECONDS = {
     "test_slow_clients.py": 16,
     "test_api_limits.py": 5,
     "test_job_wait.py": 27,
+    "test_cli.py": 8,
 }
 NEW_MODULE_SECONDS = 30
 

@@ -1,4 +1,4 @@
-"""JSON logs on stdout, one access line per request, each carrying the request id."""
+"""JSON logs on stdout (stderr under a flask command), one access line per request, each carrying the request id."""
 from __future__ import annotations
 
 import copy
@@ -11,7 +11,9 @@ from contextvars import ContextVar
 from functools import partial
 from logging.handlers import QueueHandler, QueueListener
 
+import click
 from flask import Flask, g, has_request_context, request
+from flask.cli import FlaskGroup
 from werkzeug.wrappers import Response
 
 from app.observability import metrics
@@ -171,10 +173,17 @@ def _stdout_handler(stream) -> logging.Handler:
     return handler
 
 
+def _log_stream():
+    """stdout, where a platform collects a service's logs; stderr under a ``flask`` command, so
+    that ``KEY=$(flask keys create ...)`` captures the command's answer and nothing else."""
+    context = click.get_current_context(silent=True)
+    return sys.stderr if context is not None and isinstance(context.find_root().command, FlaskGroup) else sys.stdout
+
+
 def configure(level: str = "INFO") -> None:
     """Send the ``frontdoor`` loggers, and whatever reaches the root logger (at its level:
-    WARNING unless a Celery worker's ``--loglevel`` says otherwise), to stdout as JSON, once per
-    process."""
+    WARNING unless a Celery worker's ``--loglevel`` says otherwise), to stdout as JSON (stderr
+    under a ``flask`` command: ``_log_stream``), once per process."""
     # What the logging HOWTO's "Optimization" section lists as not worth collecting per record:
     # the caller's file and line (a stack walk), thread and multiprocessing names. The access
     # line is written for every request; these cost a sixth of a pass-through request's CPU.
@@ -182,7 +191,7 @@ def configure(level: str = "INFO") -> None:
     logging.logThreads = False
     logging.logMultiprocessing = False
     if not _ours(logging.getLogger("frontdoor")):
-        _install(_stdout_handler(sys.stdout))
+        _install(_stdout_handler(_log_stream()))
     logging.getLogger("frontdoor").setLevel(level)
     logging.getLogger("pybreaker").setLevel("WARNING")
 

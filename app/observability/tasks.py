@@ -63,7 +63,16 @@ def _starting(task_id: str | None = None, task=None, **_: object) -> None:
     _running[task_id] = (time.perf_counter(), work_request_id.set(_header(task, HEADER)), tracing.work_trace.set(trace))
 
 
-def _ended(task_id: str | None = None, task=None, state: str | None = None, **_: object) -> None:
+def did_nothing(retval: object) -> bool:
+    """Whether a task's return value says it found nothing to do: None, 0, or counts that are
+    all 0 (``{"due": 0, "woken": 0}``, ``{}``). Its ``task`` line is then a debug line, so that
+    an idle worker running beat's periodic passes is quiet."""
+    if isinstance(retval, dict):
+        return all(value == 0 for value in retval.values())
+    return retval is None or (isinstance(retval, int) and not isinstance(retval, bool) and retval == 0)
+
+
+def _ended(task_id: str | None = None, task=None, state: str | None = None, retval: object = None, **_: object) -> None:
     started, token, trace_token = _running.pop(task_id, (None, None, None))
     outcome = OUTCOMES.get(state or "", (state or "unknown").lower())
     name = getattr(task, "name", "unknown")
@@ -71,7 +80,7 @@ def _ended(task_id: str | None = None, task=None, state: str | None = None, **_:
     fields = {"task": name, "task_id": task_id, "outcome": outcome}
     if started is not None:
         fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
-    log.info("task", extra=fields)
+    log.log(logging.DEBUG if outcome == "succeeded" and did_nothing(retval) else logging.INFO, "task", extra=fields)
     if token is not None:
         work_request_id.reset(token)
         tracing.work_trace.reset(trace_token)
@@ -108,13 +117,26 @@ def _child_exit(pid: int | None = None, **_: object) -> None:
 _PER_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
 
 
+class _QuietSends(logging.Filter):
+    """Beat's "Scheduler: Sending due task ..." line (INFO, every WEBHOOK_DISPATCH_INTERVAL):
+    kept only when its logger is enabled for DEBUG; the task's own line says what it did."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        sending = isinstance(record.msg, str) and record.msg.startswith("Scheduler: Sending due task")
+        return not sending or logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
 def _log_as_json(loglevel: int | str | None = None, **_: object) -> bool:
     """Celery's ``setup_logging``: with a receiver connected Celery configures no logging of its
     own, so its lines reach the root logger, which writes JSON on stdout
-    (``app.observability.logging``) at the worker's or beat's ``--loglevel``."""
+    (``app.observability.logging``) at the worker's or beat's ``--loglevel``. Beat's line for
+    each periodic task it sends is left out below DEBUG (``_QuietSends``)."""
     logging.getLogger().setLevel(loglevel or logging.WARNING)
     for name in _PER_TASK_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    beat = logging.getLogger("celery.beat")
+    if not any(isinstance(each, _QuietSends) for each in beat.filters):
+        beat.addFilter(_QuietSends())
     return True
 
 

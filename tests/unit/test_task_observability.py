@@ -136,3 +136,46 @@ def test_the_metrics_port_serves_the_counts_until_it_is_stopped(app):
         port.stop()
     with pytest.raises(requests.ConnectionError):
         requests.get(url, timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("state", "retval", "written"),
+    [
+        ("SUCCESS", {"due": 0, "woken": 0}, False),  # beat's dispatch on an idle gateway
+        ("SUCCESS", {}, False),
+        ("SUCCESS", 0, False),
+        ("SUCCESS", None, False),
+        ("SUCCESS", {"due": 2, "woken": 1}, True),
+        ("SUCCESS", 3, True),
+        ("SUCCESS", "succeeded", True),
+        ("FAILURE", None, True),
+    ],
+)
+def test_a_task_that_found_nothing_to_do_writes_its_task_line_only_at_debug(app, state, retval, written):
+    from celery.signals import task_postrun, task_prerun
+
+    from app import queue
+
+    task = app.extensions["celery"].tasks[queue.DISPATCH]
+    with logged("frontdoor.tasks") as lines:
+        task_prerun.send(sender=task, task_id="task-1", task=task)
+        task_postrun.send(sender=task, task_id="task-1", task=task, state=state, retval=retval)
+    assert [record.msg for record in lines.records] == (["task"] if written else [])
+
+
+def test_beat_writes_its_line_for_each_periodic_send_only_at_debug(app):
+    from app.observability.tasks import _log_as_json
+
+    beat, root = logging.getLogger("celery.beat"), logging.getLogger()
+    level, filters = root.level, list(beat.filters)
+    try:
+        with logged("celery.beat") as lines:
+            _log_as_json(loglevel="INFO")  # as the Procfile's beat runs
+            beat.info("Scheduler: Sending due task %s (%s)", "webhooks-dispatch", "frontdoor.webhooks.dispatch")
+            beat.info("beat: Starting...")
+            _log_as_json(loglevel="DEBUG")
+            beat.info("Scheduler: Sending due task %s (%s)", "jobs-sweep", "frontdoor.jobs.sweep")
+    finally:
+        root.setLevel(level)
+        beat.filters[:] = filters
+    assert [record.getMessage() for record in lines.records] == ["beat: Starting...", "Scheduler: Sending due task jobs-sweep (frontdoor.jobs.sweep)"]

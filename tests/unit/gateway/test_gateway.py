@@ -208,3 +208,21 @@ def test_an_upstreams_location_reaches_the_client_as_a_uri(client, upstream, sen
     assert response.status_code == 302
     assert response.headers["Location"] == received
     assert response.headers["Content-Location"] == received
+
+
+def test_a_route_at_static_gets_every_path_under_it(make_app, upstream):
+    # Flask's built-in /static/<path> endpoint is off: nothing under /static is the gateway's own.
+    upstream.replace("GET", re.compile("/.*"), body=b"asset")
+    app = make_app(routes=f"""
+upstreams:
+  site:
+    targets: ["{upstream.url}"]
+routes:
+  - path: /static
+    upstream: site
+    auth: none
+""")
+    response = app.test_client().get("/static/app.js")
+    assert response.status_code == 200 and response.data == b"asset"
+    assert upstream.calls[-1].url == f"{upstream.url}/static/app.js"
+    assert "static" not in app.view_functions
