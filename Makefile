@@ -41,7 +41,7 @@ lock: ## re-solve requirements.txt (runtime) and requirements-dev.txt from setup
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install --quiet $(LOCK_TOOLS)
 	$(PIP_COMPILE) --output-file=requirements.txt setup.cfg
-	$(PIP_COMPILE) --extra=dev --constraint=requirements.txt --output-file=requirements-dev.txt setup.cfg
+	$(PIP_COMPILE) --extra=dev --extra=demo --extra=otel --constraint=requirements.txt --output-file=requirements-dev.txt setup.cfg
 
 migrate: $(STAMP) ## apply database migrations (SQLite under instance/ unless DATABASE_URL is set)
 	$(BIN)/flask db upgrade

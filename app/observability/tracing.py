@@ -7,7 +7,7 @@ messages of the Celery tasks a request sends, and the webhook deliveries those t
 ``traceparent`` with the trace id and a parent id of the gateway's; ``tracestate`` goes along
 with a valid ``traceparent`` unchanged, and is dropped with an invalid one (section 3.3).
 
-With ``OTEL_EXPORTER_OTLP_ENDPOINT``: the OpenTelemetry SDK exports spans with the OTLP/HTTP
+With ``OTEL_EXPORTER_OTLP_ENDPOINT`` and the ``otel`` extra installed: the OpenTelemetry SDK exports spans with the OTLP/HTTP
 exporter (configured by the standard ``OTEL_*`` variables), and Flask, requests and Celery are
 instrumented; the context above is then the current span's. Query values in span URLs are
 exported as ``REDACTED`` (a query may carry a key or token). Without it nothing is
@@ -16,6 +16,8 @@ request (measured with Flask's and requests' instrumentations), so it is not don
 """
 from __future__ import annotations
 
+import importlib
+import logging
 import os
 import random
 import re
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from flask import Flask, g, has_request_context, request
 
 ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
+log = logging.getLogger("frontdoor.tracing")
 TRACEPARENT, TRACESTATE = "traceparent", "tracestate"
 # version-trace_id-parent_id-flags, and for a later version whatever follows (section 3.2.4).
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
@@ -194,8 +197,41 @@ def _set_up_opentelemetry(app: Flask) -> None:
     app.before_request(_redact_server_span)
 
 
+# What exporting spans needs: the ``otel`` extra (setup.cfg). Without it a process only
+# propagates traceparent, as when no endpoint is set.
+OTEL_MODULES = (
+    "opentelemetry.sdk.trace",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.instrumentation.flask",
+    "opentelemetry.instrumentation.requests",
+    "opentelemetry.instrumentation.celery",
+    "opentelemetry.instrumentation.wsgi",
+)
+
+
+def otel_missing() -> list[str]:
+    """The modules of OTEL_MODULES that cannot be imported here."""
+    missing = []
+    for name in OTEL_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 def init_app(app: Flask) -> None:
-    """Give every request its trace context; set up OpenTelemetry when its endpoint is set."""
+    """Give every request its trace context; set up OpenTelemetry when its endpoint is set and
+    the ``otel`` extra is installed (else one warning says so, and traceparent is still
+    propagated)."""
     if os.environ.get(ENDPOINT):
-        _set_up_opentelemetry(app)
+        missing = otel_missing()
+        if missing:
+            log.warning(
+                "%s is set but OpenTelemetry is not installed (missing %s): spans are not exported, traceparent is still "
+                "propagated; install the otel extra (pip install 'frontdoor[otel]', pinned in requirements-dev.txt)",
+                ENDPOINT, ", ".join(missing),
+            )
+        else:
+            _set_up_opentelemetry(app)
     app.before_request(_begin)  # after the Flask instrumentation's own, which starts the span

@@ -68,3 +68,57 @@ def test_the_readme_documents_every_setting():
     internal = {"SQLALCHEMY_ENGINE_OPTIONS"}  # set by the gateway, not an operator's setting
     undocumented = [name for name in settings if name not in internal and f"`{platform.get(name, 'GATEWAY_' + name)}`" not in readme]
     assert undocumented == []
+
+
+def _setup_cfg():
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    return parser
+
+
+def _requirements(text: str) -> list:
+    from packaging.requirements import Requirement
+
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return [Requirement(line) for line in lines if line]
+
+
+def _pins(name: str) -> dict[str, str]:
+    """``{package: version}`` of a lock file (``name==version`` lines, pip-compile's comments left out)."""
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / name).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            package, _, version = line.partition("==")
+            pins[canonicalize_name(package)] = version
+    return pins
+
+
+def test_the_lock_files_pin_what_setup_cfg_asks_for_within_its_bounds():
+    """requirements.txt (what Heroku's buildpack installs) pins every runtime requirement and none
+    of the extras' own; requirements-dev.txt (make install, CI) the runtime set at the same
+    versions and every extra. A bound changed in setup.cfg without make lock fails here."""
+    from packaging.utils import canonicalize_name
+
+    config = _setup_cfg()
+    runtime = _requirements(config["options"]["install_requires"])
+    extras = {name: _requirements(value) for name, value in config["options.extras_require"].items()}
+    lock, dev_lock = _pins("requirements.txt"), _pins("requirements-dev.txt")
+    for requirement in runtime:
+        pinned = lock.get(canonicalize_name(requirement.name))
+        assert pinned is not None and requirement.specifier.contains(pinned, prereleases=True), (requirement, pinned)
+        assert requirement.specifier and any(spec.operator in ("<", "<=", "==", "~=") for spec in requirement.specifier), f"{requirement.name} has no upper bound"
+    assert {name: version for name, version in dev_lock.items() if name in lock} == lock
+    runtime_names = {canonicalize_name(r.name) for r in runtime}
+    for extra, requirements in extras.items():
+        for requirement in requirements:
+            name = canonicalize_name(requirement.name)
+            pinned = dev_lock.get(name)
+            assert pinned is not None and requirement.specifier.contains(pinned, prereleases=True), (extra, requirement, pinned)
+            assert any(spec.operator in ("<", "<=", "==", "~=") for spec in requirement.specifier), f"{requirement.name} has no upper bound"
+            if name not in runtime_names:
+                assert name not in lock, f"{requirement.name} (the {extra} extra) is in requirements.txt"

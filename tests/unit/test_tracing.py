@@ -3,7 +3,10 @@ the gateway as a hop of that trace; without OTEL_EXPORTER_OTLP_ENDPOINT nothing 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 from opentelemetry import trace as otel_trace
@@ -146,3 +149,41 @@ def test_a_spans_url_attributes_keep_query_names_but_never_their_values():
         "url.query": "access_token=REDACTED&flag=REDACTED",
         "http.method": "GET",
     }
+
+
+WITHOUT_OTEL = """
+import importlib.abc, json, os, sys
+
+class NoOpenTelemetry(importlib.abc.MetaPathFinder):  # as a runtime install without the otel extra
+    def find_spec(self, name, path, target=None):
+        if name == "opentelemetry" or name.startswith("opentelemetry."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoOpenTelemetry())
+from app import create_app
+from app.observability import tracing
+from tests.stub_upstream import StubUpstream
+
+with StubUpstream() as upstream:
+    upstream.add("GET", "/items", body=b"ok")
+    routes = os.environ["ROUTES_FILE"]
+    open(routes, "w").write(f"upstreams: {{up: {{targets: ['{upstream.url}']}}}}\\nroutes: [{{path: /items, upstream: up, auth: none}}]\\n")
+    app = create_app()
+    answer = app.test_client().get("/items", headers={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+    print(json.dumps({"status": answer.status_code, "enabled": tracing.enabled(), "sent": upstream.calls[0].headers.get("traceparent"),
+                      "loaded": sorted(name for name in sys.modules if name.startswith("opentelemetry"))}))
+"""
+
+
+def test_without_the_otel_extra_an_otlp_endpoint_gets_one_warning_and_traceparent_still_travels(tmp_path):
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OTEL_"))}, tracing.ENDPOINT: "http://127.0.0.1:9/", "ROUTES_FILE": str(tmp_path / "routes.yaml"),
+           "GATEWAY_CONFIG": str(tmp_path / "routes.yaml"), "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}"}
+    done = subprocess.run([sys.executable, "-c", WITHOUT_OTEL], cwd=services.ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = services.json_lines(done.stdout)
+    seen = next(line for line in lines if "status" in line)
+    assert seen["status"] == 200 and seen["enabled"] is False and seen["loaded"] == []
+    assert FIELD.fullmatch(seen["sent"]).group(1) == CLIENT_TRACE  # the trace goes on, the gateway as a hop
+    warnings = [line for line in lines if line.get("logger") == "frontdoor.tracing"]
+    assert len(warnings) == 1 and "otel extra" in warnings[0]["msg"] and "OTEL_EXPORTER_OTLP_ENDPOINT" in warnings[0]["msg"]
