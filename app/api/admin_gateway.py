@@ -18,7 +18,7 @@ from app.errors import ProblemError
 from app.gateway.control import CLOSED, OPEN, StoreUnavailable
 from app.gateway.pipeline import UpstreamRuntime
 from app.gateway.routefile import RouteFileError
-from app.gateway.runtime import Gateway, request_gateway
+from app.gateway.runtime import Gateway, request_gateway, served_routes
 from app.identity import ADMIN_SCOPE
 from app.models.base import isoformat
 
@@ -130,25 +130,7 @@ def list_routes() -> tuple:
     """The routes of the route file this process serves, in the file's order, with the
     file's digest (the same in every process once a reload has reached it)."""
     gateway = request_gateway()
-    data = [
-        {
-            "index": index,
-            "name": route.name,
-            "label": route.label,
-            "path": route.path,
-            "methods": list(route.methods) if route.methods else None,
-            "upstream": route.upstream,
-            "aggregate": {name: call.upstream for name, call in route.aggregate.items()} if route.aggregate else None,
-            "mode": route.mode,
-            "auth": route.auth,
-            "scopes": list(route.scopes),
-            "strip_prefix": route.strip_prefix,
-            "match_headers": dict(route.match_headers),
-            "rate_limit": route.rate_limit,
-            "cache_ttl": route.cache.ttl if route.cache else None,
-        }
-        for index, route in enumerate(gateway.route_file.routes)
-    ]
+    data = served_routes(gateway)
     return reply(schemas.GatewayRoutes, {"route_file": _route_file(gateway), "data": data})
 
 

@@ -32,7 +32,7 @@ from app.api.inputs import stored_text
 from app.auth.views import current_principal
 from app.extensions import db
 from app.identity import Principal
-from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookMessage
+from app.models import WebhookDelivery, WebhookEndpoint
 from app.models.webhooks import DELIVERY_STATUSES
 from app.webhooks import deliveries, endpoints, messages, secrets
 from app.webhooks.guard import UnsafeURL
@@ -40,7 +40,6 @@ from app.webhooks.settings import box, settings
 
 bp = Blueprint("webhooks", __name__)
 
-ATTEMPTS_SHOWN = 20  # a delivery lists its latest attempts (``attempt_count`` counts them all)
 
 
 def _event_types(values: list[str]) -> list[str]:
@@ -217,36 +216,7 @@ def list_deliveries(endpoint_id: str) -> tuple:
     query = select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint.id)
     query = with_status(query, WebhookDelivery.status, DELIVERY_STATUSES)
     rows, next_cursor = page(query, WebhookDelivery, db.session)
-    return reply(schemas.Page[schemas.Delivery], {"data": _with_attempts(rows), "next_cursor": next_cursor})
-
-
-def _with_attempts(rows: list[WebhookDelivery]) -> list[dict]:
-    """Deliveries as JSON with their messages and attempts, read in two queries for the page."""
-    ids = [row.id for row in rows]
-    attempts: dict[str, list] = {row_id: [] for row_id in ids}
-    messages = {}
-    if ids:
-        # The latest ATTEMPTS_SHOWN of each: redeliveries add attempts without end.
-        ranked = (
-            select(
-                WebhookAttempt.id,
-                func.row_number().over(partition_by=WebhookAttempt.delivery_id, order_by=WebhookAttempt.number.desc()).label("rank"),
-            )
-            .where(WebhookAttempt.delivery_id.in_(ids))
-            .subquery()
-        )
-        latest = select(ranked.c.id).where(ranked.c.rank <= ATTEMPTS_SHOWN)
-        for attempt in db.session.execute(
-            select(WebhookAttempt).where(WebhookAttempt.id.in_(latest)).order_by(WebhookAttempt.number)
-        ).scalars():
-            attempts[attempt.delivery_id].append(attempt)
-        messages = {
-            message.id: message
-            for message in db.session.execute(
-                select(WebhookMessage).where(WebhookMessage.id.in_({row.message_id for row in rows}))
-            ).scalars()
-        }
-    return [deliveries.delivery_json(row, messages.get(row.message_id), attempts[row.id]) for row in rows]
+    return reply(schemas.Page[schemas.Delivery], {"data": deliveries.with_attempts(rows), "next_cursor": next_cursor})
 
 
 def _own_delivery(delivery_id: str) -> WebhookDelivery:
@@ -259,7 +229,7 @@ def _own_delivery(delivery_id: str) -> WebhookDelivery:
 @bp.get("/webhooks/deliveries/<id:delivery_id>")
 @operation("Read a delivery", {200: Reply(schemas.Delivery, "The delivery with its latest attempts")}, errors=(404,))
 def read_delivery(delivery_id: str) -> tuple:
-    return reply(schemas.Delivery, _with_attempts([_own_delivery(delivery_id)])[0])
+    return reply(schemas.Delivery, deliveries.with_attempts([_own_delivery(delivery_id)])[0])
 
 
 @bp.post("/webhooks/deliveries/<id:delivery_id>/redeliver")
@@ -280,4 +250,4 @@ def redeliver(delivery_id: str) -> tuple:
     except deliveries.DeliveryBusy:
         raise ConflictProblem(f"Delivery {delivery_id} is being sent right now; try again when the attempt has ended") from None
     location = url_for("webhooks.read_delivery", delivery_id=row.id)
-    return reply(schemas.Delivery, _with_attempts([row])[0], 202, {"Location": location})
+    return reply(schemas.Delivery, deliveries.with_attempts([row])[0], 202, {"Location": location})

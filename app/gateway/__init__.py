@@ -18,7 +18,7 @@ def init_app(app: Flask) -> None:
     from celery.signals import worker_init
 
     from app.extensions import redis_client
-    from app.gateway import control, runtime
+    from app.gateway import cli, control, runtime
 
     app.extensions["gateway"] = runtime.load_gateway(app)
     store = control.store_for(app, redis_client(app))
@@ -28,6 +28,7 @@ def init_app(app: Flask) -> None:
     # A Celery worker runs jobs through the gateway too: it looks for changes as each task
     # pushes the app context (web processes look on each request, in the entry).
     worker_init.connect(partial(_follow_in_worker, weakref.ref(app)), weak=False)
+    cli.init_app(app)
 
 
 def wrap(app: Flask) -> None:

@@ -94,3 +94,27 @@ def request_gateway() -> Gateway:
     from app.gateway.proxy import GATEWAY
 
     return request.environ.get(GATEWAY) or current(current_app)
+
+
+def served_routes(gateway: Gateway) -> list[dict]:
+    """The routes of ``gateway``'s route file, in the file's order, as the admin API and
+    ``flask gateway routes`` show them."""
+    return [
+        {
+            "index": index,
+            "name": route.name,
+            "label": route.label,
+            "path": route.path,
+            "methods": list(route.methods) if route.methods else None,
+            "upstream": route.upstream,
+            "aggregate": {name: call.upstream for name, call in route.aggregate.items()} if route.aggregate else None,
+            "mode": route.mode,
+            "auth": route.auth,
+            "scopes": list(route.scopes),
+            "strip_prefix": route.strip_prefix,
+            "match_headers": dict(route.match_headers),
+            "rate_limit": route.rate_limit,
+            "cache_ttl": route.cache.ttl if route.cache else None,
+        }
+        for index, route in enumerate(gateway.route_file.routes)
+    ]

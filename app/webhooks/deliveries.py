@@ -1,4 +1,4 @@
-"""What the API asks of deliveries: a test send, a redelivery, and the delivery and attempt JSON."""
+"""What the API and the CLI ask of deliveries: a test send, a redelivery, and the delivery and attempt JSON."""
 from __future__ import annotations
 
 from datetime import timedelta
@@ -137,3 +137,36 @@ def attempt_json(row: WebhookAttempt) -> dict:
         "address": row.address,
         "request_id": row.request_id,
     }
+
+
+ATTEMPTS_SHOWN = 20  # a delivery lists its latest attempts (``attempt_count`` counts them all)
+
+
+def with_attempts(rows: list[WebhookDelivery]) -> list[dict]:
+    """Deliveries as JSON (``delivery_json``) with their messages and latest ATTEMPTS_SHOWN attempts,
+    read in two queries for them all."""
+    ids = [row.id for row in rows]
+    shown: dict[str, list] = {row_id: [] for row_id in ids}
+    found = {}
+    if ids:
+        # The latest ATTEMPTS_SHOWN of each: redeliveries add attempts without end.
+        ranked = (
+            select(
+                WebhookAttempt.id,
+                func.row_number().over(partition_by=WebhookAttempt.delivery_id, order_by=WebhookAttempt.number.desc()).label("rank"),
+            )
+            .where(WebhookAttempt.delivery_id.in_(ids))
+            .subquery()
+        )
+        latest = select(ranked.c.id).where(ranked.c.rank <= ATTEMPTS_SHOWN)
+        for attempt in db.session.execute(
+            select(WebhookAttempt).where(WebhookAttempt.id.in_(latest)).order_by(WebhookAttempt.number)
+        ).scalars():
+            shown[attempt.delivery_id].append(attempt)
+        found = {
+            message.id: message
+            for message in db.session.execute(
+                select(WebhookMessage).where(WebhookMessage.id.in_({row.message_id for row in rows}))
+            ).scalars()
+        }
+    return [delivery_json(row, found.get(row.message_id), shown[row.id]) for row in rows]

@@ -1,6 +1,7 @@
 """``flask consumers …`` and ``flask keys …``: what an operator types and what the gateway then does."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -100,3 +101,57 @@ def test_keys_revoke_an_unknown_id_fails(cli):
 
     assert result.exit_code != 0
     assert "no key has the id 'key_nothing'" in result.stderr
+
+
+def test_consumers_disable_refuses_its_keys_and_enable_lets_them_in_again(cli, client, upstream):
+    cli("consumers", "create", "acme")
+    key = cli("keys", "create", "--consumer", "acme").stdout.strip()
+    assert client.get("/private", headers={"X-API-Key": key}).status_code == 200
+
+    disabled = cli("consumers", "disable", "acme")
+    assert disabled.exit_code == 0 and disabled.stdout.startswith("disabled con_")
+    assert client.get("/private", headers={"X-API-Key": key}).status_code in (401, 403)
+    assert cli("consumers", "list").stdout.rstrip().endswith("\tdisabled")
+
+    assert cli("consumers", "enable", "acme").exit_code == 0
+    assert client.get("/private", headers={"X-API-Key": key}).status_code == 200
+
+
+def test_consumers_set_plan_takes_a_configured_plan_or_the_default_and_refuses_others(cli, app, monkeypatch):
+    monkeypatch.setitem(app.config, "RATELIMIT_PLANS", {"pro": "100/minute"})
+    consumer_id = cli("consumers", "create", "acme").stdout.strip()
+
+    assert cli("consumers", "set-plan", "acme", "pro").stdout == f"{consumer_id}\tpro\n"
+    assert cli("consumers", "list").stdout.split("\t")[2] == "pro"
+    assert cli("consumers", "set-plan", "acme", "-").stdout == f"{consumer_id}\t-\n"
+    refused = cli("consumers", "set-plan", "acme", "gold")
+    assert refused.exit_code != 0 and "plan 'gold' is not configured" in refused.stderr and refused.stdout == ""
+
+
+def test_keys_rotate_prints_only_the_new_key_which_works_with_the_same_scopes(cli, client, upstream):
+    cli("consumers", "create", "acme")
+    old = cli("keys", "create", "--consumer", "acme", "--scopes", "orders:read").stdout.strip()
+    key_id = cli("keys", "list").stdout.split("\t")[0]
+
+    rotated = cli("keys", "rotate", key_id, "--expire-old-in", "0")
+
+    assert rotated.exit_code == 0, rotated.output
+    [new] = rotated.stdout.splitlines()
+    assert re.fullmatch(r"fd_live_[A-Za-z0-9]{40}", new) and new != old
+    assert f"in place of {key_id}" in rotated.stderr
+    assert client.get("/orders", headers={"X-API-Key": new}).status_code == 200
+    assert upstream.calls[-1].request.headers["X-Consumer-Scopes"] == "orders:read"
+    assert client.get("/private", headers={"X-API-Key": old}).status_code == 401  # expired at once
+    assert cli("keys", "rotate", "key_nothing").exit_code != 0
+
+
+def test_the_lists_give_json_for_scripts(cli):
+    consumer_id = cli("consumers", "create", "acme").stdout.strip()
+    cli("keys", "create", "--consumer", "acme", "--scopes", "a")
+
+    consumers = json.loads(cli("consumers", "list", "--json").stdout)
+    keys = json.loads(cli("keys", "list", "--json").stdout)
+
+    assert [(c["id"], c["name"]) for c in consumers] == [(consumer_id, "acme")]
+    assert [(k["consumer"], k["scopes"], k["status"]) for k in keys] == [(consumer_id, ["a"], "active")]
+    assert all("key" not in k for k in keys)

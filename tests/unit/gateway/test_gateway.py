@@ -1,6 +1,7 @@
 """The proxy view: what reaches a route, what the gateway keeps for itself, what it refuses."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -226,3 +227,28 @@ routes:
     assert response.status_code == 200 and response.data == b"asset"
     assert upstream.calls[-1].url == f"{upstream.url}/static/app.js"
     assert "static" not in app.view_functions
+
+
+def test_flask_gateway_routes_prints_the_route_file_as_served(make_app, upstream):
+    app = make_app(routes=f"""
+upstreams:
+  site:
+    targets: ["{upstream.url}"]
+routes:
+  - {{path: /orders, upstream: site, methods: [GET, POST], auth: required, rate_limit: "5/minute"}}
+  - {{path: /report, upstream: site, mode: async, auth: none, rate_limit: none}}
+  - {{path: /page, upstream: site, methods: [GET], cache: {{ttl: 30}}}}
+""")
+    cli = app.test_cli_runner()
+
+    listed = cli.invoke(args=["gateway", "routes"])
+
+    assert listed.exit_code == 0, listed.output
+    assert [line.split("\t") for line in listed.stdout.splitlines()] == [
+        ["/orders", "GET,POST", "site", "sync", "required", "5/minute", "-"],
+        ["/report", "*", "site", "async", "none", "none", "-"],
+        ["/page", "GET", "site", "sync", "optional", "-", "30"],
+    ]
+    assert "3 routes, digest " in listed.stderr
+    shown = json.loads(cli.invoke(args=["gateway", "routes", "--json"]).stdout)
+    assert [(route["path"], route["mode"]) for route in shown] == [("/orders", "sync"), ("/report", "async"), ("/page", "sync")]
