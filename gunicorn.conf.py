@@ -67,13 +67,18 @@ forwarded_allow_ips = ""
 
 
 def on_starting(server):
-    """Validate the route file and the client limits (app.server.ClientLimits) in the master,
-    so a bad file or value stops the process with one clear line."""
+    """Validate the GATEWAY_* variables (app.config.environment_settings), the route file and
+    the client limits (app.server.ClientLimits) in the master, so a bad setting, file or value
+    stops the process with one clear line each."""
+    from flask import Flask
+
+    from app.config import environment_settings
     from app.gateway import routefile
     from app.server import ClientLimits
 
     path = os.environ.get("GATEWAY_CONFIG", "gateway.yaml")
     try:
+        environment_settings(Flask("app", instance_relative_config=True), dict(os.environ))
         routefile.load(path, api_prefix=os.environ.get("GATEWAY_API_PREFIX", "/_gateway"))
         ClientLimits.from_environ(os.environ)
     except (routefile.RouteFileError, ValueError) as exc:

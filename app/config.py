@@ -151,14 +151,101 @@ def defaults(app: Flask) -> dict:
     }
 
 
+PREFIX = "GATEWAY_"
+# Settings read with config.get, without a default in ``defaults``: their types.
+OPTIONAL = {"CELERY": dict, "LOG_LEVEL": str, "WORKER_METRICS_PORT": int}
+# Read by gunicorn.conf.py before any app exists (app.server.ClientLimits checks them).
+CLIENT_LIMITS = ("CLIENT_HEADER_TIMEOUT", "CLIENT_BODY_TIMEOUT", "CLIENT_BODY_BUFFER_SIZE")
+
+
+class SettingsError(ValueError):
+    """Variables of the environment that are not settings, or whose values do not fit: one line each."""
+
+
+def _expected(kind: type) -> str:
+    return {
+        bool: "true or false",
+        int: "a whole number",
+        float: "a number",
+        str: "text",
+        list: "a JSON list, or values separated by commas",
+        dict: "a JSON object",
+    }[kind]
+
+
+def environment_settings(app: Flask, environ: dict[str, str]) -> dict:
+    """The ``GATEWAY_*`` variables of ``environ`` as settings, each of the type its default has
+    (``defaults``): ``{"JOB_LEASE": 30.0, ...}``. Lists, objects and settings without a typed
+    default are read as JSON where they parse (as Flask's ``from_prefixed_env``), text settings
+    as they are; ``GATEWAY_A__B`` sets key B of the object A.
+
+    Raises SettingsError naming every variable that is not a setting (with the nearest one's
+    name when there is one) or whose value is not of the expected form, one line each.
+    """
+    import difflib
+    import json
+
+    from pydantic import TypeAdapter, ValidationError
+
+    typed = {key: type(value) for key, value in defaults(app).items() if value is not None}
+    known = set(defaults(app)) | set(OPTIONAL)
+    typed.update(OPTIONAL)
+    found: dict = {}
+    problems = []
+    for variable in sorted(environ):
+        if not variable.startswith(PREFIX):
+            continue
+        raw = environ[variable]
+        key = variable.removeprefix(PREFIX)
+        top, _, below = key.partition("__")
+        if top in CLIENT_LIMITS:
+            continue
+        if top not in known:
+            near = difflib.get_close_matches(top, sorted(known | set(CLIENT_LIMITS)), n=1, cutoff=0.75)
+            hint = f"; did you mean {PREFIX}{near[0]}?" if near else " (README: Configuration lists them)"
+            problems.append(f"{variable} is not a setting{hint}")
+            continue
+        kind = typed.get(top)
+        if kind is str and not below:
+            found[top] = raw
+            continue
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        if below:
+            if kind not in (None, dict):
+                problems.append(f"{variable}: {PREFIX}{top} is not an object, so it has no key {below!r}")
+                continue
+            nested = found.setdefault(top, dict(app.config.get(top) or {}))
+            *parents, last = below.split("__")
+            for part in parents:
+                nested = nested.setdefault(part, {})
+            nested[last] = value
+            continue
+        if kind is None:
+            found[top] = value
+            continue
+        if kind is list and isinstance(value, str):
+            found[top] = value  # comma-separated, split where the setting is read
+            continue
+        try:
+            found[top] = TypeAdapter(kind).validate_python(value)
+        except ValidationError:
+            problems.append(f"{variable}={raw!r} is not {_expected(kind)} (the default is {defaults(app).get(top)!r})")
+    if problems:
+        raise SettingsError("\n".join(problems))
+    return found
+
+
 def from_environment(app: Flask) -> None:
     """Read ``GATEWAY_*`` variables and the platform's own (Heroku-style) into ``app.config``.
 
-    ``GATEWAY_X`` sets ``X`` (values parsed as JSON where they parse, as Flask's
-    ``from_prefixed_env`` does). ``DATABASE_URL``, ``REDIS_URL``, ``PORT`` and
-    ``WEB_THREADS`` are read by their platform names.
+    ``GATEWAY_X`` sets ``X``, checked and typed by ``environment_settings`` (raises
+    SettingsError). ``DATABASE_URL``, ``REDIS_URL``, ``PORT`` and ``WEB_THREADS`` are read by
+    their platform names.
     """
-    app.config.from_prefixed_env("GATEWAY")
+    app.config.update(environment_settings(app, dict(os.environ)))
     env = os.environ
     if env.get("DATABASE_URL"):
         app.config["SQLALCHEMY_DATABASE_URI"] = env["DATABASE_URL"]

@@ -22,9 +22,15 @@ else:
     # Only the process that made it: the pool's children inherit this hook and leave first.
     atexit.register(lambda: os.getpid() == _maker and shutil.rmtree(_own_metrics_dir, ignore_errors=True))
 
-from app import create_app  # after the directory is set
+import sys
 
-app = create_app().extensions["celery"]
+from app import create_app  # after the directory is set
+from app.config import SettingsError
+
+try:
+    app = create_app().extensions["celery"]
+except SettingsError as exc:  # a worker or beat with a bad environment stops with its lines
+    sys.exit(f"error: {exc}")
 # Python warnings a worker or beat meets from here on (Celery's own at start) are log lines too:
 # JSON on stdout, like every other (app.observability.logging).
 logging.captureWarnings(True)

@@ -147,3 +147,65 @@ def test_a_failed_statement_does_not_repeat_its_bound_values(make_app):
 
     assert "no_such_table" in str(caught.value)
     assert "tok-5e1f2a" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("variables", "lines"),
+    [
+        ({"GATEWAY_RATELIMT_DEFAULT": "1/second"}, ["GATEWAY_RATELIMT_DEFAULT is not a setting; did you mean GATEWAY_RATELIMIT_DEFAULT?"]),
+        ({"GATEWAY_JOB_LEASE": "abc"}, ["GATEWAY_JOB_LEASE='abc' is not a number (the default is 30.0)"]),
+        ({"GATEWAY_WEB_THREADS": "1.5", "GATEWAY_WEBHOOK_ALLOW_HTTP": "maybe", "GATEWAY_NOTHING_LIKE_IT": "1"}, [
+            "GATEWAY_NOTHING_LIKE_IT is not a setting (README: Configuration lists them)",
+            "GATEWAY_WEBHOOK_ALLOW_HTTP='maybe' is not true or false (the default is False)",
+            "GATEWAY_WEB_THREADS='1.5' is not a whole number (the default is 8)",
+        ]),
+        ({"GATEWAY_RATELIMIT_PLANS": "[1]"}, ["GATEWAY_RATELIMIT_PLANS='[1]' is not a JSON object (the default is {})"]),
+    ],
+)
+def test_a_variable_that_is_not_a_setting_or_does_not_fit_is_refused_with_a_line_naming_it(env, app, variables, lines):
+    for name, value in variables.items():
+        env.setenv(name, value)
+
+    with pytest.raises(config.SettingsError) as refused:
+        configured(app)
+
+    assert str(refused.value).splitlines() == lines
+
+
+def test_settings_from_the_environment_take_their_defaults_types(env, app):
+    env.setenv("GATEWAY_JOB_LEASE", "12")
+    env.setenv("GATEWAY_WEBHOOK_ALLOW_HTTP", "true")
+    env.setenv("GATEWAY_VIA_NAME", "123")  # text stays text
+    env.setenv("GATEWAY_WEBHOOK_ALLOWED_NETWORKS", '["127.0.0.0/8"]')
+    env.setenv("GATEWAY_WEBHOOK_RETRY_SCHEDULE", "5,10")  # a list may be comma-separated
+    env.setenv("GATEWAY_CELERY__task_default_priority", "3")
+
+    configured(app)
+
+    assert app.config["JOB_LEASE"] == 12.0 and isinstance(app.config["JOB_LEASE"], float)
+    assert app.config["WEBHOOK_ALLOW_HTTP"] is True
+    assert app.config["VIA_NAME"] == "123"
+    assert app.config["WEBHOOK_ALLOWED_NETWORKS"] == ["127.0.0.0/8"]
+    assert app.config["WEBHOOK_RETRY_SCHEDULE"] == "5,10"
+    assert app.config["CELERY"] == {"task_default_priority": 3}
+
+
+@pytest.mark.parametrize("command", ["check", "gunicorn", "celery"])
+def test_a_process_started_with_a_bad_setting_exits_with_its_line(command, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.services import ROOT
+
+    bin_dir = Path(sys.executable).parent
+    argv = {
+        "check": [sys.executable, "-m", "app.gateway.check"],
+        "gunicorn": [str(bin_dir / "gunicorn"), "--config", "gunicorn.conf.py", "app:create_app()"],
+        "celery": [str(bin_dir / "celery"), "-A", "tasks", "worker", "--pool", "solo"],
+    }[command]
+    environ = {name: value for name, value in os.environ.items() if not name.startswith("GATEWAY_") and name not in PLATFORM}
+    environ.update(GATEWAY_RATELIMT_DEFAULT="1/second", PORT="0", DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite'}")
+    done = subprocess.run(argv, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode != 0
+    assert "error: GATEWAY_RATELIMT_DEFAULT is not a setting; did you mean GATEWAY_RATELIMIT_DEFAULT?" in done.stderr.splitlines()
