@@ -64,12 +64,12 @@ def _starting(task_id: str | None = None, task=None, **_: object) -> None:
 
 
 def did_nothing(retval: object) -> bool:
-    """Whether a task's return value says it found nothing to do: None, 0, or counts that are
-    all 0 (``{"due": 0, "woken": 0}``, ``{}``). Its ``task`` line is then a debug line, so that
-    an idle worker running beat's periodic passes is quiet."""
+    """Whether a task's return value says it found nothing to do: 0, or counts that are all 0
+    (``{"due": 0, "woken": 0}``, ``{}``), as the gateway's periodic passes and batches return.
+    Its ``task`` line is then a debug line, so that an idle worker is quiet."""
     if isinstance(retval, dict):
         return all(value == 0 for value in retval.values())
-    return retval is None or (isinstance(retval, int) and not isinstance(retval, bool) and retval == 0)
+    return isinstance(retval, int) and not isinstance(retval, bool) and retval == 0
 
 
 def _ended(task_id: str | None = None, task=None, state: str | None = None, retval: object = None, **_: object) -> None:
