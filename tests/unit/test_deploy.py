@@ -50,6 +50,7 @@ def test_app_json_provisions_the_postgres_and_redis_the_config_reads():
 
 def test_every_setting_app_json_names_exists(app):
     platform = {"WEB_CONCURRENCY", "WEB_THREADS", "WORKER_CONCURRENCY"}  # read by gunicorn.conf.py and the Procfile
+    platform.add("HTTPBIN_URL")  # the demo route file's ${HTTPBIN_URL}: test_app_json_points_the_demo_route_file_at_a_reachable_upstream
     known = set(defaults(app))
     for name, spec in app_json()["env"].items():
         assert spec["description"], name
@@ -122,3 +123,17 @@ def test_the_lock_files_pin_what_setup_cfg_asks_for_within_its_bounds():
             assert any(spec.operator in ("<", "<=", "==", "~=") for spec in requirement.specifier), f"{requirement.name} has no upper bound"
             if name not in runtime_names:
                 assert name not in lock, f"{requirement.name} (the {extra} extra) is in requirements.txt"
+
+
+def test_app_json_points_the_demo_route_file_at_a_reachable_upstream(monkeypatch):
+    """On Heroku nothing listens on 127.0.0.1:5001 (make run's httpbin): app.json sets the
+    variable gateway.yaml takes its upstream from, and the file loads with it."""
+    from app.gateway.routefile import load
+
+    spec = app_json()["env"]
+    assert spec["GATEWAY_CONFIG"]["value"] == "gateway.yaml"
+    assert "${HTTPBIN_URL:-" in (ROOT / "gateway.yaml").read_text()
+    monkeypatch.setenv("HTTPBIN_URL", spec["HTTPBIN_URL"]["value"])
+    route_file = load(str(ROOT / "gateway.yaml"), api_prefix="/_gateway")
+    targets = {target for upstream in route_file.upstreams.values() for target in upstream.targets}
+    assert targets == {spec["HTTPBIN_URL"]["value"]} and not any("127.0.0.1" in target for target in targets)
