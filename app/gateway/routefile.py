@@ -326,11 +326,13 @@ def load(
         tree = yaml.safe_load(text)
         root = yaml.compose(text)
     except yaml.YAMLError as exc:
-        raise RouteFileError(f"{path}: not valid YAML: {exc}") from exc
+        # PyYAML names a string it parsed "<unicode string>": name the file instead.
+        raise RouteFileError(f"{path}: not valid YAML: {str(exc).replace('<unicode string>', str(path))}") from exc
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):
         raise RouteFileError(f"{path}: the top level must be a mapping with 'upstreams' and 'routes'")
+    references = _reference_errors(tree, root)
     try:
         tree = interpolate(tree, os.environ if env is None else env)
         route_file = RouteFile.model_validate(tree)
@@ -338,7 +340,10 @@ def load(
     except RouteFileError as exc:
         raise RouteFileError(f"{path}: {exc}") from exc
     except ValidationError as exc:
-        raise RouteFileError(f"{path}: {_describe(exc, root)}") from exc
+        # Every error at once: the fields', and the upstreams named but not defined (which the
+        # model checks only once its fields are valid, and then without a line).
+        found = [line for line in _describe(exc, root).split("; ") if not (references and _NOT_DEFINED in line)]
+        raise RouteFileError(f"{path}: {'; '.join([*found, *references])}") from exc
     for route, budget in over_budget(route_file, sync_limit):
         # A warning, not an error: the file still works, but a client behind Heroku's router
         # is cut off at 30 s while the gateway keeps waiting (and a stopping dyno cuts it at 25 s).
@@ -349,6 +354,31 @@ def load(
             extra={"route": route.label, "budget": budget, "limit": sync_limit},
         )
     return route_file
+
+
+_NOT_DEFINED = "which is not defined"
+
+
+def _reference_errors(tree: dict, root: yaml.Node | None) -> list[str]:
+    """``routes[i].upstream (line N): ...`` for each upstream a route (or an aggregate's call)
+    names that the file does not define, read from the file as written."""
+    upstreams = tree.get("upstreams")
+    defined = sorted(upstreams) if isinstance(upstreams, dict) else []
+    routes = tree.get("routes")
+    found = []
+    for index, route in enumerate(routes if isinstance(routes, list) else []):
+        if not isinstance(route, dict):
+            continue
+        named = [(["routes", index, "upstream"], route.get("upstream"))]
+        calls = route.get("aggregate")
+        if isinstance(calls, dict):
+            named += [(["routes", index, "aggregate", name, "upstream"], call.get("upstream")) for name, call in calls.items() if isinstance(call, dict)]
+        for loc, name in named:
+            if isinstance(name, str) and name not in defined:
+                line = _line_of(root, loc)
+                where = f"{_dotted(loc)} (line {line})" if line else _dotted(loc)
+                found.append(f"{where}: names upstream {name!r}, {_NOT_DEFINED} (defined: {', '.join(defined) or 'none'})")
+    return found
 
 
 def _describe(exc: ValidationError, root: yaml.Node | None) -> str:

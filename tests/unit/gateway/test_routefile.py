@@ -161,8 +161,29 @@ def test_an_unknown_upstream_is_named_with_the_defined_ones(write):
         load(path, env={})
 
     message = str(caught.value)
-    assert "route '/b' names upstream 'orders', which is not defined" in message
-    assert "(defined: svc)" in message
+    assert "routes[1].upstream (line 8): names upstream 'orders', which is not defined (defined: svc)" in message
+
+
+def test_every_error_of_a_file_comes_at_once_each_with_its_key_and_line(write):
+    # A field's error and a route naming an upstream the file lacks: one round, not two.
+    path = write(one_route() + "  - path: b\n    upstream: orders\n")
+
+    with pytest.raises(RouteFileError) as caught:
+        load(path, env={})
+
+    message = str(caught.value)
+    assert "routes[1].path (line 7): must start with '/'" in message
+    assert "routes[1].upstream (line 8): names upstream 'orders', which is not defined (defined: svc)" in message
+
+
+def test_a_yaml_syntax_error_names_the_file(write):
+    path = write("upstreams:\n  svc: {targets: [\"http://x\"]\nroutes: []\n")
+
+    with pytest.raises(RouteFileError) as caught:
+        load(path, env={})
+
+    assert "<unicode string>" not in str(caught.value)
+    assert f'in "{path}", line 2' in str(caught.value)
 
 
 @pytest.mark.parametrize(
