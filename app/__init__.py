@@ -42,6 +42,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     # No static route: every path outside the gateway's own goes to the proxy (a route at
     # /static included), and the gateway serves no files of its own from there.
     app = Flask(__name__, instance_relative_config=True, static_folder=None)
+    # JSON keys in the order the gateway writes them (a resource's fields as its schema lists
+    # them), the same from every endpoint, the proxy's answers included; not Flask's sorted order.
+    app.json.sort_keys = False
     app.config.from_mapping(config.defaults(app))
     if test_config is None:
         config.from_environment(app)

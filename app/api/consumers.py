@@ -64,7 +64,7 @@ def create() -> tuple:
         consumer = manage.create_consumer(data.name, data.plan)
     except manage.Conflict as exc:
         raise ConflictProblem(str(exc)) from exc
-    location = url_for("consumers.read", consumer_id=consumer.id)
+    location = url_for("consumers.read", consumer_id=consumer.id, _external=True)
     return reply(schemas.Consumer, manage.consumer_json(consumer), 201, {"Location": location})
 
 

@@ -74,7 +74,7 @@ def publish() -> tuple:
     message, created = messages.record_message(consumer_id, data.type, data.data, data.id, g.get("request_id"))
     if created:
         messages.fan_out_later([message.id])
-    headers = {"Location": url_for("events.read", message_id=message.id)}
+    headers = {"Location": url_for("events.read", message_id=message.id, _external=True)}
     if not created:
         headers["Idempotent-Replayed"] = "true"
     return reply(schemas.Message, messages.message_json(message), 202 if created else 200, headers)

@@ -86,7 +86,7 @@ def _expiry_cap(principal: Principal) -> datetime | None:
 
 
 def _created(minted) -> tuple:
-    location = url_for("keys.read", key_id=minted.row.id)
+    location = url_for("keys.read", key_id=minted.row.id, _external=True)
     return reply(schemas.NewApiKey, manage.key_json(minted.row, minted.key), 201, {"Location": location})
 
 

@@ -118,7 +118,7 @@ def create_endpoint() -> tuple:
     if count >= config.max_endpoints:
         raise invalid("url", f"a consumer may have {config.max_endpoints} endpoints (WEBHOOK_MAX_ENDPOINTS); delete one first")
     endpoint, plain = endpoints.create(principal.consumer_id, url, data.description, data.event_types, data.secret, data.disabled)
-    location = url_for("webhooks.read_endpoint", endpoint_id=endpoint.id)
+    location = url_for("webhooks.read_endpoint", endpoint_id=endpoint.id, _external=True)
     return reply(schemas.NewEndpoint, {**endpoints.endpoint_json(endpoint), "secret": plain}, 201, {"Location": location})
 
 
@@ -249,5 +249,5 @@ def redeliver(delivery_id: str) -> tuple:
         row = deliveries.redeliver(row)
     except deliveries.DeliveryBusy:
         raise ConflictProblem(f"Delivery {delivery_id} is being sent right now; try again when the attempt has ended") from None
-    location = url_for("webhooks.read_delivery", delivery_id=row.id)
+    location = url_for("webhooks.read_delivery", delivery_id=row.id, _external=True)
     return reply(schemas.Delivery, deliveries.with_attempts([row])[0], 202, {"Location": location})

@@ -41,7 +41,7 @@ def test_an_admin_creates_a_consumer(client, admin):
     body = response.json
     assert re.fullmatch(r"con_[A-Za-z0-9_-]{22}", body["id"])
     assert (body["name"], body["plan"], body["disabled"]) == ("acme", "pro", False)
-    assert response.headers["Location"] == f"/_gateway/consumers/{body['id']}"
+    assert response.headers["Location"] == f"http://localhost/_gateway/consumers/{body['id']}"
     read = client.get(response.headers["Location"], headers=admin)
     assert (read.status_code, read.json) == (200, body)
 

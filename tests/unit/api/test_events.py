@@ -68,7 +68,7 @@ def test_an_event_is_accepted_as_a_message_and_fanned_out_once(app, client, alic
     assert response.status_code == 202
     body = response.json
     assert body["id"].startswith("msg_")
-    assert response.headers["Location"] == f"{EVENTS}/{body['id']}"
+    assert response.headers["Location"] == f"http://localhost{EVENTS}/{body['id']}"
     assert "Idempotent-Replayed" not in response.headers
     assert (body["type"], body["event_id"]) == ("order.created", None)
     assert body["request_id"] == response.headers["X-Request-ID"]

@@ -90,7 +90,7 @@ def test_a_consumer_creates_a_key_for_itself_with_scopes_it_holds(client, two_co
     assert response.status_code == 201
     assert response.json["consumer"] == a1["consumer"]
     assert response.json["scopes"] == ["orders:read"]
-    assert response.headers["Location"] == f"/_gateway/keys/{response.json['id']}"
+    assert response.headers["Location"] == f"http://localhost/_gateway/keys/{response.json['id']}"
     assert client.get("/_gateway/keys", headers=auth(response.json["key"])).status_code == 200
 
 
@@ -157,7 +157,7 @@ def test_rotating_gives_a_new_key_and_both_work(client, identity, admin):
     assert new["id"] != old["id"]
     assert new["key"] != old["key"]
     assert (new["rotated_from"], new["consumer"], new["scopes"]) == (old["id"], old["consumer"], ["orders:read"])
-    assert rotated.headers["Location"] == f"/_gateway/keys/{new['id']}"
+    assert rotated.headers["Location"] == f"http://localhost/_gateway/keys/{new['id']}"
     for key in (old["key"], new["key"]):
         assert client.get(f"/_gateway/keys/{old['id']}", headers=auth(key)).status_code == 200
 

@@ -220,7 +220,7 @@ def test_an_endpoint_is_created_with_its_location_and_a_generated_secret(client,
     assert response.status_code == 201
     body = response.json
     assert body["id"].startswith("ep_")
-    assert response.headers["Location"] == f"{ENDPOINTS}/{body['id']}"
+    assert response.headers["Location"] == f"http://localhost{ENDPOINTS}/{body['id']}"  # absolute, as on every 201/202
     assert body["url"] == receiver.url()
     assert body["description"] == "orders"
     assert body["event_types"] == ["order.*", "job.succeeded"]
@@ -982,7 +982,7 @@ def test_a_redelivery_is_sent_again_with_the_same_webhook_id(app, client, alice,
     response = client.post(f"{DELIVERIES}/{delivery_id}/redeliver", headers=alice)
 
     assert response.status_code == 202
-    assert response.headers["Location"] == f"{DELIVERIES}/{delivery_id}"
+    assert response.headers["Location"] == f"http://localhost{DELIVERIES}/{delivery_id}"
     assert (response.json["id"], response.json["status"], response.json["finished_at"]) == (delivery_id, "pending", None)
     assert enqueued.deliveries == [[delivery_id]]
     assert client.get(response.headers["Location"], headers=alice).json["status"] == "pending"

@@ -321,3 +321,16 @@ def test_submissions_racing_with_one_key_make_one_job_and_all_answer_it(jobs_app
     assert len({answer.json["id"] for answer in answers}) == 1
     assert sum("Idempotent-Replayed" not in answer.headers for answer in answers) == 1
     assert job_count(app) == 1
+
+
+def test_a_job_comes_back_with_its_keys_in_the_same_order_from_its_202_and_from_a_read(client, upstream):
+    # One resource, one JSON shape: the proxy's 202 and the API's read write the same keys in
+    # the same order (not Flask's sorted order for one of them).
+    import json
+
+    accepted = client.post("/async/anything", data=b"{}", headers={"Content-Type": "application/json"})
+    read = client.get(accepted.headers["Location"])
+
+    written, served = json.loads(accepted.data), json.loads(read.data)  # dicts keep the text's order
+    assert list(served) == list(written)
+    assert list(served["progress"]) == list(written["progress"]) == ["percent", "message"]
