@@ -154,26 +154,24 @@ def test_the_process_environment_is_used_by_default(write, monkeypatch):
     assert load(path).upstreams["svc"].targets == ("http://from-env.internal",)
 
 
-def test_an_unknown_upstream_is_named_with_the_defined_ones(write):
-    path = write(one_route() + "  - path: /b\n    upstream: orders\n")
+UNDEFINED = "routes[1].upstream (line 8): names upstream 'orders', which is not defined (defined: svc)"
+
+
+@pytest.mark.parametrize(
+    ("path", "errors"),
+    [
+        ("/b", [UNDEFINED]),  # the fields are valid
+        ("b", ["routes[1].path (line 7): must start with '/'", UNDEFINED]),  # not a later round
+    ],
+    ids=["alone", "with-a-field-error"],
+)
+def test_every_error_of_a_file_comes_at_once_each_with_its_key_and_line(write, path, errors):
+    route_file = write(one_route() + f"  - path: {path}\n    upstream: orders\n")
 
     with pytest.raises(RouteFileError) as caught:
-        load(path, env={})
+        load(route_file, env={})
 
-    message = str(caught.value)
-    assert "routes[1].upstream (line 8): names upstream 'orders', which is not defined (defined: svc)" in message
-
-
-def test_every_error_of_a_file_comes_at_once_each_with_its_key_and_line(write):
-    # A field's error and a route naming an upstream the file lacks: one round, not two.
-    path = write(one_route() + "  - path: b\n    upstream: orders\n")
-
-    with pytest.raises(RouteFileError) as caught:
-        load(path, env={})
-
-    message = str(caught.value)
-    assert "routes[1].path (line 7): must start with '/'" in message
-    assert "routes[1].upstream (line 8): names upstream 'orders', which is not defined (defined: svc)" in message
+    assert str(caught.value) == f"{route_file}: {'; '.join(errors)}"
 
 
 def test_a_yaml_syntax_error_names_the_file(write):
