@@ -187,9 +187,9 @@ def environment_settings(app: Flask, environ: dict[str, str]) -> dict:
 
     from pydantic import TypeAdapter, ValidationError
 
-    typed = {key: type(value) for key, value in defaults(app).items() if value is not None}
-    known = set(defaults(app)) | set(OPTIONAL)
-    typed.update(OPTIONAL)
+    defaulted = defaults(app)
+    typed = {**{key: type(value) for key, value in defaulted.items() if value is not None}, **OPTIONAL}
+    known = set(defaulted) | set(OPTIONAL)
     found: dict = {}
     problems = []
     for variable in sorted(environ):
@@ -232,7 +232,7 @@ def environment_settings(app: Flask, environ: dict[str, str]) -> dict:
         try:
             found[top] = TypeAdapter(kind).validate_python(value)
         except ValidationError:
-            problems.append(f"{variable}={raw!r} is not {_expected(kind)} (the default is {defaults(app).get(top)!r})")
+            problems.append(f"{variable}={raw!r} is not {_expected(kind)} (the default is {defaulted.get(top)!r})")
     if problems:
         raise SettingsError("\n".join(problems))
     return found

@@ -784,16 +784,17 @@ def _claimable(endpoint_ids: set[str]) -> bool:
     postgres = db.engine.dialect.name == "postgresql"
     params = {"endpoints": list(endpoint_ids), "now": utcnow(), "cap": settings().endpoint_concurrency}
     if postgres:
-        statement = _claimable_statement(True, True)
+        statement = _claimable_statement(True)
         with driver_alone() as cursor:
             return cursor.execute(statement.sql, statement.params(params)).fetchone() is not None
-    found = db.session.connection().execute(_claimable_statement(False, False), params).first()
+    found = db.session.connection().execute(_claimable_statement(False), params).first()
     db.session.rollback()
     return found is not None
 
 
 @functools.lru_cache(maxsize=2)
-def _claimable_statement(postgres: bool, compiled: bool):
+def _claimable_statement(postgres: bool):
+    """``_claimable``'s statement, built once: compiled for psycopg's cursor on Postgres."""
     d, now = WebhookDelivery, bindparam("now", type_=UTCDateTime())
     busy = select(func.count()).where(in_flight(WebhookEndpoint.id, now)).correlate(WebhookEndpoint).scalar_subquery()
     statement = (
@@ -806,7 +807,7 @@ def _claimable_statement(postgres: bool, compiled: bool):
         )
         .limit(1)
     )
-    return DriverStatement.of(statement) if compiled else statement
+    return DriverStatement.of(statement) if postgres else statement
 
 
 def wake(ids: Sequence[str] | None = None) -> bool:
