@@ -80,7 +80,9 @@ def celery_init_app(app: Flask) -> Celery:
         # unacked messages through it: AttributeError "'NoneType' object has no attribute
         # 'hostname'" in kombu.transport.redis.Channel._connparams, "Unrecoverable error".
         # Gossip and mingle open such channels too; the Procfile's worker runs without them
-        # (``--without-gossip --without-mingle``, options with no setting). README, "When
+        # (``--without-gossip --without-mingle``, options with no setting), and without event
+        # heartbeats (``--without-heartbeat``), whose publish retries inside the event loop
+        # while Redis is down. README, "When
         # Redis restarts"; tests/integration/test_broker_restart.py.
         worker_enable_remote_control=False,
         # Heroku sends SIGTERM to every process of a dyno, SIGKILL 30 s later. With
@@ -96,6 +98,8 @@ def celery_init_app(app: Flask) -> Celery:
         timezone="UTC",
     )
     if broker_url.startswith(("redis://", "rediss://")):
+        # kombu's Redis transport with acknowledgements that cannot stall a worker (tasks/broker.py).
+        celery_app.conf.broker_transport = "tasks.broker:Transport"
         celery_app.conf.broker_transport_options = {
             # Longer than the longest task, or Redis hands an unacked task to a second worker.
             # (kombu's SQLAlchemy transport passes these options to create_engine, so only Redis.)
