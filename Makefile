@@ -11,7 +11,7 @@ WEB_CONCURRENCY ?= 1
 export FLASK_APP := app
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock run migrate test test-fast lint bench bench-jobs bench-cache bench-webhooks clean
+.PHONY: help install lock run migrate test test-fast browser lint bench bench-jobs bench-cache bench-webhooks clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -60,8 +60,17 @@ run: migrate ## start web, worker, beat and an httpbin demo upstream on the embe
 # its own, and the unit tests share out the third (tests/conftest.py). TEST_WORKERS=2: one serial
 # group beside the unit tests; TEST_WORKERS=0 runs everything in this process.
 TEST_WORKERS ?= 3
-test: $(STAMP) ## run the whole suite (integration tests included; they need Redis/Postgres or local binaries)
+test: $(STAMP) browser ## run the whole suite (integration tests included; they need Redis/Postgres or local binaries)
 	$(BIN)/pytest -n $(TEST_WORKERS)
+
+# The browser tests drive Debian's chromium through Debian's chromium-driver (Selenium downloads
+# nothing): installed with apt when missing, as root or through sudo.
+BROWSER_PACKAGES := chromium chromium-driver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser: ## install Debian's chromium and chromium-driver for the browser tests, when missing
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(BROWSER_PACKAGES); }
 
 test-fast: $(STAMP) ## run the suite without the slow end-to-end tests
 	$(BIN)/pytest -n $(TEST_WORKERS) -m 'not slow'

@@ -49,6 +49,7 @@ END_TO_END_SECONDS = {
     "test_api_limits.py": 5,
     "test_job_wait.py": 27,
     "test_cli.py": 8,
+    "test_browser.py": 10,
 }
 NEW_MODULE_SECONDS = 30
 

@@ -2,13 +2,15 @@
 ``@operation`` declarations and the pydantic models that validate their bodies and answers."""
 from __future__ import annotations
 
+import importlib.resources
 import re
 from html import escape
 from importlib import metadata
 
-from flask import Blueprint, Flask, current_app, jsonify, url_for
+from flask import Blueprint, Flask, current_app, jsonify, request, send_file, url_for
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
+from werkzeug.exceptions import NotFound
 from werkzeug.routing import Rule
 from werkzeug.wrappers import Response
 
@@ -245,23 +247,33 @@ def spec() -> Response:
     return jsonify(found)
 
 
+# Swagger UI 5 (renders OpenAPI 3.1), as the swagger-ui-py package ships it (Apache-2.0; the
+# version is in setup.cfg and the README). Only these files are served, from the installed package.
+SWAGGER_UI = importlib.resources.files("swagger_ui") / "static"
+DOCS_ASSETS = frozenset({"swagger-ui.css", "swagger-ui-bundle.js", "favicon-32x32.png"})
+ASSET_MAX_AGE = 86400  # seconds a browser may reuse an asset before revalidating it (ETag)
+
+# The page's only script of its own, served as a file so the page needs no inline script.
+DOCS_SCRIPT = """window.addEventListener("load", function () {
+  var docs = document.getElementById("docs");
+  SwaggerUIBundle({url: docs.dataset.spec, dom_id: "#docs", deepLinking: true});
+});
+"""
+
 DOCS_PAGE = """<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <title>Frontdoor gateway API</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
+<link rel="icon" href="{assets}/favicon-32x32.png">
+<link rel="stylesheet" href="{assets}/swagger-ui.css">
 </head>
 <body>
 <noscript>The OpenAPI document is at <a href="{spec}">{spec}</a>.</noscript>
-<div id="docs"><p>Loading the viewer for <a href="{spec}">{spec}</a>&hellip;</p></div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js" crossorigin></script>
-<script>
-window.onload = function () {{
-  SwaggerUIBundle({{url: "{spec}", dom_id: "#docs", deepLinking: true}});
-}};
-</script>
+<div id="docs" data-spec="{spec}"><p>Loading the viewer for <a href="{spec}">{spec}</a>&hellip;</p></div>
+<script src="{assets}/swagger-ui-bundle.js"></script>
+<script src="{assets}/docs.js"></script>
 </body>
 </html>
 """
@@ -271,6 +283,32 @@ window.onload = function () {{
 @policy("none")
 @operation("The API reference", {200: Reply(None, "An HTML page that shows this document", media="text/html", schema={"type": "string"})})
 def docs() -> Response:
-    """Swagger UI, loaded from a CDN, over ``openapi.json``; without the CDN the page still
-    links to the document."""
-    return Response(DOCS_PAGE.format(spec=escape(url_for("openapi.spec"))), content_type="text/html; charset=utf-8")
+    """Swagger UI over ``openapi.json``, every file of it served by the gateway itself (no CDN,
+    nothing from another origin); without JavaScript the page links to the document."""
+    assets = url_for("openapi.docs_asset", name="docs.js").rsplit("/", 1)[0]
+    page = DOCS_PAGE.format(spec=escape(url_for("openapi.spec")), assets=escape(assets))
+    response = Response(page, content_type="text/html; charset=utf-8")
+    response.headers["Content-Security-Policy"] = "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"
+    return response
+
+
+@bp.get("/docs/assets/<name>")
+@policy("none")
+@operation(
+    "A file of the API reference page",
+    {200: Reply(None, "The file (JavaScript, CSS or an icon), cacheable for a day and revalidated by ETag", media="*/*", schema={"type": "string"})},
+    errors=(404,),
+)
+def docs_asset(name: str) -> Response:
+    """One of ``DOCS_ASSETS`` from the installed Swagger UI, or the page's ``docs.js``.
+
+    Raises ``NotFound`` (404 problem) for any other name."""
+    if name == "docs.js":
+        response = Response(DOCS_SCRIPT, content_type="text/javascript; charset=utf-8")
+        response.cache_control.public = True
+        response.cache_control.max_age = ASSET_MAX_AGE
+        response.add_etag()
+        return response.make_conditional(request)
+    if name not in DOCS_ASSETS:
+        raise NotFound(f"no docs asset named {name!r}")
+    return send_file(SWAGGER_UI / name, max_age=ASSET_MAX_AGE, conditional=True, etag=True)

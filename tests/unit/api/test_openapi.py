@@ -162,7 +162,29 @@ def test_the_docs_page_is_served_without_credentials_and_points_at_the_document(
     assert response.content_type == "text/html; charset=utf-8"
     page = response.get_data(as_text=True)
     assert 'href="/_gateway/openapi.json"' in page
-    assert 'url: "/_gateway/openapi.json"' in page
+    assert 'data-spec="/_gateway/openapi.json"' in page
+    # Every file the page loads is the gateway's own, and the page runs no inline script.
+    sources = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert sources and all(source.startswith("/_gateway/") for source in sources), sources
+    assert "<script>" not in page and "script-src" not in response.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in response.headers["Content-Security-Policy"]
+    assets = [source for source in sources if source.startswith(f"{PREFIX}/docs/assets/")]
+    assert len(assets) == 4, sources  # the icon, the stylesheet, Swagger UI and the page's script
+    for source in assets:
+        with client.get(source) as asset:
+            assert asset.status_code == 200, source
+            assert asset.headers["ETag"] and asset.cache_control.max_age == 86400
+        with client.get(source, headers={"If-None-Match": asset.headers["ETag"]}) as again:
+            assert again.status_code == 304
+    with client.get(f"{PREFIX}/docs/assets/swagger-ui-bundle.js") as bundle:
+        assert bundle.content_type.startswith(("text/javascript", "application/javascript")) and b"SwaggerUIBundle" in bundle.data
+
+
+@pytest.mark.parametrize("name", ["index.html", "swagger-editor.js", "..%2F__init__.py", "LICENSE"])
+def test_the_docs_serve_only_their_own_assets(client, name):
+    response = client.get(f"{PREFIX}/docs/assets/{name}")
+    assert response.status_code == 404
+    assert response.content_type == "application/problem+json"
 
 
 def test_a_response_fits_the_schema_the_document_gives_it(client, admin):
