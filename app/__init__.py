@@ -34,6 +34,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         ratelimit,
         webhooks,
     )
+    from app.api import cors as api_cors
     from app.gateway import request_id
     from app.observability import logging as logs
     from app.observability import metrics, tracing
@@ -59,8 +60,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     extensions.init_app(app)
     health.init_app(app)
     metrics.init_app(app)
-    # The order of these two is the order of their before_request hooks on the gateway's own
-    # API: authenticate, then count the request against the consumer's limit.
+    # The order of these is the order of their before_request hooks on the gateway's own API:
+    # a CORS preflight answered, authenticate, then count the request against the consumer's limit.
+    api_cors.init_app(app)
     auth.init_app(app)
     ratelimit.init_app(app)
     gateway.init_app(app)  # after ratelimit: every route's limit is parsed as the file loads

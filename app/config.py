@@ -26,6 +26,12 @@ def defaults(app: Flask) -> dict:
         # levels answer 400 (at most 200, where the JSON parser stops by itself).
         "API_MAX_BODY_SIZE": 1 * MiB,
         "API_MAX_JSON_DEPTH": 64,
+        # Pages on other origins that may call the gateway's own API (app.gateway.cors: exact
+        # origins, "https://*.example.com", or "*"); none by default. With credentials, cookies
+        # and HTTP authentication go along; MAX_AGE is seconds a browser reuses a preflight.
+        "API_CORS_ORIGINS": [],
+        "API_CORS_CREDENTIALS": False,
+        "API_CORS_MAX_AGE": 600,
         # Request bodies up to this size are read into memory so that a retry can resend them;
         # larger ones stream to the upstream and are never retried once sending has started.
         "BUFFER_BODY_SIZE": 64 * 1024,

@@ -1,7 +1,7 @@
 """The proxy app: a plain WSGI application that serves every path outside the gateway's own.
 
 ``ProxyApp.__call__`` is the whole request path, read top to bottom: request id and trace,
-route match, authentication, rate limit, the route's pipeline, the answer; the access line
+route match, a CORS preflight answered (app.gateway.cors), authentication, rate limit, the route's pipeline, the answer; the access line
 and the metrics once the body has been sent. There is no framework request cycle here: no
 request context, no hooks, nothing passed through globals. ``Entry`` is the one WSGI entry
 of the process: it hands the gateway's own paths to the Flask app and the rest to this.
@@ -27,6 +27,7 @@ from werkzeug.wsgi import (
 )
 
 from app.errors import PROBLEM_JSON, ProblemError, problem_document
+from app.gateway import cors
 from app.gateway.body import ClientBody
 from app.gateway.request_id import HEADER, accept_or_generate
 from app.gateway.router import has_dot_segment, refuse_ambiguous
@@ -107,45 +108,58 @@ class ProxyApp:
         headers = EnvironHeaders(environ)
         counted = None
         greq = None
+        allow = asked = None  # the route's CORS policy; the method a preflight asks about
         try:
             if has_dot_segment(path):
                 raise BadRequest("The path must not contain '.' or '..' segments")
             raw_path = _raw_path(environ, path)
-            match = gateway.router.match(method, path, raw_path, headers)  # NotFound, MethodNotAllowed
+            # A CORS preflight is matched as the request it asks about; on a route without
+            # ``cors`` it is an OPTIONS like any other.
+            asked = cors.requested_method(method, headers)
+            match = gateway.router.match(asked or method, path, raw_path, headers)  # NotFound, MethodNotAllowed
+            if asked and match.route.cors is None:
+                match = gateway.router.match(method, path, raw_path, headers)
             route = match.route
             line["route"] = route.label
             refuse_ambiguous(route, raw_path)  # 400 ambiguous-path
             if tracing.enabled():
                 tracing.name_server_span(f"{method} {route.label}")
-            principal = self.authenticator.authenticate(headers, route.policy)  # 401, 403, 503
-            if principal is not None:
-                line["consumer"] = principal.consumer_id
-            client_ip = environ.get("REMOTE_ADDR") or ""  # after ProxyFix: the client's own
-            counted = self.limits.count(route, principal, client_ip)  # one storage round trip
-            if counted is not None and counted.breached is not None:
-                raise self.limits.rejection(counted, route.label)
-            length = get_content_length(environ)
-            chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-            scheme = environ["wsgi.url_scheme"]
-            greq = GatewayRequest(
-                method=method,
-                path=path,
-                query=environ.get("QUERY_STRING", ""),
-                headers=headers,
-                body=ClientBody(get_input_stream(environ, max_content_length=None), length) if (length or chunked) else None,
-                client_addr=environ.get("werkzeug.proxy_fix.orig", environ).get("REMOTE_ADDR") or "",
-                client_ip=client_ip,
-                scheme=scheme,
-                host=get_host(environ),
-                route=route,
-                params=match.params,
-                upstream_path=match.upstream_path,
-                raw_path=raw_path,
-                request_id=request_id,
-                principal=principal,
-                trace=trace,
-            )
-            response = match.handler(greq)
+            allow = route.cors
+            if asked and allow is not None:
+                # Answered here, before authentication; the upstream never sees it (403 for
+                # an origin not allowed).
+                fields = allow.preflight(headers["Origin"], headers.get("Access-Control-Request-Headers"), route.methods)
+                response = GatewayResponse(status=204, headers=fields, body=[])
+            else:
+                principal = self.authenticator.authenticate(headers, route.policy)  # 401, 403, 503
+                if principal is not None:
+                    line["consumer"] = principal.consumer_id
+                client_ip = environ.get("REMOTE_ADDR") or ""  # after ProxyFix: the client's own
+                counted = self.limits.count(route, principal, client_ip)  # one storage round trip
+                if counted is not None and counted.breached is not None:
+                    raise self.limits.rejection(counted, route.label)
+                length = get_content_length(environ)
+                chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+                scheme = environ["wsgi.url_scheme"]
+                greq = GatewayRequest(
+                    method=method,
+                    path=path,
+                    query=environ.get("QUERY_STRING", ""),
+                    headers=headers,
+                    body=ClientBody(get_input_stream(environ, max_content_length=None), length) if (length or chunked) else None,
+                    client_addr=environ.get("werkzeug.proxy_fix.orig", environ).get("REMOTE_ADDR") or "",
+                    client_ip=client_ip,
+                    scheme=scheme,
+                    host=get_host(environ),
+                    route=route,
+                    params=match.params,
+                    upstream_path=match.upstream_path,
+                    raw_path=raw_path,
+                    request_id=request_id,
+                    principal=principal,
+                    trace=trace,
+                )
+                response = match.handler(greq)
         except ProblemError as error:
             response = self.problem(error.status, error.title, error.detail, self.problem_base + error.slug, request_id, error.headers, error.extra)
         except HTTPException as error:
@@ -156,6 +170,8 @@ class ProxyApp:
         finally:
             work_request_id.reset(id_token)
             tracing.work_trace.reset(trace_token)
+        if allow is not None and not asked:
+            allow.apply(response.headers, headers.get("Origin"))
         fields = [(HEADER, request_id), *(counted.headers() if counted is not None else ())]
         present = set_fields(response.headers, fields)
         upstream_seconds = None

@@ -22,6 +22,7 @@ from pydantic import (
 from app.gateway.aggregate import AggregateCall
 from app.gateway.breaker import Breaker
 from app.gateway.cache import Cache
+from app.gateway.cors import Cors
 from app.gateway.forward import TLS, Timeout
 from app.gateway.idempotency import Idempotency
 from app.gateway.retry import Retries
@@ -124,6 +125,7 @@ class Route(_Strict):
     response_body: BodyRules | None = None  # JSON fields the client gets
     cache: Cache | None = None  # GET/HEAD answers kept and served without the upstream
     idempotency: Idempotency | None = None  # unsafe requests with Idempotency-Key answered once
+    cors: Cors | None = None  # pages on other origins that may call (preflights answered here)
     # Several backend calls merged into one JSON answer, by name (instead of ``upstream``).
     aggregate: dict[str, AggregateCall] | None = None
     aggregate_mode: Literal["partial", "all"] = "partial"  # "all": any failed call fails the answer
