@@ -17,10 +17,13 @@ PROBLEM_JSON = "application/problem+json"
 
 
 class ProblemError(Exception):
-    """An error the gateway answers as ``application/problem+json``.
+    """500: the gateway failed to handle the request; the detail carries no internals, and the
+    request_id finds the error in the gateway's log.
 
-    Subclasses set ``status``, ``title`` and ``slug`` (the last part of the ``type`` URI);
-    ``headers`` are added to the response (``Retry-After``, ``Allow``).
+    Every error the gateway answers as ``application/problem+json`` is one of these. Subclasses
+    set ``status``, ``title`` and ``slug`` (the last part of the ``type`` URI, whose page,
+    ``/_gateway/problems/<slug>``, is the first paragraph of their docstring); ``headers`` are
+    added to the response (``Retry-After``, ``Allow``).
     """
 
     status = 500

@@ -306,6 +306,8 @@ def _policies() -> Policies:
 
 
 class RateLimited(ProblemError):
+    """429: a rate limit that applies to the caller (its plan's, the route's, or the gateway API's) is used up for now; Retry-After says in how many seconds the window has room again, and the RateLimit fields say which limit it was."""
+
     status, title, slug = 429, "Too Many Requests", "rate-limited"
 
 

@@ -12,10 +12,11 @@ from app.api import (
     jobs,
     keys,
     openapi,
+    problems,
     webhooks,
 )
 
-MODULES = (consumers, keys, jobs, webhooks, events, admin_cache, admin_gateway, openapi)
+MODULES = (consumers, keys, jobs, webhooks, events, admin_cache, admin_gateway, openapi, problems)
 
 
 def init_app(app: Flask) -> None:

@@ -48,6 +48,8 @@ class Unprocessable(ProblemError):
 
 
 class ConflictProblem(ProblemError):
+    """409: the request conflicts with the resource as it is (a name already taken, a state that does not allow the change); the detail says which."""
+
     status, title, slug = 409, "Conflict", "conflict"
 
 

@@ -36,6 +36,8 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # C0 controls and DEL: no id, path or 
 
 
 class BadRequest(ProblemError):
+    """400: the body is not JSON, nests too deep, or a query or path parameter is not valid; the detail names it."""
+
     status, title, slug = 400, "Bad Request", "bad-request"
 
 

@@ -150,11 +150,14 @@ def update_endpoint(endpoint_id: str) -> tuple:
 
 
 @bp.delete("/webhooks/endpoints/<id:endpoint_id>")
-@operation("Delete a webhook endpoint", {204: Reply(None, "Deleted, with its deliveries and their attempts")}, errors=(404,))
-def delete_endpoint(endpoint_id: str) -> tuple[str, int]:
-    """Delete the endpoint with its deliveries and their attempts (204)."""
-    endpoints.delete(_own(endpoint_id))
-    return "", 204
+@operation("Delete a webhook endpoint", {200: Reply(schemas.Endpoint, "The endpoint as it was; deleted, with its deliveries and their attempts")}, errors=(404,))
+def delete_endpoint(endpoint_id: str) -> tuple:
+    """Delete the endpoint with its deliveries and their attempts; 200 with the endpoint as it
+    was (every DELETE of the API answers the resource as the call left it)."""
+    endpoint = _own(endpoint_id)
+    last = endpoints.endpoint_json(endpoint)
+    endpoints.delete(endpoint)
+    return reply(schemas.Endpoint, last)
 
 
 @bp.get("/webhooks/endpoints/<id:endpoint_id>/secret")

@@ -39,6 +39,8 @@ class Idempotency(Strict):
 
 
 class BadIdempotencyKey(ProblemError):
+    """400: the Idempotency-Key field is not 1-255 visible ASCII characters."""
+
     status, title, slug = 400, "Bad Request", "bad-idempotency-key"
 
 

@@ -129,12 +129,18 @@ class ServiceUnavailable(ProblemError):
 
 
 class BreakerOpen(ServiceUnavailable):
+    """503: the breaker of every target of the upstream is open after repeated failures (or its one half-open probe is already out); Retry-After says in how many seconds a probe may go."""
+
     slug = "breaker-open"
 
 
 class BulkheadFull(ServiceUnavailable):
+    """503: the upstream's bulkhead (the most requests it is sent at once) is full; retry after Retry-After seconds."""
+
     slug = "bulkhead-full"
 
 
 class PayloadTooLarge(ProblemError):
+    """413: the request body is larger than the route's max_body_size (GATEWAY_MAX_BODY_SIZE by default, GATEWAY_API_MAX_BODY_SIZE on the gateway's own API); the detail gives the limit in bytes."""
+
     status, title, slug = 413, "Content Too Large", "payload-too-large"

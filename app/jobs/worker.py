@@ -65,6 +65,8 @@ log = logging.getLogger("frontdoor.jobs")
 
 
 class JobTimeout(ProblemError):
+    """504, in a failed job's error: the call ran past GATEWAY_JOB_SOFT_TIME_LIMIT seconds."""
+
     status, title, slug = 504, "Gateway Timeout", "job-timeout"
 
 

@@ -14,6 +14,8 @@ log = logging.getLogger("frontdoor.webhooks")
 
 
 class SecretKeyUnset(ProblemError):
+    """500: webhook endpoints need GATEWAY_WEBHOOK_SECRET_KEYS (the keys their signing secrets are encrypted with), and it is not set."""
+
     status, title, slug = 500, "Internal Server Error", "webhook-secret-key-unset"
 
 

@@ -489,8 +489,8 @@ def test_a_deleted_endpoint_answers_404_and_its_deliveries_go_with_it(app, clien
 
     response = client.delete(f"{ENDPOINTS}/{made['id']}", headers=alice)
 
-    assert response.status_code == 204
-    assert response.data == b""
+    assert response.status_code == 200
+    assert response.json == {name: value for name, value in made.items() if name != "secret"}  # the endpoint as it was
     again = client.delete(f"{ENDPOINTS}/{made['id']}", headers=alice)
     body = problem(again, 404)
     assert body["detail"] == f"No webhook endpoint {made['id']!r}"
@@ -528,7 +528,7 @@ def test_a_consumer_may_have_at_most_max_endpoints(webhooks_app, receiver):
     assert "WEBHOOK_MAX_ENDPOINTS" in body["detail"] and "2 endpoints" in body["detail"]
     assert len(client.get(ENDPOINTS, headers=alice).json["data"]) == 2
     create(client, bob, receiver.url())  # the cap is per consumer
-    assert client.delete(f"{ENDPOINTS}/{first['id']}", headers=alice).status_code == 204
+    assert client.delete(f"{ENDPOINTS}/{first['id']}", headers=alice).status_code == 200
     create(client, alice, receiver.url())
 
 
