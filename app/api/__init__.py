@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from flask import Flask
+from flask_compress import Compress
 
 from app.api import (
     admin_cache,
@@ -19,9 +20,23 @@ from app.api import (
 MODULES = (consumers, keys, jobs, webhooks, events, admin_cache, admin_gateway, openapi, problems)
 
 
+# The Flask app's answers (the gateway's own API, its problems and pages, /metrics) are gzipped
+# for a client that accepts it (RFC 9110 section 8.4), from 500 bytes; the proxy's are the
+# upstream's own. Files and streamed answers are sent as they are.
+COMPRESSION = {
+    "COMPRESS_ALGORITHM": "gzip",
+    "COMPRESS_MIMETYPES": ["application/json", "application/problem+json", "text/html", "text/plain"],
+    "COMPRESS_MIN_SIZE": 500,  # bytes
+    "COMPRESS_LEVEL": 6,
+}
+
+
 def init_app(app: Flask) -> None:
     """Register every resource's blueprint under API_PREFIX, after the limits at its edge
-    (``inputs``: the ``id`` converter its rules use, the query check)."""
+    (``inputs``: the ``id`` converter its rules use, the query check), and compression."""
+    for name, value in COMPRESSION.items():
+        app.config.setdefault(name, value)
+    Compress(app)
     inputs.init_app(app, frozenset(module.bp.name for module in MODULES))
     prefix = app.config["API_PREFIX"].rstrip("/")
     for module in MODULES:

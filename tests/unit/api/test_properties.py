@@ -370,7 +370,7 @@ def test_no_operation_of_the_document_answers_a_5xx_for_generated_input(gateway,
     message = client.post("/_gateway/events", json={"type": "order.created"}, headers=admin).json["id"]
     ids = {
         "consumer_id": [other], "key_id": [other_key], "job_id": [job], "endpoint_id": [endpoint], "message_id": [message],
-        "delivery_id": ["dlv_missing"], "name": ["stub"], "target": ["0"],
+        "delivery_id": ["dlv_missing"], "name": ["stub"], "target": ["0"], "slug": ["rate-limited"],
     }
     exercised = []
     # DELETE last: a revoked key, a canceled job or a deleted endpoint answers little else.
