@@ -33,6 +33,8 @@ def authenticate_request() -> None:
     view = current_app.view_functions.get(request.endpoint or "")
     if view is None:
         return  # no such endpoint: the 404 needs no credential
+    if request.method == "OPTIONS" and getattr(request.url_rule, "provide_automatic_options", False):
+        return  # Flask's own answer, Allow and nothing else: it tells no one's data
     route_policy = getattr(view, "auth_policy", AUTHENTICATED)
     principal = current_app.extensions["auth"].authenticate(request.headers, route_policy)
     ctx.principal = principal

@@ -94,7 +94,7 @@ def _append(current: list[str], value: str) -> str:
     return ", ".join([*current, value])
 
 
-def forwarding_headers(via_name: str, drop_credentials: bool = False) -> Middleware:
+def forwarding_headers(via_name: str, drop_credentials: bool = False, methods: tuple[str, ...] | None = None) -> Middleware:
     """Build the header stage.
 
     Upstream-bound: hop-by-hop fields, ``Host`` and ``Content-Length`` removed, and with
@@ -105,9 +105,13 @@ def forwarding_headers(via_name: str, drop_credentials: bool = False) -> Middlew
     ``X-Forwarded-Host`` carry the client's scheme and host; ``Via`` gets ``1.1 <via_name>``
     appended (RFC 9110 section 7.6.3); ``X-Request-ID`` carries the request id; with a trace
     context, ``traceparent`` names the gateway's hop and ``tracestate`` goes on as it came (W3C
-    Trace Context). Client-bound: hop-by-hop fields removed and ``Via`` appended likewise.
+    Trace Context). Client-bound: hop-by-hop fields removed and ``Via`` appended likewise; with
+    ``methods`` (a route's), the upstream's ``Allow`` keeps only those (HEAD with GET), so that
+    it never lists a method the gateway answers with 405 (RFC 9110 section 10.2.1).
     """
     via = f"1.1 {via_name}"
+    response_drop = _RESPONSE_DROP | {"allow"} if methods is not None else _RESPONSE_DROP
+    served = set(methods or ()) | ({"HEAD"} if methods is not None and "GET" in methods else set())
     request_drop = _REQUEST_DROP | CREDENTIALS if drop_credentials else _REQUEST_DROP
     traced_drop = request_drop | TRACE_FIELDS
 
@@ -135,8 +139,11 @@ def forwarding_headers(via_name: str, drop_credentials: bool = False) -> Middlew
                 ]
             req.headers = new_headers(kept)
             response = next_handler(req)
-            kept, seen = _partition(list(response.headers.items()), _RESPONSE_DROP, ("via",))
+            kept, seen = _partition(list(response.headers.items()), response_drop, ("via", "allow"))
             kept.append(("Via", _append(seen["via"], via)))
+            if methods is not None and seen["allow"]:
+                listed = [name.strip() for value in seen["allow"] for name in value.split(",")]
+                kept.append(("Allow", ", ".join(name for name in listed if name.upper() in served)))
             response.headers = new_headers(kept)
             return response
 
@@ -150,4 +157,4 @@ def build(ctx: Context) -> Middleware:
     unless the route forwards them; an aggregate's calls never pass them on."""
     route = ctx.route
     drop_credentials = ctx.call is not None or (route.auth != "none" and not route.forward_credentials)
-    return forwarding_headers(ctx.settings.via_name, drop_credentials)
+    return forwarding_headers(ctx.settings.via_name, drop_credentials, route.methods if ctx.call is None else None)

@@ -132,3 +132,14 @@ def test_flasks_read_only_request_headers_are_accepted():
     sent = upstream.calls[0].headers
     assert "Connection" not in sent and "Host" not in sent
     assert sent["X-Forwarded-For"] == "198.51.100.1, 203.0.113.7"
+
+
+def test_the_upstreams_allow_lists_only_the_methods_the_route_takes():
+    stage = forwarding_headers("frontdoor", methods=("GET", "POST", "OPTIONS"))
+    answered = stage(upstream_answering(("Allow", "GET, OPTIONS, PATCH, DELETE, HEAD, PUT, TRACE, POST")))(make_request(method="OPTIONS"))
+    assert answered.headers["Allow"] == "GET, OPTIONS, HEAD, POST"
+
+
+def test_a_route_taking_every_method_passes_the_upstreams_allow_on():
+    answered = forwarding_headers("frontdoor")(upstream_answering(("Allow", "GET, TRACE")))(make_request(method="OPTIONS"))
+    assert answered.headers["Allow"] == "GET, TRACE"
