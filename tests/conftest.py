@@ -33,7 +33,7 @@ END_TO_END_SECONDS = {
     "test_jobs.py": 113,
     "test_webhooks.py": 99,
     "test_openapi.py": 58,
-    "test_deploy.py": 41,
+    "test_deploy.py": 50,
     "test_limits.py": 28,
     "test_processes.py": 27,
     "test_metrics.py": 26,

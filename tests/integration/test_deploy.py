@@ -1,5 +1,7 @@
-"""Deploying the Heroku way, end to end: a clean checkout of the working tree, the Procfile's
-release line, then ``honcho start -f Procfile`` with the environment Heroku sets (``PORT``,
+"""Deploying the Heroku way, end to end: a clean checkout of the working tree, installed as the
+Python buildpack installs it (a fresh virtualenv, ``pip install -r requirements.txt`` and
+nothing else: no dev tools, no editable install), the Procfile's release line, then
+``honcho start -f Procfile`` with the environment Heroku sets (``PORT``,
 ``DATABASE_URL=postgres://…``, ``REDIS_URL``). A proxied call, a job and a signed webhook
 delivery work; then SIGTERM reaches every process at once, as when Heroku stops a dyno, while a
 request, two jobs and a delivery are in flight, and nothing is lost: the request is answered,
@@ -18,6 +20,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -97,6 +100,13 @@ def clean_checkout(destination: Path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
     return destination
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
 
 
 def procfile(root: Path) -> dict[str, str]:
@@ -198,16 +208,30 @@ class Deploy:
                     db.engine.dispose()
 
 
+def buildpack_install(root: Path, venv: Path) -> Path:
+    """What the Python buildpack does with a checkout holding ``requirements.txt``: a virtualenv
+    of its own and ``pip install -r requirements.txt`` into it. Returns the virtualenv's bin."""
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    installed = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", "-r", "requirements.txt"],
+        cwd=root, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    return venv / "bin"
+
+
 @pytest.fixture
 def deploy(tmp_path, httpbin_url, redis_url, key_prefix, postgres_database):
-    """A clean checkout and Heroku's environment for it; nothing of it outlives the test."""
+    """A clean checkout installed from its lock, and Heroku's environment for it; nothing of it
+    outlives the test."""
     root = clean_checkout(tmp_path / "app")
+    slug_bin = buildpack_install(root, tmp_path / "venv")
     route_file = tmp_path / "gateway.yaml"
     route_file.write_text(ROUTES.format(httpbin=httpbin_url))
     env = {name: value for name, value in os.environ.items() if not name.startswith(NOT_INHERITED)}
     env.update(
         SETTINGS,
-        PATH=f"{services.BIN}{os.pathsep}{os.environ['PATH']}",  # the buildpack's Python first
+        PATH=f"{slug_bin}{os.pathsep}{os.environ['PATH']}",  # the buildpack's Python first
         PORT=str(services.free_port()),
         DATABASE_URL=postgres_database.replace("postgresql://", "postgres://", 1),  # as Heroku Postgres gives it
         REDIS_URL=redis_url,
@@ -257,6 +281,9 @@ def delivered(receiver: Receiver, path: str, message_id: str) -> list:
 def test_a_clean_checkout_deploys_serves_and_stops_on_sigterm_without_losing_work(deploy, receiver):
     root, env, dyno = deploy.root, deploy.env, deploy.dyno
     assert not (root / "instance").exists() and not (root / ".venv").exists()
+    slug_bin = env["PATH"].split(os.pathsep)[0]
+    # The lock installs the runtime only: no dev or demo tool, no OpenTelemetry.
+    assert not any(Path(slug_bin, tool).exists() for tool in ("pytest", "honcho", "ruff")), sorted(os.listdir(slug_bin))
 
     # The release phase, as Heroku runs it: the Procfile's line through a shell.
     release = subprocess.run(procfile(root)["release"], shell=True, cwd=root, env=env, capture_output=True, text=True, timeout=120, check=False)
@@ -266,6 +293,10 @@ def test_a_clean_checkout_deploys_serves_and_stops_on_sigterm_without_losing_wor
     base = f"http://127.0.0.1:{env['PORT']}"
     services.wait_until(lambda: ready(base), 60, "/readyz", log=first.log)
     services.wait_until(lambda: any(" ready." in line for line in first.lines("worker")), 60, "the worker ready", log=first.log)
+    # Web, worker and beat run on the buildpack's virtualenv.
+    for name, group in first.read_groups().items():
+        commands = [" ".join(cmdline(pid)) for pid in services.group_pids(group)]
+        assert any(slug_bin in command for command in commands), (name, commands)
     # The processes run the checkout's code (its bytecode is cached beside it), not the working tree's.
     assert (root / "app" / "__pycache__").is_dir() and (root / "tasks" / "__pycache__").is_dir()
 
