@@ -17,6 +17,8 @@ from app.api.common import (
     page,
     reply,
 )
+from app.api.idempotency import HEADER as IDEMPOTENCY_KEY
+from app.api.idempotency import idempotent
 from app.api.inputs import stored_text
 from app.auth import manage
 from app.auth.views import policy
@@ -47,10 +49,12 @@ class ConsumerUpdate(Schema):
 @admin
 @operation(
     "Create a consumer",
-    {201: Reply(schemas.Consumer, "The consumer", ("Location",), location="consumers.read")},
+    {201: Reply(schemas.Consumer, "The consumer", ("Location", "Idempotent-Replayed?"), location="consumers.read")},
     body=ConsumerCreate,
     errors=(409,),
+    params=(IDEMPOTENCY_KEY,),
 )
+@idempotent
 def create() -> tuple:
     """Create a consumer: ``{"name": "acme", "plan": "pro"}`` → 201 with the consumer; 409
     when the name is taken."""

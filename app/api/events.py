@@ -14,6 +14,8 @@ from pydantic import AfterValidator, Field
 
 from app.api import schemas
 from app.api.common import Reply, Schema, body, found, invalid, operation, reply
+from app.api.idempotency import HEADER as IDEMPOTENCY_KEY
+from app.api.idempotency import idempotent
 from app.api.inputs import ConsumerReference, stored_text
 from app.auth import manage
 from app.auth.authenticate import InsufficientScope
@@ -39,12 +41,14 @@ class EventCreate(Schema):
 @operation(
     "Publish an event",
     {
-        202: Reply(schemas.Message, "The message, recorded; its deliveries are being made", ("Location",), location="events.read"),
+        202: Reply(schemas.Message, "The message, recorded; its deliveries are being made", ("Location", "Idempotent-Replayed?"), location="events.read"),
         200: Reply(schemas.Message, "The earlier message with the same ``id``", ("Location", "Idempotent-Replayed"), location="events.read"),
     },
     body=EventCreate,
     errors=(403, 409),
+    params=(IDEMPOTENCY_KEY,),
 )
+@idempotent
 def publish() -> tuple:
     """Record an event ``{"type", "data", "id"?}`` for the caller's endpoints: 202 with the
     message. A repeat of an ``id`` with the same type and data answers 200 with the earlier

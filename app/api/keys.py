@@ -27,6 +27,8 @@ from app.api.common import (
     page,
     reply,
 )
+from app.api.idempotency import HEADER as IDEMPOTENCY_KEY
+from app.api.idempotency import idempotent
 from app.api.inputs import ConsumerReference, Scope
 from app.auth import manage
 from app.auth.authenticate import InsufficientScope
@@ -90,11 +92,12 @@ def _created(minted) -> tuple:
     return reply(schemas.NewApiKey, manage.key_json(minted.row, minted.key), 201, {"Location": location})
 
 
-CREATED = {201: Reply(schemas.NewApiKey, "The new key, with ``key`` shown this once", ("Location",), location="keys.read")}
+CREATED = {201: Reply(schemas.NewApiKey, "The new key, with ``key`` shown this once", ("Location", "Idempotent-Replayed?"), location="keys.read")}
 
 
 @bp.post("/keys")
-@operation("Create an API key", CREATED, body=KeyCreate, errors=(403,))
+@operation("Create an API key", CREATED, body=KeyCreate, errors=(403,), params=(IDEMPOTENCY_KEY,))
+@idempotent
 def create() -> tuple:
     """Create a key: ``{"scopes": [...], "expires_in": seconds, "consumer": id-or-name}``.
 
@@ -152,7 +155,8 @@ def revoke(key_id: str) -> tuple:
 
 
 @bp.post("/keys/<id:key_id>/rotate")
-@operation("Rotate an API key", CREATED, body=KeyRotate, errors=(403, 404, 409))
+@operation("Rotate an API key", CREATED, body=KeyRotate, errors=(403, 404, 409), params=(IDEMPOTENCY_KEY,))
+@idempotent
 def rotate(key_id: str) -> tuple:
     """A new key with the same consumer and scopes (201, shown once); the old one stays valid
     until revoked, or for ``expire_old_in`` seconds. 409 for a revoked or expired key."""

@@ -28,6 +28,8 @@ from app.api.common import (
     status_filter,
     with_status,
 )
+from app.api.idempotency import HEADER as IDEMPOTENCY_KEY
+from app.api.idempotency import idempotent
 from app.api.inputs import stored_text
 from app.auth.views import current_principal
 from app.extensions import db
@@ -101,9 +103,11 @@ ENDPOINT = Reply(schemas.Endpoint, "The endpoint")
 @bp.post("/webhooks/endpoints")
 @operation(
     "Register a webhook endpoint",
-    {201: Reply(schemas.NewEndpoint, "The endpoint with its secret", ("Location",), location="webhooks.read_endpoint")},
+    {201: Reply(schemas.NewEndpoint, "The endpoint with its secret", ("Location", "Idempotent-Replayed?"), location="webhooks.read_endpoint")},
     body=EndpointCreate,
+    params=(IDEMPOTENCY_KEY,),
 )
+@idempotent
 def create_endpoint() -> tuple:
     """Register an endpoint: ``{"url", "description", "event_types", "secret", "disabled"}``;
     201 with the endpoint and its ``secret`` (generated unless given). The URL must pass the
@@ -238,9 +242,11 @@ def read_delivery(delivery_id: str) -> tuple:
 @bp.post("/webhooks/deliveries/<id:delivery_id>/redeliver")
 @operation(
     "Redeliver a delivery",
-    {202: Reply(schemas.Delivery, "The delivery, due now", ("Location",), location="webhooks.read_delivery")},
+    {202: Reply(schemas.Delivery, "The delivery, due now", ("Location", "Idempotent-Replayed?"), location="webhooks.read_delivery")},
     errors=(404, 409),
+    params=(IDEMPOTENCY_KEY,),
 )
+@idempotent
 def redeliver(delivery_id: str) -> tuple:
     """Send the delivery again with the same ``webhook-id`` (202 with the delivery), starting
     its retry schedule over. 409 while an attempt is in flight or the endpoint is disabled."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from app.models.identity import ApiKey, Consumer
 from app.models.jobs import Job, JobEvent, JobItem
+from app.models.requests import IdempotentRequest
 from app.models.webhooks import (
     WebhookAttempt,
     WebhookDelivery,
@@ -13,6 +14,7 @@ from app.models.webhooks import (
 __all__ = [
     "ApiKey",
     "Consumer",
+    "IdempotentRequest",
     "Job",
     "JobEvent",
     "JobItem",

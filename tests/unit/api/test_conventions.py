@@ -33,7 +33,7 @@ def test_options_lists_exactly_the_methods_each_path_takes(app, client):
         assert client.options(concrete(path)).headers.get("Allow") == answer.headers["Allow"], path
 
 
-def test_every_create_gives_location_and_every_delete_the_resource(client):
+def test_every_create_gives_location_and_takes_an_idempotency_key_and_every_delete_the_resource(client):
     document = client.get("/_gateway/openapi.json").json
     for path, item in document["paths"].items():
         for method, op in item.items():
@@ -42,6 +42,9 @@ def test_every_create_gives_location_and_every_delete_the_resource(client):
             for status in ("201", "202"):
                 if status in op["responses"]:
                     assert "Location" in op["responses"][status].get("headers", {}), (method, path, status)
+            if method == "post" and set(op["responses"]) & {"201", "202"}:
+                headers = {param["name"] for param in op.get("parameters", []) if param["in"] == "header"}
+                assert "Idempotency-Key" in headers, path
             if method == "delete":
                 assert set(op["responses"]) & {"200", "204"} == {"200"}, path
                 assert "application/json" in op["responses"]["200"]["content"], path

@@ -1,0 +1,86 @@
+"""``Idempotency-Key`` on every POST of the gateway's API that creates something: a repeat
+creates nothing and gets the first answer again; another request with the key is a 422."""
+from __future__ import annotations
+
+import pytest
+
+from app.extensions import db
+from app.webhooks import messages as webhook_messages
+from tests.unit.api.support import auth, problem
+
+SECRET_KEYS = "frontdoor-test-webhook-secret-key-0123456"  # a passphrase of 40 characters
+
+
+@pytest.fixture
+def app(make_app, monkeypatch):
+    monkeypatch.setattr(webhook_messages, "fan_out_later", lambda ids: None)
+    app = make_app(WEBHOOK_SECRET_KEYS=SECRET_KEYS, WEBHOOK_ALLOW_HTTP=True, WEBHOOK_ALLOWED_NETWORKS=["127.0.0.0/8"])
+    with app.app_context():
+        db.create_all()
+    return app
+
+
+# (path, a body, another body): each POST that creates something.
+CREATES = [
+    ("/_gateway/consumers", {"name": "acme"}, {"name": "other"}),
+    ("/_gateway/keys", {"scopes": []}, {"scopes": [], "expires_in": 60}),
+    ("/_gateway/webhooks/endpoints", {"url": "http://127.0.0.1:9/hook"}, {"url": "http://127.0.0.1:9/other"}),
+    ("/_gateway/events", {"type": "order.created", "data": {"n": 1}}, {"type": "order.created", "data": {"n": 2}}),
+]
+
+
+@pytest.mark.parametrize(("path", "first", "other"), CREATES, ids=[path.rsplit("/", 1)[1] for path, _, _ in CREATES])
+def test_a_repeat_with_the_same_key_creates_nothing_and_gets_the_first_answer(client, admin, path, first, other):
+    headers = {**admin, "Idempotency-Key": "create-1"}
+    made = client.post(path, json=first, headers=headers)
+    assert made.status_code in (201, 202), made.json
+    again = client.post(path, json=first, headers=headers)
+    assert again.status_code == made.status_code
+    assert again.json == made.json  # the same resource: the same id (and a key's secret, shown again)
+    assert again.headers["Location"] == made.headers["Location"]
+    assert again.headers["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in made.headers
+    if path != "/_gateway/events":  # (events are read one by one)
+        listed = [row["id"] for row in client.get(path, headers=admin).json["data"]]
+        assert listed.count(made.json["id"]) == 1
+    # Another request with the key: refused, nothing created.
+    reused = problem(client.post(path, json=other, headers=headers), 422)
+    assert reused["type"].endswith("/idempotency-key-reused")
+    # Another key: another resource.
+    fresh = client.post(path, json=other, headers={**admin, "Idempotency-Key": "create-2"})
+    assert fresh.status_code == made.status_code and fresh.json["id"] != made.json["id"]
+
+
+def test_keys_are_the_callers_own(client, identity):
+    alice, bob = auth(identity.key(identity.consumer("alice"))), auth(identity.key(identity.consumer("bob")))
+    first = client.post("/_gateway/keys", json={"scopes": []}, headers={**alice, "Idempotency-Key": "k"})
+    second = client.post("/_gateway/keys", json={"scopes": []}, headers={**bob, "Idempotency-Key": "k"})
+    assert first.status_code == second.status_code == 201
+    assert first.json["id"] != second.json["id"] and "Idempotent-Replayed" not in second.headers
+
+
+def test_a_refused_request_is_not_kept_so_the_fixed_one_goes_through_with_the_same_key(client, admin):
+    headers = {**admin, "Idempotency-Key": "fix-me"}
+    problem(client.post("/_gateway/consumers", json={"name": ""}, headers=headers), 422)
+    fixed = client.post("/_gateway/consumers", json={"name": "fixed"}, headers=headers)
+    assert fixed.status_code == 201 and "Idempotent-Replayed" not in fixed.headers
+
+
+def test_a_repeat_while_the_first_is_unanswered_is_a_409(app, client, admin):
+    from app.api.idempotency import fingerprint
+    from app.models import IdempotentRequest
+
+    body = {"name": "slow"}
+    with app.test_request_context("/_gateway/consumers", method="POST", json=body):
+        digest = fingerprint()
+    with app.app_context():
+        scope = client.get("/_gateway/consumers", headers=admin).json["data"][0]["id"]  # root, the admin
+        db.session.add(IdempotentRequest(scope=scope, key="in-flight", fingerprint=digest, status=None))
+        db.session.commit()
+    answer = client.post("/_gateway/consumers", json=body, headers={**admin, "Idempotency-Key": "in-flight"})
+    assert problem(answer, 409)["type"].endswith("/idempotency-key-in-flight")
+    assert answer.headers["Retry-After"] == "1"
+
+
+def test_a_key_that_is_not_visible_ascii_is_a_400(client, admin):
+    answer = client.post("/_gateway/consumers", json={"name": "x"}, headers={**admin, "Idempotency-Key": "a b"})
+    assert problem(answer, 400)["type"].endswith("/bad-idempotency-key")
