@@ -92,6 +92,8 @@ def idempotent(view: Callable) -> Callable:
         if replayed is not None:
             return replayed
         try:
+            # Keys older than KEPT go as new ones come (created_at is indexed): the table holds a day's.
+            db.session.execute(delete(IdempotentRequest).where(IdempotentRequest.created_at < utcnow() - KEPT))
             db.session.add(IdempotentRequest(scope=scope, key=key, fingerprint=digest, status=None))
             db.session.commit()
         except IntegrityError:  # the same key, claimed a moment ago

@@ -84,3 +84,23 @@ def test_a_repeat_while_the_first_is_unanswered_is_a_409(app, client, admin):
 def test_a_key_that_is_not_visible_ascii_is_a_400(client, admin):
     answer = client.post("/_gateway/consumers", json={"name": "x"}, headers={**admin, "Idempotency-Key": "a b"})
     assert problem(answer, 400)["type"].endswith("/bad-idempotency-key")
+
+
+def test_a_key_older_than_a_day_is_forgotten(app, client, admin):
+    from datetime import timedelta
+
+    from sqlalchemy import func, select, update
+
+    from app.models import IdempotentRequest
+    from app.models.base import utcnow
+
+    headers = {**admin, "Idempotency-Key": "old"}
+    first = client.post("/_gateway/consumers", json={"name": "first"}, headers=headers)
+    with app.app_context():
+        db.session.execute(update(IdempotentRequest).values(created_at=utcnow() - timedelta(hours=25)))
+        db.session.commit()
+    client.post("/_gateway/consumers", json={"name": "other"}, headers={**admin, "Idempotency-Key": "new"})
+    with app.app_context():  # the old key went when the new one came
+        assert db.session.execute(select(func.count()).select_from(IdempotentRequest)).scalar_one() == 1
+    again = client.post("/_gateway/consumers", json={"name": "first"}, headers=headers)
+    assert again.status_code == 409 and first.status_code == 201  # not replayed: created anew, and the name is taken
