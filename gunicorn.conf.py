@@ -13,12 +13,23 @@ if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 else:
     _own_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="frontdoor-metrics-web-")
 
-bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
+
+
+def _number(name: str, default: int) -> int:
+    """The platform variable ``name`` as a whole number; a bad value reads as ``default`` here,
+    and on_starting then stops the server naming it (app.config.Platform checks them)."""
+    try:
+        return int(os.environ.get(name) or default)
+    except ValueError:
+        return default
+
+
+bind = f"{os.environ.get('HOST') or '0.0.0.0'}:{_number('PORT', 8000)}"
 worker_class = "app.server.GatewayWorker"  # gthread, reading requests in its loop under client deadlines
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-threads = int(os.environ.get("WEB_THREADS", "8"))
+workers = _number("WEB_CONCURRENCY", 2)
+threads = _number("WEB_THREADS", 8)
 # Heroku's router gives a request 30 s; a worker that overruns is recycled after this.
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "35"))
+timeout = _number("GUNICORN_TIMEOUT", 35)
 graceful_timeout = 25  # SIGTERM: in-flight requests get this long, inside Heroku's 30 s
 keepalive = 75  # longer than a load balancer's idle timeout, so it is never the one to close first
 # Each worker listens on a socket of its own (SO_REUSEPORT) and the kernel spreads new connections
@@ -67,7 +78,7 @@ forwarded_allow_ips = ""
 
 
 def on_starting(server):
-    """Validate the GATEWAY_* variables (app.config.environment_settings), the route file and
+    """Validate the GATEWAY_* and platform variables (app.config.environment_settings), the route file and
     the client limits (app.server.ClientLimits) in the master, so a bad setting, file or value
     stops the process with one clear line each."""
     from flask import Flask

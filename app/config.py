@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
 from flask import Flask
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MiB = 1024 * 1024
 
@@ -191,7 +193,7 @@ def environment_settings(app: Flask, environ: dict[str, str]) -> dict:
     import difflib
     import json
 
-    from pydantic import TypeAdapter, ValidationError
+    from pydantic import TypeAdapter
 
     defaulted = defaults(app)
     typed = {**{key: type(value) for key, value in defaulted.items() if value is not None}, **OPTIONAL}
@@ -239,9 +241,78 @@ def environment_settings(app: Flask, environ: dict[str, str]) -> dict:
             found[top] = TypeAdapter(kind).validate_python(value)
         except ValidationError:
             problems.append(f"{variable}={raw!r} is not {_expected(kind)} (the default is {defaulted.get(top)!r})")
+    problems += platform_problems(environ)
     if problems:
         raise SettingsError("\n".join(problems))
     return found
+
+
+# The platform's own variables (Heroku's, and the process manager's), as the processes read them:
+# name -> (default, what a value must be, its check).
+_URL_SCHEMES = {
+    "DATABASE_URL": ("postgres", "postgresql", "postgresql+psycopg", "sqlite"),
+    "REDIS_URL": ("redis", "rediss", "unix"),
+}
+
+
+class Platform(BaseModel):
+    """The platform's variables: ``PORT``, ``HOST``, ``WEB_CONCURRENCY`` (gunicorn processes),
+    ``WEB_THREADS`` (threads each), ``WORKER_CONCURRENCY`` (Celery processes),
+    ``GUNICORN_TIMEOUT`` (seconds), ``DATABASE_URL`` and ``REDIS_URL`` (the add-ons' URLs)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, hide_input_in_errors=True)
+
+    PORT: Annotated[int, Field(ge=0, le=65535)] = 8000  # 0: any free port
+    HOST: Annotated[str, Field(min_length=1)] = "0.0.0.0"
+    WEB_CONCURRENCY: Annotated[int, Field(ge=1, le=512)] = 2
+    WEB_THREADS: Annotated[int, Field(ge=1, le=1024)] = 8
+    WORKER_CONCURRENCY: Annotated[int, Field(ge=1, le=512)] = 4
+    GUNICORN_TIMEOUT: Annotated[int, Field(ge=1)] = 35
+    DATABASE_URL: str | None = None
+    REDIS_URL: str | None = None
+
+    @field_validator("DATABASE_URL", "REDIS_URL")
+    @classmethod
+    def _url(cls, value: str | None, info) -> str | None:
+        schemes = _URL_SCHEMES[info.field_name]
+        if value is not None and value.partition("://")[0].lower() not in schemes:
+            raise ValueError(f"a URL starting {' or '.join(scheme + '://' for scheme in schemes)}")
+        return value
+
+
+def platform_settings(environ: dict[str, str]) -> Platform:
+    """``environ``'s platform variables (empty ones count as unset). Raises SettingsError, one
+    line per variable whose value does not fit, naming it, the problem and the expected form."""
+    problems = platform_problems(environ)
+    if problems:
+        raise SettingsError("\n".join(problems))
+    return Platform(**_platform_values(environ))
+
+
+def _platform_values(environ: dict[str, str]) -> dict[str, str]:
+    return {name: environ[name] for name in Platform.model_fields if environ.get(name)}
+
+
+def platform_problems(environ: dict[str, str]) -> list[str]:
+    """One line per platform variable of ``environ`` whose value does not fit ``Platform``."""
+    values = _platform_values(environ)
+    try:
+        Platform(**values)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            name = str(error["loc"][0])
+            field = Platform.model_fields[name]
+            if field.annotation is int:
+                low = next((rule.ge for rule in field.metadata if hasattr(rule, "ge")), None)
+                high = next((rule.le for rule in field.metadata if hasattr(rule, "le")), None)
+                form = f"a whole number from {low} to {high}" if high is not None else f"a whole number of at least {low}"
+            else:
+                form = error["msg"].removeprefix("Value error, ")
+            told = f"the default is {field.default!r}" if field.default is not None else "unset: the embedded default"
+            lines.append(f"{name}={values[name]!r} is not valid: expected {form} ({told})")
+        return lines
+    return []
 
 
 def from_environment(app: Flask) -> None:
@@ -251,16 +322,16 @@ def from_environment(app: Flask) -> None:
     SettingsError). ``DATABASE_URL``, ``REDIS_URL``, ``PORT`` and ``WEB_THREADS`` are read by
     their platform names.
     """
-    app.config.update(environment_settings(app, dict(os.environ)))
-    env = os.environ
-    if env.get("DATABASE_URL"):
-        app.config["SQLALCHEMY_DATABASE_URI"] = env["DATABASE_URL"]
-    if env.get("REDIS_URL"):
-        app.config["REDIS_URL"] = env["REDIS_URL"]
-    if env.get("PORT"):
-        app.config["PORT"] = int(env["PORT"])
-    if env.get("WEB_THREADS"):
-        app.config["WEB_THREADS"] = int(env["WEB_THREADS"])
+    app.config.update(environment_settings(app, dict(os.environ)))  # the platform's checked too
+    platform = Platform(**_platform_values(dict(os.environ)))
+    if platform.DATABASE_URL:
+        app.config["SQLALCHEMY_DATABASE_URI"] = platform.DATABASE_URL
+    if platform.REDIS_URL:
+        app.config["REDIS_URL"] = platform.REDIS_URL
+    if os.environ.get("PORT"):
+        app.config["PORT"] = platform.PORT
+    if os.environ.get("WEB_THREADS"):
+        app.config["WEB_THREADS"] = platform.WEB_THREADS
 
 
 def finalise(app: Flask) -> None:

@@ -12,7 +12,7 @@ from app import config
 from app.config import normalise_database_url
 from app.extensions import db
 
-PLATFORM = ("DATABASE_URL", "REDIS_URL", "PORT", "WEB_THREADS")
+PLATFORM = ("DATABASE_URL", "REDIS_URL", "PORT", "WEB_THREADS", "WEB_CONCURRENCY", "WORKER_CONCURRENCY", "GUNICORN_TIMEOUT", "HOST")
 
 
 @pytest.fixture
@@ -160,6 +160,16 @@ def test_a_failed_statement_does_not_repeat_its_bound_values(make_app):
             "GATEWAY_WEB_THREADS='1.5' is not a whole number (the default is 8)",
         ]),
         ({"GATEWAY_RATELIMIT_PLANS": "[1]"}, ["GATEWAY_RATELIMIT_PLANS='[1]' is not a JSON object (the default is {})"]),
+        # The platform's variables, checked by the same model of them (config.Platform).
+        ({"PORT": "abc", "WEB_CONCURRENCY": "0", "GATEWAY_JOB_LEASE": "x"}, [
+            "GATEWAY_JOB_LEASE='x' is not a number (the default is 30.0)",
+            "PORT='abc' is not valid: expected a whole number from 0 to 65535 (the default is 8000)",
+            "WEB_CONCURRENCY='0' is not valid: expected a whole number from 1 to 512 (the default is 2)",
+        ]),
+        ({"DATABASE_URL": "mysql://db/x", "REDIS_URL": "127.0.0.1:6379"}, [
+            "DATABASE_URL='mysql://db/x' is not valid: expected a URL starting postgres:// or postgresql:// or postgresql+psycopg:// or sqlite:// (unset: the embedded default)",
+            "REDIS_URL='127.0.0.1:6379' is not valid: expected a URL starting redis:// or rediss:// or unix:// (unset: the embedded default)",
+        ]),
     ],
 )
 def test_a_variable_that_is_not_a_setting_or_does_not_fit_is_refused_with_a_line_naming_it(env, app, variables, lines):
@@ -205,7 +215,10 @@ def test_a_process_started_with_a_bad_setting_exits_with_its_line(command, tmp_p
         "celery": [str(bin_dir / "celery"), "-A", "tasks", "worker", "--pool", "solo"],
     }[command]
     environ = {name: value for name, value in os.environ.items() if not name.startswith("GATEWAY_") and name not in PLATFORM}
-    environ.update(GATEWAY_RATELIMT_DEFAULT="1/second", PORT="0", DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite'}")
+    environ.update(GATEWAY_RATELIMT_DEFAULT="1/second", PORT="0", WEB_THREADS="many", DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite'}")
     done = subprocess.run(argv, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode != 0
-    assert "error: GATEWAY_RATELIMT_DEFAULT is not a setting; did you mean GATEWAY_RATELIMIT_DEFAULT?" in done.stderr.splitlines()
+    lines = done.stderr.splitlines()
+    assert "error: GATEWAY_RATELIMT_DEFAULT is not a setting; did you mean GATEWAY_RATELIMIT_DEFAULT?" in lines, done.stderr
+    assert "WEB_THREADS='many' is not valid: expected a whole number from 1 to 1024 (the default is 8)" in lines, done.stderr
+    assert "Traceback" not in done.stderr
