@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -310,7 +311,8 @@ def platform_problems(environ: dict[str, str]) -> list[str]:
             else:
                 form = error["msg"].removeprefix("Value error, ")
             told = f"the default is {field.default!r}" if field.default is not None else "unset: the embedded default"
-            lines.append(f"{name}={values[name]!r} is not valid: expected {form} ({told})")
+            shown = re.sub(r"//[^/@]*@", "//***@", values[name])  # a URL's password is never printed
+            lines.append(f"{name}={shown!r} is not valid: expected {form} ({told})")
         return lines
     return []
 

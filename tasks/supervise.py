@@ -34,6 +34,7 @@ MOST_WAIT = 30.0  # seconds: the wait doubles per exit in a row, up to this
 STEADY = 60.0  # seconds: a run at least this long starts the doubling afresh
 NUDGE_AFTER = 4.0  # seconds past the worker's soft shutdown before the stop signal goes again
 NUDGE_EVERY = 3.0  # seconds between further ones
+NUDGES = 2  # at most this many: SIGTERM only, which Celery (REMAP_SIGTERM=SIGQUIT) never escalates to a hard kill
 
 
 def soft_shutdown(environ: dict[str, str]) -> float:
@@ -61,10 +62,11 @@ def log(level: str, msg: str, **fields: object) -> None:
 
 
 def wait_stopping(child: subprocess.Popen, stop: list[tuple[int, float]], nudge_after: float, nudge_every: float = NUDGE_EVERY) -> int:
-    """``child``'s return code once it exits. Once a stop signal has come (``stop``: signal and
-    monotonic time), the same signal goes to ``child`` again ``nudge_after`` seconds later and
-    every ``nudge_every`` seconds after that, until it exits."""
-    nudge_at = None
+    """``child``'s return code once it exits. Once a SIGTERM has come (``stop``: signal and
+    monotonic time), SIGTERM goes to ``child`` again ``nudge_after`` seconds later and every
+    ``nudge_every`` seconds after that, NUDGES times at most. SIGINT and SIGQUIT are never
+    repeated: a second one is Celery's hard shutdown."""
+    nudge_at, nudged = None, 0
     while True:
         try:
             return child.wait(timeout=0.2)
@@ -73,11 +75,14 @@ def wait_stopping(child: subprocess.Popen, stop: list[tuple[int, float]], nudge_
         if not stop:
             continue
         signum, stopped = stop[0]
+        if signum != signal.SIGTERM or nudged >= NUDGES:
+            continue
         if nudge_at is None:
             nudge_at = stopped + nudge_after
         if time.monotonic() >= nudge_at:
             log("warning", "worker still stopping; signalling it again", child_pid=child.pid, signal=signal.Signals(signum).name)
             child.send_signal(signum)
+            nudged += 1
             nudge_at = time.monotonic() + nudge_every
 
 

@@ -1,7 +1,7 @@
 """The gateway's own resources under ``API_PREFIX`` (``/_gateway``), one blueprint per resource."""
 from __future__ import annotations
 
-from flask import Flask
+from flask import Flask, Response, current_app, request
 from flask_compress import Compress
 
 from app.api import (
@@ -22,13 +22,25 @@ MODULES = (consumers, keys, jobs, webhooks, events, admin_cache, admin_gateway, 
 
 # The Flask app's answers (the gateway's own API, its problems and pages, /metrics) are gzipped
 # for a client that accepts it (RFC 9110 section 8.4), from 500 bytes; the proxy's are the
-# upstream's own. Files and streamed answers are sent as they are.
+# upstream's own, and so is a job's result. Files and streamed answers are sent as they are.
 COMPRESSION = {
     "COMPRESS_ALGORITHM": "gzip",
     "COMPRESS_MIMETYPES": ["application/json", "application/problem+json", "text/html", "text/plain"],
     "COMPRESS_MIN_SIZE": 500,  # bytes
     "COMPRESS_LEVEL": 6,
+    "COMPRESS_STREAMS": False,
 }
+
+
+class _Compress(Compress):
+    """Flask-Compress, but a view marked ``@as_stored`` (common.as_stored: a job's result, the
+    upstream's answer byte for byte) is sent as it is."""
+
+    def after_request(self, response: Response) -> Response:
+        view = current_app.view_functions.get(request.endpoint or "")
+        if getattr(view, "as_stored", False):
+            return response
+        return super().after_request(response)
 
 
 def init_app(app: Flask) -> None:
@@ -36,7 +48,7 @@ def init_app(app: Flask) -> None:
     (``inputs``: the ``id`` converter its rules use, the query check), and compression."""
     for name, value in COMPRESSION.items():
         app.config.setdefault(name, value)
-    Compress(app)
+    _Compress(app)
     inputs.init_app(app, frozenset(module.bp.name for module in MODULES))
     prefix = app.config["API_PREFIX"].rstrip("/")
     for module in MODULES:

@@ -255,3 +255,10 @@ def page(query: Select, model: type, session) -> tuple[list, str | None]:
     rows = list(session.execute(query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)).scalars())
     next_cursor = _encode(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
     return rows[:limit], next_cursor
+
+
+def as_stored(view: F) -> F:
+    """Mark a view whose answer is sent exactly as it was stored (a job's result: the upstream's
+    status, headers and body): never compressed on the way out."""
+    view.as_stored = True
+    return view

@@ -34,9 +34,14 @@ def init_app(app: Flask) -> None:
     app.after_request(_fields)
 
 
+def _ours() -> bool:
+    """Whether the request is to the gateway's API (not /metrics, /healthz, /readyz)."""
+    return request.path.startswith(current_app.config["API_PREFIX"].rstrip("/") + "/")
+
+
 def _preflight() -> Response | None:
     asked = cors.requested_method(request.method, request.headers)
-    if asked is None:
+    if asked is None or not _ours():
         return None
     try:
         methods = current_app.url_map.bind_to_environ(request.environ).allowed_methods()
@@ -48,6 +53,6 @@ def _preflight() -> Response | None:
 
 
 def _fields(response: Response) -> Response:
-    if cors.requested_method(request.method, request.headers) is None:
+    if _ours() and cors.requested_method(request.method, request.headers) is None:
         current_app.extensions["api_cors"].apply(response.headers, request.headers.get("Origin"))
     return response

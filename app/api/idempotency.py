@@ -6,8 +6,10 @@ the first answer to a caller's key is kept a day and replayed to a repeat.
 when anonymous) before the view runs. A repeat with the same request gets the first 2xx answer
 again with ``Idempotent-Replayed: true`` and creates nothing; the same key with another request
 is 422 ``idempotency-key-reused``; a repeat while the first is unanswered is 409
-``idempotency-key-in-flight`` with ``Retry-After: 1``. An answer other than 2xx is not kept, so
-the caller may fix the request and send it again with the same key. Jobs keep their own (the
+``idempotency-key-in-flight`` with ``Retry-After: 1`` (a claim left by a process that died lapses
+after CLAIM_LEASE). An answer other than 2xx is not kept, so the caller may fix the request and
+send it again with the same key. Keys belong to the credential that sent them. An answer that
+shows a secret once (``reveals_secret``) is not kept: a repeat is a 409 with its ``Location``. Jobs keep their own (the
 key is a column of the job); events keep their body ``id`` as their identity, the header beside it.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from flask import Response, make_response, request
 from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 
-from app.api.common import Param
+from app.api.common import ConflictProblem, Param
 from app.auth.views import current_principal
 from app.extensions import db
 from app.gateway.idempotency import (
@@ -33,6 +35,10 @@ from app.models import IdempotentRequest
 from app.models.base import utcnow
 
 KEPT = timedelta(hours=24)  # how long a key's answer is replayed
+# How long a claim holds its key with no answer recorded: longer than any request may take
+# (gunicorn recycles a worker after GUNICORN_TIMEOUT, 35 s); a claim left by a process that
+# died is then taken over by the next repeat.
+CLAIM_LEASE = timedelta(seconds=60)
 REPLAYED = ("Location", "Operation-Location", "Content-Type")  # the answer's fields kept with its body
 HEADER = Param(
     "Idempotency-Key",
@@ -49,12 +55,22 @@ def fingerprint() -> str:
 
 
 def _scope() -> str:
+    """The caller a key belongs to: its credential (an API key, or the consumer's JWTs), so a
+    repeat is answered only to the credential that made the first request; else its address."""
     principal = current_principal()
-    return principal.consumer_id if principal is not None else "ip:" + (request.remote_addr or "unknown")
+    if principal is None:
+        return "ip:" + (request.remote_addr or "unknown")
+    return f"{principal.consumer_id}/{principal.credential_id}"
 
 
 def _replay(found: IdempotentRequest) -> Response:
-    response = Response(found.body or "", status=found.status)
+    if found.body is None:  # an answer that revealed a secret: not kept, not shown again
+        location = (found.headers or {}).get("Location")
+        raise ConflictProblem(
+            "The first request with this Idempotency-Key created the resource; its secret was shown in that answer only",
+            headers={"Location": location} if location else None,
+        )
+    response = Response(found.body, status=found.status)
     for name, value in (found.headers or {}).items():
         response.headers[name] = value
     response.headers["Idempotent-Replayed"] = "true"
@@ -73,14 +89,24 @@ def _earlier(scope: str, key: str, digest: str) -> Response | None:
         return None
     if found.fingerprint != digest:
         raise IdempotencyKeyReused("This Idempotency-Key was used with a different request")
+    if found.status is None and found.created_at < utcnow() - CLAIM_LEASE:
+        db.session.delete(found)  # left by a process that died: the repeat goes ahead
+        db.session.commit()
+        return None
     if found.status is None:
         raise IdempotentRequestInFlight("A request with this Idempotency-Key is still being processed; retry later", headers={"Retry-After": "1"})
     return _replay(found)
 
 
-def idempotent(view: Callable) -> Callable:
+def idempotent(view: Callable | None = None, *, reveals_secret: bool = False) -> Callable:
     """Make a creating POST view idempotent per ``Idempotency-Key`` (the module's rules).
-    Raises BadIdempotencyKey (400) for a key that is not 1-255 visible ASCII characters."""
+    Raises BadIdempotencyKey (400) for a key that is not 1-255 visible ASCII characters.
+
+    ``reveals_secret``: the answer shows a secret once (a new API key, an endpoint's signing
+    secret); its body is not kept, and a repeat gets a 409 ``conflict`` with the resource's
+    ``Location`` instead of the secret again."""
+    if view is None:
+        return lambda found: idempotent(found, reveals_secret=reveals_secret)
 
     @wraps(view)
     def answer(*args: object, **kwargs: object) -> Response:
@@ -98,7 +124,10 @@ def idempotent(view: Callable) -> Callable:
             db.session.commit()
         except IntegrityError:  # the same key, claimed a moment ago
             db.session.rollback()
-            return _earlier(scope, key, digest) or view(*args, **kwargs)
+            replayed = _earlier(scope, key, digest)
+            if replayed is None:  # that claim is gone again: let the caller retry
+                raise IdempotentRequestInFlight("A request with this Idempotency-Key was being processed; retry", headers={"Retry-After": "1"}) from None
+            return replayed
         claimed = (IdempotentRequest.scope == scope) & (IdempotentRequest.key == key)
         try:
             response = make_response(view(*args, **kwargs))
@@ -109,7 +138,8 @@ def idempotent(view: Callable) -> Callable:
             raise
         if 200 <= response.status_code < 300 and not response.is_streamed:
             kept = {name: response.headers[name] for name in REPLAYED if name in response.headers}
-            db.session.execute(update(IdempotentRequest).where(claimed).values(status=response.status_code, body=response.get_data(as_text=True), headers=kept))
+            body = None if reveals_secret else response.get_data(as_text=True)
+            db.session.execute(update(IdempotentRequest).where(claimed).values(status=response.status_code, body=body, headers=kept))
         else:
             db.session.execute(delete(IdempotentRequest).where(claimed))
         db.session.commit()

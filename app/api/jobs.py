@@ -27,6 +27,7 @@ from app.api.common import (
     Param,
     Reply,
     Schema,
+    as_stored,
     body,
     found,
     invalid,
@@ -329,6 +330,7 @@ UPSTREAM_ANSWER = "A request job: the upstream's response as it was, with its st
     },
     errors=(404, 409, 410),
 )
+@as_stored
 def result(job_id: str) -> Response:
     """The upstream's response as it was (status, headers, body) once the job succeeded; for a
     batch, ``{"items": [...]}`` with each sub-request's response. 409 before that."""

@@ -96,8 +96,8 @@ CREATED = {201: Reply(schemas.NewApiKey, "The new key, with ``key`` shown this o
 
 
 @bp.post("/keys")
-@operation("Create an API key", CREATED, body=KeyCreate, errors=(403,), params=(IDEMPOTENCY_KEY,))
-@idempotent
+@operation("Create an API key", CREATED, body=KeyCreate, errors=(403, 409), params=(IDEMPOTENCY_KEY,))
+@idempotent(reveals_secret=True)
 def create() -> tuple:
     """Create a key: ``{"scopes": [...], "expires_in": seconds, "consumer": id-or-name}``.
 
@@ -156,7 +156,7 @@ def revoke(key_id: str) -> tuple:
 
 @bp.post("/keys/<id:key_id>/rotate")
 @operation("Rotate an API key", CREATED, body=KeyRotate, errors=(403, 404, 409), params=(IDEMPOTENCY_KEY,))
-@idempotent
+@idempotent(reveals_secret=True)
 def rotate(key_id: str) -> tuple:
     """A new key with the same consumer and scopes (201, shown once); the old one stays valid
     until revoked, or for ``expire_old_in`` seconds. 409 for a revoked or expired key."""

@@ -105,9 +105,10 @@ ENDPOINT = Reply(schemas.Endpoint, "The endpoint")
     "Register a webhook endpoint",
     {201: Reply(schemas.NewEndpoint, "The endpoint with its secret", ("Location", "Idempotent-Replayed?"), location="webhooks.read_endpoint")},
     body=EndpointCreate,
+    errors=(409,),
     params=(IDEMPOTENCY_KEY,),
 )
-@idempotent
+@idempotent(reveals_secret=True)
 def create_endpoint() -> tuple:
     """Register an endpoint: ``{"url", "description", "event_types", "secret", "disabled"}``;
     201 with the endpoint and its ``secret`` (generated unless given). The URL must pass the
@@ -243,7 +244,7 @@ def read_delivery(delivery_id: str) -> tuple:
 @operation(
     "Redeliver a delivery",
     {202: Reply(schemas.Delivery, "The delivery, due now", ("Location", "Idempotent-Replayed?"), location="webhooks.read_delivery")},
-    errors=(404, 409),
+    errors=(404, 409, 422),
     params=(IDEMPOTENCY_KEY,),
 )
 @idempotent

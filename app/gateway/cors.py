@@ -133,7 +133,9 @@ class Cors(Strict):
         or field not allowed is left to the browser, which compares the lists."""
         if not self.allows(origin):
             raise CorsOriginRefused(f"Origin {origin} may not call this route cross-origin", headers={"Vary": _VARY_PREFLIGHT})
-        methods = self.methods or tuple(route_methods or METHODS)
+        methods = list(self.methods or route_methods or METHODS)
+        if "GET" in methods and "HEAD" not in methods:
+            methods.append("HEAD")  # served wherever GET is
         if "*" in self.headers:
             allowed = ", ".join(name.strip() for name in (requested_headers or "").split(",") if _TOKEN.fullmatch(name.strip()))
         else:
@@ -154,11 +156,9 @@ class Cors(Strict):
         for name in {name for name in headers.keys() if name.lower().startswith("access-control-")}:  # noqa: SIM118
             del headers[name]
         if not (self._any and not self.credentials):
-            vary = headers.get("Vary")
-            if vary is None:
-                headers["Vary"] = "Origin"
-            elif vary.strip() != "*" and "origin" not in {part.strip().lower() for part in vary.split(",")}:
-                headers["Vary"] = f"{vary}, Origin"
+            varies = [part.strip() for line in headers.getlist("Vary") for part in line.split(",") if part.strip()]
+            if "*" not in varies and "origin" not in {part.lower() for part in varies}:
+                headers["Vary"] = ", ".join([*varies, "Origin"])  # every Vary line, as one
         if origin is None or not self.allows(origin):
             return
         for name, value in self._allow_origin(origin):

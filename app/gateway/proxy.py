@@ -8,6 +8,7 @@ of the process: it hands the gateway's own paths to the Flask app and the rest t
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -116,9 +117,14 @@ class ProxyApp:
             # A CORS preflight is matched as the request it asks about; on a route without
             # ``cors`` it is an OPTIONS like any other.
             asked = cors.requested_method(method, headers)
-            match = gateway.router.match(asked or method, path, raw_path, headers)  # NotFound, MethodNotAllowed
-            if asked and match.route.cors is None:
-                match = gateway.router.match(method, path, raw_path, headers)
+            match = None
+            if asked:
+                with contextlib.suppress(NotFound, MethodNotAllowed):
+                    match = gateway.router.match(asked, path, raw_path, headers)
+                if match is None or match.route.cors is None:
+                    asked, match = None, None
+            if match is None:
+                match = gateway.router.match(method, path, raw_path, headers)  # NotFound, MethodNotAllowed
             route = match.route
             line["route"] = route.label
             refuse_ambiguous(route, raw_path)  # 400 ambiguous-path

@@ -166,8 +166,8 @@ def test_a_failed_statement_does_not_repeat_its_bound_values(make_app):
             "PORT='abc' is not valid: expected a whole number from 0 to 65535 (the default is 8000)",
             "WEB_CONCURRENCY='0' is not valid: expected a whole number from 1 to 512 (the default is 2)",
         ]),
-        ({"DATABASE_URL": "mysql://db/x", "REDIS_URL": "127.0.0.1:6379"}, [
-            "DATABASE_URL='mysql://db/x' is not valid: expected a URL starting postgres:// or postgresql:// or postgresql+psycopg:// or sqlite:// (unset: the embedded default)",
+        ({"DATABASE_URL": "mysql://app:hunter2@db/x", "REDIS_URL": "127.0.0.1:6379"}, [
+            "DATABASE_URL='mysql://***@db/x' is not valid: expected a URL starting postgres:// or postgresql:// or postgresql+psycopg:// or sqlite:// (unset: the embedded default)",
             "REDIS_URL='127.0.0.1:6379' is not valid: expected a URL starting redis:// or rediss:// or unix:// (unset: the embedded default)",
         ]),
     ],

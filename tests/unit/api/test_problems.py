@@ -25,6 +25,8 @@ def test_every_problem_type_has_a_page_that_says_what_causes_it(client):
     problems = catalog()
     assert {"rate-limited", "breaker-open", "cors-origin-refused", "internal-error", "job-final"} <= set(problems)
     for slug, problem in problems.items():
+        if not problem.__module__.startswith("app"):
+            continue  # a problem a test defines (test_errors.py's out-of-stock)
         page = client.get(f"/_gateway/problems/{slug}")
         assert page.status_code == 200, slug
         text = page.get_data(as_text=True)

@@ -52,7 +52,7 @@ def test_a_preflight_is_answered_before_authentication_and_never_reaches_the_ups
     assert response.status_code == 204
     assert response.headers["Access-Control-Allow-Origin"] == PAGE
     assert response.headers["Access-Control-Allow-Credentials"] == "true"
-    assert response.headers["Access-Control-Allow-Methods"] == "GET, POST"  # the route's methods
+    assert response.headers["Access-Control-Allow-Methods"] == "GET, POST, HEAD"  # the route's methods, HEAD with GET
     assert {name.strip().lower() for name in response.headers["Access-Control-Allow-Headers"].split(",")} >= {"x-api-key", "content-type", "authorization"}
     assert response.headers["Access-Control-Max-Age"] == "300"
     assert "Origin" in response.headers["Vary"]
