@@ -24,6 +24,15 @@ else:
 
 import sys
 
+import billiard.pool
+
+# A pool process that is stopping waits, before it exits, until the main process has counted
+# every result it sent: up to 300 x 0.1 s in billiard 4.3. In a cold shutdown the main process
+# joins the pool from its signal handler, and a result it never counts (a task cancelled by the
+# shutdown) kept that join waiting 30 s, past Heroku's SIGKILL, so the unfinished messages were
+# never handed back (tests/integration/test_deploy.py). 3 s is ample for a result on its way.
+billiard.pool.GUARANTEE_MESSAGE_CONSUMPTION_RETRY_LIMIT = 30
+
 from app import create_app  # after the directory is set
 from app.config import SettingsError
 

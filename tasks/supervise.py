@@ -8,16 +8,8 @@ kernel's OOM killer) would leave jobs and deliveries waiting that long or for go
 Stopping is the platform's: Heroku sends SIGTERM to every process of the dyno, honcho to the
 process group of each line, a terminal SIGINT to its foreground group. COMMAND runs in this
 process's group, so it gets that signal itself (the Procfile's REMAP_SIGTERM=SIGQUIT makes it a
-soft shutdown, which exits 1); the supervisor, getting it too, starts nothing again. Signal the
-group, not this process alone (``kill -TERM -PGID``).
-
-One thing it passes on: when the worker is still there ``NUDGE_AFTER`` seconds past its soft
-shutdown, the supervisor sends it the stop signal again, and every ``NUDGE_EVERY`` seconds after
-that. Celery's cold shutdown cancels the tasks it knows are running, then waits for its pool
-without a deadline; a task a process had taken but not yet reported when the signal came is
-not cancelled, and the wait lasts as long as that task. The repeated SIGTERM (a soft one with
-REMAP_SIGTERM, never a hard kill) cancels the running tasks again, that one included, and the
-worker then hands its messages back and exits.
+soft shutdown, which exits 1); the supervisor, getting it too, passes nothing on and starts
+nothing again. Signal the group, not this process alone (``kill -TERM -PGID``).
 """
 from __future__ import annotations
 
@@ -32,18 +24,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 FIRST_WAIT = 1.0  # seconds before the first restart
 MOST_WAIT = 30.0  # seconds: the wait doubles per exit in a row, up to this
 STEADY = 60.0  # seconds: a run at least this long starts the doubling afresh
-NUDGE_AFTER = 4.0  # seconds past the worker's soft shutdown before the stop signal goes again
-NUDGE_EVERY = 3.0  # seconds between further ones
-NUDGES = 2  # at most this many: SIGTERM only, which Celery (REMAP_SIGTERM=SIGQUIT) never escalates to a hard kill
-
-
-def soft_shutdown(environ: dict[str, str]) -> float:
-    """The worker's soft shutdown in seconds: GATEWAY_WORKER_SOFT_SHUTDOWN_TIMEOUT (25 when
-    unset or not a number; the worker itself refuses a bad value)."""
-    try:
-        return max(float(environ.get("GATEWAY_WORKER_SOFT_SHUTDOWN_TIMEOUT", "25")), 0.0)
-    except ValueError:
-        return 25.0
 
 
 def backoff(exits: int, first: float = FIRST_WAIT, most: float = MOST_WAIT) -> float:
@@ -61,46 +41,15 @@ def log(level: str, msg: str, **fields: object) -> None:
     print(json.dumps(line), flush=True)
 
 
-def wait_stopping(child: subprocess.Popen, stop: list[tuple[int, float]], nudge_after: float, nudge_every: float = NUDGE_EVERY) -> int:
-    """``child``'s return code once it exits. Once a SIGTERM has come (``stop``: signal and
-    monotonic time), SIGTERM goes to ``child`` again ``nudge_after`` seconds later and every
-    ``nudge_every`` seconds after that, NUDGES times at most. SIGINT and SIGQUIT are never
-    repeated: a second one is Celery's hard shutdown."""
-    nudge_at, nudged = None, 0
-    while True:
-        try:
-            return child.wait(timeout=0.2)
-        except subprocess.TimeoutExpired:
-            pass
-        if not stop:
-            continue
-        signum, stopped = stop[0]
-        if signum != signal.SIGTERM or nudged >= NUDGES:
-            continue
-        if nudge_at is None:
-            nudge_at = stopped + nudge_after
-        if time.monotonic() >= nudge_at:
-            log("warning", "worker still stopping; signalling it again", child_pid=child.pid, signal=signal.Signals(signum).name)
-            child.send_signal(signum)
-            nudged += 1
-            nudge_at = time.monotonic() + nudge_every
-
-
-def supervise(
-    command: list[str], first: float = FIRST_WAIT, most: float = MOST_WAIT, steady: float = STEADY, nudge_after: float | None = None
-) -> int:
+def supervise(command: list[str], first: float = FIRST_WAIT, most: float = MOST_WAIT, steady: float = STEADY) -> int:
     """Run ``command`` until it exits 0 or a stop signal (SIGTERM, SIGINT, SIGQUIT) arrives;
     after any other exit, start it again after ``backoff`` seconds (``first``, ``most``), the
-    count of exits starting afresh after a run of ``steady`` seconds. A command still running
-    ``nudge_after`` seconds after a stop signal (default: its soft shutdown plus NUDGE_AFTER)
-    gets the signal again (``wait_stopping``). Returns the exit status of its last run, a shell's way
-    (128 + N when signal N ended it)."""
-    stop: list[tuple[int, float]] = []
-    if nudge_after is None:
-        nudge_after = soft_shutdown(dict(os.environ)) + NUDGE_AFTER
+    count of exits starting afresh after a run of ``steady`` seconds. Returns the exit status
+    of its last run, a shell's way (128 + N when signal N ended it)."""
+    stop: list[int] = []
 
     def stopping(signum: int, frame: object) -> None:
-        stop.append((signum, time.monotonic()))
+        stop.append(signum)
 
     previous = {sig: signal.signal(sig, stopping) for sig in STOP_SIGNALS}
     try:
@@ -110,7 +59,7 @@ def supervise(
             child = subprocess.Popen(command)
             if exits:
                 log("info", "worker started again", child_pid=child.pid, exits=exits)
-            code = wait_stopping(child, stop, nudge_after)
+            code = child.wait()
             status = code if code >= 0 else 128 - code
             ran = time.monotonic() - started
             if stop or code == 0:

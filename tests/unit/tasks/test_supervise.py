@@ -103,35 +103,6 @@ def test_a_stop_signal_to_the_process_group_ends_the_command_and_the_supervisor(
     assert lines(log.read_text()) == []
 
 
-def test_a_command_still_stopping_after_its_soft_shutdown_gets_the_signal_again(tmp_path):
-    # As a Celery worker whose pool waits on a task its first cancel missed: the first SIGTERM
-    # is taken and the command goes on; the one the supervisor sends later ends it.
-    ready, got = tmp_path / "ready", tmp_path / "got"
-    command = run(
-        tmp_path,
-        "import signal, sys, time\n"
-        f"def on_term(*a):\n    open({str(got)!r}, 'a').write('x')\n    if len(open({str(got)!r}).read()) > 1: sys.exit(1)\n"
-        "signal.signal(signal.SIGTERM, on_term)\n"
-        f"open({str(ready)!r}, 'w').close()\n"
-        "time.sleep(30)",
-    )
-    log = tmp_path / "supervise.log"
-    env = {**os.environ, "GATEWAY_WORKER_SOFT_SHUTDOWN_TIMEOUT": "0.5"}
-    process = services.start([PYTHON, "-m", "tasks.supervise", *command], log=log, env=env)
-    try:
-        services.wait_until(ready.exists, 10, "the command running", process=process, log=log)
-        signalled = time.monotonic()
-        os.killpg(process.pid, signal.SIGTERM)
-        assert process.wait(15) == 1
-        took = time.monotonic() - signalled
-    finally:
-        services.stop(process)
-    assert got.read_text() == "xx"  # the group's signal, then the supervisor's
-    assert 4.0 <= took < 8, took  # 0.5 s soft shutdown + NUDGE_AFTER, not the command's 30 s
-    assert [line["msg"] for line in lines(log.read_text())] == ["worker still stopping; signalling it again"]
-    assert starts(tmp_path) == 1
-
-
 def test_a_stop_signal_during_the_wait_ends_the_supervisor_at_once(tmp_path):
     log = tmp_path / "supervise.log"
     process = services.start([PYTHON, "-m", "tasks.supervise", *run(tmp_path, "raise SystemExit(3)")], log=log)
