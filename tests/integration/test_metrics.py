@@ -66,6 +66,7 @@ def test_metrics_add_up_every_workers_requests_with_route_labels(start_gateway, 
     def counted() -> bool:
         found = samples(gateway.url)
         return (sample(found, "frontdoor_http_requests_total", route="/httpbin", method="GET", status="200") == len(ids)
+                and sample(found, "frontdoor_http_requests_total", route="/httpbin", method="GET", status="503") == 1
                 and sample(found, "frontdoor_http_requests_total", route="unmatched", method="GET", status="404") == 1)
 
     services.wait_until(counted, 10, "every request counted")
