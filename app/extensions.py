@@ -304,12 +304,27 @@ def init_app(app: Flask) -> None:
     register their tables with ``db.metadata`` when ``app.models`` is imported (create_app does)."""
     app.config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options(app.config)
     db.init_app(app)
+    # Registered after Flask-SQLAlchemy's own, so it runs first (teardowns run in reverse).
+    app.teardown_appcontext(end_session)
     with app.app_context():
         for engine in db.engines.values():
             ping_when_idle(engine, float(app.config["DATABASE_PING_AFTER"]))
     migrate.init_app(app, db, directory=str(Path(app.root_path).parent / "migrations"))
     url = app.config["REDIS_URL"]
     app.extensions["redis"] = new_redis(url) if url else None
+
+
+def end_session(exc: BaseException | None) -> None:
+    """teardown_appcontext: end the request's session. A connection the server dropped while
+    the request ran (a shutdown, a failover) fails the ROLLBACK that ends it; the request was
+    answered already, so the connection is invalidated instead of turning that answer into a 500."""
+    try:
+        db.session.remove()
+    except DBAPIError:
+        if db.session.registry.has():
+            with contextlib.suppress(DBAPIError):
+                db.session.registry().invalidate()
+        db.session.registry.clear()
 
 
 def redis_client(app: Flask) -> redis.Redis | None:

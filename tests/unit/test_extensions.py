@@ -158,3 +158,30 @@ def test_every_thread_of_a_web_process_keeps_its_postgres_connection_between_req
             assert backends() == first
         finally:
             db.engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_request_whose_connection_the_server_dropped_is_still_answered(make_app, postgres_database):
+    """PostgreSQL shutting down (or failing over) while a request holds a connection: the
+    ROLLBACK that ends the request's session fails, and the answer already made still goes out."""
+    from sqlalchemy import text
+
+    app = make_app(SQLALCHEMY_DATABASE_URI=postgres_database.replace("postgresql://", "postgresql+psycopg://", 1))
+    admin = postgres_database  # another connection, as the server's administrator would be
+
+    from app.auth.views import policy
+
+    @app.get("/_gateway/held")
+    @policy("none")
+    def held():
+        pid = db.session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with psycopg.connect(admin, autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        return {"backend": pid}
+
+    answered = app.test_client().get("/_gateway/held")
+    assert answered.status_code == 200 and answered.json["backend"] > 0
+    # The dropped connection is not handed out again: the next request works.
+    with app.app_context():
+        assert db.session.execute(text("SELECT 1")).scalar_one() == 1
+        db.session.remove()
