@@ -281,15 +281,6 @@ class Platform(BaseModel):
         return value
 
 
-def platform_settings(environ: dict[str, str]) -> Platform:
-    """``environ``'s platform variables (empty ones count as unset). Raises SettingsError, one
-    line per variable whose value does not fit, naming it, the problem and the expected form."""
-    problems = platform_problems(environ)
-    if problems:
-        raise SettingsError("\n".join(problems))
-    return Platform(**_platform_values(environ))
-
-
 def _platform_values(environ: dict[str, str]) -> dict[str, str]:
     return {name: environ[name] for name in Platform.model_fields if environ.get(name)}
 

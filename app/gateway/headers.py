@@ -111,6 +111,7 @@ def forwarding_headers(via_name: str, drop_credentials: bool = False, methods: t
     """
     via = f"1.1 {via_name}"
     response_drop = _RESPONSE_DROP | {"allow"} if methods is not None else _RESPONSE_DROP
+    response_collect = ("via", "allow") if methods is not None else ("via",)  # Allow read only when it is cut
     served = set(methods or ()) | ({"HEAD"} if methods is not None and "GET" in methods else set())
     request_drop = _REQUEST_DROP | CREDENTIALS if drop_credentials else _REQUEST_DROP
     traced_drop = request_drop | TRACE_FIELDS
@@ -139,7 +140,7 @@ def forwarding_headers(via_name: str, drop_credentials: bool = False, methods: t
                 ]
             req.headers = new_headers(kept)
             response = next_handler(req)
-            kept, seen = _partition(list(response.headers.items()), response_drop, ("via", "allow"))
+            kept, seen = _partition(list(response.headers.items()), response_drop, response_collect)
             kept.append(("Via", _append(seen["via"], via)))
             if methods is not None and seen["allow"]:
                 listed = [name.strip() for value in seen["allow"] for name in value.split(",")]
