@@ -37,6 +37,12 @@ class ProblemError(Exception):
         self.extra = extra
 
 
+class BadRequest(ProblemError):
+    """400: the body is not JSON, nests too deep, or a query or path parameter or a form field is not valid; the detail names it."""
+
+    status, title, slug = 400, "Bad Request", "bad-request"
+
+
 class DatabaseUnavailable(ProblemError):
     """503: the database cannot be reached now (refused, timed out, connection lost, pool
     exhausted); ``Retry-After`` (RFC 9110 section 10.2.3) says when to try again, in seconds."""

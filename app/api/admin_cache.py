@@ -4,9 +4,9 @@ from __future__ import annotations
 from flask import Blueprint, current_app, request
 
 from app.api import schemas
-from app.api.common import BadRequest, Param, Reply, operation, reply
+from app.api.common import Param, Reply, operation, reply
 from app.auth.views import policy
-from app.gateway.cache import glob_escape
+from app.gateway import admin
 from app.identity import ADMIN_SCOPE
 
 bp = Blueprint("admin_cache", __name__)
@@ -29,26 +29,6 @@ def purge() -> tuple:
     variant's entry; the query as cached, its parameters sorted), ``?route=<route name or
     path>``, or ``?prefix=/path`` (every URL under it). Answers ``{"deleted": n}``: the number
     of stored items removed (an entry and its Vary record count apart)."""
-    given = {name: request.args[name] for name in ("key", "route", "prefix") if request.args.get(name)}
-    if len(given) != 1:
-        raise BadRequest("Give exactly one of key, route and prefix")
-    (what, value), = given.items()
-    namespace = f"{current_app.config['KEY_PREFIX']}:cache:"
     gateway = current_app.extensions["gateway"]
-    if what == "route":
-        # A route's entries are keyed by its label (its name, else its path): find it by either.
-        labels = {route.label for route in gateway.route_file.routes if value in (route.name, route.path)} or {value}
-        # "label:" and, for routes chosen by match_headers, "label#<digest>:" (route_key).
-        patterns = [f"{namespace}{glob_escape(label)}{tail}" for label in labels for tail in (":*", "#*")]
-    else:
-        if not value.startswith("/"):
-            raise BadRequest(f"{what} must be a path starting with '/'")
-        path, _, query = value.partition("?")
-        if what == "key":
-            target = f"{path}?{'&'.join(sorted(part for part in query.split('&') if part))}"
-            patterns = [f"{namespace}*:GET:{glob_escape(target)}:*"]
-        else:  # the path itself and what lies below it, on segment boundaries as routes match
-            below = path.rstrip("/")
-            patterns = [f"{namespace}*:GET:{glob_escape(below + '?')}*", f"{namespace}*:GET:{glob_escape(below)}/*"]
-    store = gateway.settings.cache_store
-    return reply(schemas.Purged, {"deleted": sum(store.delete(pattern) for pattern in patterns)})
+    deleted = admin.purge_cache(current_app, gateway, **{name: request.args.get(name) for name in admin.PURGE_BY})
+    return reply(schemas.Purged, {"deleted": deleted})

@@ -18,13 +18,12 @@ from werkzeug.exceptions import NotFound
 
 from app.api.inputs import (
     ID_LENGTH,
-    BadRequest,
     limits,
     parse_json,
     read_body,
     storable,
 )
-from app.errors import ProblemError
+from app.errors import BadRequest, ProblemError
 
 M = TypeVar("M", bound=BaseModel)
 F = TypeVar("F", bound=Callable)

@@ -12,7 +12,7 @@ from pydantic import AfterValidator, Field
 from werkzeug.exceptions import NotFound, RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 
-from app.errors import ProblemError
+from app.errors import BadRequest
 from app.gateway.fields import MAX_DEPTH, parse
 from app.gateway.types import PayloadTooLarge
 from app.models import (
@@ -33,12 +33,6 @@ _LONE_SURROGATE = re.compile(
     rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
 )
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # C0 controls and DEL: no id, path or query holds one
-
-
-class BadRequest(ProblemError):
-    """400: the body is not JSON, nests too deep, or a query or path parameter is not valid; the detail names it."""
-
-    status, title, slug = 400, "Bad Request", "bad-request"
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,9 @@ from app.api.common import (
     status_filter,
     with_status,
 )
-from app.api.inputs import CONTROL, BadRequest, column_length
+from app.api.inputs import CONTROL, column_length
 from app.auth.views import current_principal, policy
+from app.errors import BadRequest
 from app.extensions import db
 from app.gateway.router import AmbiguousPath, has_dot_segment, refuse_ambiguous
 from app.gateway.runtime import Gateway

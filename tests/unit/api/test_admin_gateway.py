@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from app.api.admin_gateway import target_id
+from app.gateway.admin import target_id
 from tests.services import free_port
 from tests.unit.api.support import problem
 from tests.unit.jobs.support import upstream_server
