@@ -6,12 +6,10 @@ key id answers 404, as an unknown one does.
 """
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated
 
 from flask import Blueprint, request, url_for
 from pydantic import Field
-from sqlalchemy import select
 
 from app.api import schemas
 from app.api.common import (
@@ -31,7 +29,6 @@ from app.api.idempotency import HEADER as IDEMPOTENCY_KEY
 from app.api.idempotency import idempotent
 from app.api.inputs import ConsumerReference, Scope
 from app.auth import manage
-from app.auth.authenticate import InsufficientScope
 from app.auth.views import current_principal
 from app.extensions import db
 from app.identity import Principal
@@ -61,30 +58,9 @@ def _caller() -> Principal:
 
 
 def _own(key_id: str, change: bool = False) -> ApiKey:
-    """The key ``key_id`` if the caller may see it; 404 otherwise, whether or not it exists.
-
-    To ``change`` it (rotate, revoke), a caller without the admin scope must hold every scope
-    the key has: a weak key must not mint a copy of a strong one, nor revoke it.
-    """
-    principal = _caller()
-    key = db.session.get(ApiKey, key_id)
-    if key is not None and not principal.is_admin and key.consumer_id != principal.consumer_id:
-        key = None
-    key = found(key, "key", key_id)
-    beyond = set(key.scopes or ()) - principal.scopes
-    if change and beyond and not principal.is_admin:
-        raise InsufficientScope(
-            f"The key holds scopes the caller lacks ({', '.join(sorted(beyond))}); only its holder or an admin may change it"
-        )
-    return key
-
-
-def _expiry_cap(principal: Principal) -> datetime | None:
-    """A key made by a caller without the admin scope ends no later than the credential it was
-    made with: a leaked short-lived key or token cannot mint a permanent one."""
-    if principal.is_admin or principal.expires_at is None:
-        return None
-    return datetime.fromtimestamp(principal.expires_at, UTC)
+    """The key ``key_id`` if the caller may see it; 404 otherwise, whether or not it exists
+    (``manage.key_as``: 403 to ``change`` a key with scopes the caller lacks)."""
+    return found(manage.key_as(_caller(), key_id, change), "key", key_id)
 
 
 def _created(minted) -> tuple:
@@ -103,21 +79,11 @@ def create() -> tuple:
 
     Without the admin scope a caller creates keys for itself only, with scopes it holds.
     """
-    principal = _caller()
     data = body(KeyCreate)
-    own = (None, principal.consumer_id, principal.consumer_name)
-    if data.consumer not in own and not principal.is_admin:
-        raise InsufficientScope("Only a caller with the admin scope may create keys for another consumer")
-    consumer = manage.find_consumer(data.consumer or principal.consumer_id)
-    if consumer is None:
-        raise invalid("consumer", f"no consumer has the id or name {data.consumer!r}")
-    beyond = set(data.scopes) - principal.scopes
-    if beyond and not principal.is_admin:
-        raise invalid("scopes", f"cannot grant scopes the caller does not hold: {', '.join(sorted(beyond))}")
     try:
-        minted = manage.create_key(consumer, data.scopes, data.expires_in, latest_expiry=_expiry_cap(principal))
+        minted = manage.create_key_as(_caller(), data.consumer, data.scopes, data.expires_in)
     except manage.Invalid as exc:
-        raise invalid("scopes", str(exc)) from exc
+        raise invalid(exc.field or "scopes", str(exc)) from exc
     return _created(minted)
 
 
@@ -130,12 +96,7 @@ def create() -> tuple:
 def index() -> tuple:
     """``{"data": [key, ...], "next_cursor": ...}``: the caller's keys, newest first; with the
     admin scope every consumer's, or one consumer's with ``?consumer=<id>``."""
-    principal = _caller()
-    query = select(ApiKey)
-    if not principal.is_admin:
-        query = query.where(ApiKey.consumer_id == principal.consumer_id)
-    elif request.args.get("consumer"):
-        query = query.where(ApiKey.consumer_id == request.args["consumer"])
+    query = manage.keys_visible_to(_caller(), request.args.get("consumer"))
     rows, next_cursor = page(query, ApiKey, db.session)
     return reply(schemas.Page[schemas.ApiKey], {"data": [manage.key_json(row) for row in rows], "next_cursor": next_cursor})
 
@@ -163,7 +124,7 @@ def rotate(key_id: str) -> tuple:
     key = _own(key_id, change=True)
     data = body(KeyRotate)
     try:
-        minted = manage.rotate_key(key, data.expire_old_in, latest_expiry=_expiry_cap(_caller()))
+        minted = manage.rotate_key_as(_caller(), key, data.expire_old_in)
     except manage.Conflict as exc:
         raise ConflictProblem(str(exc)) from exc
     return _created(minted)

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from flask import Blueprint, g, url_for
+from flask import Blueprint, g, request, url_for
 from pydantic import AfterValidator, Field
-from sqlalchemy import func, select
-from sqlalchemy.orm import undefer
+from sqlalchemy import select
 
 from app.api import schemas
 from app.api.common import (
     PAGE,
     ConflictProblem,
+    Param,
     Reply,
     Schema,
     body,
@@ -32,13 +32,13 @@ from app.api.idempotency import HEADER as IDEMPOTENCY_KEY
 from app.api.idempotency import idempotent
 from app.api.inputs import stored_text
 from app.auth.views import current_principal
+from app.errors import BadRequest
 from app.extensions import db
 from app.identity import Principal
 from app.models import WebhookDelivery, WebhookEndpoint
 from app.models.webhooks import DELIVERY_STATUSES
 from app.webhooks import deliveries, endpoints, messages, secrets
-from app.webhooks.guard import UnsafeURL
-from app.webhooks.settings import box, settings
+from app.webhooks.settings import settings
 
 bp = Blueprint("webhooks", __name__)
 
@@ -73,28 +73,33 @@ class SecretRotate(Schema):
     secret: Secret | None = None
 
 
+EVENT_TYPE = Param("event_type", "query", {"type": "string", "maxLength": 200}, "Only deliveries of messages of this event type")
+
+
+def _event_type() -> str | None:
+    """``?event_type=``: one event type, checked as a message's is (400 naming what is wrong)."""
+    value = request.args.get("event_type")
+    if not value:
+        return None
+    try:
+        return messages.check_type(value)
+    except ValueError as exc:
+        raise BadRequest(f"event_type: {exc}") from None
+
+
 def _caller() -> Principal:
     principal = current_principal()
     assert principal is not None  # these views require a credential (the default policy)
     return principal
 
 
-def _checked_url(url: str) -> str:
-    """``url`` when the SSRF guard lets it through now; else 422 naming why."""
-    try:
-        settings().guard.check(url)
-    except UnsafeURL as exc:
-        raise invalid("url", str(exc)) from None
-    return url
-
-
 def _own(endpoint_id: str, secret: bool = False) -> WebhookEndpoint:
     """The caller's endpoint ``endpoint_id``: 404 when unknown or another consumer's."""
-    options = [undefer(WebhookEndpoint.secret_encrypted), undefer(WebhookEndpoint.previous_secret_encrypted)] if secret else []
-    endpoint = db.session.get(WebhookEndpoint, endpoint_id, options=options)
-    if endpoint is not None and endpoint.consumer_id != _caller().consumer_id:
-        endpoint = None
-    return found(endpoint, "webhook endpoint", endpoint_id)
+    return found(endpoints.owned(_caller().consumer_id, endpoint_id, secret), "webhook endpoint", endpoint_id)
+
+
+def _refused(exc: endpoints.Refused):
+    return invalid(exc.field, str(exc))
 
 
 ENDPOINT = Reply(schemas.Endpoint, "The endpoint")
@@ -113,16 +118,11 @@ def create_endpoint() -> tuple:
     """Register an endpoint: ``{"url", "description", "event_types", "secret", "disabled"}``;
     201 with the endpoint and its ``secret`` (generated unless given). The URL must pass the
     SSRF guard (https, every resolved address public or allow-listed): 422 names why not."""
-    principal = _caller()
     data = body(EndpointCreate)
-    url = _checked_url(data.url)
-    config = settings()
-    count = db.session.execute(
-        select(func.count()).select_from(WebhookEndpoint).where(WebhookEndpoint.consumer_id == principal.consumer_id)
-    ).scalar_one()
-    if count >= config.max_endpoints:
-        raise invalid("url", f"a consumer may have {config.max_endpoints} endpoints (WEBHOOK_MAX_ENDPOINTS); delete one first")
-    endpoint, plain = endpoints.create(principal.consumer_id, url, data.description, data.event_types, data.secret, data.disabled)
+    try:
+        endpoint, plain = endpoints.register(_caller().consumer_id, data.url, data.description, data.event_types, data.secret, data.disabled)
+    except endpoints.Refused as exc:
+        raise _refused(exc) from exc
     location = url_for("webhooks.read_endpoint", endpoint_id=endpoint.id, _external=True)
     return reply(schemas.NewEndpoint, {**endpoints.endpoint_json(endpoint), "secret": plain}, 201, {"Location": location})
 
@@ -149,8 +149,10 @@ def update_endpoint(endpoint_id: str) -> tuple:
     clears its failure record; a new URL passes the SSRF guard first (422)."""
     endpoint = _own(endpoint_id)
     data = body(EndpointUpdate)
-    url = _checked_url(data.url) if data.url is not None else None
-    endpoints.change(endpoint, url, data.description, data.event_types, data.disabled)
+    try:
+        endpoints.change(endpoint, data.url, data.description, data.event_types, data.disabled)
+    except endpoints.Refused as exc:
+        raise _refused(exc) from exc
     return reply(schemas.Endpoint, endpoints.endpoint_json(endpoint))
 
 
@@ -170,7 +172,7 @@ def delete_endpoint(endpoint_id: str) -> tuple:
 def read_secret(endpoint_id: str) -> tuple:
     """``{"secret": "whsec_..."}``: the secret deliveries are signed with now."""
     endpoint = _own(endpoint_id, secret=True)
-    return reply(schemas.EndpointSecret, {"secret": box().decrypt(endpoint.secret_encrypted)})
+    return reply(schemas.EndpointSecret, {"secret": endpoints.secret_of(endpoint)})
 
 
 @bp.post("/webhooks/endpoints/<id:endpoint_id>/rotate-secret")
@@ -215,23 +217,20 @@ def test_endpoint(endpoint_id: str) -> tuple:
     "List an endpoint's deliveries",
     {200: Reply(schemas.Page[schemas.Delivery], "One page of deliveries")},
     errors=(404,),
-    params=(*PAGE, status_filter(DELIVERY_STATUSES)),
+    params=(*PAGE, status_filter(DELIVERY_STATUSES), EVENT_TYPE),
 )
 def list_deliveries(endpoint_id: str) -> tuple:
     """``{"data": [delivery, ...], "next_cursor": ...}``, newest first, each with its message
-    (id, type) and its latest 20 attempts, oldest first; ``?status=failed,pending`` filters."""
+    (id, type) and its latest 20 attempts, oldest first; ``?status=failed,pending`` and
+    ``?event_type=order.created`` filter."""
     endpoint = _own(endpoint_id)
-    query = select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint.id)
-    query = with_status(query, WebhookDelivery.status, DELIVERY_STATUSES)
+    query = with_status(deliveries.of_endpoint(endpoint.id, event_type=_event_type()), WebhookDelivery.status, DELIVERY_STATUSES)
     rows, next_cursor = page(query, WebhookDelivery, db.session)
     return reply(schemas.Page[schemas.Delivery], {"data": deliveries.with_attempts(rows), "next_cursor": next_cursor})
 
 
 def _own_delivery(delivery_id: str) -> WebhookDelivery:
-    row = db.session.get(WebhookDelivery, delivery_id)
-    if row is not None and row.consumer_id != _caller().consumer_id:
-        row = None
-    return found(row, "webhook delivery", delivery_id)
+    return found(deliveries.owned(_caller().consumer_id, delivery_id), "webhook delivery", delivery_id)
 
 
 @bp.get("/webhooks/deliveries/<id:delivery_id>")
@@ -252,11 +251,10 @@ def redeliver(delivery_id: str) -> tuple:
     """Send the delivery again with the same ``webhook-id`` (202 with the delivery), starting
     its retry schedule over. 409 while an attempt is in flight or the endpoint is disabled."""
     row = _own_delivery(delivery_id)
-    endpoint = db.session.get(WebhookEndpoint, row.endpoint_id)
-    if endpoint is not None and endpoint.disabled:
-        raise ConflictProblem(f"Endpoint {endpoint.id} is disabled ({endpoint.disabled_reason}); enable it first")
     try:
-        row = deliveries.redeliver(row)
+        row = deliveries.redeliver_own(row)
+    except deliveries.EndpointDisabled as exc:
+        raise ConflictProblem(str(exc)) from None
     except deliveries.DeliveryBusy:
         raise ConflictProblem(f"Delivery {delivery_id} is being sent right now; try again when the attempt has ended") from None
     location = url_for("webhooks.read_delivery", delivery_id=row.id, _external=True)

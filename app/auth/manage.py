@@ -1,15 +1,20 @@
-"""Managing consumers and keys: the domain calls behind the CLI and the /_gateway API."""
+"""Managing consumers and keys: the domain calls behind the CLI, the /_gateway API and the portal.
+
+The ``*_as`` calls apply what a caller may do with keys (its own only, unless it holds the
+admin scope; never a scope it lacks), so every surface refuses the same things."""
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from flask import current_app
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.exc import IntegrityError
 
 from app.auth import keys
+from app.auth.authenticate import InsufficientScope
 from app.extensions import db
+from app.identity import Principal
 from app.models import ApiKey, Consumer
 from app.models.base import isoformat, utcnow
 
@@ -23,7 +28,11 @@ class Conflict(Exception):
 
 
 class Invalid(ValueError):
-    """A value is not acceptable; the message names it."""
+    """A value is not acceptable; the message names it, ``field`` the input it came from."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 def check_name(name: str) -> str:
@@ -118,6 +127,64 @@ def rotate_key(key: ApiKey, expire_old_in: float | None = None, latest_expiry: d
             db.session.commit()
             current_app.extensions["auth"].lookups.forget("key:" + key.secret_hash)
     return minted
+
+
+def keys_visible_to(principal: Principal, consumer_id: str | None = None) -> Select:
+    """The keys ``principal`` may list: its consumer's; with the admin scope every consumer's,
+    or ``consumer_id``'s alone when given."""
+    query = select(ApiKey)
+    if not principal.is_admin:
+        return query.where(ApiKey.consumer_id == principal.consumer_id)
+    return query.where(ApiKey.consumer_id == consumer_id) if consumer_id else query
+
+
+def key_as(principal: Principal, key_id: str, change: bool = False) -> ApiKey | None:
+    """The key ``key_id`` if ``principal`` may see it (its consumer's, or any with the admin
+    scope), else None whether or not it exists. To ``change`` it (rotate, revoke), a caller
+    without the admin scope must hold every scope the key has: raises InsufficientScope (403),
+    so a weak key can neither mint a copy of a strong one nor revoke it."""
+    key = db.session.get(ApiKey, key_id)
+    if key is None or (not principal.is_admin and key.consumer_id != principal.consumer_id):
+        return None
+    beyond = set(key.scopes or ()) - principal.scopes
+    if change and beyond and not principal.is_admin:
+        raise InsufficientScope(
+            f"The key holds scopes the caller lacks ({', '.join(sorted(beyond))}); only its holder or an admin may change it"
+        )
+    return key
+
+
+def _expiry_cap(principal: Principal) -> datetime | None:
+    """A key made by a caller without the admin scope ends no later than the credential it was
+    made with: a leaked short-lived key or token cannot mint a permanent one."""
+    if principal.is_admin or principal.expires_at is None:
+        return None
+    return datetime.fromtimestamp(principal.expires_at, UTC)
+
+
+def create_key_as(principal: Principal, consumer: str | None, scopes: list[str], expires_in: float | None = None) -> keys.MintedKey:
+    """Mint a key for ``consumer`` (an id or name; None: the caller's own) with ``scopes``,
+    expiring in ``expires_in`` seconds (None: never, or with the caller's credential). Without
+    the admin scope a caller makes keys for itself only (InsufficientScope, 403) with scopes it
+    holds (Invalid, field ``scopes``); Invalid (field ``consumer``) for an unknown consumer."""
+    if consumer not in (None, principal.consumer_id, principal.consumer_name) and not principal.is_admin:
+        raise InsufficientScope("Only a caller with the admin scope may create keys for another consumer")
+    row = find_consumer(consumer or principal.consumer_id)
+    if row is None:
+        raise Invalid(f"no consumer has the id or name {consumer!r}", field="consumer")
+    beyond = set(scopes) - principal.scopes
+    if beyond and not principal.is_admin:
+        raise Invalid(f"cannot grant scopes the caller does not hold: {', '.join(sorted(beyond))}", field="scopes")
+    try:
+        return create_key(row, scopes, expires_in, latest_expiry=_expiry_cap(principal))
+    except Invalid as exc:
+        raise Invalid(str(exc), field="scopes") from exc
+
+
+def rotate_key_as(principal: Principal, key: ApiKey, expire_old_in: float | None = None) -> keys.MintedKey:
+    """``rotate_key`` by ``principal`` (the key found with ``key_as(..., change=True)``): the
+    new key ends no later than the caller's credential, as ``create_key_as``'s do."""
+    return rotate_key(key, expire_old_in, latest_expiry=_expiry_cap(principal))
 
 
 def consumer_json(consumer: Consumer) -> dict:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Select, func, select, update
 
 from app.extensions import db
 from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookMessage
@@ -19,6 +19,37 @@ class EndpointBusy(Exception):
 
 class DeliveryBusy(Exception):
     """The delivery is being sent right now."""
+
+
+class EndpointDisabled(Exception):
+    """The delivery's endpoint is disabled; the message names it and why."""
+
+
+def owned(consumer_id: str, delivery_id: str) -> WebhookDelivery | None:
+    """The delivery ``delivery_id`` of ``consumer_id``, or None when unknown or another's."""
+    row = db.session.get(WebhookDelivery, delivery_id)
+    return row if row is not None and row.consumer_id == consumer_id else None
+
+
+def of_endpoint(endpoint_id: str, statuses: list[str] | None = None, event_type: str | None = None) -> Select:
+    """The deliveries of ``endpoint_id`` (a query, for ``common.page``), only those in one of
+    ``statuses`` and of the message type ``event_type`` when given."""
+    query = select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint_id)
+    if statuses:
+        query = query.where(WebhookDelivery.status.in_(statuses))
+    if event_type:
+        types = select(WebhookMessage.id).where(WebhookMessage.type == event_type)
+        query = query.where(WebhookDelivery.message_id.in_(types))
+    return query
+
+
+def redeliver_own(delivery: WebhookDelivery) -> WebhookDelivery:
+    """``redeliver`` as a consumer asks for it: raises EndpointDisabled when its endpoint is
+    disabled (enable it first), DeliveryBusy while an attempt is in flight."""
+    endpoint = db.session.get(WebhookEndpoint, delivery.endpoint_id)
+    if endpoint is not None and endpoint.disabled:
+        raise EndpointDisabled(f"Endpoint {endpoint.id} is disabled ({endpoint.disabled_reason}); enable it first")
+    return redeliver(delivery)
 
 
 def send_test(endpoint: WebhookEndpoint, request_id: str | None) -> WebhookAttempt | None:

@@ -1,16 +1,18 @@
 """Webhook endpoints: registering, changing, disabling and deleting one, its signing secrets
-and their rotation, and its JSON resource (never the secret)."""
+and their rotation, and its JSON resource (never the secret). The API and the portal call these."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete as delete_rows
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import undefer
 
 from app.extensions import db
 from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from app.models.base import isoformat, utcnow
 from app.webhooks import secrets
+from app.webhooks.guard import UnsafeURL
 from app.webhooks.settings import box, settings
 
 
@@ -35,6 +37,51 @@ def endpoint_json(endpoint: WebhookEndpoint) -> dict:
 def _rotating_until(endpoint: WebhookEndpoint, now: datetime | None = None) -> datetime | None:
     until = endpoint.previous_secret_expires_at
     return until if until is not None and until > (now or utcnow()) else None
+
+
+class Refused(ValueError):
+    """An endpoint's field is not acceptable: ``field`` names it, the message says why."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def owned(consumer_id: str, endpoint_id: str, secret: bool = False) -> WebhookEndpoint | None:
+    """The endpoint ``endpoint_id`` of ``consumer_id`` (with its secrets loaded when
+    ``secret``), or None when it is unknown or another consumer's."""
+    options = [undefer(WebhookEndpoint.secret_encrypted), undefer(WebhookEndpoint.previous_secret_encrypted)] if secret else []
+    endpoint = db.session.get(WebhookEndpoint, endpoint_id, options=options)
+    return endpoint if endpoint is not None and endpoint.consumer_id == consumer_id else None
+
+
+def checked_url(url: str) -> str:
+    """``url`` when the SSRF guard lets it through now (https, every resolved address public
+    or allow-listed); raises Refused (field ``url``) naming why not."""
+    try:
+        settings().guard.check(url)
+    except UnsafeURL as exc:
+        raise Refused("url", str(exc)) from None
+    return url
+
+
+def register(consumer_id: str, url: str, description: str, event_types: list[str], secret: str | None = None,
+             disabled: bool = False) -> tuple[WebhookEndpoint, str]:
+    """``create`` after the checks every surface makes: the URL passes the SSRF guard, and the
+    consumer has fewer than WEBHOOK_MAX_ENDPOINTS endpoints. Raises Refused naming the field."""
+    checked_url(url)
+    limit = settings().max_endpoints
+    count = db.session.execute(
+        select(func.count()).select_from(WebhookEndpoint).where(WebhookEndpoint.consumer_id == consumer_id)
+    ).scalar_one()
+    if count >= limit:
+        raise Refused("url", f"a consumer may have {limit} endpoints (WEBHOOK_MAX_ENDPOINTS); delete one first")
+    return create(consumer_id, url, description, event_types, secret, disabled)
+
+
+def secret_of(endpoint: WebhookEndpoint) -> str:
+    """The plain secret deliveries are signed with now (the row read with ``secret=True``)."""
+    return box().decrypt(endpoint.secret_encrypted)
 
 
 def create(consumer_id: str, url: str, description: str, event_types: list[str], secret: str | None, disabled: bool) -> tuple[WebhookEndpoint, str]:
@@ -96,10 +143,10 @@ def set_disabled(endpoint: WebhookEndpoint, disabled: bool, reason: str | None =
 
 def change(endpoint: WebhookEndpoint, url: str | None = None, description: str | None = None,
            event_types: list[str] | None = None, disabled: bool | None = None) -> WebhookEndpoint:
-    """Change the fields given (None: unchanged; ``url`` already checked by the SSRF guard) and
-    commit. Enabling clears the failure record (``set_disabled``)."""
+    """Change the fields given (None: unchanged) and commit. A new ``url`` passes the SSRF guard
+    first (Refused); enabling clears the failure record (``set_disabled``)."""
     if url is not None:
-        endpoint.url = url
+        endpoint.url = checked_url(url)
     if description is not None:
         endpoint.description = description
     if event_types is not None:
