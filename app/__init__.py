@@ -31,6 +31,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         health,
         jobs,
         models,  # noqa: F401 - registers the tables with db.metadata (Flask-Migrate reads it)
+        portal,
         ratelimit,
         webhooks,
     )
@@ -69,6 +70,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     jobs.init_app(app)  # after the gateway: it checks the upstreams' job timeouts
     webhooks.init_app(app)
     api.init_app(app)
+    portal.init_app(app)  # after the API: its pages use the API's id converter
     celery_init_app(app)
 
     gateway.wrap(app)  # the entry: own paths to the Flask app, the rest to the proxy app

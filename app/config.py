@@ -35,6 +35,9 @@ def defaults(app: Flask) -> dict:
         "API_CORS_ORIGINS": [],
         "API_CORS_CREDENTIALS": False,
         "API_CORS_MAX_AGE": 600,
+        # A portal sign-in lasts at most this long (seconds), and never past its credential's
+        # expiry; signing out, revoking the key or disabling the consumer ends it sooner.
+        "PORTAL_SESSION_LIFETIME": 8 * 3600.0,
         # Request bodies up to this size are read into memory so that a retry can resend them;
         # larger ones stream to the upstream and are never retried once sending has started.
         "BUFFER_BODY_SIZE": 64 * 1024,

@@ -271,6 +271,30 @@ class RateLimits:
         self.outage.recovered()
         return Counted(quota, [(label, item, window, acquired) for label, item, (window, acquired) in zip(quota.labels, quota.items, tried, strict=False)])
 
+    def standing(self, principal: Principal, routes: Iterable[Route]) -> list[dict]:
+        """What is left now of each limit that applies to ``principal``, counting nothing: its
+        plan's (or the default) limit across the gateway's API and every route without a limit
+        of its own, then each route's own. ``[{"policy", "applies_to", "limit", "remaining",
+        "reset_in"}]``; ``remaining`` (requests) and ``reset_in`` (seconds) are None while the
+        storage cannot be read."""
+        shared = self.policies.choose(None, principal)
+        chosen = [(shared, "the gateway's API and every route without a limit of its own")]
+        chosen += [(self.policies.choose(route, principal), f"route {route.label}") for route in routes if route.rate_limit not in (None, "none")]
+        standing = []
+        for (name, limit, scope), applies_to in chosen:
+            quota = self.policies.quota(name, limit)
+            for item in quota.items if quota is not None else ():
+                entry = {"policy": name, "applies_to": applies_to, "limit": str(item), "remaining": None, "reset_in": None}
+                try:
+                    window = self.counter.strategy.get_window_stats(item, *self.prefix, principal.consumer_id, scope)
+                except STORAGE_ERRORS:
+                    window = None
+                if window is not None:
+                    entry["remaining"] = max(window.remaining, 0)
+                    entry["reset_in"] = max(math.ceil(window.reset_time - time.time()), 0)
+                standing.append(entry)
+        return standing
+
     @staticmethod
     def rejection(counted: Counted, route_label: str) -> RateLimited:
         """The 429 for a request whose ``counted`` limit is used up (RATELIMIT_REJECTED counts it)."""

@@ -34,11 +34,13 @@ COMPRESSION = {
 
 class _Compress(Compress):
     """Flask-Compress, but a view marked ``@as_stored`` (common.as_stored: a job's result, the
-    upstream's answer byte for byte) is sent as it is."""
+    upstream's answer byte for byte) is sent as it is, and so is one marked ``carries_secrets``
+    (the portal's pages: a compressed page holding a token and reflecting a query is what
+    BREACH reads the token from)."""
 
     def after_request(self, response: Response) -> Response:
         view = current_app.view_functions.get(request.endpoint or "")
-        if getattr(view, "as_stored", False):
+        if getattr(view, "as_stored", False) or getattr(view, "carries_secrets", False):
             return response
         return super().after_request(response)
 

@@ -162,6 +162,12 @@ def body(schema: type[M], max_size: int | None = None, setting: str = "API_MAX_B
         data = parse_json(raw, edge.max_json_depth)
     if not isinstance(data, dict):
         raise Unprocessable("The request body must be a JSON object", errors=[])
+    return validated(schema, data)
+
+
+def validated(schema: type[M], data: dict) -> M:
+    """``data`` as ``schema``; raises Unprocessable (422) naming each field that is wrong
+    (``errors``: ``[{"field", "message"}]``), as the API and the portal's forms report them."""
     try:
         return schema.model_validate(data)
     except ValidationError as exc:

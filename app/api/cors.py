@@ -35,8 +35,10 @@ def init_app(app: Flask) -> None:
 
 
 def _ours() -> bool:
-    """Whether the request is to the gateway's API (not /metrics, /healthz, /readyz)."""
-    return request.path.startswith(current_app.config["API_PREFIX"].rstrip("/") + "/")
+    """Whether the request is to the gateway's API (not /metrics, /healthz, /readyz, and not the
+    portal's pages, which no other origin may read or post to)."""
+    prefix = current_app.config["API_PREFIX"].rstrip("/") + "/"
+    return request.path.startswith(prefix) and not request.path.startswith(prefix + "portal/")
 
 
 def _preflight() -> Response | None:

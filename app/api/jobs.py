@@ -8,14 +8,11 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, unquote, urlencode
 
-from flask import Blueprint, current_app, g, request, stream_with_context
+from flask import Blueprint, current_app, g, request
 from pydantic import Field, field_validator, model_validator
-from sqlalchemy import select
-from sqlalchemy.orm import undefer
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.wrappers import Response
@@ -48,7 +45,7 @@ from app.jobs import service as job_service
 from app.jobs.calls import Call, kept_headers
 from app.jobs.settings import settings as job_settings
 from app.jobs.waiting import wait_for_end
-from app.models import Job, JobItem
+from app.models import Job
 from app.models.jobs import BATCH, REQUEST, STATUSES
 
 bp = Blueprint("jobs", __name__)
@@ -268,7 +265,7 @@ def index() -> tuple:
     ``?status=running,notStarted`` filters by status."""
     principal = current_principal()
     assert principal is not None
-    query = with_status(select(Job).where(Job.consumer_id == principal.consumer_id), Job.status, STATUSES)
+    query = with_status(job_resource.of_consumer(principal.consumer_id), Job.status, STATUSES)
     rows, next_cursor = page(query, Job, db.session)
     return reply(schemas.Page[schemas.Job], {"data": [job_resource.job_json(row) for row in rows], "next_cursor": next_cursor})
 
@@ -336,60 +333,9 @@ def result(job_id: str) -> Response:
     """The upstream's response as it was (status, headers, body) once the job succeeded; for a
     batch, ``{"items": [...]}`` with each sub-request's response. 409 before that."""
     job = _own(job_id, payload=True)  # one SELECT: a purge cannot land between check and read
-    if job.status != "succeeded":
-        detail = f"The job is {job.status}; its result is available once it has succeeded"
-        raise job_resource.JobNotSucceeded(detail, headers=_retry_after(job), job_status=job.status)
-    if job.kind == BATCH:
-        return Response(stream_with_context(_batch_result(job.id)), content_type="application/json")
-    response = Response(job.result_body or b"", status=job.result_status)
-    # Content-Length is the body's (werkzeug sets it): a HEAD job's upstream named a length
-    # whose bytes it never sent.
-    response.headers.extend(
-        (name, value) for name, value in job.result_headers or () if name.lower() not in ("content-length", "content-type")
-    )
-    stored_type = next((value for name, value in job.result_headers or () if name.lower() == "content-type"), None)
-    if stored_type is None:
-        del response.headers["Content-Type"]
-    else:
-        response.headers["Content-Type"] = stored_type
-    return response
+    return job_resource.result_response(job, batch_item)
 
 
-def _batch_result(job_id: str) -> Iterator[bytes]:
-    """``{"items": [...]}`` one item at a time: a batch of large results is never all in memory,
-    and no transaction stays open while a slow client reads."""
-    positions = list(db.session.execute(select(JobItem.position).where(JobItem.job_id == job_id).order_by(JobItem.position)).scalars())
-    db.session.close()
-    yield b'{"items": ['
-    for index, position in enumerate(positions):
-        item = db.session.execute(
-            select(JobItem).options(undefer("*")).where(JobItem.job_id == job_id, JobItem.position == position)
-        ).scalar_one_or_none()
-        db.session.close()
-        if item is None:
-            break  # the job expired while it was being read: the items sent so far stand
-        content = schemas.BatchItem.model_validate(_item_json(item)).model_dump(mode="json", exclude_unset=True)
-        yield (b", " if index else b"") + json.dumps(content).encode()
-    yield b"]}"
-
-
-def _item_json(item) -> dict:
-    """A batch item: its request, status, and the upstream's response (``body`` as text when it
-    is UTF-8, else ``body_base64``) or the problem that prevented one."""
-    data: dict[str, object] = {
-        "index": item.position,
-        "request": {"method": item.method, "path": item.path, "query": item.query, "route": item.route},
-        "status": item.status,
-        "error": item.error,
-        "response": None,
-    }
-    if item.result_status is not None:
-        content = item.result_body or b""
-        response: dict[str, object] = {"status": item.result_status, "headers": [list(pair) for pair in item.result_headers or ()]}
-        try:
-            response["body"] = content.decode()
-        except UnicodeDecodeError:
-            response["body_base64"] = base64.b64encode(content).decode()
-        data["response"] = response
-    return data
-
+def batch_item(data: dict) -> dict:
+    """A batch result's item as the document's BatchItem model says it (the portal's download too)."""
+    return schemas.BatchItem.model_validate(data).model_dump(mode="json", exclude_unset=True)

@@ -10,7 +10,6 @@ from typing import Annotated
 
 from flask import Blueprint, g, request, url_for
 from pydantic import AfterValidator, Field
-from sqlalchemy import select
 
 from app.api import schemas
 from app.api.common import (
@@ -131,8 +130,7 @@ def create_endpoint() -> tuple:
 @operation("List webhook endpoints", {200: Reply(schemas.Page[schemas.Endpoint], "One page of the caller's endpoints")}, params=PAGE)
 def list_endpoints() -> tuple:
     """``{"data": [endpoint, ...], "next_cursor": ...}``: the caller's endpoints, newest first."""
-    query = select(WebhookEndpoint).where(WebhookEndpoint.consumer_id == _caller().consumer_id)
-    rows, next_cursor = page(query, WebhookEndpoint, db.session)
+    rows, next_cursor = page(endpoints.of_consumer(_caller().consumer_id), WebhookEndpoint, db.session)
     return reply(schemas.Page[schemas.Endpoint], {"data": [endpoints.endpoint_json(row) for row in rows], "next_cursor": next_cursor})
 
 

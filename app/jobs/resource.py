@@ -6,16 +6,21 @@ notStarted, running, succeeded, failed, canceled; the status URL is sent as ``Lo
 """
 from __future__ import annotations
 
+import base64
+import json
+from collections.abc import Callable, Iterator
 from datetime import datetime
 
-from flask import url_for
-from sqlalchemy import func, select
+from flask import stream_with_context, url_for
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import undefer
 from werkzeug.routing import MapAdapter
+from werkzeug.wrappers import Response
 
 from app.errors import ProblemError, problem_type
 from app.extensions import db
 from app.identity import Principal
+from app.jobs.settings import settings
 from app.models import Job, JobItem
 from app.models.base import isoformat, utcnow
 from app.models.jobs import BATCH, REQUEST
@@ -104,6 +109,11 @@ def _external(endpoint: str, job_id: str, urls: MapAdapter | None) -> str:
     return urls.build(endpoint, {"job_id": job_id}, force_external=True)
 
 
+def of_consumer(consumer_id: str) -> Select:
+    """The jobs of ``consumer_id`` (a query, for ``common.page`` and ``common.with_status``)."""
+    return select(Job).where(Job.consumer_id == consumer_id)
+
+
 def owned(job_id: str, principal: Principal | None, payload: bool = False) -> Job | None:
     """The job ``job_id`` if ``principal`` owns it: a consumer sees its own jobs, an anonymous
     caller the anonymous ones (whose unguessable id is the only way to them). None otherwise.
@@ -113,3 +123,67 @@ def owned(job_id: str, principal: Principal | None, payload: bool = False) -> Jo
         return None
     owner = principal.consumer_id if principal is not None else None
     return job if job.consumer_id == owner else None
+
+
+def result_response(job: Job, item_shape: Callable[[dict], dict]) -> Response:
+    """The result of ``job`` (read with its payload) as the client gets it: a request job's
+    upstream answer as it was stored (status, headers, body); a batch's ``{"items": [...]}``,
+    streamed one item at a time, each item passed through ``item_shape`` (the API's model).
+    Raises JobNotSucceeded (409, Retry-After while it runs) before the job has succeeded."""
+    if job.status != "succeeded":
+        detail = f"The job is {job.status}; its result is available once it has succeeded"
+        headers = {} if job.final else {"Retry-After": str(settings().retry_after)}
+        raise JobNotSucceeded(detail, headers=headers, job_status=job.status)
+    if job.kind == BATCH:
+        return Response(stream_with_context(_batch_result(job.id, item_shape)), content_type="application/json")
+    response = Response(job.result_body or b"", status=job.result_status)
+    # Content-Length is the body's (werkzeug sets it): a HEAD job's upstream named a length
+    # whose bytes it never sent.
+    response.headers.extend(
+        (name, value) for name, value in job.result_headers or () if name.lower() not in ("content-length", "content-type")
+    )
+    stored_type = next((value for name, value in job.result_headers or () if name.lower() == "content-type"), None)
+    if stored_type is None:
+        del response.headers["Content-Type"]
+    else:
+        response.headers["Content-Type"] = stored_type
+    return response
+
+
+def _batch_result(job_id: str, item_shape: Callable[[dict], dict]) -> Iterator[bytes]:
+    """``{"items": [...]}`` one item at a time: a batch of large results is never all in memory,
+    and no transaction stays open while a slow client reads."""
+    positions = list(db.session.execute(select(JobItem.position).where(JobItem.job_id == job_id).order_by(JobItem.position)).scalars())
+    db.session.close()
+    yield b'{"items": ['
+    for index, position in enumerate(positions):
+        item = db.session.execute(
+            select(JobItem).options(undefer("*")).where(JobItem.job_id == job_id, JobItem.position == position)
+        ).scalar_one_or_none()
+        db.session.close()
+        if item is None:
+            break  # the job expired while it was being read: the items sent so far stand
+        yield (b", " if index else b"") + json.dumps(item_shape(_item_json(item))).encode()
+    yield b"]}"
+
+
+def _item_json(item) -> dict:
+    """A batch item: its request, status, and the upstream's response (``body`` as text when it
+    is UTF-8, else ``body_base64``) or the problem that prevented one."""
+    data: dict[str, object] = {
+        "index": item.position,
+        "request": {"method": item.method, "path": item.path, "query": item.query, "route": item.route},
+        "status": item.status,
+        "error": item.error,
+        "response": None,
+    }
+    if item.result_status is not None:
+        content = item.result_body or b""
+        response: dict[str, object] = {"status": item.result_status, "headers": [list(pair) for pair in item.result_headers or ()]}
+        try:
+            response["body"] = content.decode()
+        except UnicodeDecodeError:
+            response["body_base64"] = base64.b64encode(content).decode()
+        data["response"] = response
+    return data
+

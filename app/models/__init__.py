@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from app.models.identity import ApiKey, Consumer
 from app.models.jobs import Job, JobEvent, JobItem
+from app.models.portal import PortalSession
 from app.models.requests import IdempotentRequest
 from app.models.webhooks import (
     WebhookAttempt,
@@ -18,6 +19,7 @@ __all__ = [
     "Job",
     "JobEvent",
     "JobItem",
+    "PortalSession",
     "WebhookAttempt",
     "WebhookDelivery",
     "WebhookEndpoint",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from sqlalchemy import Select, func, select, update
 from sqlalchemy import delete as delete_rows
-from sqlalchemy import func, select, update
 from sqlalchemy.orm import undefer
 
 from app.extensions import db
@@ -53,6 +53,11 @@ def owned(consumer_id: str, endpoint_id: str, secret: bool = False) -> WebhookEn
     options = [undefer(WebhookEndpoint.secret_encrypted), undefer(WebhookEndpoint.previous_secret_encrypted)] if secret else []
     endpoint = db.session.get(WebhookEndpoint, endpoint_id, options=options)
     return endpoint if endpoint is not None and endpoint.consumer_id == consumer_id else None
+
+
+def of_consumer(consumer_id: str) -> Select:
+    """The endpoints of ``consumer_id`` (a query, for ``common.page``)."""
+    return select(WebhookEndpoint).where(WebhookEndpoint.consumer_id == consumer_id)
 
 
 def checked_url(url: str) -> str:

@@ -1,0 +1,111 @@
+"""The operator's portal pages (admin scope): the routes served with the route file's digest and
+load time, reloading it, upstreams with each target's breaker and the bulkhead's occupancy,
+holding a breaker open or closing it, purging cached responses, and consumers (plan, disabled).
+
+The same services as the admin API (``app.gateway.admin``, ``app.auth.manage``)."""
+from __future__ import annotations
+
+from flask import current_app, redirect, request, url_for
+from sqlalchemy import select
+from werkzeug.exceptions import NotFound
+
+from app.api.common import page
+from app.auth import manage
+from app.errors import ProblemError
+from app.extensions import db
+from app.gateway import admin
+from app.gateway.control import CLOSED, OPEN
+from app.gateway.runtime import request_gateway, served_routes
+from app.models import Consumer
+from app.portal.forms import checked
+from app.portal.web import page as portal_page
+from app.portal.web import render
+
+BREAKER_ACTIONS = {"open": OPEN, "close": CLOSED}
+
+
+def _routes_page(session, status: int = 200, **context):
+    gateway = request_gateway()
+    return render(
+        "operator_routes.html", session, status, route_file=admin.route_file(current_app, gateway), routes=served_routes(gateway), **context
+    )
+
+
+@portal_page("/operator/routes", admin=True)
+def routes_page(session):
+    """The routes served by this process, in file order, with the file's digest and load time."""
+    return _routes_page(session)
+
+
+@portal_page("/operator/reload", methods=("POST",), admin=True)
+def reload(session):
+    """Reload the route file everywhere; an invalid file is shown (422) and nothing changes."""
+    try:
+        reloaded = admin.reload(current_app)
+    except ProblemError as exc:
+        return _routes_page(session, exc.status, error=exc.detail)
+    return _routes_page(session, reloaded=reloaded)
+
+
+@portal_page("/operator/upstreams", admin=True)
+def upstreams_page(session):
+    """Every upstream: each target's breaker (state, failures, held open) and the bulkhead."""
+    gateway = request_gateway()
+    listed = [admin.upstream(gateway, runtime) for runtime in gateway.upstreams.values()]
+    return render("operator_upstreams.html", session, upstreams=listed, process=admin.process(current_app))
+
+
+@portal_page("/operator/upstreams/<name>/targets/<target>/breaker/<action>", methods=("POST",), admin=True)
+def set_breaker(session, name: str, target: str, action: str):
+    """Hold the target's breaker open, or close it, in every process."""
+    if action not in BREAKER_ACTIONS:
+        raise NotFound(f"No breaker action {action!r}: open or close")
+    admin.set_breaker(current_app, request_gateway(), name, target, BREAKER_ACTIONS[action])
+    return redirect(url_for("portal.upstreams_page"), 303)
+
+
+@portal_page("/operator/cache", admin=True)
+def cache_page(session):
+    """The form to purge cached responses by URL, route or path prefix."""
+    return render("operator_cache.html", session, routes=request_gateway().route_file.routes)
+
+
+@portal_page("/operator/cache", methods=("POST",), admin=True)
+def purge_cache(session):
+    """Purge with one of ``key``, ``route`` or ``prefix``; the page says how many items went."""
+    scope = request.form.get("by", "")
+    value = request.form.get("value", "").strip()
+    if scope not in admin.PURGE_BY:
+        scope = ""
+    gateway = request_gateway()
+    try:
+        deleted = admin.purge_cache(current_app, gateway, **({scope: value} if scope else {}))
+    except ProblemError as exc:
+        return render("operator_cache.html", session, exc.status, routes=gateway.route_file.routes, error=exc.detail)
+    return render("operator_cache.html", session, routes=gateway.route_file.routes, deleted=deleted, purged=f"{scope} {value}")
+
+
+@portal_page("/operator/consumers", admin=True)
+def consumers_page(session):
+    """Every consumer, newest first, with its plan and state, and the forms to change them."""
+    rows, next_cursor = page(select(Consumer), Consumer, db.session)
+    plans = sorted(current_app.config["RATELIMIT_PLANS"])
+    return render("operator_consumers.html", session, consumers=[manage.consumer_json(row) for row in rows], next_cursor=next_cursor, plans=plans)
+
+
+@portal_page("/operator/consumers/<id:consumer_id>", methods=("POST",), admin=True)
+def update_consumer(session, consumer_id: str):
+    """Set the consumer's plan (empty: the default limit) and whether it is disabled."""
+    consumer = db.session.get(Consumer, consumer_id)
+    if consumer is None:
+        raise NotFound(f"No consumer {consumer_id!r}")
+    plan = request.form.get("plan", "").strip() or None
+    try:
+        manage.update_consumer(consumer, plan, checked(request.form.get("disabled")), set_plan=True)
+    except manage.Invalid as exc:
+        db.session.rollback()
+        plans = sorted(current_app.config["RATELIMIT_PLANS"])
+        rows, next_cursor = page(select(Consumer), Consumer, db.session)
+        return render("operator_consumers.html", session, 422, consumers=[manage.consumer_json(row) for row in rows],
+                      next_cursor=next_cursor, plans=plans, error=str(exc))
+    return redirect(url_for("portal.consumers_page"), 303)
