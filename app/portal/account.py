@@ -28,7 +28,8 @@ FORM_TOKEN_AGE = 3600  # seconds the sign-in form's token lives
 
 def _sign_in_page(status: int = 200, error: str | None = None):
     token = request.cookies.get(form_cookie()) or new_form_token()
-    body, status = render("sign_in.html", None, status, form_token=token, error=error, next=local_next(request.values.get("next")))
+    current = sessions.signed_in(request.cookies.get(session_cookie()))
+    body, status = render("sign_in.html", current, status, form_token=token, error=error, next=local_next(request.values.get("next")))
     response = current_app.make_response((body, status))
     # Strict: the token's cookie is never sent along with another site's request.
     set_cookie(response, form_cookie(), token, FORM_TOKEN_AGE, same_site="Strict")
@@ -37,9 +38,7 @@ def _sign_in_page(status: int = 200, error: str | None = None):
 
 @page("/sign-in", signed_in=False)
 def sign_in():
-    """The sign-in form; a browser already signed in goes to the overview."""
-    if sessions.signed_in(request.cookies.get(session_cookie())) is not None:
-        return redirect(local_next(request.args.get("next")), 303)
+    """The sign-in form (signed in already: the form switches to another key or token)."""
     return _sign_in_page()
 
 
