@@ -11,7 +11,7 @@ WEB_CONCURRENCY ?= 1
 export FLASK_APP := app
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock run migrate test test-fast browser lint bench bench-jobs bench-cache bench-webhooks clean
+.PHONY: help install lock run migrate test test-fast browser htmx lint bench bench-jobs bench-cache bench-webhooks clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -71,6 +71,13 @@ browser: ## install Debian's chromium and chromium-driver for the browser tests,
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(BROWSER_PACKAGES); }
+
+# The portal's htmx, as the npm registry publishes it (no build step); the version is noted in
+# app/portal/web.py (HTMX_VERSION) and the README, and a test checks the file carries it.
+HTMX_VERSION := 2.0.11
+htmx: ## fetch htmx.min.js (npm package htmx.org) into app/portal/static
+	cd $$(mktemp -d) && npm pack --silent htmx.org@$(HTMX_VERSION) && tar xzf htmx.org-$(HTMX_VERSION).tgz && \
+	  cp package/dist/htmx.min.js $(CURDIR)/app/portal/static/htmx.min.js && cp package/LICENSE $(CURDIR)/app/portal/static/htmx.LICENSE
 
 test-fast: $(STAMP) ## run the suite without the slow end-to-end tests
 	$(BIN)/pytest -n $(TEST_WORKERS) -m 'not slow'

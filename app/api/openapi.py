@@ -62,12 +62,13 @@ def openapi_path(rule: Rule) -> str:
 
 def documented_rules(app: Flask) -> list[tuple[Rule, str]]:
     """Every (rule, method) the app serves under API_PREFIX, without the automatic HEAD and
-    OPTIONS: what the document must describe."""
+    OPTIONS and without the portal's pages (HTML for people, linked from the docs page): what
+    the document must describe."""
     prefix = app.config["API_PREFIX"].rstrip("/") + "/"
     return [
         (rule, method)
         for rule in app.url_map.iter_rules()
-        if rule.rule.startswith(prefix)
+        if rule.rule.startswith(prefix) and not rule.endpoint.startswith("portal.")
         for method in sorted((rule.methods or set()) - AUTOMATIC_METHODS)
     ]
 
@@ -270,6 +271,11 @@ DOCS_PAGE = """<!doctype html>
 <link rel="stylesheet" href="{assets}/swagger-ui.css">
 </head>
 <body>
+<nav id="portal" aria-label="Portal"><p>The portal's pages, for people rather than programs:
+<a href="{portal}/sign-in">sign in</a>, <a href="{portal}/">overview and limits</a>, <a href="{portal}/keys">API keys</a>,
+<a href="{portal}/endpoints">webhook endpoints and deliveries</a>, <a href="{portal}/jobs">jobs</a>; for operators,
+<a href="{portal}/operator/routes">routes</a>, <a href="{portal}/operator/upstreams">upstreams and breakers</a>,
+<a href="{portal}/operator/cache">cache</a>, <a href="{portal}/operator/consumers">consumers</a>.</p></nav>
 <noscript>The OpenAPI document is at <a href="{spec}">{spec}</a>.</noscript>
 <div id="docs" data-spec="{spec}"><p>Loading the viewer for <a href="{spec}">{spec}</a>&hellip;</p></div>
 <script src="{assets}/swagger-ui-bundle.js"></script>
@@ -284,9 +290,11 @@ DOCS_PAGE = """<!doctype html>
 @operation("The API reference", {200: Reply(None, "An HTML page that shows this document", media="text/html", schema={"type": "string"})})
 def docs() -> Response:
     """Swagger UI over ``openapi.json``, every file of it served by the gateway itself (no CDN,
-    nothing from another origin); without JavaScript the page links to the document."""
+    nothing from another origin); without JavaScript the page links to the document. Above it,
+    links to each of the portal's pages."""
     assets = url_for("openapi.docs_asset", name="docs.js").rsplit("/", 1)[0]
-    page = DOCS_PAGE.format(spec=escape(url_for("openapi.spec")), assets=escape(assets))
+    portal = url_for("portal.overview").rstrip("/")
+    page = DOCS_PAGE.format(spec=escape(url_for("openapi.spec")), assets=escape(assets), portal=escape(portal))
     response = Response(page, content_type="text/html; charset=utf-8")
     response.headers["Content-Security-Policy"] = "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"
     return response

@@ -10,6 +10,7 @@ from app.auth.authenticate import Unauthenticated
 from app.extensions import db
 from app.gateway.runtime import request_gateway
 from app.models import ApiKey, Job, WebhookEndpoint
+from app.models.base import utcnow
 from app.portal import sessions
 from app.portal.web import (
     check_form,
@@ -55,7 +56,7 @@ def sign_in_post():
     except Unauthenticated:
         return _sign_in_page(401, "The gateway does not accept that key or token: it is unknown, revoked or expired.")
     response = redirect(local_next(request.form.get("next")), 303)
-    lifetime = int((session.expires_at - sessions.utcnow()).total_seconds())
+    lifetime = int((session.expires_at - utcnow()).total_seconds())
     set_cookie(response, session_cookie(), token, max(lifetime, 1))
     clear_cookie(response, form_cookie())
     return response

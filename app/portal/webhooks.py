@@ -139,8 +139,8 @@ def _event_type() -> str | None:
 @portal_page("/endpoints/<id:endpoint_id>/deliveries")
 def deliveries_page(session, endpoint_id: str):
     """The endpoint's deliveries, newest first, with their attempts; ``?status=`` and
-    ``?event_type=`` filter. htmx asks for the table alone (``HX-Request``) every few
-    seconds while a delivery is pending or being sent."""
+    ``?event_type=`` filter. htmx asks for the list alone (``HX-Request``) every 2 s while a
+    delivery is pending or being sent, every 5 s otherwise (new events show up too)."""
     endpoint = _own(session, endpoint_id)
     query = with_status(deliveries.of_endpoint(endpoint.id, event_type=_event_type()), WebhookDelivery.status, DELIVERY_STATUSES)
     rows, next_cursor = page(query, WebhookDelivery, db.session)

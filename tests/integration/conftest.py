@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -182,3 +183,29 @@ def counting_upstream():
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+# Chromium's switches for a page that can reach loopback and nothing else.
+OFFLINE = (
+    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+    "--proxy-server=http://127.0.0.1:9",  # loopback bypasses the proxy; anything else is refused
+)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium through Selenium, offline but for loopback."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        services.unavailable("no chromium or chromedriver (Debian packages chromium, chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for switch in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,2000", *OFFLINE):
+        options.add_argument(switch)
+    session = webdriver.Chrome(options=options, service=Service(executable_path=driver))
+    session.set_page_load_timeout(30)
+    yield session
+    session.quit()

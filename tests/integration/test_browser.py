@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
@@ -15,7 +14,6 @@ import requests
 from cryptography.fernet import Fernet
 
 from app import create_app
-from tests import services
 from tests.factories import Identity
 
 pytestmark = pytest.mark.slow
@@ -29,32 +27,6 @@ routes:
     upstream: httpbin
     strip_prefix: true
 """
-# Chromium's switches for a page that can reach loopback and nothing else.
-OFFLINE = (
-    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
-    "--proxy-server=http://127.0.0.1:9",  # loopback bypasses the proxy; anything else is refused
-)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """A headless Chromium through Selenium, offline but for loopback."""
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if chromium is None or driver is None:
-        services.unavailable("no chromium or chromedriver (Debian packages chromium, chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for switch in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,2000", *OFFLINE):
-        options.add_argument(switch)
-    session = webdriver.Chrome(options=options, service=Service(executable_path=driver))
-    session.set_page_load_timeout(30)
-    yield session
-    session.quit()
-
-
 @pytest.fixture(scope="module")
 def gateway(start_gateway, httpbin_url):
     return start_gateway(ROUTES.format(httpbin=httpbin_url), workers=1)

@@ -320,12 +320,13 @@ BACKENDS = {
 
 
 @contextmanager
-def built_stack(backend: str, extra: dict[str, str], root: Path, start_gateway, httpbin_url: str, fixture):
-    """A WebhookStack on ``backend`` in ``root``, with ``extra`` settings; ``fixture(name)``
-    gives the value of a fixture it needs (Redis URL and key prefix, a PostgreSQL database).
-    Everything it started is stopped when the block ends."""
+def built_stack(backend: str, extra: dict[str, str], root: Path, start_gateway, httpbin_url: str, fixture, routes: str = ROUTES):
+    """A WebhookStack on ``backend`` in ``root``, with ``extra`` settings and ``routes`` (a
+    route file with ``{httpbin}`` for httpbin's URL); ``fixture(name)`` gives the value of a
+    fixture it needs (Redis URL and key prefix, a PostgreSQL database). Everything it started
+    is stopped when the block ends."""
     route_file = root / "gateway.yaml"
-    routes = ROUTES.format(httpbin=httpbin_url)
+    routes = routes.format(httpbin=httpbin_url)
     route_file.write_text(routes)
     env = {**WEBHOOK_ENV, "GATEWAY_CONFIG": str(route_file)}
     if backend == "sqlite":

@@ -33,11 +33,12 @@ def operations(document: dict) -> set[tuple[str, str]]:
 
 
 def url_rules(app) -> set[tuple[str, str]]:
-    """Every (path, method) the app routes under the prefix, as OpenAPI writes the path."""
+    """Every (path, method) the app routes under the prefix, as OpenAPI writes the path; not
+    the portal's pages (HTML for people: tests/unit/portal)."""
     return {
         (re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule), method)
         for rule in app.url_map.iter_rules()
-        if rule.rule.startswith(PREFIX + "/")
+        if rule.rule.startswith(PREFIX + "/") and not rule.endpoint.startswith("portal.")
         for method in rule.methods - AUTOMATIC
     }
 

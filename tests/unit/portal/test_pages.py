@@ -418,3 +418,15 @@ def test_a_cache_purge_needs_a_path_and_says_what_it_removed(client, root):
 
     assert refused.status_code == 400 and "must be a path starting with" in refused.text
     assert purged.status_code == 200 and "0 stored items removed" in purged.text
+
+
+def test_the_docs_page_links_every_portal_page(app, client):
+    pages = sorted(
+        rule.rule for rule in app.url_map.iter_rules()
+        if rule.endpoint.startswith("portal.") and "GET" in rule.methods and not rule.arguments
+    )
+
+    docs = client.get("/_gateway/docs").text
+
+    assert len(pages) >= 9
+    assert [page for page in pages if f'href="{page}"' not in docs] == []
