@@ -291,7 +291,8 @@ class RateLimits:
                     window = None
                 if window is not None:
                     entry["remaining"] = max(window.remaining, 0)
-                    entry["reset_in"] = max(math.ceil(window.reset_time - time.time()), 0)
+                    if window.remaining < item.amount:  # an untouched window resets at no particular time
+                        entry["reset_in"] = max(math.ceil(window.reset_time - time.time()), 0)
                 standing.append(entry)
         return standing
 

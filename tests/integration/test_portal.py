@@ -40,7 +40,7 @@ routes:
     strip_prefix: true
 """
 # One retry: a delivery to a failing receiver is failed after two attempts, ready to redeliver.
-EXTRA = {"GATEWAY_WEBHOOK_RETRY_SCHEDULE": "[0.5]", "GATEWAY_CONTROL_SYNC_INTERVAL": "0.2"}
+EXTRA = {"GATEWAY_WEBHOOK_RETRY_SCHEDULE": "[0.5]", "GATEWAY_CONTROL_SYNC_INTERVAL": "0.2", "GATEWAY_RATELIMIT_DEFAULT": "10000/hour"}
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_a_consumer_signs_in_adds_an_endpoint_tests_it_and_redelivers_a_failed_e
     secret = portal.find("code.secret").text
     assert secret.startswith("whsec_")
     receiver.secrets["/portal"] = [secret]
-    endpoint_id = re.search(r"ep_[A-Za-z0-9]+", portal.text()).group(0)
+    endpoint_id = re.search(r"ep_[A-Za-z0-9_-]+", portal.text()).group(0)
     portal.shot("endpoint")
     portal.open("/endpoints")
     assert receiver.url("/portal") in portal.text() and "healthy" in portal.text() and secret not in portal.browser.page_source
