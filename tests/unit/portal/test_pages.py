@@ -13,7 +13,7 @@ from app.extensions import db
 from app.models import PortalSession, WebhookEndpoint
 from tests.unit.api.support import auth
 from tests.unit.api.test_webhooks import LOCAL, Reply, receiver  # noqa: F401 - the receiver fixture
-from tests.unit.portal.support import PORTAL, csrf_of, post, sign_in
+from tests.unit.portal.support import PORTAL, csrf_of, form_token, post, sign_in
 
 ROUTES = """
 upstreams:
@@ -103,6 +103,29 @@ def key_in(app) -> str:
 
     made = Identity(app)
     return made.key(made.consumer("carol"))
+
+
+def test_a_jwt_signs_in_for_no_longer_than_it_lasts(make_app):
+    import time
+
+    import jwt
+
+    from tests.factories import Identity
+
+    secret = "a-shared-secret-long-enough-for-hs512-" + "x" * 32
+    app = make_app(routes=ROUTES, **LOCAL, JWT_SECRET=secret)
+    Identity(app).consumer("acme")
+    client = app.test_client()
+    token = jwt.encode({"sub": "acme", "exp": int(time.time() + 120), "scope": "orders:read"}, secret)
+
+    form = client.get(f"{PORTAL}/sign-in")
+    answer = client.post(f"{PORTAL}/sign-in", data={"credential": token, "csrf_token": form_token(form.text)})
+    overview = client.get(f"{PORTAL}/")
+
+    assert answer.status_code == 303
+    assert 100 <= int(re.search(r"Max-Age=(\d+)", cookie(answer, "frontdoor-portal")).group(1)) <= 120
+    assert overview.status_code == 200 and "<h1>acme</h1>" in overview.text
+    assert "orders:read" in client.get(f"{PORTAL}/keys").text  # the scopes a key made here may have
 
 
 def test_a_refused_credential_shows_the_form_again_with_a_401(client):
