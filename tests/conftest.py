@@ -50,7 +50,7 @@ END_TO_END_SECONDS = {
     "test_job_wait.py": 27,
     "test_cli.py": 8,
     "test_browser.py": 10,
-    "test_portal.py": 45,
+    "test_portal.py": 30,
 }
 NEW_MODULE_SECONDS = 30
 
