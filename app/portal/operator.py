@@ -47,21 +47,27 @@ def reload(session):
     return _routes_page(session, reloaded=reloaded)
 
 
+def _upstreams_page(session, **context):
+    gateway = request_gateway()
+    listed = [admin.upstream(gateway, runtime) for runtime in gateway.upstreams.values()]
+    return render("operator_upstreams.html", session, upstreams=listed, process=admin.process(current_app), **context)
+
+
 @portal_page("/operator/upstreams", admin=True)
 def upstreams_page(session):
     """Every upstream: each target's breaker (state, failures, held open) and the bulkhead."""
-    gateway = request_gateway()
-    listed = [admin.upstream(gateway, runtime) for runtime in gateway.upstreams.values()]
-    return render("operator_upstreams.html", session, upstreams=listed, process=admin.process(current_app))
+    return _upstreams_page(session)
 
 
 @portal_page("/operator/upstreams/<name>/targets/<target>/breaker/<action>", methods=("POST",), admin=True)
 def set_breaker(session, name: str, target: str, action: str):
-    """Hold the target's breaker open, or close it, in every process."""
+    """Hold the target's breaker open, or close it, in every process. The answer is the page as
+    this process sees it (the change applied), not a redirect another process might answer
+    before CONTROL_SYNC_INTERVAL has brought it the change."""
     if action not in BREAKER_ACTIONS:
         raise NotFound(f"No breaker action {action!r}: open or close")
-    admin.set_breaker(current_app, request_gateway(), name, target, BREAKER_ACTIONS[action])
-    return redirect(url_for("portal.upstreams_page"), 303)
+    changed = admin.set_breaker(current_app, request_gateway(), name, target, BREAKER_ACTIONS[action])
+    return _upstreams_page(session, changed=changed, action=action, upstream_name=name)
 
 
 @portal_page("/operator/cache", admin=True)
