@@ -75,8 +75,9 @@ class SecretRotate(Schema):
 EVENT_TYPE = Param("event_type", "query", {"type": "string", "maxLength": 200}, "Only deliveries of messages of this event type")
 
 
-def _event_type() -> str | None:
-    """``?event_type=``: one event type, checked as a message's is (400 naming what is wrong)."""
+def event_type_filter() -> str | None:
+    """``?event_type=``: one event type, checked as a message's is (400 naming what is wrong);
+    the portal's deliveries page reads it too."""
     value = request.args.get("event_type")
     if not value:
         return None
@@ -222,7 +223,7 @@ def list_deliveries(endpoint_id: str) -> tuple:
     (id, type) and its latest 20 attempts, oldest first; ``?status=failed,pending`` and
     ``?event_type=order.created`` filter."""
     endpoint = _own(endpoint_id)
-    query = with_status(deliveries.of_endpoint(endpoint.id, event_type=_event_type()), WebhookDelivery.status, DELIVERY_STATUSES)
+    query = with_status(deliveries.of_endpoint(endpoint.id, event_type=event_type_filter()), WebhookDelivery.status, DELIVERY_STATUSES)
     rows, next_cursor = page(query, WebhookDelivery, db.session)
     return reply(schemas.Page[schemas.Delivery], {"data": deliveries.with_attempts(rows), "next_cursor": next_cursor})
 

@@ -13,6 +13,7 @@ import requests
 
 from tests import services
 from tests.conftest import delete_keys
+from tests.integration.test_webhooks import ROUTES as WEBHOOK_ROUTES
 from tests.integration.test_webhooks import (  # noqa: F401 - the receiver fixture's parts
     built_stack,
     make_receiver,
@@ -22,18 +23,7 @@ from tests.integration.test_webhooks import (  # noqa: F401 - the receiver fixtu
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 PORTAL = "/_gateway/portal"
-ROUTES = """\
-upstreams:
-  httpbin:
-    targets: ["{httpbin}"]
-    timeout: {{connect: 1.0, read: 10.0}}
-routes:
-  - path: /async
-    name: async
-    upstream: httpbin
-    strip_prefix: true
-    auth: required
-    mode: async
+ROUTES = WEBHOOK_ROUTES + """\
   - path: /bin
     name: bin
     upstream: httpbin

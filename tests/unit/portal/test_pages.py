@@ -11,19 +11,12 @@ from sqlalchemy import select
 
 from app.extensions import db
 from app.models import PortalSession, WebhookEndpoint
+from tests.conftest import DEMO_ROUTES
 from tests.unit.api.support import auth
 from tests.unit.api.test_webhooks import LOCAL, Reply, receiver  # noqa: F401 - the receiver fixture
 from tests.unit.portal.support import PORTAL, csrf_of, form_token, post, sign_in
 
-ROUTES = """
-upstreams:
-  demo:
-    targets: ["http://127.0.0.1:9"]
-    timeout: {connect: 0.5, read: 1.0}
-routes:
-  - path: /demo
-    upstream: demo
-    strip_prefix: true
+ROUTES = DEMO_ROUTES + """\
   - path: /orders
     upstream: demo
     rate_limit: 10/minute
