@@ -243,12 +243,7 @@ def create() -> tuple:
 def _own(job_id: str, payload: bool = False) -> Job:
     """The caller's job ``job_id`` (with its stored response when ``payload``): 404 when it is
     unknown or someone else's, 410 once expired."""
-    job = found(job_resource.owned(job_id, current_principal(), payload), "job", job_id)
-    if job_resource.is_expired(job):
-        raise job_resource.JobExpired(
-            f"Job {job_id} ended at {job.finished_at.isoformat() if job.finished_at else 'an earlier time'} and its result has expired"
-        )
-    return job
+    return found(job_resource.reachable(job_id, current_principal(), payload), "job", job_id)
 
 
 def _retry_after(job: Job) -> dict[str, str]:

@@ -114,6 +114,16 @@ def of_consumer(consumer_id: str) -> Select:
     return select(Job).where(Job.consumer_id == consumer_id)
 
 
+def reachable(job_id: str, principal: Principal | None, payload: bool = False) -> Job | None:
+    """``owned``, and raises JobExpired (410) once the job's result has expired: what the API
+    and the portal answer for a job id."""
+    job = owned(job_id, principal, payload)
+    if job is not None and is_expired(job):
+        ended = job.finished_at.isoformat() if job.finished_at else "an earlier time"
+        raise JobExpired(f"Job {job_id} ended at {ended} and its result has expired")
+    return job
+
+
 def owned(job_id: str, principal: Principal | None, payload: bool = False) -> Job | None:
     """The job ``job_id`` if ``principal`` owns it: a consumer sees its own jobs, an anonymous
     caller the anonymous ones (whose unguessable id is the only way to them). None otherwise.

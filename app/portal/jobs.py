@@ -4,9 +4,8 @@ services the API's ``/_gateway/jobs`` calls (``app.jobs.resource``, ``app.jobs.s
 from __future__ import annotations
 
 from flask import redirect, request, url_for
-from werkzeug.exceptions import NotFound
 
-from app.api.common import page, with_status
+from app.api.common import found, page, with_status
 from app.api.jobs import batch_item
 from app.extensions import db
 from app.jobs import resource, service
@@ -17,12 +16,7 @@ from app.portal.web import render
 
 
 def _own(session, job_id: str, payload: bool = False) -> Job:
-    job = resource.owned(job_id, session.principal, payload)
-    if job is None:
-        raise NotFound(f"No job {job_id!r}")
-    if resource.is_expired(job):
-        raise resource.JobExpired(f"Job {job_id} has ended and its result has expired")
-    return job
+    return found(resource.reachable(job_id, session.principal, payload), "job", job_id)
 
 
 @portal_page("/jobs")

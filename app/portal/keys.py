@@ -4,9 +4,8 @@ the form that made it, and never again."""
 from __future__ import annotations
 
 from flask import redirect, request, url_for
-from werkzeug.exceptions import NotFound
 
-from app.api.common import Unprocessable, page, validated
+from app.api.common import Unprocessable, found, page, validated
 from app.api.keys import KeyCreate, KeyRotate
 from app.auth import manage
 from app.extensions import db
@@ -24,10 +23,7 @@ def _listing(session, status: int = 200, **context):
 
 
 def _own(session, key_id: str, change: bool = False) -> ApiKey:
-    key = manage.key_as(session.principal, key_id, change)
-    if key is None:
-        raise NotFound(f"No key {key_id!r}")
-    return key
+    return found(manage.key_as(session.principal, key_id, change), "key", key_id)
 
 
 @portal_page("/keys")

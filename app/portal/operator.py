@@ -9,7 +9,7 @@ from flask import current_app, redirect, request, url_for
 from sqlalchemy import select
 from werkzeug.exceptions import NotFound
 
-from app.api.common import page
+from app.api.common import found, page
 from app.auth import manage
 from app.errors import ProblemError
 from app.extensions import db
@@ -81,37 +81,35 @@ def purge_cache(session):
     """Purge with one of ``key``, ``route`` or ``prefix``; the page says how many items went."""
     scope = request.form.get("by", "")
     value = request.form.get("value", "").strip()
-    if scope not in admin.PURGE_BY:
-        scope = ""
     gateway = request_gateway()
-    try:
-        deleted = admin.purge_cache(current_app, gateway, **({scope: value} if scope else {}))
+    try:  # an unknown scope names none of them: purge_cache's 400
+        deleted = admin.purge_cache(current_app, gateway, **({scope: value} if scope in admin.PURGE_BY else {}))
     except ProblemError as exc:
         return render("operator_cache.html", session, exc.status, routes=gateway.route_file.routes, error=exc.detail)
     return render("operator_cache.html", session, routes=gateway.route_file.routes, deleted=deleted, purged=f"{scope} {value}")
 
 
+def _consumers_page(session, code: int = 200, **context):
+    rows, next_cursor = page(select(Consumer), Consumer, db.session)
+    plans = sorted(current_app.config["RATELIMIT_PLANS"])
+    consumers = [manage.consumer_json(row) for row in rows]
+    return render("operator_consumers.html", session, code, consumers=consumers, next_cursor=next_cursor, plans=plans, **context)
+
+
 @portal_page("/operator/consumers", admin=True)
 def consumers_page(session):
     """Every consumer, newest first, with its plan and state, and the forms to change them."""
-    rows, next_cursor = page(select(Consumer), Consumer, db.session)
-    plans = sorted(current_app.config["RATELIMIT_PLANS"])
-    return render("operator_consumers.html", session, consumers=[manage.consumer_json(row) for row in rows], next_cursor=next_cursor, plans=plans)
+    return _consumers_page(session)
 
 
 @portal_page("/operator/consumers/<id:consumer_id>", methods=("POST",), admin=True)
 def update_consumer(session, consumer_id: str):
     """Set the consumer's plan (empty: the default limit) and whether it is disabled."""
-    consumer = db.session.get(Consumer, consumer_id)
-    if consumer is None:
-        raise NotFound(f"No consumer {consumer_id!r}")
+    consumer = found(db.session.get(Consumer, consumer_id), "consumer", consumer_id)
     plan = request.form.get("plan", "").strip() or None
     try:
         manage.update_consumer(consumer, plan, checked(request.form.get("disabled")), set_plan=True)
     except manage.Invalid as exc:
         db.session.rollback()
-        plans = sorted(current_app.config["RATELIMIT_PLANS"])
-        rows, next_cursor = page(select(Consumer), Consumer, db.session)
-        return render("operator_consumers.html", session, 422, consumers=[manage.consumer_json(row) for row in rows],
-                      next_cursor=next_cursor, plans=plans, error=str(exc))
+        return _consumers_page(session, 422, error=str(exc))
     return redirect(url_for("portal.consumers_page"), 303)

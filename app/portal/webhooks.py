@@ -8,9 +8,15 @@ Every action is the service the API's ``/_gateway/webhooks`` calls (``app.webhoo
 from __future__ import annotations
 
 from flask import g, redirect, request, url_for
-from werkzeug.exceptions import NotFound
 
-from app.api.common import ConflictProblem, Unprocessable, page, validated, with_status
+from app.api.common import (
+    ConflictProblem,
+    Unprocessable,
+    found,
+    page,
+    validated,
+    with_status,
+)
 from app.api.webhooks import EndpointCreate, EndpointUpdate, event_type_filter
 from app.extensions import db
 from app.models import WebhookDelivery, WebhookEndpoint
@@ -22,10 +28,7 @@ from app.webhooks import deliveries, endpoints
 
 
 def _own(session, endpoint_id: str, secret: bool = False) -> WebhookEndpoint:
-    endpoint = endpoints.owned(session.principal.consumer_id, endpoint_id, secret)
-    if endpoint is None:
-        raise NotFound(f"No webhook endpoint {endpoint_id!r}")
-    return endpoint
+    return found(endpoints.owned(session.principal.consumer_id, endpoint_id, secret), "webhook endpoint", endpoint_id)
 
 
 def _listing(session, status: int = 200, **context):
@@ -144,9 +147,7 @@ def deliveries_page(session, endpoint_id: str):
 @portal_page("/deliveries/<id:delivery_id>/redeliver", methods=("POST",))
 def redeliver(session, delivery_id: str):
     """Send the delivery again with the same ``webhook-id``; back to its endpoint's deliveries."""
-    row = deliveries.owned(session.principal.consumer_id, delivery_id)
-    if row is None:
-        raise NotFound(f"No webhook delivery {delivery_id!r}")
+    row = found(deliveries.owned(session.principal.consumer_id, delivery_id), "webhook delivery", delivery_id)
     try:
         deliveries.redeliver_own(row)
     except deliveries.EndpointDisabled as exc:

@@ -31,12 +31,10 @@ def owned(consumer_id: str, delivery_id: str) -> WebhookDelivery | None:
     return row if row is not None and row.consumer_id == consumer_id else None
 
 
-def of_endpoint(endpoint_id: str, statuses: list[str] | None = None, event_type: str | None = None) -> Select:
-    """The deliveries of ``endpoint_id`` (a query, for ``common.page``), only those in one of
-    ``statuses`` and of the message type ``event_type`` when given."""
+def of_endpoint(endpoint_id: str, event_type: str | None = None) -> Select:
+    """The deliveries of ``endpoint_id`` (a query, for ``common.page`` and ``common.with_status``),
+    only those of the message type ``event_type`` when given."""
     query = select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint_id)
-    if statuses:
-        query = query.where(WebhookDelivery.status.in_(statuses))
     if event_type:
         types = select(WebhookMessage.id).where(WebhookMessage.type == event_type)
         query = query.where(WebhookDelivery.message_id.in_(types))
