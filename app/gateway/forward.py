@@ -27,6 +27,7 @@ from urllib3.exceptions import (
 from urllib3.util import Timeout as PoolTimeout
 from werkzeug.datastructures import Headers
 
+from app.gateway.head import UpstreamConnection, UpstreamTLSConnection
 from app.gateway.schema import Strict
 from app.gateway.types import (
     GatewayRequest,
@@ -82,11 +83,20 @@ class TLS(Strict):
         return self.ca_file or environ.get("REQUESTS_CA_BUNDLE") or environ.get("CURL_CA_BUNDLE") or environ.get("SSL_CERT_FILE") or certifi.where()
 
 
+class _Pool(HTTPConnectionPool):
+    """urllib3's pool, its connections reading answers with app.gateway.head."""
+
+    ConnectionCls = UpstreamConnection
+
+
 class _TLSPool(HTTPSConnectionPool):
-    """urllib3's HTTPS pool with two changes. A TLS handshake that runs out of the connect
-    timeout is a ConnectTimeoutError (urllib3 reports a ReadTimeoutError, as if the request had
-    been sent). With ``verify: false`` there is no InsecureRequestWarning per request: the
-    gateway logged it once, when the upstream was built."""
+    """urllib3's HTTPS pool with three changes. Its connections read answers with
+    app.gateway.head. A TLS handshake that runs out of the connect timeout is a
+    ConnectTimeoutError (urllib3 reports a ReadTimeoutError, as if the request had been sent).
+    With ``verify: false`` there is no InsecureRequestWarning per request: the gateway logged
+    it once, when the upstream was built."""
+
+    ConnectionCls = UpstreamTLSConnection
 
     def __init__(self, *args, warn_unverified: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
@@ -134,7 +144,7 @@ class TargetPools:
                     warn_unverified=tls.verify,
                 )
             else:
-                pool = HTTPConnectionPool(parts.hostname, parts.port, maxsize=size, block=False, retries=False)
+                pool = _Pool(parts.hostname, parts.port, maxsize=size, block=False, retries=False)
             self.pools[target] = (pool, base)
 
     def close(self) -> None:

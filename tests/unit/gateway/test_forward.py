@@ -408,6 +408,24 @@ def test_fields_the_server_could_not_send_on_are_dropped(pools, upstream):
     assert (record.getMessage(), record.fields) == ("invalid upstream header fields dropped", ["X-Bad"])
 
 
+def test_an_interim_100_continue_is_skipped_and_the_final_answer_read(pools, upstream):
+    upstream.replies["/items"] = raw(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nX-Id: 7\r\nContent-Length: 2\r\n\r\nok")
+
+    _, response = send(pools)
+
+    assert (response.status, response.headers["X-Id"], read(response)) == (201, "7", b"ok")
+
+
+def test_a_folded_field_reaches_the_client_on_one_line(pools, upstream):
+    # Obsolete line folding (RFC 9112 section 5.2): read by the standard library's parser,
+    # each fold replaced with a space.
+    upstream.replies["/items"] = raw(b"HTTP/1.1 200 OK\r\nX-Folded: one\r\n two\r\nX-Next: 3\r\nContent-Length: 2\r\n\r\nok")
+
+    _, response = send(pools)
+
+    assert (response.headers["X-Folded"], response.headers["X-Next"], read(response)) == ("one two", "3", b"ok")
+
+
 def test_a_content_length_sent_twice_with_one_value_is_sent_on_once(pools, upstream):
     upstream.replies["/items"] = raw(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello")
 
