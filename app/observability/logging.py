@@ -4,8 +4,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import queue
 import sys
+import threading
 import time
 from contextvars import ContextVar
 from functools import partial
@@ -57,6 +59,31 @@ class JSONFormatter(logging.Formatter):
 
 
 access = logging.getLogger("frontdoor.access")
+
+
+class AccessRecord(logging.LogRecord):
+    """The record of an access line, the request's fields among its attributes. It holds what
+    ``Logger.info(msg, extra=fields)`` would make, built from a template: ``LogRecord.__init__``,
+    ``Logger.makeRecord`` and ``Logger._log`` work out, per line, attributes that are the
+    same for every access line (source file, module, level): about a quarter of the line's CPU
+    (measured in one process, 2026-12-07)."""
+
+    _template: dict | None = None
+
+    def __init__(self, name: str, fields: dict):
+        template = AccessRecord._template
+        if template is None:
+            template = AccessRecord._template = vars(logging.LogRecord(name, logging.INFO, "(unknown file)", 0, "request", (), None))
+        attributes = self.__dict__
+        attributes.update(template)
+        attributes.update(fields)
+        self.name = name
+        self.created = created = time.time()
+        self.msecs = int((created - int(created)) * 1000) + 0.0
+        self.relativeCreated = (created - logging._startTime) * 1000
+        self.process = os.getpid()
+        if logging.logThreads:
+            self.thread, self.threadName = threading.get_ident(), threading.current_thread().name
 
 
 class _Handoff(QueueHandler):
@@ -265,7 +292,8 @@ def request_done(fields: dict, started: float | None, route: str | None, upstrea
     if seconds is not None:
         fields["duration_ms"] = round(seconds * 1000, 3)
     metrics.request_done(route, fields["method"], fields["status"], seconds, upstream_seconds, cache_status)
-    access.info("request", extra=fields)
+    if access.isEnabledFor(logging.INFO):
+        access.handle(AccessRecord(access.name, fields))
 
 
 def init_app(app: Flask) -> None:

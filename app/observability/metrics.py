@@ -127,8 +127,18 @@ _STOP = object()
 BACKGROUND_INTERVAL = 0.05
 
 
+# The labelled children updates are applied to, by metric and label values: ``labels()``
+# checks and looks them up under the metric's lock on every call.
+_children: dict[tuple, object] = {}
+
+
 def _apply(metric, labels: tuple, method: str, value: float) -> None:
-    child = metric.labels(*labels) if labels else metric
+    if labels:
+        child = _children.get((metric, labels))
+        if child is None:
+            child = _children[metric, labels] = metric.labels(*labels)
+    else:
+        child = metric
     getattr(child, method)(value)
 
 

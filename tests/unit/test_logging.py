@@ -43,6 +43,20 @@ def test_a_line_carries_the_extras_but_not_the_empty_ones():
     assert line["route"] == "/x" and line["status"] == 200 and "consumer" not in line
 
 
+def test_an_access_record_holds_what_logger_info_would_make_of_the_fields():
+    fields = {"request_id": "r-1", "method": "GET", "path": "/x", "route": "/x", "consumer": None, "status": 200, "duration_ms": 1.5}
+    access = gateway_logging.access
+    made = access.makeRecord(access.name, logging.INFO, "(unknown file)", 0, "request", (), None, extra=dict(fields))
+
+    ours = gateway_logging.AccessRecord(access.name, dict(fields))
+
+    timing = {"created", "msecs", "relativeCreated"}
+    assert {k: v for k, v in vars(ours).items() if k not in timing} == {k: v for k, v in vars(made).items() if k not in timing}
+    assert list(vars(ours)) == list(vars(made))  # the same order: a line's fields come out as they did
+    assert abs(ours.created - made.created) < 1
+    assert logging.Formatter("%(levelname)s %(name)s %(filename)s %(message)s %(route)s").format(ours) == "INFO frontdoor.access (unknown file) request /x"
+
+
 @pytest.fixture
 def stream():
     """The frontdoor loggers writing to a buffer, as configure() has them write to stdout."""
