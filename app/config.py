@@ -97,6 +97,10 @@ def defaults(app: Flask) -> dict:
         # Response cache (routes with cache:). Without Redis each process keeps its own LRU.
         "CACHE_MAX_BYTES": 64 * MiB,  # the in-process LRU's size
         "CACHE_LOCK_WAIT": 5.0,  # seconds concurrent misses for one key wait for the first
+        # With Redis: seconds a process keeps what it read from the shared cache (0: off), and
+        # bytes it keeps at most; another process's purge reaches it within the seconds.
+        "CACHE_NEAR_TTL": 1.0,
+        "CACHE_NEAR_MAX_BYTES": 16 * MiB,
         "AGGREGATE_THREADS": 32,  # each process's pool for the backend calls of aggregate routes
         # Celery worker on SIGTERM (REMAP_SIGTERM=SIGQUIT in the Procfile): running tasks get this
         # many seconds, then the messages of those still running go back on the queue at once.

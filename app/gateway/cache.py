@@ -144,8 +144,11 @@ def cache(
             asked = directives(req.headers.get("Cache-Control"))
             base = base_key(key_prefix, label, req, rules.public)
             vary, entry = _lookup(store, base, req.headers)
-            variant = _variant(base, vary, req.headers)
             now = clock()
+            if entry is not None and not entry.is_fresh(now):
+                # A near copy (cachestore.RedisStore) may be older than the shared entry.
+                vary, entry = _lookup(store, base, req.headers, shared=True)
+            variant = _variant(base, vary, req.headers)
             if entry is not None and "no-cache" not in asked and entry.is_fresh(now):
                 return _hit(entry, now, req)
             fwd = "request" if "no-cache" in asked else ("stale" if entry is not None else "miss")
@@ -203,13 +206,14 @@ def _safe(action: Callable, default):
         return default
 
 
-def _lookup(store: CacheStore, base: str, headers: Headers) -> tuple[list[str], Entry | None]:
+def _lookup(store: CacheStore, base: str, headers: Headers, shared: bool = False) -> tuple[list[str], Entry | None]:
     """The Vary names stored for ``base`` and the entry for these request headers. One round
-    trip for answers without Vary (most): the Vary record and the plain entry come together."""
-    raw_vary, raw = _safe(lambda: store.get_many([base + "|vary", _variant(base, [], headers)]), [None, None])
+    trip for answers without Vary (most): the Vary record and the plain entry come together.
+    ``shared``: read past any near copy (CacheStore.get_many)."""
+    raw_vary, raw = _safe(lambda: store.get_many([base + "|vary", _variant(base, [], headers)], shared), [None, None])
     vary = json.loads(raw_vary) if raw_vary and raw_vary != b"[]" else []  # most answers vary on nothing
     if vary:
-        raw = _safe(lambda: store.get(_variant(base, vary, headers)), None)
+        raw = _safe(lambda: store.get(_variant(base, vary, headers), shared), None)
     return vary, (Entry.decode(raw) if raw else None)
 
 
@@ -234,8 +238,9 @@ def _wait(store: CacheStore, base: str, variant: str, headers: Headers, limit: f
 
 
 def _fresh(store: CacheStore, base: str, headers: Headers, clock) -> Entry | None:
-    """The stored entry for these request headers if it is still fresh, else None."""
-    _, entry = _lookup(store, base, headers)
+    """The stored entry for these request headers if it is still fresh, else None (as the
+    shared store has it: this is asked while another request may be storing it)."""
+    _, entry = _lookup(store, base, headers, shared=True)
     return entry if entry is not None and entry.is_fresh(clock()) else None
 
 

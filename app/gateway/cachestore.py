@@ -53,10 +53,11 @@ class Entry:
 
 
 class CacheStore(Protocol):
-    def get(self, key: str) -> bytes | None: ...
+    def get(self, key: str, shared: bool = False) -> bytes | None: ...
 
-    def get_many(self, keys: list[str]) -> list[bytes | None]:
-        """The values of ``keys``, in one round trip where the store has them."""
+    def get_many(self, keys: list[str], shared: bool = False) -> list[bytes | None]:
+        """The values of ``keys``, in one round trip where the store has them. ``shared``: as
+        the shared store has them now, not as a near copy kept in this process has them."""
 
     def set(self, key: str, value: bytes, ttl: float) -> bool:
         """Store ``value`` for ``ttl`` seconds; False when it was not kept (too large)."""
@@ -83,7 +84,7 @@ class MemoryStore:
         self._locks: dict[str, float] = {}
         self._mutex = threading.Lock()
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str, shared: bool = False) -> bytes | None:
         # Without the mutex: OrderedDict's get and move_to_end are each atomic under the GIL,
         # and a hit is the hot path. With many request threads a lock here convoys (a thread
         # holding it is switched out and the others block on it): bench/README.md.
@@ -102,7 +103,7 @@ class MemoryStore:
             pass
         return value
 
-    def get_many(self, keys: list[str]) -> list[bytes | None]:
+    def get_many(self, keys: list[str], shared: bool = False) -> list[bytes | None]:
         return [self.get(key) for key in keys]
 
     def set(self, key: str, value: bytes, ttl: float) -> bool:
@@ -121,6 +122,12 @@ class MemoryStore:
     def _drop(self, key: str) -> None:
         value, _ = self._entries.pop(key)
         self.size -= len(value)
+
+    def discard(self, key: str) -> None:
+        """Forget ``key``'s value, if there is one."""
+        with self._mutex:
+            if key in self._entries:
+                self._drop(key)
 
     def lock(self, key: str, ttl: float) -> bool:
         now = time.monotonic()
@@ -145,24 +152,51 @@ class MemoryStore:
 
 class RedisStore:
     """Entries in Redis, shared by every gateway process; locks with ``SET NX PX``. Reads, one
-    or two per cache lookup, go on the calling thread's own connection (``ThreadConnections``)."""
+    or two per cache lookup, go on the calling thread's own connection (``ThreadConnections``).
 
-    def __init__(self, client: redis.Redis):
+    With ``near`` (a MemoryStore) each value read or written is also kept in the process for
+    ``near_ttl`` seconds, and read from there while it lasts: a near cache in front of the
+    shared one, as Kong's mlcache keeps one in front of its database. A hit then makes no
+    round trip (it cost a third of a cached answer's CPU, bench/README.md). The price: another
+    process's purge or replacement of a value reaches this process within ``near_ttl``; a purge
+    or write made here is seen here at once. A value not found is never kept, so what another
+    process stores is found at once.
+    """
+
+    def __init__(self, client: redis.Redis, near: MemoryStore | None = None, near_ttl: float = 0.0):
         from app.gateway.direct import (
             ThreadConnections,  # here: redis stays out of the route file's imports
         )
 
         self.client = client
         self.reads = ThreadConnections(client)
+        self.near = near if near_ttl > 0 else None
+        self.near_ttl = near_ttl
 
-    def get(self, key: str) -> bytes | None:
-        return self.reads.execute("GET", key)
+    def get(self, key: str, shared: bool = False) -> bytes | None:
+        return self.get_many([key], shared)[0]
 
-    def get_many(self, keys: list[str]) -> list[bytes | None]:
-        return self.reads.execute("MGET", *keys)
+    def get_many(self, keys: list[str], shared: bool = False) -> list[bytes | None]:
+        near = self.near
+        if near is None:
+            return self.reads.execute("MGET", *keys)
+        if not shared:
+            values = near.get_many(keys)
+            if None not in values:
+                return values
+        values = self.reads.execute("MGET", *keys)
+        for key, value in zip(keys, values, strict=True):
+            if value is not None:
+                near.set(key, value, self.near_ttl)
+        return values
 
     def set(self, key: str, value: bytes, ttl: float) -> bool:
-        return bool(self.client.set(key, value, px=max(int(ttl * 1000), 1)))
+        stored = bool(self.client.set(key, value, px=max(int(ttl * 1000), 1)))
+        if self.near is not None:
+            self.near.discard(key)
+            if stored:
+                self.near.set(key, value, min(ttl, self.near_ttl))
+        return stored
 
     def lock(self, key: str, ttl: float) -> bool:
         return bool(self.client.set(key + ":lock", b"1", nx=True, px=max(int(ttl * 1000), 1)))
@@ -180,4 +214,6 @@ class RedisStore:
                 batch = []
         if batch:
             deleted += self.client.delete(*batch)
+        if self.near is not None:
+            self.near.delete(pattern)
         return deleted

@@ -43,7 +43,10 @@ class Gateway:
 def settings_from(app: Flask) -> pipeline.Settings:
     config = app.config
     client = redis_client(app)
-    store = RedisStore(client) if client is not None else MemoryStore(int(config["CACHE_MAX_BYTES"]))
+    if client is not None:
+        store = RedisStore(client, MemoryStore(int(config["CACHE_NEAR_MAX_BYTES"])), float(config["CACHE_NEAR_TTL"]))
+    else:
+        store = MemoryStore(int(config["CACHE_MAX_BYTES"]))
     return pipeline.Settings(
         max_body_size=int(config["MAX_BODY_SIZE"]),
         buffer_body_size=int(config["BUFFER_BODY_SIZE"]),

@@ -11,8 +11,9 @@ import redis
 from werkzeug.datastructures import Headers
 
 from app.errors import ProblemError
+from app.gateway import admin
 from app.gateway.cache import Cache, cache
-from app.gateway.cachestore import MemoryStore
+from app.gateway.cachestore import MemoryStore, RedisStore
 from app.gateway.routefile import RouteFileError
 from app.gateway.types import (
     BreakerOpen,
@@ -429,10 +430,10 @@ class BrokenStore:
     def __init__(self, error: Exception | None = None):
         self.error = error or redis.ConnectionError("Connection refused")
 
-    def get(self, key):
+    def get(self, key, shared=False):
         raise self.error
 
-    def get_many(self, keys):
+    def get_many(self, keys, shared=False):
         raise self.error
 
     def set(self, key, value, ttl):
@@ -731,6 +732,47 @@ def test_with_redis_every_process_serves_the_entry_one_stored(make_app, redis_ur
     assert served.headers["Cache-Status"] in ("frontdoor; hit; ttl=60", "frontdoor; hit; ttl=59")
     assert served.json == stored.json
     assert upstream.hits(path.removeprefix("/cached")) == 1
+
+
+@pytest.mark.redis
+def test_with_redis_a_purge_reaches_another_process_within_its_near_ttl(make_app, redis_url):
+    upstream = upstream_server()
+    shared = {"REDIS_URL": redis_url, "KEY_PREFIX": f"test-{time.monotonic_ns()}", "CACHE_NEAR_TTL": 0.5}
+    first, second = (make_app(routes=cached_routes(upstream.url), **shared) for _ in range(2))
+    path = f"/cached/anything/{time.monotonic_ns()}"
+    first.test_client().get(path)
+    time.sleep(1.1)
+    assert second.test_client().get(path).headers["Age"] == "1"  # the old entry, now kept near
+
+    with first.app_context():
+        deleted = admin.purge_cache(first, first.wsgi_app.control.current(), prefix="/cached")
+    purged_at = time.monotonic()
+
+    assert deleted == 2  # the entry and its Vary record
+    assert first.test_client().get(path).headers["Cache-Status"] == "frontdoor; fwd=miss; stored"  # here: at once
+    while (served := second.test_client().get(path)).headers["Age"] == "1":
+        assert time.monotonic() - purged_at < 0.5  # the old entry, from the near copy, only so long
+        time.sleep(0.02)
+    assert served.headers["Age"] == "0"  # then the one stored after the purge, from Redis
+    assert upstream.hits(path.removeprefix("/cached")) == 2
+
+
+@pytest.mark.redis
+def test_with_a_near_copy_an_entry_another_process_refreshed_is_served_not_fetched_again(redis_url):
+    clock, upstream, label = Clock(), origin(), f"users-{time.monotonic_ns()}"
+    near = RedisStore(redis.Redis.from_url(redis_url), MemoryStore(1 << 20), near_ttl=30)
+    other = RedisStore(redis.Redis.from_url(redis_url))
+    here, there = stage(upstream, clock, near, label=label), stage(upstream, clock, other, label=label)
+    assert fetch(here)[2] == b"answer 1"  # stored, and kept near
+
+    clock.advance(TTL + 1)  # stale everywhere
+    assert fetch(there)[2] == b"answer 2"  # the other process refreshes it
+    status, headers, body = fetch(here)
+
+    assert (status, body) == (200, b"answer 2")
+    assert headers["Cache-Status"].startswith("frontdoor; hit")
+    assert "collapsed" not in headers["Cache-Status"]  # read again at once, not after a lock
+    assert len(upstream.calls) == 2
 
 
 @pytest.mark.parametrize("cache_field", ["{ttl: 0}", "{ttl: 5, stale_if_error: -1}", "{ttl: 5, max_size: 0}", "{ttl: 5, shared: true}", "{public: true}"])

@@ -280,6 +280,65 @@ def test_redis_delete_counts_every_key_across_scan_batches(redis_store):
     assert store.get(f"{prefix}:cache:other:GET:/keep?:anonymous|") == b"x"
 
 
+@pytest.fixture
+def near_stores(redis_url, key_prefix):
+    """Two gateway processes' stores on one Redis, the first with a near cache of 0.3 s:
+    ``(near, other, prefix)``."""
+    near = RedisStore(redis.Redis.from_url(redis_url), MemoryStore(1 << 20), near_ttl=0.3)
+    other = RedisStore(redis.Redis.from_url(redis_url))
+    yield near, other, key_prefix
+    near.client.close()
+    other.client.close()
+
+
+@pytest.mark.redis
+def test_near_a_value_read_is_served_from_the_process_until_its_near_ttl_passes(near_stores):
+    near, other, prefix = near_stores
+    other.set(f"{prefix}:k", b"one", 60)
+    assert near.get_many([f"{prefix}:k"]) == [b"one"]
+
+    other.delete(f"{prefix}:k")  # another process purges it
+    other.set(f"{prefix}:j", b"two", 60)
+
+    assert near.get(f"{prefix}:k") == b"one"  # no round trip: what this process read last
+    time.sleep(0.35)
+    assert near.get(f"{prefix}:k") is None
+    assert near.get_many([f"{prefix}:j", f"{prefix}:k"]) == [b"two", None]
+
+
+@pytest.mark.redis
+def test_near_a_value_not_found_is_not_kept_so_another_processs_write_is_seen_at_once(near_stores):
+    near, other, prefix = near_stores
+    assert near.get(f"{prefix}:k") is None
+
+    other.set(f"{prefix}:k", b"stored elsewhere", 60)
+
+    assert near.get(f"{prefix}:k") == b"stored elsewhere"
+
+
+@pytest.mark.redis
+def test_near_this_processs_own_write_and_purge_are_seen_here_at_once(near_stores):
+    near, other, prefix = near_stores
+    other.set(f"{prefix}:k", b"old", 60)
+    assert near.get(f"{prefix}:k") == b"old"
+
+    near.set(f"{prefix}:k", b"new", 60)
+    assert (near.get(f"{prefix}:k"), other.get(f"{prefix}:k")) == (b"new", b"new")
+
+    assert near.delete(f"{prefix}:*") == 1
+    assert near.get(f"{prefix}:k") is None
+
+
+@pytest.mark.redis
+def test_near_a_value_is_kept_no_longer_than_its_own_ttl(near_stores):
+    near, _, prefix = near_stores
+
+    near.set(f"{prefix}:k", b"short", 0.05)
+    time.sleep(0.1)
+
+    assert near.get(f"{prefix}:k") is None
+
+
 def test_memory_stays_consistent_under_many_threads_reading_writing_and_deleting():
     # Reads take no lock: threads switched every few microseconds interleave them with the
     # writers' eviction and the purge's scan. None may raise, the bytes counted must be the
