@@ -157,7 +157,7 @@ class RedisStore:
     With ``near`` (a MemoryStore) each value read or written is also kept in the process for
     ``near_ttl`` seconds, and read from there while it lasts: a near cache in front of the
     shared one, as Kong's mlcache keeps one in front of its database. A hit then makes no
-    round trip (it cost a third of a cached answer's CPU, bench/README.md). The price: another
+    round trip (it cost a fifth of a cached answer's CPU under gunicorn, bench/README.md). The price: another
     process's purge or replacement of a value reaches this process within ``near_ttl``; a purge
     or write made here is seen here at once. A value not found is never kept, so what another
     process stores is found at once.
@@ -188,6 +188,8 @@ class RedisStore:
         for key, value in zip(keys, values, strict=True):
             if value is not None:
                 near.set(key, value, self.near_ttl)
+            else:
+                near.discard(key)  # gone from Redis (purged elsewhere): not served from here again
         return values
 
     def set(self, key: str, value: bytes, ttl: float) -> bool:

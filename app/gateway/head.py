@@ -1,8 +1,8 @@
 """An upstream answer's header section, read the way http.client reads it, without its cost.
 
 http.client hands every header section to the ``email`` package's feed parser, which is built
-for mail: it cost about a tenth of a proxied request's CPU (bench/README.md, "Issue 15, this
-sitting"). ``parse_headers`` reads the same lines with the same limits and builds the same
+for mail: it cost about a tenth of a proxied request's CPU (bench/README.md, "2026-12-07,
+night: issue 15's last sitting"). ``parse_headers`` reads the same lines with the same limits and builds the same
 ``http.client.HTTPMessage`` directly when every line is a plain ``name: value`` field (RFC 9112
 section 5: a token, a colon, optional whitespace, a value without CR or LF). Anything else
 (obsolete line folding, a line without a colon, a name that is not a token, a bare CR) goes to

@@ -330,6 +330,19 @@ def test_near_this_processs_own_write_and_purge_are_seen_here_at_once(near_store
 
 
 @pytest.mark.redis
+def test_near_a_read_of_the_shared_store_replaces_or_drops_the_near_copy(near_stores):
+    near, other, prefix = near_stores
+    other.set(f"{prefix}:k", b"old", 60)
+    other.set(f"{prefix}:j", b"old", 60)
+    assert near.get_many([f"{prefix}:k", f"{prefix}:j"]) == [b"old", b"old"]
+    other.set(f"{prefix}:k", b"new", 60)
+    other.delete(f"{prefix}:j")
+
+    assert near.get_many([f"{prefix}:k", f"{prefix}:j"], shared=True) == [b"new", None]
+    assert near.get_many([f"{prefix}:k", f"{prefix}:j"]) == [b"new", None]  # no old copy left
+
+
+@pytest.mark.redis
 def test_near_a_value_is_kept_no_longer_than_its_own_ttl(near_stores):
     near, _, prefix = near_stores
 
