@@ -194,10 +194,9 @@ class RedisStore:
 
     def set(self, key: str, value: bytes, ttl: float) -> bool:
         stored = bool(self.client.set(key, value, px=max(int(ttl * 1000), 1)))
-        if self.near is not None:
-            self.near.discard(key)
-            if stored:
-                self.near.set(key, value, min(ttl, self.near_ttl))
+        near = self.near
+        if near is not None and not (stored and near.set(key, value, min(ttl, self.near_ttl))):
+            near.discard(key)  # not kept here (not stored, or too large): no older copy either
         return stored
 
     def lock(self, key: str, ttl: float) -> bool:
